@@ -1,0 +1,49 @@
+"""modelkiln: compile diffusion and vision models for deployment.
+
+The public API is imported lazily so that ``import modelkiln`` (and loading an artifact
+with onnxruntime or OpenVINO) never imports torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "build": "modelkiln.builder",
+    "load": "modelkiln.loading",
+    "open_artifact": "modelkiln.loading",
+    "Profile": "modelkiln.profiles",
+    "load_profile": "modelkiln.profiles",
+    "ImageClassificationPipeline": "modelkiln.pipelines.classification",
+    "ImageEmbeddingPipeline": "modelkiln.pipelines.embedding",
+    "KilnError": "modelkiln.errors",
+}
+
+__all__ = [
+    "ImageClassificationPipeline",
+    "ImageEmbeddingPipeline",
+    "KilnError",
+    "Profile",
+    "__version__",
+    "build",
+    "load",
+    "load_profile",
+    "open_artifact",
+]
+
+if TYPE_CHECKING:
+    from modelkiln.builder import build
+    from modelkiln.errors import KilnError
+    from modelkiln.loading import load, open_artifact
+    from modelkiln.pipelines.classification import ImageClassificationPipeline
+    from modelkiln.pipelines.embedding import ImageEmbeddingPipeline
+    from modelkiln.profiles import Profile, load_profile
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'modelkiln' has no attribute '{name}'")

@@ -1,0 +1,214 @@
+"""The artifact directory: kiln.json manifest, file hashes, and the atomic commit of a build.
+
+Everything here is torch-free: loading an artifact reads the manifest and checks its files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelkiln.errors import ArtifactError
+from modelkiln.specs import TensorSpec
+
+MANIFEST_NAME = "kiln.json"
+MANIFEST_SCHEMA_VERSION = 1
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    name: str
+    entry: str  # the file (or directory, for torch) a runtime opens, relative to the artifact
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    # Per output metrics, tolerances and the verdict of the build's validation.
+    validation: dict[str, Any] = field(default_factory=dict)
+    # What the runtime reported while validating, e.g. {"inference_precision": "f32"}.
+    runtime: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "entry": self.entry,
+            "inputs": {k: v.to_json() for k, v in self.inputs.items()},
+            "outputs": {k: v.to_json() for k, v in self.outputs.items()},
+            "validation": self.validation,
+            "runtime": self.runtime,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ComponentRecord:
+        return cls(
+            name=data["name"],
+            entry=data["entry"],
+            inputs={k: TensorSpec.from_json(v) for k, v in data["inputs"].items()},
+            outputs={k: TensorSpec.from_json(v) for k, v in data["outputs"].items()},
+            validation=dict(data.get("validation", {})),
+            runtime=dict(data.get("runtime", {})),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    task: str
+    format: str
+    runtime: str  # the runtime that validated the build and runs it by default
+    source: dict[str, Any]
+    profile: dict[str, Any]
+    components: dict[str, ComponentRecord]
+    files: dict[str, FileRecord]
+    # Torch-free facts the pipelines need: preprocessing, labels, prefix tokens, ...
+    model_info: dict[str, Any]
+    versions: dict[str, str]
+    build: dict[str, Any]
+    modelkiln_version: str
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["components"] = {k: v.to_json() for k, v in self.components.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: Path) -> Manifest:
+        version = data.get("schema_version")
+        if version != MANIFEST_SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{where} has manifest schema_version {version!r}; this modelkiln reads "
+                f"{MANIFEST_SCHEMA_VERSION}: rebuild the artifact or upgrade modelkiln"
+            )
+        try:
+            return cls(
+                family=data["family"],
+                task=data["task"],
+                format=data["format"],
+                runtime=data["runtime"],
+                source=dict(data["source"]),
+                profile=dict(data["profile"]),
+                components={k: ComponentRecord.from_json(v) for k, v in data["components"].items()},
+                files={k: FileRecord(**v) for k, v in data["files"].items()},
+                model_info=dict(data["model_info"]),
+                versions=dict(data["versions"]),
+                build=dict(data["build"]),
+                modelkiln_version=data["modelkiln_version"],
+                schema_version=version,
+            )
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ArtifactError(
+                f"{where} is malformed ({type(error).__name__}: {error}); rebuild the artifact"
+            ) from error
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def record_files(root: Path) -> dict[str, FileRecord]:
+    """Size and sha256 of every file under root except the manifest itself."""
+    records = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root).as_posix()
+        if relative != MANIFEST_NAME:
+            records[relative] = FileRecord(path.stat().st_size, sha256_file(path))
+    return records
+
+
+def write_manifest(root: Path, manifest: Manifest) -> None:
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=False)
+    (root / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
+
+
+def read_manifest(root: Path) -> Manifest:
+    root = Path(root)
+    if not root.exists():
+        raise ArtifactError(f"no artifact at {root}: the directory does not exist")
+    if not root.is_dir():
+        raise ArtifactError(f"{root} is a file, not an artifact directory")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(
+            f"{root} is not a modelkiln artifact (no {MANIFEST_NAME}); "
+            "build one with `kiln build SOURCE --profile PROFILE -o DIR`"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{path} is corrupted ({error}); rebuild the artifact") from error
+    return Manifest.from_json(data, path)
+
+
+def find_problems(root: Path, manifest: Manifest, *, hashes: bool) -> list[str]:
+    """Missing files, size mismatches and (with hashes) content changes; empty when intact."""
+    problems = []
+    for relative, record in manifest.files.items():
+        path = root / relative
+        if not path.is_file():
+            problems.append(f"{relative} is missing")
+        elif path.stat().st_size != record.size:
+            problems.append(
+                f"{relative} has {path.stat().st_size} bytes, the manifest says {record.size}"
+            )
+        elif hashes and sha256_file(path) != record.sha256:
+            problems.append(f"{relative} has changed (sha256 differs from the manifest)")
+    return problems
+
+
+def check_intact(root: Path, manifest: Manifest, *, hashes: bool = False) -> None:
+    problems = find_problems(root, manifest, hashes=hashes)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ArtifactError(
+            f"artifact {root} is incomplete or corrupted: {problems[0]}{more}; "
+            "rebuild it (`kiln verify` lists every problem)"
+        )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of target; on success it replaces target, on error it vanishes.
+
+    A failed or interrupted build never leaves a half artifact and never destroys the
+    previous one: the old directory is only moved aside once the new one is complete.
+    """
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and not target.is_dir():
+        raise ArtifactError(f"output {target} exists and is not a directory; choose another -o")
+    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
+        # Never replace a directory that is not one of ours: it may hold the user's files.
+        raise ArtifactError(
+            f"output {target} exists, is not empty and is not a modelkiln artifact; "
+            "choose another -o or remove it"
+        )
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.replace(retired / target.name)
+            staging.replace(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.replace(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

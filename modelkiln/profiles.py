@@ -1,0 +1,371 @@
+"""Deployment profiles: typed frozen dataclasses parsed from TOML.
+
+A profile says everything a build needs (format, precision, shapes, runtime settings,
+validation tolerances); nothing in the build reads settings from anywhere else. Unknown keys
+are rejected with their key path and a did-you-mean; ``None`` (an omitted key) means
+"the default of the component or runtime".
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from modelkiln.errors import ProfileError, UnsupportedError, did_you_mean
+
+SCHEMA_VERSION = 1
+MIN_OPSET = 17
+
+Task = Literal["auto", "image-classification", "image-feature-extraction"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """[model]: what to take from the source."""
+
+    task: Task = "auto"  # auto: classification when the source has a head
+    # Extra outputs hidden_state_<k>: the output of transformer block k (1-based).
+    hidden_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ExportSettings:
+    """[export]: what goes on disk."""
+
+    format: str = "onnx"  # onnx | openvino | torch
+    opset: int = 18
+    via: Literal["torch", "onnx"] = "torch"  # openvino: convert the torch module or our ONNX
+    external_data: Literal["auto", "always", "never"] = "auto"  # onnx weights beside the graph
+
+
+@dataclass(frozen=True)
+class ShapeSettings:
+    """[shapes]: static or dynamic batch."""
+
+    batch_size: int = 1  # the batch of a static-shape export
+    dynamic_batch: bool = True
+
+
+@dataclass(frozen=True)
+class PrecisionSettings:
+    """[precision]: what the runtime computes in and what the weights are stored as."""
+
+    compute: Precision = "fp32"
+    weights: Precision = "fp32"
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """[runtime]: how a loaded artifact runs by default (overridable at load time)."""
+
+    name: str = "auto"  # auto: the format's own runtime
+    device: str = "cpu"
+    threads: int | None = None  # None: the runtime's default (all physical cores)
+    performance_hint: Literal["latency", "throughput"] | None = None  # openvino
+    graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"  # onnxruntime
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    """[validation]: every exported component against its torch reference."""
+
+    batch_sizes: tuple[int, ...] = (1, 4)  # one seeded random feed per entry
+    seed: int = 0
+    atol: float | None = None  # None: the component's own fp32 tolerance
+    min_cosine: float = 0.9999
+    min_top1_agreement: float = 1.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    family: str
+    description: str = ""
+    schema_version: int = SCHEMA_VERSION
+    model: ModelSettings = field(default_factory=ModelSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
+    shapes: ShapeSettings = field(default_factory=ShapeSettings)
+    precision: PrecisionSettings = field(default_factory=PrecisionSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "profile") -> Profile:
+        profile = _from_mapping(cls, data, key_path="", origin=origin)
+        profile.check(origin)
+        return profile
+
+    def to_dict(self) -> dict[str, Any]:
+        return _without_none(asdict(self))
+
+    def to_toml(self) -> str:
+        return _to_toml(self.to_dict())
+
+    def with_overrides(self, overrides: Iterable[str]) -> Profile:
+        data = self.to_dict()
+        for item in overrides:
+            _apply_override(data, item)
+        return Profile.from_dict(data, origin=f"profile '{self.name}' with --set overrides")
+
+    @property
+    def runtime_name(self) -> str:
+        """The runtime that runs this profile's artifacts ("auto" resolved)."""
+        if self.runtime.name != "auto":
+            return self.runtime.name
+        from modelkiln.exporters import EXPORTERS
+
+        return EXPORTERS.get(self.export.format).default_runtime
+
+    def check(self, origin: str = "profile") -> None:
+        """Validate against the support matrix, before any export starts."""
+        from modelkiln.exporters import EXPORTERS
+        from modelkiln.models import FAMILIES
+        from modelkiln.runtimes import RUNTIMES
+
+        if self.schema_version != SCHEMA_VERSION:
+            raise ProfileError(
+                f"{origin}: schema_version {self.schema_version} is not supported; this "
+                f"modelkiln reads schema_version {SCHEMA_VERSION}"
+            )
+        _require_known(self.family, FAMILIES.names(), f"{origin}: family")
+        _require_known(self.export.format, EXPORTERS.names(), f"{origin}: export.format")
+        exporter = EXPORTERS.get(self.export.format)
+        runtime_name = self.runtime_name
+        _require_known(runtime_name, RUNTIMES.names(), f"{origin}: runtime.name")
+        runtime = RUNTIMES.get(runtime_name)
+        if self.export.format not in runtime.formats:
+            can_run = [n for n in RUNTIMES.names() if self.export.format in RUNTIMES.get(n).formats]
+            raise UnsupportedError(
+                f"{origin}: runtime '{runtime_name}' cannot run format '{self.export.format}'; "
+                f"runtimes for it: {', '.join(can_run)}"
+            )
+        if self.precision.weights not in exporter.weight_precisions:
+            raise UnsupportedError(
+                f"{origin}: format '{self.export.format}' cannot store weights in "
+                f"{self.precision.weights}; supported: "
+                f"{', '.join(sorted(exporter.weight_precisions))}"
+            )
+        if self.precision.compute not in runtime.compute_precisions:
+            raise UnsupportedError(
+                f"{origin}: runtime '{runtime_name}' cannot compute in {self.precision.compute}; "
+                f"supported: {', '.join(sorted(runtime.compute_precisions))}"
+            )
+        if self.export.opset < MIN_OPSET:
+            raise ProfileError(f"{origin}: export.opset {self.export.opset} < {MIN_OPSET}")
+        if self.export.via == "onnx" and self.export.format != "openvino":
+            raise ProfileError(
+                f"{origin}: export.via = 'onnx' only applies to format 'openvino', "
+                f"not '{self.export.format}'"
+            )
+        self._check_shapes(origin)
+
+    def _check_shapes(self, origin: str) -> None:
+        shapes, validation = self.shapes, self.validation
+        if shapes.batch_size < 1:
+            raise ProfileError(f"{origin}: shapes.batch_size must be >= 1, got {shapes.batch_size}")
+        if not validation.batch_sizes or min(validation.batch_sizes) < 1:
+            raise ProfileError(
+                f"{origin}: validation.batch_sizes must be a non-empty list of sizes >= 1, "
+                f"got {list(validation.batch_sizes)}"
+            )
+        if not shapes.dynamic_batch and set(validation.batch_sizes) != {shapes.batch_size}:
+            raise ProfileError(
+                f"{origin}: with shapes.dynamic_batch = false every validation.batch_sizes entry "
+                f"must equal shapes.batch_size = {shapes.batch_size}, "
+                f"got {list(validation.batch_sizes)}"
+            )
+        for key in ("min_cosine", "min_top1_agreement"):
+            value = getattr(validation, key)
+            if not 0.0 <= value <= 1.0:
+                raise ProfileError(f"{origin}: validation.{key} must be in [0, 1], got {value}")
+        if validation.atol is not None and validation.atol <= 0:
+            raise ProfileError(f"{origin}: validation.atol must be > 0, got {validation.atol}")
+        if any(layer < 1 for layer in self.model.hidden_layers):
+            raise ProfileError(
+                f"{origin}: model.hidden_layers are 1-based block numbers, "
+                f"got {list(self.model.hidden_layers)}"
+            )
+
+
+# --- bundled profiles -----------------------------------------------------------------------
+
+
+def bundled_profiles_dir() -> Path:
+    """profiles/ at the repository root, or its copy inside an installed wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "_profiles", package.parent / "profiles"):
+        if candidate.is_dir():
+            return candidate
+    raise ProfileError(f"bundled profiles not found beside {package}; reinstall modelkiln")
+
+
+def bundled_profile_names() -> list[str]:
+    return sorted(p.stem for p in bundled_profiles_dir().glob("*.toml"))
+
+
+def load_profile(profile: str | Path | Profile, overrides: Iterable[str] = ()) -> Profile:
+    """A bundled profile name, a path to a TOML file, or a Profile; then --set overrides."""
+    if isinstance(profile, Profile):
+        resolved = profile
+    else:
+        path = Path(profile)
+        if not path.is_file():
+            names = bundled_profile_names()
+            if str(profile) not in names:
+                raise ProfileError(
+                    f"no profile '{profile}': not a file and not a bundled profile"
+                    f"{did_you_mean(str(profile), names)}; see `kiln profiles list`"
+                )
+            path = bundled_profiles_dir() / f"{profile}.toml"
+        resolved = read_profile_file(path)
+    overrides = list(overrides)
+    return resolved.with_overrides(overrides) if overrides else resolved
+
+
+def read_profile_file(path: Path) -> Profile:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as error:
+        raise ProfileError(f"profile {path} is not valid TOML: {error}") from error
+    except OSError as error:
+        raise ProfileError(f"cannot read profile {path}: {error.strerror}") from error
+    return Profile.from_dict(data, origin=f"profile {path}")
+
+
+# --- parsing ------------------------------------------------------------------------------
+
+
+def _from_mapping(cls: type, data: Any, *, key_path: str, origin: str) -> Any:
+    section = f"[{key_path.rstrip('.')}]" if key_path else "the top level"
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"{origin}: {section} must be a table, got {data!r}")
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    for key in data:
+        if key not in known:
+            raise ProfileError(
+                f"{origin}: unknown key '{key_path}{key}'{did_you_mean(key, known)}; "
+                f"known keys in {section}: {', '.join(known)}"
+            )
+    kwargs = {
+        name: _coerce(hints[name], data[name], f"{key_path}{name}", origin)
+        for name in known
+        if name in data
+    }
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if missing:
+        raise ProfileError(f"{origin}: missing required key(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, origin: str) -> Any:
+    origin_type = get_origin(hint)
+    if is_dataclass(hint):
+        return _from_mapping(hint, value, key_path=f"{key}.", origin=origin)
+    if origin_type in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        return _coerce(options[0], value, key, origin)
+    if origin_type is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise ProfileError(
+                f"{origin}: {key} = {value!r} is not one of {shown}"
+                f"{did_you_mean(str(value), map(str, choices))}"
+            )
+        return value
+    if origin_type is tuple:
+        if not isinstance(value, list | tuple):
+            raise ProfileError(f"{origin}: {key} must be a list, got {value!r}")
+        (item_type, _) = get_args(hint)
+        return tuple(_coerce(item_type, item, key, origin) for item in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (str, int, float, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ProfileError(
+                f"{origin}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value
+    raise TypeError(f"profile field {key} has an unsupported type {hint!r}")  # a bug, not input
+
+
+def _require_known(value: str, known: list[str], what: str) -> None:
+    if value not in known:
+        raise UnsupportedError(
+            f"{what} = '{value}' is unknown{did_you_mean(value, known)}; known: {', '.join(known)}"
+        )
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `--set dotted.key=value`; the value is parsed as TOML, else taken as a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ProfileError(f"--set expects key=value (e.g. validation.atol=1e-3), got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    *sections, leaf = key.split(".")
+    target = data
+    for section in sections:
+        child = target.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise ProfileError(f"--set {key}: '{section}' is not a section of the profile")
+        target = child
+    target[leaf] = value
+
+
+def _without_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _without_none(v) for k, v in data.items() if v is not None}
+    if isinstance(data, tuple):
+        return list(data)
+    return data
+
+
+def _to_toml(data: Mapping[str, Any]) -> str:
+    """Our profiles are one level of tables holding scalars and flat lists."""
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    lines = [*scalars]
+    for section, values in data.items():
+        if isinstance(values, dict):
+            lines += ["", f"[{section}]"]
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+__all__ = [
+    "ExportSettings",
+    "ModelSettings",
+    "PrecisionSettings",
+    "Profile",
+    "RuntimeSettings",
+    "ShapeSettings",
+    "ValidationSettings",
+    "bundled_profile_names",
+    "load_profile",
+]

@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from modelkiln.errors import ProfileError, UnsupportedError
+from modelkiln.profiles import Profile, bundled_profile_names, load_profile
+
+
+def test_bundles_the_required_profiles() -> None:
+    names = bundled_profile_names()
+    for required in ("vit-onnxruntime-fp32", "vit-openvino-fp32", "vit-openvino-bf16"):
+        assert required in names
+
+
+@pytest.mark.parametrize("name", bundled_profile_names())
+def test_bundled_profile_round_trips_through_toml(name: str, tmp_path: Path) -> None:
+    profile = load_profile(name)
+    assert profile.name == name, "a bundled profile's name must match its file name"
+    path = tmp_path / "copy.toml"
+    path.write_text(profile.to_toml())
+    assert load_profile(path) == profile
+    assert Profile.from_dict(tomllib.loads(profile.to_toml())) == profile
+
+
+def test_openvino_fp32_pins_f32_and_bf16_says_fallback() -> None:
+    fp32 = load_profile("vit-openvino-fp32")
+    bf16 = load_profile("vit-openvino-bf16")
+    assert fp32.precision.compute == "fp32"
+    assert bf16.precision.compute == "bf16"
+    assert "fall back to f32" in bf16.description
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "p.toml"
+    path.write_text(text)
+    return path
+
+
+BASE = 'schema_version = 1\nname = "t"\nfamily = "vit"\n'
+
+
+def test_unknown_key_names_its_path_and_a_did_you_mean(tmp_path: Path) -> None:
+    path = _write(tmp_path, BASE + "[export]\nformat = 'onnx'\nopest = 18\n")
+    with pytest.raises(
+        ProfileError, match=r"unknown key 'export\.opest' \(did you mean 'opset'\?\)"
+    ):
+        load_profile(path)
+
+
+def test_unknown_section_is_rejected(tmp_path: Path) -> None:
+    path = _write(tmp_path, BASE + "[runtme]\nname = 'onnxruntime'\n")
+    with pytest.raises(ProfileError, match=r"unknown key 'runtme' \(did you mean 'runtime'\?\)"):
+        load_profile(path)
+
+
+def test_wrong_type_and_bad_choice(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match=r"export\.opset must be int, got str '18'"):
+        load_profile(_write(tmp_path, BASE + "[export]\nopset = '18'\n"))
+    with pytest.raises(
+        ProfileError, match=r"precision\.compute = 'bf61' is not one of .*did you mean 'bf16'"
+    ):
+        load_profile(_write(tmp_path, BASE + "[precision]\ncompute = 'bf61'\n"))
+
+
+def test_schema_version_is_checked(tmp_path: Path) -> None:
+    path = _write(tmp_path, 'schema_version = 2\nname = "t"\nfamily = "vit"\n')
+    with pytest.raises(ProfileError, match="schema_version 2 is not supported"):
+        load_profile(path)
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match=r"missing required key.*family"):
+        load_profile(_write(tmp_path, 'name = "t"\n'))
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="is not valid TOML"):
+        load_profile(_write(tmp_path, "name = \n"))
+
+
+def test_unknown_bundled_name_suggests_one() -> None:
+    with pytest.raises(ProfileError, match=r"did you mean 'vit-onnxruntime-fp32'"):
+        load_profile("vit-onxruntime-fp32")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["precision.compute=bf16"],
+            r"runtime 'onnxruntime' cannot compute in bf16; supported: fp32",
+        ),
+        (
+            ["precision.weights=fp16"],
+            r"format 'onnx' cannot store weights in fp16; supported: fp32",
+        ),
+        (
+            ["runtime.name=torch"],
+            r"runtime 'torch' cannot run format 'onnx'; runtimes for it: onnxruntime, openvino",
+        ),
+        (
+            ["export.format=coreml"],
+            r"export\.format = 'coreml' is unknown; known: onnx, openvino, torch",
+        ),
+        (["export.opset=13"], r"export\.opset 13 < 17"),
+        (["export.via=onnx"], r"export\.via = 'onnx' only applies to format 'openvino'"),
+        (
+            ["shapes.dynamic_batch=false", "shapes.batch_size=2"],
+            r"every validation\.batch_sizes entry must equal shapes\.batch_size = 2",
+        ),
+        (["validation.min_cosine=1.5"], r"validation\.min_cosine must be in \[0, 1\]"),
+        (["model.hidden_layers=[0]"], r"model\.hidden_layers are 1-based"),
+        (["family=sd"], r"family = 'sd' is unknown"),
+    ],
+)
+def test_impossible_combinations_fail_at_validation(overrides: list[str], message: str) -> None:
+    with pytest.raises((ProfileError, UnsupportedError), match=message):
+        load_profile("vit-onnxruntime-fp32", overrides)
+
+
+def test_set_overrides_parse_toml_values() -> None:
+    profile = load_profile(
+        "vit-openvino-fp32",
+        [
+            "validation.atol=1e-3",
+            "shapes.dynamic_batch=false",
+            "validation.batch_sizes=[1]",
+            "runtime.threads=2",
+            "model.hidden_layers=[1, 2]",
+            "runtime.performance_hint=throughput",
+        ],
+    )
+    assert profile.validation.atol == 1e-3
+    assert profile.shapes.dynamic_batch is False
+    assert profile.runtime.threads == 2
+    assert profile.model.hidden_layers == (1, 2)
+    assert profile.runtime.performance_hint == "throughput"
+
+
+def test_set_rejects_unknown_keys_and_malformed_items() -> None:
+    with pytest.raises(
+        ProfileError, match=r"unknown key 'validation\.atl' \(did you mean 'atol'\?\)"
+    ):
+        load_profile("vit-onnxruntime-fp32", ["validation.atl=1"])
+    with pytest.raises(ProfileError, match="--set expects key=value"):
+        load_profile("vit-onnxruntime-fp32", ["validation.atol"])
+
+
+def test_runtime_name_auto_resolves_to_the_formats_runtime() -> None:
+    profile = load_profile("vit-onnxruntime-fp32", ["runtime.name=auto"])
+    assert profile.runtime_name == "onnxruntime"
+    assert load_profile("vit-openvino-fp32", ["runtime.name=auto"]).runtime_name == "openvino"
