@@ -1,0 +1,167 @@
+"""`kiln build`: resolve the source, export every component, validate it, commit the artifact."""
+
+from __future__ import annotations
+
+import logging
+import re
+import resource
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+from modelkiln import __version__
+from modelkiln.artifact import (
+    ComponentRecord,
+    Manifest,
+    atomic_directory,
+    record_files,
+    write_manifest,
+)
+from modelkiln.env import host_info, library_versions
+from modelkiln.errors import ProfileError
+from modelkiln.exporters import EXPORTERS
+from modelkiln.exporters.base import export_signature
+from modelkiln.models import detect_family
+from modelkiln.profiles import Profile, load_profile
+from modelkiln.progress import NullProgress, Progress
+from modelkiln.runtimes import RUNTIMES, Runtime, RuntimeOptions
+from modelkiln.runtimes.torch import TorchModuleSession
+from modelkiln.sources import resolve_source
+from modelkiln.specs import ComponentSpec
+from modelkiln.validate import Tolerance, compare_sessions, validation_feeds, verdict
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT_ROOT = Path("artifacts")
+
+
+def build(
+    source: str | Path,
+    profile: str | Path | Profile,
+    output: str | Path | None = None,
+    *,
+    overrides: Iterable[str] = (),
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """Build `source` with `profile` into `output` (default artifacts/<source>-<profile>).
+
+    The artifact appears only when every component exported and passed validation; an
+    earlier artifact at `output` survives any failure.
+    """
+    started = time.perf_counter()
+    progress = progress or NullProgress()
+    resolved_profile = load_profile(profile, overrides)
+    exporter = EXPORTERS.get(resolved_profile.export.format)()
+    runtime = RUNTIMES.get(resolved_profile.runtime_name)()
+    # Fail on a missing backend before spending minutes loading the model.
+    exporter.require()
+    runtime.require()
+
+    with progress.task(f"resolving {source}"):
+        resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
+        family = detect_family(resolved)
+    if family.name != resolved_profile.family:
+        raise ProfileError(
+            f"profile '{resolved_profile.name}' is for {resolved_profile.family} models but "
+            f"{source} is a {family.name} model; pick a {family.name}-* profile "
+            "(`kiln profiles list`)"
+        )
+    with progress.task(f"loading {resolved.spec}"):
+        loaded = family.load(resolved, resolved_profile.model)
+    # The manifest records what was built, so "auto" is resolved.
+    resolved_profile = replace(
+        resolved_profile, model=replace(resolved_profile.model, task=loaded.task)
+    )
+    target = Path(output) if output is not None else default_output(resolved.spec, resolved_profile)
+    options = RuntimeOptions.from_profile(resolved_profile.to_dict())
+
+    with atomic_directory(target) as staging:
+        records = {}
+        for spec in loaded.components:
+            with progress.task(f"exporting {spec.name} to {exporter.format}"):
+                entry = exporter.export(spec, resolved_profile, staging / spec.path)
+            records[spec.name] = _validate(
+                spec, entry, staging, runtime, options, resolved_profile, progress
+            )
+        # Last, so that the family's configs win over anything an exporter saved beside them.
+        for name, content in loaded.config_files.items():
+            (staging / name).write_bytes(content)
+        manifest = Manifest(
+            family=family.name,
+            task=loaded.task,
+            format=exporter.format,
+            runtime=runtime.name,
+            source={**resolved.describe(), "weights_sha256": loaded.weights},
+            profile=resolved_profile.to_dict(),
+            components=records,
+            files=record_files(staging),
+            model_info=loaded.model_info,
+            versions=library_versions(),
+            build={
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "seconds": round(time.perf_counter() - started, 2),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "host": host_info(),
+            },
+            modelkiln_version=__version__,
+        )
+        write_manifest(staging, manifest)
+    logger.info("built %s in %.1f s", target, time.perf_counter() - started)
+    return target
+
+
+def _validate(
+    spec: ComponentSpec,
+    entry: Path,
+    staging: Path,
+    runtime: Runtime,
+    options: RuntimeOptions,
+    profile: Profile,
+    progress: Progress,
+) -> ComponentRecord:
+    """Run the exported component against its torch module on several seeded feeds."""
+    settings = profile.validation
+    tolerance = Tolerance(
+        atol=settings.atol if settings.atol is not None else spec.atol,
+        min_cosine=settings.min_cosine,
+        min_top1_agreement=settings.min_top1_agreement,
+    )
+    inputs, outputs = export_signature(spec, profile)
+    feeds = validation_feeds(inputs, settings.batch_sizes, settings.seed, spec.default_dims)
+    label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
+    reference = TorchModuleSession(spec.module(), f"{spec.name} (torch)", inputs, outputs)
+    with (
+        progress.task(f"validating {spec.name} ({label})", total=len(feeds)) as advance,
+        runtime.open(entry, spec.name, inputs, outputs, options) as candidate,
+    ):
+        metrics = compare_sessions(reference, candidate, feeds, advance)
+        runtime_info = candidate.info
+    validation = verdict(spec.name, label, metrics, tolerance)
+    validation["batch_sizes"] = list(settings.batch_sizes)
+    return ComponentRecord(
+        name=spec.name,
+        entry=entry.relative_to(staging).as_posix() or ".",
+        inputs=inputs,
+        outputs=outputs,
+        validation=validation,
+        runtime=runtime_info,
+    )
+
+
+def default_output(source: str, profile: Profile) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.rstrip("/").split("/")[-1].split(":")[-1])
+    return DEFAULT_OUTPUT_ROOT / f"{slug.strip('-.') or 'model'}-{profile.name}"
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+__all__ = ["build", "default_output"]

@@ -1,0 +1,124 @@
+"""What this machine offers: library versions, runtimes, CPU features (AMX, AVX-512, ...)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+# Libraries whose versions go into every manifest and report.
+LIBRARIES = (
+    "modelkiln",
+    "numpy",
+    "pillow",
+    "torch",
+    "transformers",
+    "timm",
+    "diffusers",
+    "safetensors",
+    "huggingface-hub",
+    "onnx",
+    "onnxscript",
+    "onnx-ir",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "openvino",
+    "nncf",
+    "coremltools",
+    "tensorrt",
+)
+# CPU flags that change what runs fast (and, for OpenVINO, which precision it picks).
+CPU_FEATURES = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "amx_fp16",
+)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    return {
+        "model": model,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "features": [f for f in CPU_FEATURES if f in flags],
+    }
+
+
+def host_info() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu_info(),
+    }
+
+
+def runtime_report() -> list[dict[str, Any]]:
+    """Every registered runtime: installed or not, its version and the extra that brings it."""
+    from modelkiln.runtimes import RUNTIMES
+
+    report = []
+    for name in RUNTIMES:
+        runtime = RUNTIMES.get(name)
+        report.append(
+            {
+                "name": name,
+                "available": runtime.is_available(),
+                "version": runtime.version(),
+                "formats": sorted(runtime.formats),
+                "extra": runtime.extra,
+            }
+        )
+    return report
+
+
+def openvino_devices() -> dict[str, list[str]]:
+    """OpenVINO's devices and their optimisation capabilities (e.g. CPU: BF16, INT8)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return {}
+    core = ov.Core()
+    return {
+        device: list(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))
+        for device in core.available_devices
+    }
+
+
+def environment_report() -> dict[str, Any]:
+    return {
+        "host": host_info(),
+        "libraries": library_versions(),
+        "runtimes": runtime_report(),
+        "openvino_devices": openvino_devices(),
+    }

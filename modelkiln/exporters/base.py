@@ -1,0 +1,68 @@
+"""The Exporter interface: one torch component in, files of one format out."""
+
+from __future__ import annotations
+
+import importlib.util
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from modelkiln.errors import missing_backend
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import Profile
+    from modelkiln.specs import ComponentSpec, TensorSpec
+
+# A dynamic axis is exported from an example of size 2: tracing with 1 would specialise it.
+DYNAMIC_EXAMPLE_SIZE = 2
+
+
+class Exporter(ABC):
+    format: ClassVar[str]
+    default_runtime: ClassVar[str]
+    weight_precisions: ClassVar[frozenset[str]]
+    packages: ClassVar[tuple[str, ...]]  # import names needed to export
+    extra: ClassVar[str]
+
+    @classmethod
+    def require(cls) -> None:
+        for package in cls.packages:
+            if importlib.util.find_spec(package) is None:
+                raise missing_backend(package, cls.extra)
+
+    @abstractmethod
+    def export(self, spec: ComponentSpec, profile: Profile, out_dir: Path) -> Path:
+        """Write the component into out_dir; return the entry a runtime opens."""
+
+
+def export_dims(spec: ComponentSpec, profile: Profile) -> tuple[dict[str, int], set[str]]:
+    """Example sizes for every symbolic dim, and which dims stay dynamic in the export."""
+    dynamic = {"batch"} if profile.shapes.dynamic_batch else set()
+    batch = DYNAMIC_EXAMPLE_SIZE if profile.shapes.dynamic_batch else profile.shapes.batch_size
+    return {**spec.default_dims, "batch": batch}, dynamic
+
+
+def export_signature(
+    spec: ComponentSpec, profile: Profile
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """The inputs and outputs as exported: static dims replaced by their sizes."""
+    dims, dynamic = export_dims(spec, profile)
+    fixed = {name: size for name, size in dims.items() if name not in dynamic}
+
+    def concrete(specs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
+        return {
+            name: replace(
+                tensor,
+                shape=tuple(fixed.get(d, d) if isinstance(d, str) else d for d in tensor.shape),
+            )
+            for name, tensor in specs.items()
+        }
+
+    return concrete(spec.inputs), concrete(spec.outputs)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,34 @@
+"""The `torch` format: the reference weights as safetensors, reopened by the torch runtime.
+
+It makes PyTorch one more row in every comparison (the demo, `kiln bench`) through the same
+artifact, session and pipeline code as the deployed formats.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from modelkiln.exporters.base import Exporter
+from modelkiln.runtimes.torch import COMPONENT_FILE
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import Profile
+    from modelkiln.specs import ComponentSpec
+
+
+class TorchExporter(Exporter):
+    format = "torch"
+    default_runtime = "torch"
+    weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
+    packages = ("torch", "safetensors")
+    extra = "torch"
+
+    def export(self, spec: ComponentSpec, profile: Profile, out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        spec.save_reference(out_dir)
+        recipe = {"family": profile.family, "component": spec.name, "model": asdict(profile.model)}
+        (out_dir / COMPONENT_FILE).write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+        return out_dir

@@ -1,0 +1,106 @@
+"""ONNX Runtime sessions (CPU by default; CUDA when onnxruntime-gpu is installed)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
+from modelkiln.specs import TensorSpec
+
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class OnnxRuntimeSession(Session):
+    def __init__(
+        self,
+        entry: Path,
+        name: str,
+        inputs: Mapping[str, TensorSpec],
+        outputs: Mapping[str, TensorSpec],
+        options: RuntimeOptions,
+    ) -> None:
+        import onnxruntime as ort
+
+        super().__init__(name, inputs, outputs)
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = {
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        }[options.graph_optimization]
+        if options.threads:
+            session_options.intra_op_num_threads = options.threads
+        session_options.log_severity_level = 3  # the library never prints; errors still raise
+        providers = _providers_for(options.device, ort.get_available_providers())
+        try:
+            self._session = ort.InferenceSession(
+                str(entry), sess_options=session_options, providers=providers
+            )
+        except Exception as error:  # onnxruntime raises its own untyped exceptions
+            raise ArtifactError(
+                f"onnxruntime cannot load {entry}: {str(error).splitlines()[0]}; "
+                "the file may be corrupted: run `kiln verify` or rebuild"
+            ) from error
+        self._check_backend_names(
+            [i.name for i in self._session.get_inputs()],
+            [o.name for o in self._session.get_outputs()],
+        )
+        self._threads = options.threads
+        self._graph_optimization = options.graph_optimization
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return {
+            "runtime": "onnxruntime",
+            "providers": self._session.get_providers(),
+            "inference_precision": "f32",
+            "threads": self._threads or "default",
+            "graph_optimization": self._graph_optimization,
+        }
+
+    def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        results = self._session.run(output_names, feeds)
+        return dict(zip(output_names, results, strict=True))
+
+    def close(self) -> None:
+        self._session = None  # type: ignore[assignment]
+
+
+def _providers_for(device: str, available: list[str]) -> list[str]:
+    if device not in _PROVIDERS:
+        raise UnsupportedError(
+            f"onnxruntime device '{device}' is not supported; use one of: {', '.join(_PROVIDERS)}"
+        )
+    provider = _PROVIDERS[device]
+    if provider not in available:
+        raise UnsupportedError(
+            f"onnxruntime here has no {provider} (available: {', '.join(available)}); "
+            "for CUDA install onnxruntime-gpu on a machine with an NVIDIA GPU"
+        )
+    return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+
+
+class OnnxRuntime(Runtime):
+    name = "onnxruntime"
+    formats: ClassVar[frozenset[str]] = frozenset({"onnx"})
+    compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
+    package = "onnxruntime"
+    distribution = "onnxruntime"
+    extra = "onnxruntime"
+
+    def open(
+        self,
+        entry: Path,
+        name: str,
+        inputs: Mapping[str, TensorSpec],
+        outputs: Mapping[str, TensorSpec],
+        options: RuntimeOptions,
+    ) -> Session:
+        self.require()
+        return OnnxRuntimeSession(entry, name, inputs, outputs, options)

@@ -1,0 +1,111 @@
+"""OpenVINO sessions: IR (and ONNX) compiled for a device with explicit precision hints.
+
+On CPUs with AMX or AVX512-BF16, OpenVINO runs fp32 models in bf16 unless told otherwise, so the
+inference precision is always set explicitly, and the precision the compiled model reports is
+what the manifest and `kiln info` show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
+from modelkiln.specs import TensorSpec
+
+# Our precision names -> OpenVINO's element type names for INFERENCE_PRECISION_HINT.
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def compile_config(options: RuntimeOptions) -> dict[str, str]:
+    config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[options.compute_precision]}
+    if options.performance_hint:
+        config["PERFORMANCE_HINT"] = options.performance_hint.upper()
+    if options.threads:
+        config["INFERENCE_NUM_THREADS"] = str(options.threads)
+    return config
+
+
+class OpenVINOSession(Session):
+    def __init__(
+        self,
+        entry: Path,
+        name: str,
+        inputs: Mapping[str, TensorSpec],
+        outputs: Mapping[str, TensorSpec],
+        options: RuntimeOptions,
+    ) -> None:
+        import openvino as ov
+
+        super().__init__(name, inputs, outputs)
+        core = ov.Core()
+        device = options.device.upper()
+        if device not in core.available_devices:
+            raise UnsupportedError(
+                f"OpenVINO device '{options.device}' is not available here; available: "
+                f"{', '.join(d.lower() for d in core.available_devices)}"
+            )
+        try:
+            model = core.read_model(str(entry))
+            self._compiled = core.compile_model(model, device, compile_config(options))
+        except RuntimeError as error:
+            raise ArtifactError(
+                f"OpenVINO cannot load {entry}: {str(error).strip().splitlines()[0]}; "
+                "the file may be corrupted: run `kiln verify` or rebuild"
+            ) from error
+        self._check_backend_names(
+            [port.get_any_name() for port in self._compiled.inputs],
+            [name for port in self._compiled.outputs for name in port.get_names()],
+        )
+        self._request = self._compiled.create_infer_request()
+        self._output_ports = {
+            name: port for port in self._compiled.outputs for name in port.get_names()
+        }
+        self._device = device
+
+    @property
+    def info(self) -> dict[str, Any]:
+        precision = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+        return {
+            "runtime": "openvino",
+            "device": self._device,
+            "inference_precision": str(precision.get_type_name()),
+            "performance_hint": str(self._compiled.get_property("PERFORMANCE_HINT")).lower(),
+            "threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS")),
+        }
+
+    def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        self._request.infer(feeds)
+        # copy: the request's output buffers are reused by the next inference
+        return {
+            name: self._request.get_tensor(self._output_ports[name]).data.copy()
+            for name in output_names
+        }
+
+    def close(self) -> None:
+        self._request = None
+        self._compiled = None
+
+
+class OpenVINORuntime(Runtime):
+    name = "openvino"
+    formats: ClassVar[frozenset[str]] = frozenset({"openvino", "onnx"})
+    compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "fp16"})
+    package = "openvino"
+    distribution = "openvino"
+    extra = "openvino"
+
+    def open(
+        self,
+        entry: Path,
+        name: str,
+        inputs: Mapping[str, TensorSpec],
+        outputs: Mapping[str, TensorSpec],
+        options: RuntimeOptions,
+    ) -> Session:
+        self.require()
+        return OpenVINOSession(entry, name, inputs, outputs, options)

@@ -1,0 +1,109 @@
+"""The torch reference backend: the source module itself, behind the same Session interface.
+
+The build validates every export against a `TorchModuleSession`; the `torch` format stores the
+reference weights so that the same session can be reopened from an artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
+from modelkiln.specs import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+# Written by the torch exporter beside the saved weights: how to rebuild the component.
+COMPONENT_FILE = "modelkiln_component.json"
+
+
+class TorchModuleSession(Session):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        name: str,
+        inputs: Mapping[str, TensorSpec],
+        outputs: Mapping[str, TensorSpec],
+        options: RuntimeOptions | None = None,
+    ) -> None:
+        import torch
+
+        super().__init__(name, inputs, outputs)
+        options = options or RuntimeOptions()
+        if options.device != "cpu":
+            raise UnsupportedError(
+                f"the torch runtime runs on 'cpu' only here, not '{options.device}'"
+            )
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        self._module = module.eval()
+        self._precision = options.compute_precision
+
+    @property
+    def info(self) -> dict[str, Any]:
+        import torch
+
+        precision = {"fp32": "f32", "bf16": "bf16"}[self._precision]
+        return {
+            "runtime": "torch",
+            "inference_precision": precision,
+            "threads": torch.get_num_threads(),
+        }
+
+    def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        import torch
+
+        tensors = [torch.from_numpy(feeds[name]) for name in self.input_specs]
+        autocast = (
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if self._precision == "bf16"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            results = self._module(*tensors)
+        return {
+            name: tensor.float().numpy() if tensor.is_floating_point() else tensor.numpy()
+            for name, tensor in zip(self.output_specs, results, strict=True)
+        }
+
+    def close(self) -> None:
+        self._module = None  # type: ignore[assignment]
+
+
+class TorchRuntime(Runtime):
+    name = "torch"
+    formats: ClassVar[frozenset[str]] = frozenset({"torch"})
+    compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16"})
+    package = "torch"
+    distribution = "torch"
+    extra = "torch"
+
+    def open(
+        self,
+        entry: Path,
+        name: str,
+        inputs: Mapping[str, TensorSpec],
+        outputs: Mapping[str, TensorSpec],
+        options: RuntimeOptions,
+    ) -> Session:
+        from modelkiln.models import FAMILIES
+
+        self.require()
+        description = entry / COMPONENT_FILE
+        try:
+            recipe = json.loads(description.read_text(encoding="utf-8"))
+            family = FAMILIES.get(recipe["family"])
+        except (OSError, ValueError, KeyError) as error:
+            raise ArtifactError(
+                f"{description} is missing or malformed ({error}); rebuild the artifact"
+            ) from error
+        module = family.reference_module(entry, recipe["component"], recipe["model"])
+        return TorchModuleSession(module, name, inputs, outputs, options)

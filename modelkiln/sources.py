@@ -1,0 +1,143 @@
+"""Turn what the user typed (hub id, local dir, timm:NAME, hf-hub:REPO) into a local directory.
+
+Hub sources are fetched with huggingface_hub into its cache (only configs and safetensors
+unless pickle is allowed), so that every family loads from a local directory through the
+library's own `from_pretrained` / `timm.create_model` path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelkiln.artifact import sha256_file
+from modelkiln.errors import SourceError, UnsupportedError, did_you_mean
+
+logger = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SAFE_WEIGHTS = ("*.safetensors",)
+PICKLE_WEIGHTS = ("*.bin", "*.pth", "*.pt", "*.ckpt")
+_CONFIGS = ("*.json", "*.txt", "*.model")
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    spec: str  # exactly what the user passed
+    local_dir: Path
+    hub_id: str | None = None
+    revision: str | None = None  # the commit a hub source resolved to
+    allow_pickle: bool = False
+
+    def read_json(self, name: str) -> dict[str, Any] | None:
+        path = self.local_dir / name
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SourceError(f"{path} is not valid JSON ({error})") from error
+        if not isinstance(data, dict):
+            raise SourceError(f"{path} must hold a JSON object")
+        return data
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec,
+            "hub_id": self.hub_id,
+            "revision": self.revision,
+            "local_dir": str(self.local_dir),
+        }
+
+
+def resolve_source(
+    source: str | Path, *, revision: str | None = None, allow_pickle: bool = False
+) -> ResolvedSource:
+    spec = str(source)
+    if spec.startswith("timm:"):
+        hub_id = _timm_hub_id(spec.removeprefix("timm:"))
+        return _from_hub(spec, hub_id, revision, allow_pickle)
+    if spec.startswith("hf-hub:"):
+        return _from_hub(spec, spec.removeprefix("hf-hub:"), revision, allow_pickle)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ResolvedSource(spec, path.resolve(), allow_pickle=allow_pickle)
+    if path.is_file():
+        raise UnsupportedError(
+            f"'{spec}' is a single file; single-file checkpoints are not supported for this "
+            "model family: pass the model directory (config.json + model.safetensors)"
+        )
+    if _HUB_ID.match(spec):
+        return _from_hub(spec, spec, revision, allow_pickle)
+    raise SourceError(
+        f"'{spec}' is not a local directory, a Hugging Face Hub id (org/name), "
+        "timm:NAME or hf-hub:org/name"
+    )
+
+
+def find_weights(directory: Path, *, allow_pickle: bool) -> list[Path]:
+    """The weight files of a model directory: safetensors, or pickle files only when allowed."""
+    safe = sorted(p for pattern in SAFE_WEIGHTS for p in directory.glob(pattern))
+    if safe:
+        return safe
+    pickled = sorted(p for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern))
+    if pickled and not allow_pickle:
+        raise SourceError(
+            f"{directory} has only pickle weights ({', '.join(p.name for p in pickled)}); "
+            "pickle can run arbitrary code when loaded: convert them to safetensors or pass "
+            "--allow-pickle if you trust the source"
+        )
+    if not pickled:
+        raise SourceError(f"no weights in {directory}: expected model.safetensors")
+    return pickled
+
+
+def weights_digest(files: list[Path]) -> dict[str, str]:
+    return {path.name: sha256_file(path) for path in files}
+
+
+def _timm_hub_id(name: str) -> str:
+    try:
+        import timm
+    except ImportError as error:
+        from modelkiln.errors import missing_backend
+
+        raise missing_backend("timm", "timm") from error
+    config = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    if config is None:
+        known = timm.list_models(f"{name.split('.')[0]}*", pretrained=True) or timm.list_models(
+            pretrained=True
+        )
+        raise SourceError(f"timm has no pretrained model '{name}'{did_you_mean(name, known)}")
+    if not config.hf_hub_id:
+        raise SourceError(
+            f"timm model '{name}' has no weights on the Hugging Face Hub; download them and "
+            "pass a local directory (config.json + model.safetensors)"
+        )
+    return str(config.hf_hub_id)
+
+
+def _from_hub(spec: str, hub_id: str, revision: str | None, allow_pickle: bool) -> ResolvedSource:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as error:
+        from modelkiln.errors import missing_backend
+
+        raise missing_backend("huggingface-hub", "torch") from error
+    patterns = [*_CONFIGS, *SAFE_WEIGHTS, *(PICKLE_WEIGHTS if allow_pickle else ())]
+    try:
+        local = Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns))
+    except Exception as error:  # hub, network and cache errors all mean "cannot fetch"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SourceError(
+            f"cannot fetch '{hub_id}' from the Hugging Face Hub ({type(error).__name__}: "
+            f"{reason}); check the id and your network, or pass a local directory"
+        ) from error
+    logger.info("resolved %s to %s", spec, local)
+    return ResolvedSource(
+        spec, local, hub_id=hub_id, revision=local.name, allow_pickle=allow_pickle
+    )

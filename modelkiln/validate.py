@@ -1,0 +1,146 @@
+"""Compare sessions on the same feeds: max-abs, cosine and top-1 agreement per output.
+
+The build runs every exported component against its torch reference with these functions and
+refuses an artifact that misses the profile's tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from modelkiln.errors import ValidationError
+from modelkiln.runtimes.base import Session
+from modelkiln.specs import TensorSpec
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    min_cosine: float
+    min_top1_agreement: float
+
+
+@dataclass
+class OutputMetrics:
+    """Accumulated over every validation feed of one output."""
+
+    max_abs: float = 0.0
+    sum_abs: float = 0.0
+    count: int = 0
+    min_cosine: float = 1.0
+    top1_agree: int = 0
+    top1_total: int = 0
+    non_finite: bool = False
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, is_logits: bool) -> None:
+        reference = reference.astype(np.float64)
+        candidate = candidate.astype(np.float64)
+        if reference.shape != candidate.shape:
+            raise ValidationError(
+                f"output shape {candidate.shape} differs from the reference {reference.shape}"
+            )
+        if not np.isfinite(candidate).all():
+            self.non_finite = True
+            return
+        diff = np.abs(reference - candidate)
+        self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
+        self.sum_abs += float(diff.sum())
+        self.count += diff.size
+        self.min_cosine = min(self.min_cosine, _min_cosine(reference, candidate))
+        if is_logits:
+            self.top1_agree += int((reference.argmax(-1) == candidate.argmax(-1)).sum())
+            self.top1_total += int(reference.argmax(-1).size)
+
+    def summary(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "max_abs": self.max_abs,
+            "mean_abs": self.sum_abs / max(self.count, 1),
+            "min_cosine": self.min_cosine,
+        }
+        if self.top1_total:
+            data["top1_agreement"] = self.top1_agree / self.top1_total
+        if self.non_finite:
+            data["non_finite"] = True
+        return data
+
+    def misses(self, tolerance: Tolerance) -> list[str]:
+        if self.non_finite:
+            return ["it produced NaN or inf"]
+        problems = []
+        if self.max_abs > tolerance.atol:
+            problems.append(f"max-abs diff {self.max_abs:.3g} > atol {tolerance.atol:.3g}")
+        if self.min_cosine < tolerance.min_cosine:
+            problems.append(f"cosine {self.min_cosine:.6f} < {tolerance.min_cosine}")
+        if self.top1_total and self.top1_agree / self.top1_total < tolerance.min_top1_agreement:
+            agreement = self.top1_agree / self.top1_total
+            problems.append(f"top-1 agreement {agreement:.3f} < {tolerance.min_top1_agreement}")
+        return problems
+
+
+def _min_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """The worst per-sample cosine similarity (axis 0 is the batch)."""
+    ref = reference.reshape(reference.shape[0], -1) if reference.ndim else reference.reshape(1, -1)
+    cand = candidate.reshape(ref.shape)
+    dot = (ref * cand).sum(axis=1)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
+    # Two all-zero vectors are identical; one zero vector against another is not.
+    cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.all(ref == cand, axis=1))
+    return float(cosine.min())
+
+
+def compare_sessions(
+    reference: Session,
+    candidate: Session,
+    feeds: list[Mapping[str, np.ndarray]],
+    on_feed: Callable[[int], None] = lambda n: None,
+) -> dict[str, OutputMetrics]:
+    """Run both sessions on every feed and accumulate metrics per shared output."""
+    metrics = {name: OutputMetrics() for name in candidate.output_specs}
+    for feed in feeds:
+        expected = reference.run(feed, list(metrics))
+        actual = candidate.run(feed, list(metrics))
+        for name, spec in candidate.output_specs.items():
+            try:
+                metrics[name].add(expected[name], actual[name], spec.is_logits)
+            except ValidationError as error:
+                raise ValidationError(f"{candidate.name} output '{name}': {error}") from None
+        on_feed(1)
+    return metrics
+
+
+def validation_feeds(
+    inputs: Mapping[str, TensorSpec],
+    batch_sizes: tuple[int, ...],
+    seed: int,
+    dims: Mapping[str, int],
+) -> list[dict[str, np.ndarray]]:
+    """One seeded random feed per batch size."""
+    feeds = []
+    for index, batch in enumerate(batch_sizes):
+        rng = np.random.default_rng(seed + index)
+        all_dims = {**dims, "batch": batch}
+        feeds.append({name: spec.random(all_dims, rng) for name, spec in inputs.items()})
+    return feeds
+
+
+def verdict(
+    component: str, label: str, metrics: Mapping[str, OutputMetrics], tolerance: Tolerance
+) -> dict[str, Any]:
+    """The manifest's validation record; raises ValidationError when any output misses."""
+    for name, output in metrics.items():
+        problems = output.misses(tolerance)
+        if problems:
+            raise ValidationError(
+                f"{component} ({label}) output '{name}' missed the profile's tolerance: "
+                f"{'; '.join(problems)}. Loosen [validation] in the profile if this is expected "
+                "(e.g. --set validation.atol=...), otherwise the export is wrong"
+            )
+    return {
+        "passed": True,
+        "tolerance": asdict(tolerance),
+        "outputs": {name: output.summary() for name, output in metrics.items()},
+    }

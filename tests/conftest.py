@@ -1,0 +1,129 @@
+"""Offline by construction: tiny models from configs, built once per session and shared."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+# Before anything imports huggingface_hub / transformers: no test may reach a hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# marker -> (import name that must be present, why it skips otherwise)
+BACKEND_MARKERS = {
+    "torch": ("torch", "torch is not installed (pip install 'modelkiln[torch]')"),
+    "onnxruntime": (
+        "onnxruntime",
+        "onnxruntime is not installed (pip install 'modelkiln[onnxruntime]')",
+    ),
+    "openvino": ("openvino", "openvino is not installed (pip install 'modelkiln[openvino]')"),
+    "coreml": ("coremltools", "coremltools is not installed (pip install 'modelkiln[coreml]')"),
+    "tensorrt": (
+        "tensorrt",
+        "TensorRT is not installed (needs CUDA: pip install 'modelkiln[tensorrt]')",
+    ),
+}
+
+
+def _has_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    missing = {
+        marker: reason
+        for marker, (package, reason) in BACKEND_MARKERS.items()
+        if importlib.util.find_spec(package) is None
+    }
+    cuda = None
+    for item in items:
+        for marker, reason in missing.items():
+            if marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+        if "gpu" in item.keywords:
+            cuda = _has_cuda() if cuda is None else cuda
+            if not cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+
+
+SOURCES = {
+    "hf-classifier": lambda d: _testing().tiny_hf_vit(d, classifier=True),
+    "hf-backbone": lambda d: _testing().tiny_hf_vit(d, classifier=False),
+    "timm-classifier": lambda d: _testing().tiny_timm_vit(d),
+    "timm-backbone": lambda d: _testing().tiny_timm_vit(d, num_classes=0),
+}
+
+
+def _testing():  # type: ignore[no-untyped-def]
+    from modelkiln import testing
+
+    return testing
+
+
+@pytest.fixture(scope="session")
+def source_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """source_dir("hf-classifier") -> a saved tiny model directory (built once)."""
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = SOURCES[name](tmp_path_factory.mktemp(name))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def built(
+    tmp_path_factory: pytest.TempPathFactory, source_dir: Callable[[str], Path]
+) -> Callable[..., Path]:
+    """built("hf-classifier", "vit-onnxruntime-fp32", "shapes.dynamic_batch=false") -> artifact.
+
+    Each (source, profile, overrides) is built once per session and must not be modified by
+    tests (copy it first).
+    """
+    from modelkiln import build
+
+    cache: dict[tuple[str, str, tuple[str, ...]], Path] = {}
+
+    def get(source: str, profile: str, *overrides: str) -> Path:
+        key = (source, profile, overrides)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("artifacts") / f"{source}-{profile}"
+            cache[key] = build(source_dir(source), profile, out, overrides=overrides)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture
+def rgb_images() -> list[np.ndarray]:
+    """Three random RGB images of different sizes."""
+    rng = np.random.default_rng(7)
+    return [
+        rng.integers(0, 256, size=shape, dtype=np.uint8)
+        for shape in ((40, 50, 3), (32, 32, 3), (64, 48, 3))
+    ]
+
+
+@pytest.fixture
+def image_files(tmp_path: Path, rgb_images: list[np.ndarray]) -> Iterator[list[Path]]:
+    from PIL import Image
+
+    paths = []
+    for i, array in enumerate(rgb_images):
+        path = tmp_path / f"image_{i}.png"
+        Image.fromarray(array).save(path)
+        paths.append(path)
+    yield paths
