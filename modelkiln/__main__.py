@@ -1,0 +1,3 @@
+from modelkiln.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""Image classification on any backend: images in, top-k labels with scores out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from modelkiln.errors import InputError
+from modelkiln.images import DEFAULT_MAX_PIXELS, ImageInput
+from modelkiln.pipelines.base import ImagePipeline, as_image_list
+from modelkiln.preprocess import ImagePreprocessor
+from modelkiln.runtimes import Session
+
+if TYPE_CHECKING:
+    from modelkiln.loading import Artifact
+
+COMPONENT = "vision_model"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float  # softmax probability
+    index: int
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=-1, keepdims=True)
+
+
+class ImageClassificationPipeline(ImagePipeline):
+    task = "image-classification"
+
+    def __init__(
+        self, session: Session, preprocessor: ImagePreprocessor, labels: Sequence[str]
+    ) -> None:
+        super().__init__(session, preprocessor)
+        self.labels = list(labels)
+
+    @classmethod
+    def from_artifact(
+        cls, artifact: Artifact, runtime: str | None = None, **options: Any
+    ) -> ImageClassificationPipeline:
+        session = artifact.session(COMPONENT, runtime, **options)
+        return cls(session, artifact.preprocessor(), artifact.manifest.model_info["labels"])
+
+    def logits(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        batch_size: int = 8,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> np.ndarray:
+        """Raw logits, (number of images, number of labels)."""
+        image_list, _ = as_image_list(images)
+        parts = [
+            out["logits"] for out in self.batches(image_list, ["logits"], batch_size, max_pixels)
+        ]
+        return np.concatenate(parts)
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        top_k: int = 5,
+        batch_size: int = 8,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> Any:
+        """Top-k predictions: a list for one image, a list of lists for a list of images."""
+        if top_k < 1:
+            raise InputError(f"top_k must be >= 1, got {top_k}")
+        image_list, single = as_image_list(images)
+        probabilities = softmax(
+            self.logits(image_list, batch_size=batch_size, max_pixels=max_pixels)
+        )
+        k = min(top_k, probabilities.shape[1])
+        results = []
+        for row in probabilities:
+            best = np.argsort(-row, kind="stable")[:k]
+            results.append([Prediction(self.labels[i], float(row[i]), int(i)) for i in best])
+        return results[0] if single else results

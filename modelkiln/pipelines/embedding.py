@@ -1,0 +1,102 @@
+"""Image embeddings on any backend: CLS, mean or pooled vectors, optionally of an inner block."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from modelkiln.errors import InputError
+from modelkiln.images import DEFAULT_MAX_PIXELS, ImageInput
+from modelkiln.pipelines.base import ImagePipeline, as_image_list
+from modelkiln.preprocess import ImagePreprocessor
+from modelkiln.runtimes import Session
+
+if TYPE_CHECKING:
+    from modelkiln.loading import Artifact
+
+COMPONENT = "vision_model"
+Pooling = Literal["auto", "cls", "mean", "pooled"]
+POOLINGS = ("auto", "cls", "mean", "pooled")
+
+
+class ImageEmbeddingPipeline(ImagePipeline):
+    task = "image-feature-extraction"
+
+    def __init__(
+        self, session: Session, preprocessor: ImagePreprocessor, num_prefix_tokens: int
+    ) -> None:
+        super().__init__(session, preprocessor)
+        self.num_prefix_tokens = num_prefix_tokens
+
+    @classmethod
+    def from_artifact(
+        cls, artifact: Artifact, runtime: str | None = None, **options: Any
+    ) -> ImageEmbeddingPipeline:
+        session = artifact.session(COMPONENT, runtime, **options)
+        info = artifact.manifest.model_info
+        return cls(session, artifact.preprocessor(), int(info["num_prefix_tokens"]))
+
+    @property
+    def layers(self) -> list[int]:
+        """Blocks whose hidden states this artifact exports (model.hidden_layers)."""
+        prefix = "hidden_state_"
+        return [int(n[len(prefix) :]) for n in self.session.output_specs if n.startswith(prefix)]
+
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        *,
+        pooling: Pooling = "auto",
+        layer: int | None = None,
+        normalize: bool = True,
+        batch_size: int = 8,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> np.ndarray:
+        """(number of images, hidden size) float32; L2-normalised unless normalize=False.
+
+        pooling: "cls" (first token), "mean" (patch tokens), "pooled" (the model's own pooler /
+        timm's pre-logits) or "auto" (pooled when the model has it and no layer is asked).
+        layer: take the tokens of transformer block `layer` instead of the final ones.
+        """
+        output, pooling = self._plan(pooling, layer)
+        image_list, _ = as_image_list(images)
+        parts = []
+        for out in self.batches(image_list, [output], batch_size, max_pixels):
+            parts.append(self._pool(out[output], pooling))
+        vectors = np.concatenate(parts).astype(np.float32)
+        if normalize:
+            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+            vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
+        return vectors
+
+    def _plan(self, pooling: str, layer: int | None) -> tuple[str, str]:
+        """Which output to fetch, and the concrete pooling for it."""
+        if pooling not in POOLINGS:
+            raise InputError(f"pooling '{pooling}' is unknown; use one of: {', '.join(POOLINGS)}")
+        has_pooler = "pooler_output" in self.session.output_specs
+        if layer is not None:
+            if pooling == "pooled":
+                raise InputError(
+                    "pooling 'pooled' is the final pooler; with a layer use cls or mean"
+                )
+            if layer not in self.layers:
+                exported = ", ".join(map(str, self.layers)) or "none"
+                raise InputError(
+                    f"this artifact exports no hidden state for layer {layer} (exported: "
+                    f"{exported}); rebuild with --set 'model.hidden_layers=[{layer}]'"
+                )
+            return f"hidden_state_{layer}", "cls" if pooling == "auto" else pooling
+        if pooling == "pooled" and not has_pooler:
+            raise InputError("this model has no pooler output; use pooling 'cls' or 'mean'")
+        if pooling == "auto":
+            pooling = "pooled" if has_pooler else "cls"
+        return ("pooler_output" if pooling == "pooled" else "last_hidden_state"), pooling
+
+    def _pool(self, values: np.ndarray, pooling: str) -> np.ndarray:
+        if pooling == "pooled":
+            return values
+        if pooling == "cls":
+            return values[:, 0]
+        return values[:, self.num_prefix_tokens :].mean(axis=1)
