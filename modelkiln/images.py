@@ -144,24 +144,30 @@ def _check_pixels(size: tuple[int, int], name: str, max_pixels: int | None) -> N
     width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise InputError(
-            f"image '{name}' is {width}×{height} ({width * height / 1e6:.1f} MP), over the limit "
-            f"of {max_pixels / 1e6:.1f} MP; downscale it or raise max_pixels (kiln: --max-pixels)"
+            f"image '{name}' is {width}×{height} ({_pixels_text(width * height)}), over the "
+            f"limit of {_pixels_text(max_pixels)}; downscale it or raise max_pixels "
+            "(kiln: --max-pixels)"
         )
+
+
+def _pixels_text(pixels: int) -> str:
+    """Megapixels where that reads well, an exact count for small limits."""
+    return f"{pixels / 1e6:.1f} MP" if pixels >= 100_000 else f"{pixels:,} pixels"
 
 
 def _bomb_message(name: str, error: Exception, max_pixels: int | None) -> str:
     # Pillow refuses before we see the header; its message has the pixel count, not the sides.
     found = re.search(r"\((\d+) pixels\)", str(error))
     pixels = int(found.group(1)) if found else None
-    size = f"has {pixels / 1e6:.1f} MP" if pixels is not None else "is too large"
+    size = f"has {_pixels_text(pixels)}" if pixels is not None else "is too large"
     if pixels is not None and max_pixels is not None and pixels > max_pixels:
         return (
-            f"image '{name}' {size}, over the limit of {max_pixels / 1e6:.1f} MP; "
+            f"image '{name}' {size}, over the limit of {_pixels_text(max_pixels)}; "
             "downscale it or raise max_pixels (kiln: --max-pixels)"
         )
-    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+    limit = _pixels_text(2 * (Image.MAX_IMAGE_PIXELS or 0))
     return (
-        f"image '{name}' {size}, over Pillow's decompression-bomb limit of {limit:.1f} MP; "
+        f"image '{name}' {size}, over Pillow's decompression-bomb limit of {limit}; "
         "downscale it or raise PIL.Image.MAX_IMAGE_PIXELS"
     )
 

@@ -71,8 +71,10 @@ def resolve_source(
             f"'{spec}' is a single file; single-file checkpoints are not supported for this "
             "model family: pass the model directory (config.json + model.safetensors)"
         )
-    if _HUB_ID.match(spec):
+    if _HUB_ID.match(spec) and not Path(spec.split("/")[0]).is_dir():
         return _from_hub(spec, spec, revision, allow_pickle)
+    if path.parent.is_dir() and str(path.parent) != ".":
+        raise SourceError(f"no such model directory: '{spec}' ({path.parent} has no '{path.name}')")
     raise SourceError(
         f"'{spec}' is not a local directory, a Hugging Face Hub id (org/name), "
         "timm:NAME or hf-hub:org/name"
@@ -107,7 +109,10 @@ def _timm_hub_id(name: str) -> str:
         from modelkiln.errors import missing_backend
 
         raise missing_backend("timm", "timm") from error
-    config = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    try:
+        config = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # timm raises for an unknown architecture or tag
+        config = None
     if config is None:
         known = timm.list_models(f"{name.split('.')[0]}*", pretrained=True) or timm.list_models(
             pretrained=True
