@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from modelkiln import __version__
 from modelkiln.errors import InputError, KilnError
@@ -43,6 +44,11 @@ MAX_PIXELS_OPTION = click.option(
 )
 
 
+def cells(*values: str | Text) -> list[Text]:
+    """Table cells as plain text: paths and labels may contain [brackets] rich would eat."""
+    return [value if isinstance(value, Text) else Text(value) for value in values]
+
+
 class RichProgress:
     """The library's Progress protocol on a rich progress display (stderr)."""
 
@@ -54,11 +60,12 @@ class RichProgress:
         task_id = self.display.add_task(description, total=total)
         try:
             yield lambda n=1: self.display.advance(task_id, n)
-            self.display.update(
-                task_id, completed=total if total is not None else 1, total=total or 1
-            )
-        finally:
-            self.display.stop_task(task_id)
+        except BaseException:
+            # The error line says what failed; a frozen spinner above it would only repeat it.
+            self.display.remove_task(task_id)
+            raise
+        self.display.update(task_id, completed=total if total is not None else 1, total=total or 1)
+        self.display.stop_task(task_id)
 
 
 @contextlib.contextmanager
@@ -127,8 +134,8 @@ def build(
             for output_name, m in record.validation["outputs"].items()
         )
         precision = record.runtime.get("inference_precision", "?")
-        err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})")
-    out.print(f"[green]built[/] {artifact}")
+        err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})", markup=False)
+    out.print(f"[green]built[/] {escape(str(artifact))}")
 
 
 # --- profiles -------------------------------------------------------------------------------
@@ -148,13 +155,15 @@ def profiles_list() -> None:
     for name in bundled_profile_names():
         profile = load_profile(name)
         table.add_row(
-            name,
-            profile.family,
-            profile.export.format,
-            profile.runtime_name,
-            profile.precision.compute,
-            profile.precision.weights,
-            profile.description.split(". ")[0],
+            *cells(
+                name,
+                profile.family,
+                profile.export.format,
+                profile.runtime_name,
+                profile.precision.compute,
+                profile.precision.weights,
+                profile.description.split(". ")[0],
+            )
         )
     out.print(table)
 
@@ -179,7 +188,7 @@ def profiles_validate(files: tuple[str, ...]) -> None:
     for file in files:
         try:
             load_profile(file)
-            out.print(f"[green]ok[/] {file}")
+            out.print(f"[green]ok[/] {escape(file)}")
         except KilnError as error:
             failed += 1
             err.print(f"[red]invalid[/] {escape(str(error))}")
@@ -249,7 +258,12 @@ def classify(
     for path, predictions in zip(paths, results, strict=True):
         for rank, prediction in enumerate(predictions, 1):
             table.add_row(
-                path if rank == 1 else "", str(rank), prediction.label, f"{prediction.score:.4f}"
+                *cells(
+                    path if rank == 1 else "",
+                    str(rank),
+                    prediction.label,
+                    f"{prediction.score:.4f}",
+                )
             )
     out.print(table)
 
@@ -303,7 +317,9 @@ def embed(
         )
     output.parent.mkdir(parents=True, exist_ok=True)
     np.save(output, vectors)
-    out.print(f"[green]wrote[/] {output}: {vectors.shape[0]} × {vectors.shape[1]} float32")
+    out.print(
+        f"[green]wrote[/] {escape(str(output))}: {vectors.shape[0]} × {vectors.shape[1]} float32"
+    )
 
 
 def _require_task(pipeline: Any, expected: type, other_command: str) -> None:
@@ -343,14 +359,14 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
         )
         return
     summary = Table.grid(padding=(0, 2))
-    summary.add_row("artifact", str(artifact))
+    summary.add_row(*cells("artifact", str(artifact)))
     summary.add_row("family / task", f"{manifest.family} / {manifest.task}")
     summary.add_row(
         "source",
         f"{manifest.source['spec']}"
         + (f" @ {manifest.source['revision']}" if manifest.source.get("revision") else ""),
     )
-    summary.add_row("profile", str(manifest.profile["name"]))
+    summary.add_row(*cells("profile", str(manifest.profile["name"])))
     summary.add_row("format / runtime", f"{manifest.format} / {manifest.runtime}")
     summary.add_row(
         "precision",
@@ -383,14 +399,8 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
             for k, m in record.validation.get("outputs", {}).items()
         )
         used = _describe_runtime(record.runtime)
-        table.add_row(
-            name,
-            inputs,
-            outputs,
-            checks,
-            used,
-            *([_describe_runtime(probed[name])] if probe else []),
-        )
+        here = [_describe_runtime(probed[name])] if probe else []
+        table.add_row(*cells(name, inputs, outputs, checks, used, *here))
     out.print(table)
 
 
@@ -410,9 +420,10 @@ def verify(artifact: Path) -> None:
     if problems:
         for problem in problems:
             err.print(f"[red]✗[/] {escape(problem)}")
-        err.print(f"[red]error:[/] {artifact} failed verification: {len(problems)} problem(s)")
+        count = len(problems)
+        err.print(f"[red]error:[/] {escape(str(artifact))} failed verification: {count} problem(s)")
         sys.exit(1)
-    out.print(f"[green]ok[/] {artifact}: {len(manifest.files)} files match kiln.json")
+    out.print(f"[green]ok[/] {escape(str(artifact))}: {len(manifest.files)} files match kiln.json")
 
 
 @cli.command()
@@ -435,11 +446,13 @@ def env(as_json: bool) -> None:
     runtimes = Table("runtime", "installed", "version", "formats", "pip extra")
     for runtime in report["runtimes"]:
         runtimes.add_row(
-            runtime["name"],
-            "[green]yes[/]" if runtime["available"] else "[red]no[/]",
-            runtime["version"] or "",
-            ", ".join(runtime["formats"]),
-            f"modelkiln[{runtime['extra']}]",
+            *cells(
+                runtime["name"],
+                Text("yes", "green") if runtime["available"] else Text("no", "red"),
+                runtime["version"] or "",
+                ", ".join(runtime["formats"]),
+                f"modelkiln[{runtime['extra']}]",
+            )
         )
     out.print(runtimes)
     if report["openvino_devices"]:
@@ -447,7 +460,7 @@ def env(as_json: bool) -> None:
             out.print(f"OpenVINO {device}: {', '.join(capabilities)}")
     libraries = Table("library", "version")
     for name, version in report["libraries"].items():
-        libraries.add_row(name, version)
+        libraries.add_row(*cells(name, version))
     out.print(libraries)
 
 
@@ -472,25 +485,27 @@ def demo(work_dir: Path, runs: int, threads: int | None) -> None:
     table = Table(
         "backend",
         "profile",
-        "top-1 accuracy",
-        "agreement with PyTorch",
-        "median latency (batch 1)",
-        "p90",
-        "speed-up",
-        "size",
-        title=f"digits ViT, {result.test_images} held-out images",
+        "top-1",
+        "agrees w/ torch",
+        "p50 ms",
+        "p90 ms",
+        "vs torch",
+        "MB",
+        title=f"digits ViT: {result.test_images} held-out images, batch-1 latency",
     )
     reference = result.reference
     for row in result.rows:
         table.add_row(
-            row.backend,
-            row.profile,
-            f"{row.accuracy:.2f} %",
-            f"{row.agreement:.2f} %",
-            f"{row.median_ms:.3f} ms",
-            f"{row.p90_ms:.3f} ms",
-            f"{reference.median_ms / row.median_ms:.2f}×",
-            f"{row.size_mb:.2f} MB",
+            *cells(
+                row.backend,
+                row.profile,
+                f"{row.accuracy:.2f} %",
+                f"{row.agreement:.2f} %",
+                f"{row.median_ms:.3f}",
+                f"{row.p90_ms:.3f}",
+                f"{reference.median_ms / row.median_ms:.2f}×",
+                f"{row.size_mb:.2f}",
+            )
         )
     out.print(table)
     from modelkiln.env import cpu_info
