@@ -41,7 +41,7 @@ class DigitsRecipe:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 128
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 0.05
@@ -186,7 +186,10 @@ def train(recipe: DigitsRecipe, out_dir: Path, *, progress: Progress) -> float:
     model.eval()
     with torch.inference_mode():
         accuracy = float((model(pixel_values=test_x).logits.argmax(-1) == test_y).float().mean())
-    model.save_pretrained(out_dir)
+    from modelkiln.models.vit_modules import quiet_transformers
+
+    with quiet_transformers():
+        model.save_pretrained(out_dir)
     (out_dir / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(recipe), indent=2) + "\n", encoding="utf-8"
     )

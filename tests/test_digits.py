@@ -1,0 +1,77 @@
+"""The demo's real accuracy yardstick: a ViT trained on scikit-learn's digits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelkiln import digits
+from modelkiln.demo import DemoResult, DemoRow, check_accuracy, run_demo
+from modelkiln.errors import ValidationError
+
+pytestmark = pytest.mark.torch
+
+
+def test_split_is_stratified_and_8_bit() -> None:
+    split = digits.load_split()
+    assert split.train_images.shape[1:] == (8, 8) and split.train_images.dtype == np.uint8
+    assert len(split.test_labels) == 360 and len(split.train_labels) == 1437
+    assert split.train_images.max() == 255
+    assert np.bincount(split.test_labels).min() >= 35  # every digit held out
+
+
+def test_image_folder_round_trips_the_pixels(tmp_path: Path) -> None:
+    split = digits.load_split()
+    paths = digits.write_image_folder(tmp_path, split.test_images[:5], split.test_labels[:5])
+    assert [p.parent.name for p in paths] == [str(label) for label in split.test_labels[:5]]
+    from PIL import Image
+
+    for path, image in zip(paths, split.test_images[:5], strict=True):
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), image)
+
+
+def test_recipe_key_changes_with_the_recipe() -> None:
+    assert digits.DigitsRecipe().key() == digits.DigitsRecipe().key()
+    assert digits.DigitsRecipe(epochs=1).key() != digits.DigitsRecipe().key()
+
+
+@pytest.mark.slow
+@pytest.mark.onnxruntime
+@pytest.mark.openvino
+def test_demo_model_reaches_95_percent_and_every_backend_matches_pytorch(tmp_path: Path) -> None:
+    # Trains once per machine (cached by recipe), then builds all bundled CPU profiles.
+    result = run_demo(tmp_path, runs=3)
+    record = digits.training_record(result.model_dir)
+    assert record["test_accuracy"] >= 0.95
+    reference = result.reference
+    assert reference.profile == "vit-torch-fp32"
+    # The pipeline from PNG files reproduces the accuracy measured while training.
+    assert reference.accuracy == pytest.approx(100 * record["test_accuracy"], abs=0.3)
+    assert [row.profile for row in result.rows] == [
+        "vit-torch-fp32",
+        "vit-onnxruntime-fp32",
+        "vit-openvino-fp32",
+        "vit-openvino-bf16",
+    ]
+    for row in result.rows:
+        assert abs(row.accuracy - reference.accuracy) <= 0.5
+        assert row.agreement >= 99.0
+        assert row.median_ms > 0 and row.size_mb > 0
+    assert result.rows[2].backend == "openvino (f32)"
+
+
+def _row(profile: str, accuracy: float) -> DemoRow:
+    return DemoRow(profile, "x", accuracy, 100.0, 1.0, 1.0, 1.0)
+
+
+def test_accuracy_gate_fails_beyond_half_a_point() -> None:
+    ok = DemoResult([_row("torch", 96.0), _row("a", 95.6), _row("b", 96.5)], Path(), 360, None)
+    check_accuracy(ok)
+    bad = DemoResult([_row("torch", 96.0), _row("a", 95.4)], Path(), 360, None)
+    with pytest.raises(
+        ValidationError,
+        match=r"a: top-1 accuracy 95\.40% is 0\.60 points from PyTorch's 96\.00% \(allowed: 0\.5\)",
+    ):
+        check_accuracy(bad)
