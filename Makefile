@@ -1,0 +1,52 @@
+# The verbs a contributor needs. Everything runs inside .venv, created on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# What `make demo` / `make test` install: the build side and both CPU runtimes.
+EXTRAS := torch,timm,onnxruntime,openvino,demo,dev
+# Re-install when the dependency declarations change.
+STAMP := $(VENV)/.installed
+LINT_PATHS := modelkiln tests $(wildcard bench)
+
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: help demo test test-fast lint format typecheck env clean
+
+help:
+	@echo "make demo       train the digits ViT, build it for every CPU backend, print the comparison"
+	@echo "make test       run the whole test suite"
+	@echo "make test-fast  the suite without tests marked slow"
+	@echo "make lint       ruff check + format check + mypy"
+	@echo "make env        what this machine offers (runtimes, CPU features)"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# constraints.txt pins torch/torchvision: pip must never choose another torch.
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/kiln demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format $(LINT_PATHS)
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+
+env: $(STAMP)
+	$(BIN)/kiln env
+
+clean:
+	rm -rf artifacts .pytest_cache .ruff_cache .mypy_cache
