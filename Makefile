@@ -11,7 +11,7 @@ LINT_PATHS := modelkiln tests $(wildcard bench)
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help demo test test-fast lint format typecheck env clean
+.PHONY: help demo test test-fast lint format env compat clean
 
 help:
 	@echo "make demo       train the digits ViT, build it for every CPU backend, print the comparison"
@@ -19,6 +19,7 @@ help:
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make lint       ruff check + format check + mypy"
 	@echo "make env        what this machine offers (runtimes, CPU features)"
+	@echo "make compat     load our artifacts with optimum's ORT/OV classes (second venv)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +48,14 @@ format: $(STAMP)
 
 env: $(STAMP)
 	$(BIN)/kiln env
+
+# optimum-onnx pins transformers<4.58, which cannot live beside our pins: its own venv.
+compat: $(STAMP)
+	test -x .venv-optimum/bin/python || $(PYTHON) -m venv .venv-optimum
+	.venv-optimum/bin/python -m pip install --quiet -c constraints.txt \
+		torch torchvision optimum-onnx optimum-intel onnxruntime openvino timm
+	$(BIN)/python scripts/optimum_compat.py build artifacts/compat
+	.venv-optimum/bin/python scripts/optimum_compat.py check artifacts/compat
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache .mypy_cache

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 from modelkiln import __version__
 from modelkiln.artifact import (
@@ -25,7 +26,7 @@ from modelkiln.errors import ProfileError
 from modelkiln.exporters import EXPORTERS
 from modelkiln.exporters.base import export_signature
 from modelkiln.models import detect_family
-from modelkiln.profiles import Profile, load_profile
+from modelkiln.profiles import Profile, Task, load_profile
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.runtimes import RUNTIMES, Runtime, RuntimeOptions
 from modelkiln.runtimes.torch import TorchModuleSession
@@ -75,7 +76,7 @@ def build(
         loaded = family.load(resolved, resolved_profile.model)
     # The manifest records what was built, so "auto" is resolved.
     resolved_profile = replace(
-        resolved_profile, model=replace(resolved_profile.model, task=loaded.task)
+        resolved_profile, model=replace(resolved_profile.model, task=cast(Task, loaded.task))
     )
     target = Path(output) if output is not None else default_output(resolved.spec, resolved_profile)
     options = RuntimeOptions.from_profile(resolved_profile.to_dict())

@@ -309,7 +309,7 @@ def embed(
         _require_task(pipeline, ImageEmbeddingPipeline, "kiln classify")
         vectors = pipeline(
             paths,
-            pooling=pooling,  # type: ignore[arg-type]
+            pooling=pooling,
             layer=layer,
             normalize=not no_normalize,
             batch_size=batch_size,

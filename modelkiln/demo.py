@@ -8,6 +8,7 @@ PyTorch and median batch-1 latency. Every backend must match PyTorch's accuracy 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def run_demo(
             predictions = pipeline.logits(image_paths, batch_size=32).argmax(axis=1)
             one = pipeline.preprocessor(digits.to_pil(split.test_images[:1]))
             latency = measure_latency(
-                lambda one=one, pipeline=pipeline: pipeline.session.run({"pixel_values": one}),
+                functools.partial(pipeline.session.run, {"pixel_values": one}),
                 warmup=10,
                 runs=runs,
             )

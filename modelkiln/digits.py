@@ -148,7 +148,7 @@ def train(recipe: DigitsRecipe, out_dir: Path, *, progress: Progress) -> float:
     test_x = torch.from_numpy(preprocess(to_pil(split.test_images)))
     train_y, test_y = torch.from_numpy(split.train_labels), torch.from_numpy(split.test_labels)
     labels = [str(i) for i in range(10)]
-    config = ViTConfig(
+    settings: dict[str, Any] = dict(
         image_size=recipe.image_size,
         patch_size=recipe.patch_size,
         hidden_size=recipe.hidden_size,
@@ -159,6 +159,7 @@ def train(recipe: DigitsRecipe, out_dir: Path, *, progress: Progress) -> float:
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
+    config = ViTConfig(**settings)
     model = ViTForImageClassification(config)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=recipe.learning_rate, weight_decay=recipe.weight_decay

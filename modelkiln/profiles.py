@@ -13,7 +13,7 @@ import types
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hints
 
 from modelkiln.errors import ProfileError, UnsupportedError, did_you_mean
 
@@ -270,7 +270,7 @@ def _from_mapping(cls: type, data: Any, *, key_path: str, origin: str) -> Any:
 def _coerce(hint: Any, value: Any, key: str, origin: str) -> Any:
     origin_type = get_origin(hint)
     if is_dataclass(hint):
-        return _from_mapping(hint, value, key_path=f"{key}.", origin=origin)
+        return _from_mapping(cast(type, hint), value, key_path=f"{key}.", origin=origin)
     if origin_type in (Union, types.UnionType):
         options = [a for a in get_args(hint) if a is not type(None)]
         return _coerce(options[0], value, key, origin)

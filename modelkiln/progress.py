@@ -22,4 +22,8 @@ class NullProgress:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
-        yield lambda n=1: None
+        yield _ignore
+
+
+def _ignore(steps: int = 1) -> None:
+    """Advance nothing."""

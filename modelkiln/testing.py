@@ -7,6 +7,7 @@ are the same as for full-size models, without any download.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 TINY_IMAGE_SIZE = 32
 TINY_NUM_LABELS = 10
@@ -26,7 +27,7 @@ def tiny_hf_vit(
 
     directory = Path(directory)
     torch.manual_seed(seed)
-    config = ViTConfig(
+    settings: dict[str, Any] = dict(
         image_size=image_size,
         patch_size=8,
         hidden_size=32,
@@ -37,6 +38,7 @@ def tiny_hf_vit(
         id2label={i: f"class_{i}" for i in range(num_labels)},
         label2id={f"class_{i}": i for i in range(num_labels)},
     )
+    config = ViTConfig(**settings)
     model = ViTForImageClassification(config) if classifier else ViTModel(config)
     model.eval().save_pretrained(directory)
     processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
@@ -58,7 +60,7 @@ def tiny_timm_vit(
 
     directory = Path(directory)
     torch.manual_seed(seed)
-    args = {
+    args: dict[str, Any] = {
         "img_size": image_size,
         "patch_size": 8,
         "embed_dim": 32,

@@ -6,7 +6,7 @@ refuses an artifact that misses the profile's tolerance.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -95,7 +95,7 @@ def _min_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
 def compare_sessions(
     reference: Session,
     candidate: Session,
-    feeds: list[Mapping[str, np.ndarray]],
+    feeds: Sequence[Mapping[str, np.ndarray]],
     on_feed: Callable[[int], None] = lambda n: None,
 ) -> dict[str, OutputMetrics]:
     """Run both sessions on every feed and accumulate metrics per shared output."""

@@ -57,6 +57,8 @@ class ViTFamily(ModelFamily):
 
         config = source.read_json("config.json") or {}
         library = _library(config)
+        if library is None:
+            raise UnsupportedError(f"{source.spec} is not a transformers or timm ViT")
         weights = find_weights(source.local_dir, allow_pickle=source.allow_pickle)
         pickle = not weights[0].name.endswith(".safetensors")
         if library == "transformers":
@@ -200,7 +202,8 @@ def _preprocessor(
 
         return ImagePreprocessor.from_timm_data_config(resolve_data_config({}, model=model))
     config = source.read_json("preprocessor_config.json") or {}
-    return ImagePreprocessor.from_hf_config(config, default_image_size=tuple(image_size))
+    height, width = image_size
+    return ImagePreprocessor.from_hf_config(config, default_image_size=(height, width))
 
 
 def _config_files(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,7 +35,7 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> nn.Module:
+def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> Any:
     import transformers
 
     if architecture not in TRANSFORMERS_ARCHITECTURES:
@@ -57,7 +58,7 @@ def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> nn
     return model.eval()
 
 
-def load_timm(directory: Path) -> nn.Module:
+def load_timm(directory: Path) -> Any:
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
@@ -115,6 +116,8 @@ class TimmClassifier(nn.Module):
 
 
 class TimmFeatures(nn.Module):
+    model: Any  # a timm VisionTransformer (forward_intermediates, forward_head, ...)
+
     def __init__(self, model: nn.Module, hidden_layers: tuple[int, ...]) -> None:
         super().__init__()
         self.model = model

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import cast
 
 import numpy as np
 
@@ -21,7 +22,7 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[Image
         if not images:
             raise InputError("no images given")
         return list(images), False
-    return [images], True
+    return [cast(ImageInput, images)], True
 
 
 class ImagePipeline:

@@ -60,11 +60,11 @@ class ImageEmbeddingPipeline(ImagePipeline):
         timm's pre-logits) or "auto" (pooled when the model has it and no layer is asked).
         layer: take the tokens of transformer block `layer` instead of the final ones.
         """
-        output, pooling = self._plan(pooling, layer)
+        output, mode = self._plan(pooling, layer)
         image_list, _ = as_image_list(images)
         parts = []
         for out in self.batches(image_list, [output], batch_size, max_pixels):
-            parts.append(self._pool(out[output], pooling))
+            parts.append(self._pool(out[output], mode))
         vectors = np.concatenate(parts).astype(np.float32)
         if normalize:
             norms = np.linalg.norm(vectors, axis=1, keepdims=True)

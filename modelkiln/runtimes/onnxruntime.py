@@ -69,7 +69,7 @@ class OnnxRuntimeSession(Session):
         return dict(zip(output_names, results, strict=True))
 
     def close(self) -> None:
-        self._session = None  # type: ignore[assignment]
+        self._session = None
 
 
 def _providers_for(device: str, available: list[str]) -> list[str]:
