@@ -12,7 +12,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ExportError
 from modelkiln.exporters.base import Exporter, export_dims, first_line
@@ -78,12 +78,24 @@ def onnx_from_torch(spec: ComponentSpec, profile: Profile, path: Path) -> Path:
             f"{spec.name} has {weight_bytes / 1e9:.1f} GB of weights, over ONNX's 2 GB inline "
             "limit; set export.external_data = 'auto'"
         )
+    _strip_debug_metadata(program.model)
+    program.model.metadata_props["modelkiln.component"] = spec.name
     path.parent.mkdir(parents=True, exist_ok=True)
     if external:
         onnx_ir.save(program.model, path, external_data=f"{path.stem}.onnx_data")
     else:
         onnx_ir.save(program.model, path)
     return path
+
+
+def _strip_debug_metadata(model: Any) -> None:
+    """Drop the exporter's per-node stack traces and FX dumps (40 % of a small ViT's file)."""
+    import onnx_ir
+
+    for node in onnx_ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+    for value in [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]:
+        value.metadata_props.clear()
 
 
 class OnnxExporter(Exporter):

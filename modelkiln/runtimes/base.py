@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -107,6 +107,8 @@ class Runtime(ABC):
     package: ClassVar[str]  # import name of the backend
     distribution: ClassVar[str]  # pip distribution, for versions
     extra: ClassVar[str]  # the modelkiln extra that installs it
+    # Opens a model file: (entry, name, inputs, outputs, options) -> Session.
+    session_class: ClassVar[Callable[..., Session]]
 
     @classmethod
     def is_available(cls) -> bool:
@@ -124,7 +126,6 @@ class Runtime(ABC):
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    @abstractmethod
     def open(
         self,
         entry: Path,
@@ -134,3 +135,5 @@ class Runtime(ABC):
         options: RuntimeOptions,
     ) -> Session:
         """Open the component whose main file (or directory) is `entry`."""
+        self.require()
+        return self.session_class(entry, name, inputs, outputs, options)

@@ -93,14 +93,4 @@ class OnnxRuntime(Runtime):
     package = "onnxruntime"
     distribution = "onnxruntime"
     extra = "onnxruntime"
-
-    def open(
-        self,
-        entry: Path,
-        name: str,
-        inputs: Mapping[str, TensorSpec],
-        outputs: Mapping[str, TensorSpec],
-        options: RuntimeOptions,
-    ) -> Session:
-        self.require()
-        return OnnxRuntimeSession(entry, name, inputs, outputs, options)
+    session_class = OnnxRuntimeSession

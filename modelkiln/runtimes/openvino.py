@@ -98,14 +98,4 @@ class OpenVINORuntime(Runtime):
     package = "openvino"
     distribution = "openvino"
     extra = "openvino"
-
-    def open(
-        self,
-        entry: Path,
-        name: str,
-        inputs: Mapping[str, TensorSpec],
-        outputs: Mapping[str, TensorSpec],
-        options: RuntimeOptions,
-    ) -> Session:
-        self.require()
-        return OpenVINOSession(entry, name, inputs, outputs, options)
+    session_class = OpenVINOSession

@@ -85,6 +85,7 @@ class TorchRuntime(Runtime):
     package = "torch"
     distribution = "torch"
     extra = "torch"
+    session_class = TorchModuleSession  # opened from an in-memory module; open() rebuilds it
 
     def open(
         self,
