@@ -27,8 +27,16 @@ from rich.text import Text
 from modelkiln import __version__
 from modelkiln.errors import InputError, KilnError
 
-err = Console(stderr=True)
-out = Console()
+
+def _console(stderr: bool) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    # Piped output (CI logs, `| less`) is not squeezed into rich's 80-column default.
+    width = None if stream.isatty() or "COLUMNS" in os.environ else 120
+    return Console(stderr=stderr, width=width)
+
+
+err = _console(stderr=True)
+out = _console(stderr=False)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 RUNTIME_OPTION = click.option("--runtime", help="Run with this runtime instead of the built one.")
