@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,16 +28,8 @@ from rich.text import Text
 from modelkiln import __version__
 from modelkiln.errors import InputError, KilnError
 
-
-def _console(stderr: bool) -> Console:
-    stream = sys.stderr if stderr else sys.stdout
-    # Piped output (CI logs, `| less`) is not squeezed into rich's 80-column default.
-    width = None if stream.isatty() or "COLUMNS" in os.environ else 120
-    return Console(stderr=stderr, width=width)
-
-
-err = _console(stderr=True)
-out = _console(stderr=False)
+err = Console(stderr=True)
+out = Console()
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 RUNTIME_OPTION = click.option("--runtime", help="Run with this runtime instead of the built one.")
@@ -76,8 +69,22 @@ class RichProgress:
         self.display.stop_task(task_id)
 
 
+class LineProgress:
+    """Progress for logs and pipes: one line per finished step, none for a failed one."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None = None) -> Iterator[Any]:
+        started = time.perf_counter()
+        yield lambda n=1: None
+        err.print(f"✓ {escape(description)} ({time.perf_counter() - started:.1f} s)")
+
+
 @contextlib.contextmanager
-def progress_display() -> Iterator[RichProgress]:
+def progress_display() -> Iterator[RichProgress | LineProgress]:
+    """Live bars on a terminal; plain lines where stderr is a file or a pipe (CI logs)."""
+    if not err.is_terminal:
+        yield LineProgress()
+        return
     display = RichProgressBar(
         SpinnerColumn(finished_text="[green]✓[/]"),
         TextColumn("{task.description}"),
@@ -532,6 +539,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not verbose:
         # transformers logs config chatter through its own handler; the CLI owns the terminal.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not sys.stdout.isatty():
+        # Piped output (CI logs, `| less`) is not squeezed into rich's 80-column default.
+        os.environ.setdefault("COLUMNS", "120")
     try:
         cli.main(args=args, prog_name="kiln", standalone_mode=True)
     except KilnError as error:

@@ -114,8 +114,9 @@ def _open_header(handle: BinaryIO, name: str, max_pixels: int | None) -> Image.I
     except Image.DecompressionBombError as error:
         raise InputError(_bomb_message(name, error, max_pixels)) from error
     except UnidentifiedImageError as error:
+        # Pillow's own message only repeats the file object; ours names the file.
         raise InputError(
-            f"'{name}' is not an image file Pillow can read ({_first_line(error)}); "
+            f"'{name}' is not an image file Pillow can read; "
             "pass a PNG, JPEG, WebP, BMP, TIFF or GIF file"
         ) from error
     except PermissionError:

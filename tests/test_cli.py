@@ -93,7 +93,7 @@ def assert_one_line_error(outcome: Outcome, *fragments: str, progress: bool = Fa
     lines = outcome.err_lines
     assert lines and lines[-1].startswith("error: "), outcome.err
     others = lines[:-1]
-    assert not others or (progress and all("━" in line for line in others)), outcome.err
+    assert not others or (progress and all(line.startswith("✓ ") for line in others)), outcome.err
     line = lines[-1]
     for fragment in fragments:
         assert fragment in line, line
