@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from types import TracebackType
 from typing import cast
 
 import numpy as np
@@ -12,6 +11,7 @@ from modelkiln.errors import InputError
 from modelkiln.images import DEFAULT_MAX_PIXELS, ImageInput, load_images
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.runtimes import Session
+from modelkiln.runtimes.base import Closeable
 
 PIXEL_VALUES = "pixel_values"
 
@@ -25,7 +25,7 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[Image
     return [cast(ImageInput, images)], True
 
 
-class ImagePipeline:
+class ImagePipeline(Closeable):
     """Owns one vision Session and its preprocessing; subclasses interpret the outputs."""
 
     def __init__(self, session: Session, preprocessor: ImagePreprocessor) -> None:
@@ -58,14 +58,3 @@ class ImagePipeline:
 
     def close(self) -> None:
         self.session.close()
-
-    def __enter__(self) -> ImagePipeline:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -43,7 +43,25 @@ class RuntimeOptions:
         )
 
 
-class Session(ABC):
+class Closeable:
+    """`with` support for anything holding backend resources: close() on exit."""
+
+    def close(self) -> None:
+        """Release backend resources; the object is unusable afterwards."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Session(Closeable, ABC):
     def __init__(
         self, name: str, inputs: Mapping[str, TensorSpec], outputs: Mapping[str, TensorSpec]
     ) -> None:
@@ -73,20 +91,6 @@ class Session(ABC):
     @abstractmethod
     def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         """Run the backend on validated feeds; return at least the requested outputs."""
-
-    def close(self) -> None:  # noqa: B027 - a no-op by default, backends override it
-        """Release backend resources; the session is unusable afterwards."""
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _check_backend_names(self, inputs: Sequence[str], outputs: Sequence[str]) -> None:
         """The model file must declare the names the manifest promises."""
