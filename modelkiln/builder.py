@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import resource
@@ -11,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from modelkiln import __version__
 from modelkiln.artifact import (
@@ -73,22 +74,27 @@ def build(
             "(`kiln profiles list`)"
         )
     with progress.task(f"loading {resolved.spec}"):
-        loaded = family.load(resolved, resolved_profile.model)
+        loaded = family.load(resolved, resolved_profile)
+    resolved_profile.check_components([spec.name for spec in loaded.components], family.name)
     # The manifest records what was built, so "auto" is resolved.
     resolved_profile = replace(
         resolved_profile, model=replace(resolved_profile.model, task=cast(Task, loaded.task))
     )
     target = Path(output) if output is not None else default_output(resolved.spec, resolved_profile)
-    options = RuntimeOptions.from_profile(resolved_profile.to_dict())
 
     with atomic_directory(target) as staging:
         records = {}
         for spec in loaded.components:
+            component_profile = resolved_profile.for_component(spec.name)
+            # One component's torch module in memory at a time: SD's UNet alone is 3.4 GB.
+            module = spec.module()
             with progress.task(f"exporting {spec.name} to {exporter.format}"):
-                entry = exporter.export(spec, resolved_profile, staging / spec.path)
+                entry = exporter.export(spec, module, component_profile, staging)
             records[spec.name] = _validate(
-                spec, entry, staging, runtime, options, resolved_profile, progress
+                spec, module, entry, staging, runtime, component_profile, progress
             )
+            del module
+            gc.collect()
         # Last, so that the family's configs win over anything an exporter saved beside them.
         for name, content in loaded.config_files.items():
             (staging / name).write_bytes(content)
@@ -118,14 +124,15 @@ def build(
 
 def _validate(
     spec: ComponentSpec,
+    module: Any,
     entry: Path,
     staging: Path,
     runtime: Runtime,
-    options: RuntimeOptions,
     profile: Profile,
     progress: Progress,
 ) -> ComponentRecord:
     """Run the exported component against its torch module on several seeded feeds."""
+    options = RuntimeOptions.from_profile(profile.to_dict())
     settings = profile.validation
     tolerance = Tolerance(
         atol=settings.atol if settings.atol is not None else spec.atol,
@@ -133,9 +140,10 @@ def _validate(
         min_top1_agreement=settings.min_top1_agreement,
     )
     inputs, outputs = export_signature(spec, profile)
-    feeds = validation_feeds(inputs, settings.batch_sizes, settings.seed, spec.default_dims)
+    batches = tuple(size * spec.batch_factor for size in settings.batch_sizes)
+    feeds = validation_feeds(inputs, batches, settings.seed, spec.default_dims)
     label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
-    reference = TorchModuleSession(spec.module(), f"{spec.name} (torch)", inputs, outputs)
+    reference = TorchModuleSession(module, f"{spec.name} (torch)", inputs, outputs)
     with (
         progress.task(f"validating {spec.name} ({label})", total=len(feeds)) as advance,
         runtime.open(entry, spec.name, inputs, outputs, options) as candidate,

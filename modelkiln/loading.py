@@ -39,9 +39,9 @@ class Artifact:
         runtime.require()
         return runtime()
 
-    def runtime_options(self, **overrides: Any) -> RuntimeOptions:
-        """The profile's runtime settings, with every non-None override applied."""
-        options = RuntimeOptions.from_profile(self.manifest.profile)
+    def runtime_options(self, component: str | None = None, **overrides: Any) -> RuntimeOptions:
+        """The profile's runtime settings for a component, with every non-None override applied."""
+        options = RuntimeOptions.from_profile(self.manifest.profile, component)
         known = {f.name for f in fields(RuntimeOptions)}
         unknown = set(overrides) - known
         if unknown:
@@ -60,7 +60,7 @@ class Artifact:
             record.name,
             record.inputs,
             record.outputs,
-            self.runtime_options(**overrides),
+            self.runtime_options(component, **overrides),
         )
 
     def preprocessor(self) -> ImagePreprocessor:

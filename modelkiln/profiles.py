@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 import types
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union, cast, get_args, get_origin, get_type_hints
 
@@ -45,10 +45,13 @@ class ExportSettings:
 
 @dataclass(frozen=True)
 class ShapeSettings:
-    """[shapes]: static or dynamic batch."""
+    """[shapes]: static or dynamic batch and resolution."""
 
-    batch_size: int = 1  # the batch of a static-shape export
+    batch_size: int = 1  # images per call of a static-shape export
     dynamic_batch: bool = True
+    height: int | None = None  # image pixels; None: the model's native resolution
+    width: int | None = None
+    dynamic_resolution: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,15 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True)
+class ComponentSettings:
+    """[components.<name>]: one component's overrides of [precision] and [validation]."""
+
+    compute: Precision | None = None
+    weights: Precision | None = None
+    atol: float | None = None
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     family: str
@@ -93,6 +105,7 @@ class Profile:
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    components: dict[str, ComponentSettings] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str = "profile") -> Profile:
@@ -111,6 +124,29 @@ class Profile:
         for item in overrides:
             _apply_override(data, item)
         return Profile.from_dict(data, origin=f"profile '{self.name}' with --set overrides")
+
+    def for_component(self, name: str) -> Profile:
+        """This profile as seen by one component: its [components.<name>] overrides applied."""
+        settings = self.components.get(name)
+        if settings is None:
+            return self
+        precision = replace(
+            self.precision,
+            compute=settings.compute or self.precision.compute,
+            weights=settings.weights or self.precision.weights,
+        )
+        atol = settings.atol if settings.atol is not None else self.validation.atol
+        return replace(self, precision=precision, validation=replace(self.validation, atol=atol))
+
+    def check_components(self, names: Iterable[str], family: str) -> None:
+        """[components.<name>] must name components the model has."""
+        known = list(names)
+        for name in self.components:
+            if name not in known:
+                raise ProfileError(
+                    f"profile '{self.name}' has [components.{name}] but {family} models have: "
+                    f"{', '.join(known)}{did_you_mean(name, known)}"
+                )
 
     @property
     def runtime_name(self) -> str:
@@ -144,17 +180,19 @@ class Profile:
                 f"{origin}: runtime '{runtime_name}' cannot run format '{self.export.format}'; "
                 f"runtimes for it: {', '.join(can_run)}"
             )
-        if self.precision.weights not in exporter.weight_precisions:
-            raise UnsupportedError(
-                f"{origin}: format '{self.export.format}' cannot store weights in "
-                f"{self.precision.weights}; supported: "
-                f"{', '.join(sorted(exporter.weight_precisions))}"
-            )
-        if self.precision.compute not in runtime.compute_precisions:
-            raise UnsupportedError(
-                f"{origin}: runtime '{runtime_name}' cannot compute in {self.precision.compute}; "
-                f"supported: {', '.join(sorted(runtime.compute_precisions))}"
-            )
+        for where, precision in self._precisions():
+            if precision.weights not in exporter.weight_precisions:
+                raise UnsupportedError(
+                    f"{origin}: format '{self.export.format}' cannot store {where}weights in "
+                    f"{precision.weights}; supported: "
+                    f"{', '.join(sorted(exporter.weight_precisions))}"
+                )
+            if precision.compute not in runtime.compute_precisions:
+                raise UnsupportedError(
+                    f"{origin}: runtime '{runtime_name}' cannot compute {where}in "
+                    f"{precision.compute}; supported: "
+                    f"{', '.join(sorted(runtime.compute_precisions))}"
+                )
         if self.export.opset < MIN_OPSET:
             raise ProfileError(f"{origin}: export.opset {self.export.opset} < {MIN_OPSET}")
         if self.export.via == "onnx" and self.export.format != "openvino":
@@ -163,6 +201,12 @@ class Profile:
                 f"not '{self.export.format}'"
             )
         self._check_shapes(origin)
+
+    def _precisions(self) -> list[tuple[str, PrecisionSettings]]:
+        """The profile's precision and every component's, labelled for messages."""
+        return [("", self.precision)] + [
+            (f"{name} ", self.for_component(name).precision) for name in self.components
+        ]
 
     def _check_shapes(self, origin: str) -> None:
         shapes, validation = self.shapes, self.validation
@@ -179,12 +223,21 @@ class Profile:
                 f"must equal shapes.batch_size = {shapes.batch_size}, "
                 f"got {list(validation.batch_sizes)}"
             )
+        for key in ("height", "width"):
+            value = getattr(shapes, key)
+            if value is not None and (value < 8 or value % 8):
+                raise ProfileError(
+                    f"{origin}: shapes.{key} must be a positive multiple of 8, got {value}"
+                )
         for key in ("min_cosine", "min_top1_agreement"):
             value = getattr(validation, key)
             if not 0.0 <= value <= 1.0:
                 raise ProfileError(f"{origin}: validation.{key} must be in [0, 1], got {value}")
-        if validation.atol is not None and validation.atol <= 0:
-            raise ProfileError(f"{origin}: validation.atol must be > 0, got {validation.atol}")
+        for where, atol in [("validation", validation.atol)] + [
+            (f"components.{name}", settings.atol) for name, settings in self.components.items()
+        ]:
+            if atol is not None and atol <= 0:
+                raise ProfileError(f"{origin}: {where}.atol must be > 0, got {atol}")
         if any(layer < 1 for layer in self.model.hidden_layers):
             raise ProfileError(
                 f"{origin}: model.hidden_layers are 1-based block numbers, "
@@ -283,6 +336,13 @@ def _coerce(hint: Any, value: Any, key: str, origin: str) -> Any:
                 f"{did_you_mean(str(value), map(str, choices))}"
             )
         return value
+    if origin_type is dict:
+        if not isinstance(value, Mapping):
+            raise ProfileError(f"{origin}: [{key}] must be a table, got {value!r}")
+        _, item_type = get_args(hint)
+        return {
+            name: _coerce(item_type, item, f"{key}.{name}", origin) for name, item in value.items()
+        }
     if origin_type is tuple:
         if not isinstance(value, list | tuple):
             raise ProfileError(f"{origin}: {key} must be a list, got {value!r}")
@@ -334,15 +394,16 @@ def _without_none(data: Any) -> Any:
     return data
 
 
-def _to_toml(data: Mapping[str, Any]) -> str:
-    """Our profiles are one level of tables holding scalars and flat lists."""
-    scalars = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    lines = [*scalars]
+def _to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Tables of scalars and flat lists, nested tables as [a.b] sections (empty ones omitted)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
     for section, values in data.items():
-        if isinstance(values, dict):
-            lines += ["", f"[{section}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
-    return "\n".join(lines) + "\n"
+        if isinstance(values, dict) and values:
+            text = _to_toml(values, f"{prefix}{section}.")
+            has_scalars = any(not isinstance(v, dict) for v in values.values())
+            header = [f"[{prefix}{section}]"] if has_scalars else []
+            lines += ["", *header, *text.rstrip("\n").splitlines()]
+    return "\n".join(lines).lstrip("\n") + "\n"
 
 
 def _toml_value(value: Any) -> str:
@@ -359,6 +420,7 @@ def _toml_value(value: Any) -> str:
 
 
 __all__ = [
+    "ComponentSettings",
     "ExportSettings",
     "ModelSettings",
     "PrecisionSettings",

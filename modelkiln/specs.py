@@ -27,6 +27,8 @@ class TensorSpec:
     shape: tuple[Dim, ...]
     # Logits get a top-1 agreement check during validation.
     is_logits: bool = False
+    # [low, high) of random test values (token ids, timesteps); None: standard normal floats.
+    value_range: tuple[float, float] | None = None
 
     @property
     def symbolic_dims(self) -> tuple[str, ...]:
@@ -38,20 +40,34 @@ class TensorSpec:
     def random(self, dims: Mapping[str, int], rng: np.random.Generator) -> np.ndarray:
         """A random array of this spec's dtype and shape, for validation and export."""
         shape = self.concrete_shape(dims)
-        if np.issubdtype(np.dtype(self.dtype), np.floating):
-            return rng.standard_normal(shape).astype(self.dtype)
-        return rng.integers(0, 2, size=shape).astype(self.dtype)
+        floating = np.issubdtype(np.dtype(self.dtype), np.floating)
+        if self.value_range is None:
+            if floating:
+                return rng.standard_normal(shape).astype(self.dtype)
+            return rng.integers(0, 2, size=shape).astype(self.dtype)
+        low, high = self.value_range
+        if floating:
+            return rng.uniform(low, high, size=shape).astype(self.dtype)
+        return rng.integers(int(low), int(high), size=shape).astype(self.dtype)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape)}
         if self.is_logits:
             data["is_logits"] = True
+        if self.value_range is not None:
+            data["value_range"] = list(self.value_range)
         return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
         try:
-            return cls(str(data["dtype"]), tuple(data["shape"]), bool(data.get("is_logits", False)))
+            value_range = data.get("value_range")
+            return cls(
+                str(data["dtype"]),
+                tuple(data["shape"]),
+                bool(data.get("is_logits", False)),
+                (value_range[0], value_range[1]) if value_range is not None else None,
+            )
         except (KeyError, TypeError) as error:
             raise ArtifactError(f"malformed tensor spec in manifest: {dict(data)!r}") from error
 
@@ -122,6 +138,11 @@ class ComponentSpec:
     save_reference: Callable[[Path], None]
     # Sub-directory inside the artifact ("" = the artifact root, as optimum does for ViT).
     path: str = ""
+    # Where the torch format keeps it, when that differs (diffusers keeps both VAE halves in
+    # "vae"); None: `path`.
+    reference_path: str | None = None
+    # Its batch per image batch: 2 for a UNet that runs the CFG-doubled batch.
+    batch_factor: int = 1
     # Default max-abs tolerance of an fp32 export against torch (optimum's ATOL_FOR_VALIDATION).
     atol: float = 1e-4
     # Default dims for symbolic axes other than the batch.

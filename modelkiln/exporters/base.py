@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import missing_backend
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 # A dynamic axis is exported from an example of size 2: tracing with 1 would specialise it.
 DYNAMIC_EXAMPLE_SIZE = 2
+# Symbolic dims that follow the image resolution (shapes.dynamic_resolution).
+RESOLUTION_DIMS = frozenset({"height", "width", "latent_height", "latent_width"})
 
 
 class Exporter(ABC):
@@ -32,15 +34,24 @@ class Exporter(ABC):
             if importlib.util.find_spec(package) is None:
                 raise missing_backend(package, cls.extra)
 
+    def directory(self, spec: ComponentSpec, root: Path) -> Path:
+        """Where this format keeps the component inside the artifact."""
+        return root / spec.path
+
     @abstractmethod
-    def export(self, spec: ComponentSpec, profile: Profile, out_dir: Path) -> Path:
-        """Write the component into out_dir; return the entry a runtime opens."""
+    def export(self, spec: ComponentSpec, module: Any, profile: Profile, root: Path) -> Path:
+        """Write the component (its torch `module`) under the artifact root; return the entry
+        (file or directory) a runtime opens."""
 
 
 def export_dims(spec: ComponentSpec, profile: Profile) -> tuple[dict[str, int], set[str]]:
     """Example sizes for every symbolic dim, and which dims stay dynamic in the export."""
-    dynamic = {"batch"} if profile.shapes.dynamic_batch else set()
-    batch = DYNAMIC_EXAMPLE_SIZE if profile.shapes.dynamic_batch else profile.shapes.batch_size
+    shapes = profile.shapes
+    dynamic = {"batch"} if shapes.dynamic_batch else set()
+    if shapes.dynamic_resolution:
+        dynamic |= RESOLUTION_DIMS
+    # Static: the images per call times the component's factor (2 for a CFG-doubled UNet).
+    batch = DYNAMIC_EXAMPLE_SIZE if shapes.dynamic_batch else shapes.batch_size * spec.batch_factor
     return {**spec.default_dims, "batch": batch}, dynamic
 
 

@@ -28,7 +28,7 @@ MODEL_FILE = "model.onnx"
 INLINE_LIMIT_BYTES = 1_800_000_000
 
 
-def onnx_from_torch(spec: ComponentSpec, profile: Profile, path: Path) -> Path:
+def onnx_from_torch(spec: ComponentSpec, module: Any, profile: Profile, path: Path) -> Path:
     """Export spec's module to `path`; weights go to `<stem>.onnx_data` when large or asked."""
     import onnx_ir
     import torch
@@ -41,7 +41,6 @@ def onnx_from_torch(spec: ComponentSpec, profile: Profile, path: Path) -> Path:
         name: {i: axes[d] for i, d in enumerate(tensor.shape) if isinstance(d, str) and d in axes}
         for name, tensor in spec.inputs.items()
     }
-    module = spec.module()
     captured = io.StringIO()
     try:
         # The exporter reports its stages on stdout; the library never prints.
@@ -105,5 +104,5 @@ class OnnxExporter(Exporter):
     packages = ("torch", "onnx", "onnxscript", "onnx_ir")
     extra = "onnxruntime"
 
-    def export(self, spec: ComponentSpec, profile: Profile, out_dir: Path) -> Path:
-        return onnx_from_torch(spec, profile, out_dir / MODEL_FILE)
+    def export(self, spec: ComponentSpec, module: Any, profile: Profile, root: Path) -> Path:
+        return onnx_from_torch(spec, module, profile, self.directory(spec, root) / MODEL_FILE)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 MODEL_FILE = "openvino_model.xml"
 
 
-def ir_from_torch(spec: ComponentSpec, profile: Profile) -> Any:
+def ir_from_torch(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
     """ov.convert_model on the torch module, with named inputs and dynamic dims as -1."""
     import openvino as ov
     import torch
@@ -39,7 +39,6 @@ def ir_from_torch(spec: ComponentSpec, profile: Profile) -> Any:
             for dim, size in zip(tensor.shape, tensor.concrete_shape(dims), strict=True)
         ]
         inputs.append((name, ov.PartialShape(shape), ov.Type(np.dtype(tensor.dtype))))
-    module = spec.module()
     with torch.no_grad():
         return ov.convert_model(
             module,
@@ -48,10 +47,10 @@ def ir_from_torch(spec: ComponentSpec, profile: Profile) -> Any:
         )
 
 
-def ir_from_onnx(spec: ComponentSpec, profile: Profile, scratch: Path) -> Any:
+def ir_from_onnx(spec: ComponentSpec, module: Any, profile: Profile, scratch: Path) -> Any:
     import openvino as ov
 
-    return ov.convert_model(str(onnx_from_torch(spec, profile, scratch / "model.onnx")))
+    return ov.convert_model(str(onnx_from_torch(spec, module, profile, scratch / "model.onnx")))
 
 
 class OpenVINOExporter(Exporter):
@@ -61,9 +60,10 @@ class OpenVINOExporter(Exporter):
     packages = ("torch", "openvino")
     extra = "openvino"
 
-    def export(self, spec: ComponentSpec, profile: Profile, out_dir: Path) -> Path:
+    def export(self, spec: ComponentSpec, module: Any, profile: Profile, root: Path) -> Path:
         import openvino as ov
 
+        out_dir = self.directory(spec, root)
         out_dir.mkdir(parents=True, exist_ok=True)
         captured = io.StringIO()
         try:
@@ -74,9 +74,9 @@ class OpenVINOExporter(Exporter):
             ):
                 warnings.simplefilter("ignore")
                 if profile.export.via == "onnx":
-                    model = ir_from_onnx(spec, profile, Path(scratch))
+                    model = ir_from_onnx(spec, module, profile, Path(scratch))
                 else:
-                    model = ir_from_torch(spec, profile)
+                    model = ir_from_torch(spec, module, profile)
         except ExportError:
             raise
         except Exception as error:  # the converter raises many unrelated types

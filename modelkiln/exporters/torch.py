@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.exporters.base import Exporter
-from modelkiln.runtimes.torch import COMPONENT_FILE
+from modelkiln.runtimes.torch import component_file
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -26,9 +26,14 @@ class TorchExporter(Exporter):
     packages = ("torch", "safetensors")
     extra = "torch"
 
-    def export(self, spec: ComponentSpec, profile: Profile, out_dir: Path) -> Path:
+    def directory(self, spec: ComponentSpec, root: Path) -> Path:
+        return root / (spec.reference_path if spec.reference_path is not None else spec.path)
+
+    def export(self, spec: ComponentSpec, module: Any, profile: Profile, root: Path) -> Path:
+        out_dir = self.directory(spec, root)
         out_dir.mkdir(parents=True, exist_ok=True)
         spec.save_reference(out_dir)
         recipe = {"family": profile.family, "component": spec.name, "model": asdict(profile.model)}
-        (out_dir / COMPONENT_FILE).write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(recipe, indent=2) + "\n"
+        component_file(out_dir, spec.name).write_text(text, encoding="utf-8")
         return out_dir

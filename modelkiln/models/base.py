@@ -13,7 +13,7 @@ from modelkiln.specs import ComponentSpec
 if TYPE_CHECKING:
     import torch
 
-    from modelkiln.profiles import ModelSettings
+    from modelkiln.profiles import Profile
     from modelkiln.sources import ResolvedSource
 
 
@@ -41,8 +41,8 @@ class ModelFamily(ABC):
 
     @classmethod
     @abstractmethod
-    def load(cls, source: ResolvedSource, settings: ModelSettings) -> LoadedModel:
-        """Load the torch model(s) and describe every component to export."""
+    def load(cls, source: ResolvedSource, profile: Profile) -> LoadedModel:
+        """Describe every component to export (its module may load lazily, when asked)."""
 
     @classmethod
     @abstractmethod

@@ -21,7 +21,7 @@ from modelkiln.specs import ComponentSpec, TensorSpec
 if TYPE_CHECKING:
     import torch
 
-    from modelkiln.profiles import ModelSettings
+    from modelkiln.profiles import Profile
 
 COMPONENT = "vision_model"
 TRANSFORMERS_MODEL_TYPES = ("vit",)
@@ -52,9 +52,10 @@ class ViTFamily(ModelFamily):
         return config is not None and _library(config) is not None
 
     @classmethod
-    def load(cls, source: ResolvedSource, settings: ModelSettings) -> LoadedModel:
+    def load(cls, source: ResolvedSource, profile: Profile) -> LoadedModel:
         from modelkiln.models import vit_modules
 
+        settings = profile.model
         config = source.read_json("config.json") or {}
         library = _library(config)
         if library is None:

@@ -32,14 +32,19 @@ class RuntimeOptions:
     compute_precision: str = "fp32"
 
     @classmethod
-    def from_profile(cls, profile: Mapping[str, Any]) -> RuntimeOptions:
+    def from_profile(
+        cls, profile: Mapping[str, Any], component: str | None = None
+    ) -> RuntimeOptions:
+        """From a profile's dict (as kiln.json keeps it); a component's compute override wins."""
         runtime = profile.get("runtime", {})
+        compute = profile.get("precision", {}).get("compute", "fp32")
+        overrides = profile.get("components", {}).get(component, {}) if component else {}
         return cls(
             device=runtime.get("device", "cpu"),
             threads=runtime.get("threads"),
             performance_hint=runtime.get("performance_hint"),
             graph_optimization=runtime.get("graph_optimization", "all"),
-            compute_precision=profile.get("precision", {}).get("compute", "fp32"),
+            compute_precision=overrides.get("compute") or compute,
         )
 
 

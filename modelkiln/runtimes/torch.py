@@ -21,8 +21,13 @@ from modelkiln.specs import TensorSpec
 if TYPE_CHECKING:
     import torch
 
-# Written by the torch exporter beside the saved weights: how to rebuild the component.
-COMPONENT_FILE = "modelkiln_component.json"
+
+def component_file(directory: Path, component: str) -> Path:
+    """Written by the torch exporter beside the saved weights: how to rebuild the component.
+
+    One per component: diffusers keeps two components (the VAE halves) in one directory.
+    """
+    return directory / f"modelkiln_{component}.json"
 
 
 class TorchModuleSession(Session):
@@ -98,7 +103,7 @@ class TorchRuntime(Runtime):
         from modelkiln.models import FAMILIES
 
         self.require()
-        description = entry / COMPONENT_FILE
+        description = component_file(entry, name)
         try:
             recipe = json.loads(description.read_text(encoding="utf-8"))
             family = FAMILIES.get(recipe["family"])

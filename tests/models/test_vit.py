@@ -174,7 +174,7 @@ def _cpu_lacks_bf16() -> bool:
             {"openvino_model.xml", "openvino_model.bin"},
             marks=pytest.mark.openvino,
         ),
-        pytest.param("vit-torch-fp32", {"model.safetensors", "modelkiln_component.json"}),
+        pytest.param("vit-torch-fp32", {"model.safetensors", "modelkiln_vision_model.json"}),
     ],
 )
 @pytest.mark.parametrize("source", ["hf-classifier", "timm-classifier"])
