@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import re
@@ -86,17 +87,19 @@ def build(
         records = {}
         for spec in loaded.components:
             component_profile = resolved_profile.for_component(spec.name)
-            # One component's torch module in memory at a time: SD's UNet alone is 3.4 GB.
-            module = spec.module()
+            # One component's torch module in memory at a time (SD's UNet alone is 3.4 GB),
+            # loaded only when needed: a streamed ONNX export never loads it.
+            load_module = functools.cache(spec.module)
             with progress.task(f"exporting {spec.name} to {exporter.format}"):
-                entry = exporter.export(spec, module, component_profile, staging)
+                entry = exporter.export(spec, load_module, component_profile, staging)
             records[spec.name] = _validate(
-                spec, module, entry, staging, runtime, component_profile, progress
+                spec, load_module(), entry, staging, runtime, component_profile, progress
             )
-            del module
+            load_module.cache_clear()
             gc.collect()
         # Last, so that the family's configs win over anything an exporter saved beside them.
         for name, content in loaded.config_files.items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(content)
         manifest = Manifest(
             family=family.name,

@@ -17,6 +17,8 @@ PIPELINES: Registry[Any] = Registry(
     {
         "image-classification": "modelkiln.pipelines.classification:ImageClassificationPipeline",
         "image-feature-extraction": "modelkiln.pipelines.embedding:ImageEmbeddingPipeline",
+        "text-to-image": "modelkiln.pipelines.diffusion:DiffusionPipeline",
+        "inpainting": "modelkiln.pipelines.diffusion:InpaintingPipeline",
     },
 )
 

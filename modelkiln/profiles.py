@@ -20,7 +20,9 @@ from modelkiln.errors import ProfileError, UnsupportedError, did_you_mean
 SCHEMA_VERSION = 1
 MIN_OPSET = 17
 
-Task = Literal["auto", "image-classification", "image-feature-extraction"]
+Task = Literal[
+    "auto", "image-classification", "image-feature-extraction", "text-to-image", "inpainting"
+]
 Precision = Literal["fp32", "bf16", "fp16"]
 
 

@@ -43,12 +43,12 @@ class TensorSpec:
         floating = np.issubdtype(np.dtype(self.dtype), np.floating)
         if self.value_range is None:
             if floating:
-                return rng.standard_normal(shape).astype(self.dtype)
-            return rng.integers(0, 2, size=shape).astype(self.dtype)
+                return np.asarray(rng.standard_normal(shape), dtype=self.dtype)
+            return np.asarray(rng.integers(0, 2, size=shape), dtype=self.dtype)
         low, high = self.value_range
         if floating:
-            return rng.uniform(low, high, size=shape).astype(self.dtype)
-        return rng.integers(int(low), int(high), size=shape).astype(self.dtype)
+            return np.asarray(rng.uniform(low, high, size=shape), dtype=self.dtype)
+        return np.asarray(rng.integers(int(low), int(high), size=shape), dtype=self.dtype)
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape)}
@@ -116,7 +116,9 @@ def check_feeds(feeds: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> di
                 )
             else:
                 bound[expected] = (actual, name)
-        checked[name] = np.ascontiguousarray(array)
+        checked[name] = np.require(
+            array, requirements="C"
+        )  # keeps 0-d (ascontiguousarray does not)
     return checked
 
 
@@ -143,6 +145,12 @@ class ComponentSpec:
     reference_path: str | None = None
     # Its batch per image batch: 2 for a UNet that runs the CFG-doubled batch.
     batch_factor: int = 1
+    # For a memory-lean ONNX export: the wrapper built on the meta device, and the safetensors
+    # files holding its weights under the same names (minus the wrapper's "model." prefix).
+    meta_module: Callable[[], torch.nn.Module] | None = None
+    checkpoint: tuple[Path, ...] = ()
+    # config.json the ONNX and OpenVINO formats keep beside the component (optimum's layout).
+    config_file: bytes | None = None
     # Default max-abs tolerance of an fp32 export against torch (optimum's ATOL_FOR_VALIDATION).
     atol: float = 1e-4
     # Default dims for symbolic axes other than the batch.

@@ -6,6 +6,8 @@ are the same as for full-size models, without any download.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -70,4 +72,200 @@ def tiny_timm_vit(
     }
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
     save_for_hf(model, str(directory), model_args=args, safe_serialization=True)
+    return directory
+
+
+# --- Stable Diffusion --------------------------------------------------------------------
+
+
+def _byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins CLIP's byte-level BPE uses for bytes (GPT-2's table)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+
+
+def write_tiny_clip_tokenizer(
+    directory: str | Path, *, pad_token: str = "<|endoftext|>", model_max_length: int = 77
+) -> Path:
+    """A 525-token CLIP BPE tokenizer: every byte (plain and word-final) plus a few merges."""
+    from transformers import CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_level_alphabet()
+    merges = [
+        ("p", "h"),
+        ("ph", "o"),
+        ("pho", "t"),
+        ("phot", "o</w>"),
+        ("o", "f</w>"),
+        ("c", "a"),
+        ("ca", "t</w>"),
+        ("d", "o"),
+        ("do", "g</w>"),
+        ("t", "h"),
+        ("th", "e</w>"),
+    ]
+    tokens = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(
+        str(directory / "vocab.json"),
+        str(directory / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=model_max_length,
+    )
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _tiny_clip_config(projection_dim: int = 32) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=1000,
+        max_position_embeddings=77,
+        projection_dim=projection_dim,
+        bos_token_id=523,  # <|startoftext|> in the tiny vocabulary
+        eos_token_id=524,
+        pad_token_id=524,
+        hidden_act="quick_gelu",
+    )
+
+
+def _tiny_vae() -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        sample_size=16,
+        norm_num_groups=32,
+        scaling_factor=0.18215,
+    )
+
+
+def tiny_sd(directory: str | Path, *, inpaint: bool = False, seed: int = 0) -> Path:
+    """A diffusers StableDiffusion(Inpaint)Pipeline directory: 2-block UNet, 32x32 images."""
+    import torch
+    from diffusers import (
+        PNDMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,  # latents; the VAE halves twice -> 32x32 images
+        in_channels=9 if inpaint else 4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        num_train_timesteps=1000,
+    )
+    tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer")
+    pipeline_class: Any = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    pipeline = pipeline_class(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_tiny_clip_config()),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory)
+    shutil.rmtree(tokenizer_dir)
+    return directory
+
+
+def tiny_sdxl(directory: str | Path, *, inpaint: bool = False, seed: int = 0) -> Path:
+    """A diffusers StableDiffusionXL(Inpaint)Pipeline directory with two tiny text encoders."""
+    import torch
+    from diffusers import (
+        EulerDiscreteScheduler,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=9 if inpaint else 4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # both encoders' penultimate hidden states, concatenated
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled embeds
+        transformer_layers_per_block=(1, 1),
+        norm_num_groups=32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        num_train_timesteps=1000,
+    )
+    first = write_tiny_clip_tokenizer(directory / "_tokenizer")
+    second = write_tiny_clip_tokenizer(directory / "_tokenizer_2", pad_token="!")
+    pipeline_class: Any = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
+    extra = {"requires_aesthetics_score": False} if inpaint else {}
+    pipeline = pipeline_class(
+        vae=_tiny_vae(),
+        text_encoder=CLIPTextModel(_tiny_clip_config()),
+        text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_config()),
+        tokenizer=CLIPTokenizer.from_pretrained(first),
+        tokenizer_2=CLIPTokenizer.from_pretrained(second),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        **extra,
+    )
+    pipeline.save_pretrained(directory)
+    shutil.rmtree(first)
+    shutil.rmtree(second)
     return directory

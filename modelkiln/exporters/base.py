@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,9 +39,11 @@ class Exporter(ABC):
         return root / spec.path
 
     @abstractmethod
-    def export(self, spec: ComponentSpec, module: Any, profile: Profile, root: Path) -> Path:
-        """Write the component (its torch `module`) under the artifact root; return the entry
-        (file or directory) a runtime opens."""
+    def export(
+        self, spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, root: Path
+    ) -> Path:
+        """Write the component under the artifact root; return the entry (file or directory) a
+        runtime opens. `load_module()` gives its torch wrapper, loaded once on first call."""
 
 
 def export_dims(spec: ComponentSpec, profile: Profile) -> tuple[dict[str, int], set[str]]:
@@ -64,14 +66,22 @@ def export_signature(
 
     def concrete(specs: Mapping[str, TensorSpec]) -> dict[str, TensorSpec]:
         return {
-            name: replace(
-                tensor,
-                shape=tuple(fixed.get(d, d) if isinstance(d, str) else d for d in tensor.shape),
-            )
+            name: replace(tensor, shape=tuple(resolve_dim(d, fixed) for d in tensor.shape))
             for name, tensor in specs.items()
         }
 
     return concrete(spec.inputs), concrete(spec.outputs)
+
+
+def resolve_dim(dim: int | str, sizes: Mapping[str, int]) -> int | str:
+    """A dim's size where its name is fixed; names and "name * k" / "name / k" expressions."""
+    if isinstance(dim, int):
+        return dim
+    parts = dim.split()
+    if len(parts) == 3 and parts[0] in sizes and parts[1] in ("*", "/"):
+        size, factor = sizes[parts[0]], int(parts[2])
+        return size * factor if parts[1] == "*" else size // factor
+    return sizes.get(dim, dim)
 
 
 def first_line(error: BaseException) -> str:

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import multiprocessing
 import tempfile
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MODEL_FILE = "openvino_model.xml"
+# ONNX files above this are converted in a fresh process (peak memory ~1.03x the weights).
+SUBPROCESS_ABOVE_BYTES = 1_000_000_000
 
 
 def ir_from_torch(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
@@ -47,10 +52,26 @@ def ir_from_torch(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
         )
 
 
-def ir_from_onnx(spec: ComponentSpec, module: Any, profile: Profile, scratch: Path) -> Any:
+def ir_file_from_onnx(onnx_path: str, xml_path: str, compress_to_fp16: bool) -> None:
+    """ONNX file -> IR files. share_weights=False: with the default, the mmap'd ONNX weights
+    stay resident beside the converter's folded copies (SD-1.5 UNet: 1.31x vs 1.03x)."""
     import openvino as ov
 
-    return ov.convert_model(str(onnx_from_torch(spec, module, profile, scratch / "model.onnx")))
+    model = ov.convert_model(onnx_path, share_weights=False)
+    ov.save_model(model, xml_path, compress_to_fp16=compress_to_fp16)
+
+
+def ir_from_onnx(onnx_path: Path, xml_path: Path, compress_to_fp16: bool) -> None:
+    """Convert in a fresh process when the weights are large: nothing else is resident there."""
+    data = onnx_path.with_name(f"{onnx_path.stem}.onnx_data")
+    size = onnx_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    job = (str(onnx_path), str(xml_path), compress_to_fp16)
+    if size < SUBPROCESS_ABOVE_BYTES:
+        ir_file_from_onnx(*job)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        pool.submit(ir_file_from_onnx, *job).result()
 
 
 class OpenVINOExporter(Exporter):
@@ -60,23 +81,34 @@ class OpenVINOExporter(Exporter):
     packages = ("torch", "openvino")
     extra = "openvino"
 
-    def export(self, spec: ComponentSpec, module: Any, profile: Profile, root: Path) -> Path:
+    def export(
+        self, spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, root: Path
+    ) -> Path:
         import openvino as ov
 
         out_dir = self.directory(spec, root)
         out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / MODEL_FILE
+        compress = profile.precision.weights == "fp16"
         captured = io.StringIO()
         try:
             with (
                 contextlib.redirect_stdout(captured),
                 warnings.catch_warnings(),
-                tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch,
+                tempfile.TemporaryDirectory(dir=root.parent) as scratch,
             ):
                 warnings.simplefilter("ignore")
                 if profile.export.via == "onnx":
-                    model = ir_from_onnx(spec, module, profile, Path(scratch))
+                    onnx_path = onnx_from_torch(
+                        spec, load_module, profile, Path(scratch) / "model.onnx"
+                    )
+                    ir_from_onnx(onnx_path, path, compress)
                 else:
-                    model = ir_from_torch(spec, module, profile)
+                    model = ir_from_torch(spec, load_module(), profile)
+                    # Tracing does not always carry the wrapper's output names through.
+                    for port, name in zip(model.outputs, spec.outputs, strict=True):
+                        port.get_tensor().set_names({name})
+                    ov.save_model(model, str(path), compress_to_fp16=compress)
         except ExportError:
             raise
         except Exception as error:  # the converter raises many unrelated types
@@ -85,9 +117,6 @@ class OpenVINOExporter(Exporter):
                 f"OpenVINO conversion of {spec.name} failed: {first_line(error)} "
                 "(run with -v for details)"
             ) from error
-        # Name outputs explicitly: tracing does not always carry the wrapper's names through.
-        for port, name in zip(model.outputs, spec.outputs, strict=True):
-            port.get_tensor().set_names({name})
-        path = out_dir / MODEL_FILE
-        ov.save_model(model, str(path), compress_to_fp16=profile.precision.weights == "fp16")
+        if spec.config_file is not None:
+            (out_dir / "config.json").write_bytes(spec.config_file)
         return path

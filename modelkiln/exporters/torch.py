@@ -7,6 +7,7 @@ artifact, session and pipeline code as the deployed formats.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,7 +30,9 @@ class TorchExporter(Exporter):
     def directory(self, spec: ComponentSpec, root: Path) -> Path:
         return root / (spec.reference_path if spec.reference_path is not None else spec.path)
 
-    def export(self, spec: ComponentSpec, module: Any, profile: Profile, root: Path) -> Path:
+    def export(
+        self, spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, root: Path
+    ) -> Path:
         out_dir = self.directory(spec, root)
         out_dir.mkdir(parents=True, exist_ok=True)
         spec.save_reference(out_dir)

@@ -15,6 +15,8 @@ FAMILIES: Registry[type[ModelFamily]] = Registry(
     "model family",
     {
         "vit": "modelkiln.models.vit:ViTFamily",
+        "sd": "modelkiln.models.stable_diffusion:StableDiffusionFamily",
+        "sdxl": "modelkiln.models.stable_diffusion:StableDiffusionXLFamily",
     },
 )
 

@@ -111,6 +111,10 @@ class ViTFamily(ModelFamily):
 
 
 def _resolve_task(task: str, has_head: bool, spec: str) -> str:
+    if task not in ("auto", CLASSIFICATION, FEATURES):
+        raise UnsupportedError(
+            f"model.task '{task}' does not apply to ViT models; use {CLASSIFICATION} or {FEATURES}"
+        )
     if task == "auto":
         return CLASSIFICATION if has_head else FEATURES
     if task == CLASSIFICATION and not has_head:

@@ -27,12 +27,28 @@ def quiet_transformers() -> Iterator[None]:
     verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    diffusers_logging = _diffusers_logging()
+    if diffusers_logging is not None:
+        diffusers_verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()
+        diffusers_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+        if diffusers_logging is not None:
+            diffusers_logging.set_verbosity(diffusers_verbosity)
+            diffusers_logging.enable_progress_bar()
+
+
+def _diffusers_logging() -> Any:
+    try:
+        from diffusers.utils import logging as diffusers_logging
+    except ImportError:
+        return None
+    return diffusers_logging
 
 
 def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> Any:

@@ -1,0 +1,160 @@
+"""Torch side of the Stable Diffusion families: loading components and their export wrappers.
+
+Every wrapper keeps the diffusers / transformers model as `self.model`, so the exported graph's
+initializer names are "model." + the checkpoint's own keys: the ONNX exporter can stream the
+weights straight from the source safetensors instead of holding a second copy in memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from modelkiln.errors import SourceError
+from modelkiln.exporters.base import first_line
+
+
+def component_class(directory: Path) -> Any:
+    """The diffusers / transformers class a component directory was saved from."""
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if "_class_name" in config:
+        return getattr(importlib.import_module("diffusers"), config["_class_name"])
+    architecture = (config.get("architectures") or ["CLIPTextModel"])[0]
+    return getattr(importlib.import_module("transformers"), architecture)
+
+
+def load_component(directory: Path, *, pickle: bool) -> Any:
+    """The fp32 torch model saved in `directory` (config.json + weights)."""
+    from modelkiln.models.vit_modules import quiet_transformers
+
+    model_class = component_class(directory)
+    kwargs: dict[str, Any] = {"use_safetensors": not pickle}
+    kwargs["torch_dtype" if model_class.__module__.startswith("diffusers") else "dtype"] = (
+        torch.float32
+    )
+    try:
+        with quiet_transformers():
+            model = model_class.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SourceError(
+            f"cannot load {model_class.__name__} from {directory}: {first_line(error)}"
+        ) from error
+    return model.eval()
+
+
+def meta_component(directory: Path) -> Any:
+    """The same model built on the meta device: its graph without a byte of weights."""
+    model_class = component_class(directory)
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    with torch.device("meta"):
+        if hasattr(model_class, "from_config"):  # diffusers
+            return model_class.from_config(config).eval()
+        config_class = model_class.config_class
+        return model_class(config_class.from_dict(config)).eval()
+
+
+class TextEncoder(nn.Module):
+    """input_ids -> last_hidden_state, pooler_output [, hidden_states.0..L] (optimum's order)."""
+
+    def __init__(self, model: nn.Module, hidden_states: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.hidden_states = hidden_states
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids, output_hidden_states=self.hidden_states)
+        results = [out.last_hidden_state, out.pooler_output]
+        return tuple(results + list(out.hidden_states or ()))
+
+
+class TextEncoderWithProjection(nn.Module):
+    """input_ids -> text_embeds, last_hidden_state, hidden_states.0..L (SDXL's text_encoder_2)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids, output_hidden_states=True)
+        return (out.text_embeds, out.last_hidden_state, *out.hidden_states)
+
+
+class UNet(nn.Module):
+    """sample, timestep, encoder_hidden_states -> out_sample."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor]:
+        return (self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
+
+
+class UNetXL(nn.Module):
+    """SDXL's UNet: also the pooled text_embeds and the six time_ids."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        conditions = {"text_embeds": text_embeds, "time_ids": time_ids}
+        result = self.model(
+            sample, timestep, encoder_hidden_states, added_cond_kwargs=conditions, return_dict=False
+        )
+        return (result[0],)
+
+
+class VaeEncoder(nn.Module):
+    model: Any  # diffusers AutoencoderKL
+
+    """sample (pixels in [-1, 1]) -> latent_parameters (mean and logvar, as optimum exports)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, sample: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.model.encode(sample).latent_dist.parameters,)
+
+
+class VaeDecoder(nn.Module):
+    model: Any  # diffusers AutoencoderKL
+
+    """latent_sample (already divided by scaling_factor) -> sample (pixels in [-1, 1])."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, latent_sample: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.model.decode(latent_sample, return_dict=False)[0],)
+
+
+def wrap(component: str, model: nn.Module, xl: bool) -> nn.Module:
+    """The export wrapper of one component."""
+    if component == "text_encoder":
+        return TextEncoder(model, hidden_states=xl).eval()
+    if component == "text_encoder_2":
+        return TextEncoderWithProjection(model).eval()
+    if component == "unet":
+        return (UNetXL(model) if xl else UNet(model)).eval()
+    if component == "vae_encoder":
+        return VaeEncoder(model).eval()
+    if component == "vae_decoder":
+        return VaeDecoder(model).eval()
+    raise ValueError(f"no Stable Diffusion component '{component}'")  # a bug, not input
