@@ -187,9 +187,9 @@ def train(recipe: DigitsRecipe, out_dir: Path, *, progress: Progress) -> float:
     model.eval()
     with torch.inference_mode():
         accuracy = float((model(pixel_values=test_x).logits.argmax(-1) == test_y).float().mean())
-    from modelkiln.models.vit_modules import quiet_transformers
+    from modelkiln.quiet import quiet_libraries
 
-    with quiet_transformers():
+    with quiet_libraries():
         model.save_pretrained(out_dir)
     (out_dir / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(recipe), indent=2) + "\n", encoding="utf-8"

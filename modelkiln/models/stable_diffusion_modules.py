@@ -30,7 +30,7 @@ def component_class(directory: Path) -> Any:
 
 def load_component(directory: Path, *, pickle: bool) -> Any:
     """The fp32 torch model saved in `directory` (config.json + weights)."""
-    from modelkiln.models.vit_modules import quiet_transformers
+    from modelkiln.quiet import quiet_libraries
 
     model_class = component_class(directory)
     kwargs: dict[str, Any] = {"use_safetensors": not pickle}
@@ -38,7 +38,7 @@ def load_component(directory: Path, *, pickle: bool) -> Any:
         torch.float32
     )
     try:
-        with quiet_transformers():
+        with quiet_libraries():
             model = model_class.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise SourceError(

@@ -6,8 +6,6 @@ so one wrapper serves the torch reference, the ONNX exporter and the OpenVINO co
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,40 +13,9 @@ import torch
 from torch import nn
 
 from modelkiln.errors import SourceError, UnsupportedError
+from modelkiln.quiet import quiet_libraries
 
 TRANSFORMERS_ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' progress bars and config chatter: the library never prints."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    diffusers_logging = _diffusers_logging()
-    if diffusers_logging is not None:
-        diffusers_verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()
-        diffusers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if diffusers_logging is not None:
-            diffusers_logging.set_verbosity(diffusers_verbosity)
-            diffusers_logging.enable_progress_bar()
-
-
-def _diffusers_logging() -> Any:
-    try:
-        from diffusers.utils import logging as diffusers_logging
-    except ImportError:
-        return None
-    return diffusers_logging
 
 
 def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> Any:
@@ -62,7 +29,7 @@ def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> An
     model_class = getattr(transformers, architecture)
     try:
         # fp32 always: the reference every export is validated against.
-        with quiet_transformers():
+        with quiet_libraries():
             model = model_class.from_pretrained(
                 directory, use_safetensors=not pickle, dtype=torch.float32
             )

@@ -23,6 +23,7 @@ import torch
 from modelkiln.errors import InputError, UnsupportedError, did_you_mean
 from modelkiln.images import ImageInput, load_image
 from modelkiln.progress import NullProgress, Progress
+from modelkiln.quiet import quiet_libraries
 from modelkiln.runtimes.base import Closeable, Session
 
 if TYPE_CHECKING:
@@ -329,7 +330,7 @@ class DiffusionPipeline(Closeable):
                     callback(index, float(timestep), tensors["latents"].numpy())
                 return tensors
 
-            with torch.inference_mode():
+            with torch.inference_mode(), quiet_libraries():
                 result = pipeline(**call, callback_on_step_end=on_step)
         return list(result.images)
 
@@ -360,7 +361,8 @@ class DiffusionPipeline(Closeable):
         else:
             components.update(safety_checker=None, feature_extractor=None)
             components["requires_safety_checker"] = False
-        pipeline = pipeline_class(**components)
+        with quiet_libraries():
+            pipeline = pipeline_class(**components)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
@@ -371,14 +373,16 @@ class DiffusionPipeline(Closeable):
             (self.root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")
         )
         if name is None:
-            return getattr(diffusers, config["_class_name"]).from_config(config)
+            with quiet_libraries():
+                return getattr(diffusers, config["_class_name"]).from_config(config)
         if name not in SCHEDULERS:
             raise InputError(
                 f"unknown scheduler '{name}'{did_you_mean(name, SCHEDULERS)}; "
                 f"available: {', '.join(SCHEDULERS)}"
             )
         class_name, overrides = SCHEDULERS[name]
-        return getattr(diffusers, class_name).from_config(config, **overrides)
+        with quiet_libraries():
+            return getattr(diffusers, class_name).from_config(config, **overrides)
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         built_height, built_width = self.size
@@ -406,7 +410,8 @@ class DiffusionPipeline(Closeable):
         tokenizer = self._tokenizers[0]
         limit = tokenizer.model_max_length
         for text in prompts:
-            count = len(tokenizer(text, truncation=False)["input_ids"])
+            with quiet_libraries():
+                count = len(tokenizer(text, truncation=False)["input_ids"])
             if count > limit:
                 logger.warning(
                     "prompt is %d tokens; the text encoder reads the first %d: %r...",

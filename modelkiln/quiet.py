@@ -1,0 +1,39 @@
+"""Silence third-party chatter while we call into it: the library never prints.
+
+transformers and diffusers log through their own handlers, show tqdm bars while loading and
+saving, and raise FutureWarnings about configs we cannot change; none of it is for our users.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    loggers = [module for module in (_logging("transformers"), _logging("diffusers")) if module]
+    saved = [(module, module.get_verbosity()) for module in loggers]
+    for module in loggers:
+        module.set_verbosity_error()
+        module.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        for module, verbosity in saved:
+            module.set_verbosity(verbosity)
+            module.enable_progress_bar()
+
+
+def _logging(library: str) -> Any:
+    """The library's logging helpers, or None when it is not installed."""
+    try:
+        return importlib.import_module(f"{library}.utils.logging")
+    except ImportError:
+        return None
