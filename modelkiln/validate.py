@@ -133,6 +133,13 @@ def verdict(
     """The manifest's validation record; raises ValidationError when any output misses."""
     for name, output in metrics.items():
         problems = output.misses(tolerance)
+        if problems and output.non_finite:
+            # Half precision overflows where fp32 does not (the SD VAE decoder is notorious).
+            raise ValidationError(
+                f"{component} ({label}) output '{name}' {problems[0]}: an overflow of a reduced "
+                f"precision; keep it in fp32 with [components.{component}] compute = \"fp32\" "
+                f"(--set components.{component}.compute=fp32)"
+            )
         if problems:
             raise ValidationError(
                 f"{component} ({label}) output '{name}' missed the profile's tolerance: "

@@ -62,6 +62,9 @@ SOURCES = {
     "hf-backbone": lambda d: _testing().tiny_hf_vit(d, classifier=False),
     "timm-classifier": lambda d: _testing().tiny_timm_vit(d),
     "timm-backbone": lambda d: _testing().tiny_timm_vit(d, num_classes=0),
+    "sd": lambda d: _testing().tiny_sd(d),
+    "sd-inpaint": lambda d: _testing().tiny_sd(d, inpaint=True),
+    "sdxl": lambda d: _testing().tiny_sdxl(d),
 }
 
 

@@ -113,7 +113,7 @@ def test_unknown_bundled_name_suggests_one() -> None:
         ),
         (["validation.min_cosine=1.5"], r"validation\.min_cosine must be in \[0, 1\]"),
         (["model.hidden_layers=[0]"], r"model\.hidden_layers are 1-based"),
-        (["family=sd"], r"family = 'sd' is unknown"),
+        (["family=kandinsky"], r"family = 'kandinsky' is unknown; known: vit, sd, sdxl"),
     ],
 )
 def test_impossible_combinations_fail_at_validation(overrides: list[str], message: str) -> None:

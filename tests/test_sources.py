@@ -212,10 +212,10 @@ def test_detects_vit(name: str, source_dir: Callable[[str], Path]) -> None:
         pytest.param({}, "found no config.json", id="empty"),
         pytest.param(
             {
-                "model_index.json": {"_class_name": "StableDiffusionPipeline"},
+                "model_index.json": {"_class_name": "KandinskyPipeline"},
                 "unet/config.json": {"_class_name": "UNet2DConditionModel"},
             },
-            r"found a diffusers pipeline \(StableDiffusionPipeline\)",
+            r"found a diffusers pipeline \(KandinskyPipeline\)",
             id="diffusers",
         ),
         pytest.param(
@@ -240,7 +240,8 @@ def test_unsupported_source_names_what_it_found(
     with pytest.raises(
         UnsupportedError,
         match=rf"^{re.escape(str(source))}: {found}, which modelkiln does not support; supported: vit: "
-        r"transformers ViTForImageClassification / ViTModel, and timm VisionTransformer",
+        r"transformers ViTForImageClassification / ViTModel, and timm VisionTransformer.*; "
+        r"sd: diffusers StableDiffusionPipeline .*; sdxl: diffusers StableDiffusionXLPipeline",
     ):
         detect_family(resolve_source(source))
     # build() stops at the same point, before any output exists.

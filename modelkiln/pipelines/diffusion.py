@@ -281,6 +281,7 @@ class DiffusionPipeline(Closeable):
         num_images = int(options.pop("num_images", 1))
         height, width = self._check_size(options.pop("height", None), options.pop("width", None))
         negative = options.pop("negative_prompt", None)
+        negatives = None
         scheduler_name = options.pop("scheduler", None)
         callback: StepCallback | None = options.pop("callback", None)
         progress: Progress = options.pop("progress", None) or NullProgress()
@@ -301,7 +302,7 @@ class DiffusionPipeline(Closeable):
         self._warn_if_truncated(prompts)
         call: dict[str, Any] = {
             "prompt": prompts,
-            "negative_prompt": negative,
+            "negative_prompt": negatives,
             "num_inference_steps": steps,
             "guidance_scale": guidance,
             "num_images_per_prompt": num_images,

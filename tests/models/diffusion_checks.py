@@ -1,0 +1,93 @@
+"""What the SD and SDXL test files share: inputs, diffusers references, image comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+PROMPT = "a photo of a cat"
+STEPS = 3
+SIZE = 32
+
+
+def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert x.shape == y.shape
+    error = ((x - y) ** 2).mean()
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
+
+
+def init_image() -> Image.Image:
+    pixels = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def half_mask(size: tuple[int, int] = (SIZE, SIZE)) -> Image.Image:
+    """White (repaint) in the middle; an all-white mask would zero the masked image, where
+    GroupNorm on a constant input differs between backends for reasons unrelated to export."""
+    mask = np.zeros(size, np.uint8)
+    mask[size[0] // 4 : 3 * size[0] // 4, size[1] // 4 : 3 * size[1] // 4] = 255
+    return Image.fromarray(mask)
+
+
+def modes() -> dict[str, dict[str, Any]]:
+    """The three entry points with their extra arguments."""
+    return {
+        "text": {},
+        "image": {"image": init_image(), "strength": 0.7},
+        "inpaint": {"image": init_image(), "mask": half_mask(), "strength": 0.9},
+    }
+
+
+def generate(pipeline: Any, mode: str, **settings: Any) -> Image.Image:
+    extra = {**modes()[mode], **settings}
+    extra.setdefault("steps", STEPS)
+    extra.setdefault("seed", 0)
+    if mode == "text":
+        return pipeline.text_to_image(PROMPT, **extra)[0]
+    if mode == "image":
+        image = extra.pop("image")
+        return pipeline.image_to_image(PROMPT, image, **extra)[0]
+    image, mask = extra.pop("image"), extra.pop("mask")
+    return pipeline.inpaint(PROMPT, image, mask, **extra)[0]
+
+
+def diffusers_reference(source: Path, mode: str) -> Image.Image:
+    """diffusers' own pipeline on the source model, same seed and settings."""
+    import diffusers
+    import torch
+
+    index = json.loads((source / "model_index.json").read_text())
+    prefix = "StableDiffusionXL" if "XL" in index["_class_name"] else "StableDiffusion"
+    suffix = {"text": "Pipeline", "image": "Img2ImgPipeline", "inpaint": "InpaintPipeline"}[mode]
+    pipeline = getattr(diffusers, prefix + suffix).from_pretrained(source)
+    pipeline.set_progress_bar_config(disable=True)
+    arguments: dict[str, Any] = {
+        "num_inference_steps": STEPS,
+        "guidance_scale": 7.5,
+        "generator": torch.Generator().manual_seed(0),
+        "height": SIZE,
+        "width": SIZE,
+    }
+    if mode in ("image", "inpaint"):
+        arguments["image"] = modes()[mode]["image"]
+        arguments["strength"] = modes()[mode]["strength"]
+    if mode == "inpaint":
+        arguments["mask_image"] = half_mask()
+    return pipeline(PROMPT, **arguments).images[0]
+
+
+def optimum_layout(artifact: Path, model_file: str, xl: bool) -> set[str]:
+    """The files optimum's ORT/OV diffusion pipelines look for."""
+    components = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
+    if xl:
+        components.append("text_encoder_2")
+    expected = {"model_index.json", "scheduler/scheduler_config.json", "kiln.json"}
+    expected |= {f"{c}/{model_file}" for c in components} | {f"{c}/config.json" for c in components}
+    for folder in ["tokenizer", "tokenizer_2"] if xl else ["tokenizer"]:
+        expected |= {f"{folder}/tokenizer_config.json"}
+    return expected

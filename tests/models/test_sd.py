@@ -1,0 +1,221 @@
+"""Stable Diffusion 1.x/2.x: every component on every format, three pipelines on every runtime.
+
+Parity bar (from the issue): the torch runtime reproduces diffusers' own pipeline (PSNR >= 40
+dB); ONNX Runtime and OpenVINO fp32 reproduce the torch runtime (>= 35 dB); bf16 >= 30 dB.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusion_checks import (
+    PROMPT,
+    SIZE,
+    diffusers_reference,
+    generate,
+    half_mask,
+    init_image,
+    optimum_layout,
+    psnr,
+)
+
+from modelkiln import load, open_artifact
+from modelkiln.errors import InputError, ProfileError, UnsupportedError
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+MODES = ("text", "image", "inpaint")
+BACKENDS = [
+    pytest.param("sd-onnxruntime-fp32", "onnxruntime", 35, marks=pytest.mark.onnxruntime, id="onnx-ort"),
+    pytest.param("sd-onnxruntime-fp32", "openvino", 35, marks=[pytest.mark.onnxruntime, pytest.mark.openvino], id="onnx-ov"),
+    pytest.param("sd-openvino-fp32", "openvino", 35, marks=pytest.mark.openvino, id="ir-ov"),
+    pytest.param("sd-openvino-bf16", "openvino", 30, marks=pytest.mark.openvino, id="ir-bf16-ov"),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(built: Callable[..., Path]) -> dict[str, object]:
+    """Images from our pipeline on the torch runtime, one per mode."""
+    with load(built("sd", "sd-torch-fp32")) as pipeline:
+        return {mode: generate(pipeline, mode) for mode in MODES}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_runtime_reproduces_diffusers(
+    mode: str, reference: dict[str, object], source_dir: Callable[[str], Path]
+) -> None:
+    expected = diffusers_reference(source_dir("sd"), mode)
+    assert np.asarray(expected).std() > 10, "the reference must not be a flat image"
+    assert psnr(reference[mode], expected) >= 40  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("profile", "runtime", "bound"), BACKENDS)
+def test_backends_reproduce_the_torch_runtime(
+    profile: str, runtime: str, bound: float, built: Callable[..., Path], reference: dict[str, object]
+) -> None:
+    with load(built("sd", profile), runtime=runtime) as pipeline:
+        for mode in MODES:
+            image = generate(pipeline, mode)
+            assert image.size == (SIZE, SIZE)
+            assert psnr(image, reference[mode]) >= bound, mode  # type: ignore[arg-type]
+
+
+@pytest.mark.onnxruntime
+@pytest.mark.parametrize(
+    ("profile", "model_file"),
+    [
+        pytest.param("sd-onnxruntime-fp32", "model.onnx", marks=pytest.mark.onnxruntime),
+        pytest.param("sd-openvino-fp32", "openvino_model.xml", marks=pytest.mark.openvino),
+    ],
+)
+def test_artifact_has_optimums_layout_and_a_full_manifest(
+    profile: str, model_file: str, built: Callable[..., Path]
+) -> None:
+    artifact = built("sd", profile)
+    files = {p.relative_to(artifact).as_posix() for p in artifact.rglob("*") if p.is_file()}
+    assert optimum_layout(artifact, model_file, xl=False) <= files
+    index = json.loads((artifact / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index.get("feature_extractor", [None])[0] is None  # optimum would look for it
+    vae = json.loads((artifact / "vae_decoder" / "config.json").read_text())
+    assert vae["scaling_factor"] == 0.18215  # optimum reads it from here
+    manifest = open_artifact(artifact, verify=True).manifest
+    assert list(manifest.components) == ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
+    unet = manifest.components["unet"]
+    assert list(unet.inputs) == ["sample", "timestep", "encoder_hidden_states"]
+    assert unet.inputs["timestep"].shape == ()
+    assert unet.inputs["sample"].shape == ("batch", 4, 16, 16)
+    assert unet.outputs["out_sample"].shape == ("batch", 4, 16, 16)
+    assert unet.validation["batch_sizes"] == [1]
+    assert manifest.components["vae_encoder"].outputs["latent_parameters"].shape[1] == 8
+    for record in manifest.components.values():
+        assert record.validation["passed"]
+        assert record.runtime["inference_precision"] == "f32"
+    assert set(manifest.source["weights_sha256"]) == {
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    }
+    assert manifest.model_info["vae_scale_factor"] == 2
+    assert manifest.task == "text-to-image"
+
+
+STATIC_BATCH_DYNAMIC_RESOLUTION = ("shapes.dynamic_batch=false", "shapes.dynamic_resolution=true")
+
+
+@pytest.mark.onnxruntime
+def test_dynamic_resolution_names_output_dims_after_input_dims(built: Callable[..., Path]) -> None:
+    """optimum's IO binding evaluates output dim names against input dim names."""
+    import onnx
+
+    artifact = built("sd", "sd-onnxruntime-fp32", *STATIC_BATCH_DYNAMIC_RESOLUTION)
+    model = onnx.load(str(artifact / "vae_decoder" / "model.onnx"), load_external_data=False)
+    (output,) = model.graph.output
+    dims = [d.dim_param or d.dim_value for d in output.type.tensor_type.shape.dim]
+    assert dims == [1, 3, "latent_height * 2", "latent_width * 2"]
+    with load(artifact) as pipeline:
+        assert generate(pipeline, "text", height=48, width=64).size == (64, 48)
+
+
+@pytest.mark.onnxruntime
+def test_static_batch_runs_any_number_of_images(built: Callable[..., Path]) -> None:
+    artifact = built("sd", "sd-onnxruntime-fp32", *STATIC_BATCH_DYNAMIC_RESOLUTION)
+    manifest = open_artifact(artifact).manifest
+    assert manifest.components["unet"].inputs["sample"].shape[0] == 2  # CFG-doubled
+    assert manifest.components["text_encoder"].inputs["input_ids"].shape[0] == 1
+    with load(artifact) as static, load(built("sd", "sd-onnxruntime-fp32")) as dynamic:
+        for pipeline in (static, dynamic):
+            images = pipeline.text_to_image(PROMPT, steps=2, num_images=3, seed=1)
+            assert len(images) == 3
+        a = static.text_to_image(PROMPT, steps=2, num_images=3, seed=1)
+        b = dynamic.text_to_image(PROMPT, steps=2, num_images=3, seed=1)
+        assert all(psnr(x, y) >= 35 for x, y in zip(a, b, strict=True))
+        # guidance 1.0 skips the unconditional pass: the static UNet gets a padded batch
+        assert static.text_to_image(PROMPT, steps=2, guidance=1.0)[0].size == (SIZE, SIZE)
+
+
+@pytest.mark.onnxruntime
+def test_nine_channel_inpainting_unet_reproduces_diffusers(built: Callable[..., Path], source_dir: Callable[[str], Path]) -> None:
+    expected = diffusers_reference(source_dir("sd-inpaint"), "inpaint")
+    with load(built("sd-inpaint", "sd-torch-fp32")) as torch_pipeline:
+        assert torch_pipeline.task == "inpainting"
+        ours = generate(torch_pipeline, "inpaint")
+        with pytest.raises(UnsupportedError, match=r"inpainting UNet \(9 input channels\): use inpaint"):
+            torch_pipeline.text_to_image(PROMPT)
+    assert psnr(ours, expected) >= 40
+    with load(built("sd-inpaint", "sd-torch-fp32")) as torch_pipeline:
+        # a mask of another size is resized to the image
+        resized = generate(torch_pipeline, "inpaint", mask=half_mask((64, 48)))
+    assert resized.size == (SIZE, SIZE)
+
+
+def test_same_seed_same_pixels(built: Callable[..., Path]) -> None:
+    with load(built("sd", "sd-torch-fp32")) as pipeline:
+        first = generate(pipeline, "text", seed=5)
+        assert psnr(first, generate(pipeline, "text", seed=5)) == float("inf")
+        assert psnr(first, generate(pipeline, "text", seed=6)) < 30
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "ddim", "pndm", "lms", "unipc"])
+def test_every_scheduler_runs_and_changes_the_image(scheduler: str, built: Callable[..., Path], reference: dict[str, object]) -> None:
+    with load(built("sd", "sd-torch-fp32")) as pipeline:
+        image = generate(pipeline, "text", scheduler=scheduler)
+    assert np.asarray(image).std() > 10
+    if scheduler != "pndm":  # the model's own scheduler is PNDM
+        assert psnr(image, reference["text"]) < 60  # type: ignore[arg-type]
+
+
+def test_callback_sees_every_step_and_negative_prompts_count(built: Callable[..., Path]) -> None:
+    seen: list[tuple[int, float, tuple[int, ...]]] = []
+    with load(built("sd", "sd-torch-fp32")) as pipeline:
+        pipeline.text_to_image(PROMPT, steps=3, callback=lambda i, t, latents: seen.append((i, t, latents.shape)))
+        plain = generate(pipeline, "text")
+        negative = generate(pipeline, "text", negative_prompt="a dog")
+    assert [i for i, _, _ in seen] == list(range(len(seen))) and len(seen) >= 3
+    assert seen[0][2] == (1, 4, 16, 16)
+    assert psnr(plain, negative) < 60
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda p: p.text_to_image(""), "prompt is empty"),
+        (lambda p: p.text_to_image(42), "prompt must be a string or a non-empty list of strings, got 42"),
+        (lambda p: p.text_to_image(["a cat", 3]), "prompt must be text, got int 3"),
+        (lambda p: p.text_to_image([]), "non-empty list"),
+        (lambda p: p.text_to_image(PROMPT, width=30), "width must be a positive multiple of 8, got 30"),
+        (lambda p: p.text_to_image(PROMPT, width=64), r"built for 32×32 images only, not 64×32; rebuild with --set shapes.dynamic_resolution=true"),
+        (lambda p: p.text_to_image(PROMPT, steps=0), "steps must be >= 1, got 0"),
+        (lambda p: p.text_to_image(PROMPT, scheduler="eulr"), r"unknown scheduler 'eulr' \(did you mean 'euler'\?\); available: euler, euler-ancestral"),
+        (lambda p: p.image_to_image(PROMPT, init_image(), strength=0), r"strength must be in \(0, 1\], got 0"),
+        (lambda p: p.image_to_image(PROMPT, init_image(), strength=1.5), r"strength must be in \(0, 1\], got 1.5"),
+        (lambda p: p.text_to_image(PROMPT, negative_prompt=["a", "b"]), "got 2 negative prompts for 1 prompts"),
+        (lambda p: p.image_to_image(PROMPT, "missing.png"), "no such image file: 'missing.png'"),
+    ],
+)
+def test_bad_input_is_one_clear_error(call, message: str, built: Callable[..., Path]) -> None:  # type: ignore[no-untyped-def]
+    with load(built("sd", "sd-torch-fp32")) as pipeline, pytest.raises(InputError, match=message) as error:
+        call(pipeline)
+    assert "\n" not in str(error.value)
+
+
+def test_long_prompts_are_truncated_with_a_message(built: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    with load(built("sd", "sd-torch-fp32")) as pipeline:
+        pipeline.text_to_image(PROMPT + " of a cat" * 40, steps=1)
+    assert any("tokens; the text encoder reads the first 77" in r.message for r in caplog.records)
+
+
+def test_profile_errors_name_components_and_sizes(source_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    from modelkiln import build
+
+    with pytest.raises(ProfileError, match=r"\[components.unett\] but sd models have: text_encoder, unet, vae_encoder, vae_decoder \(did you mean 'unet'\?\)"):
+        build(source_dir("sd"), "sd-torch-fp32", tmp_path / "a", overrides=["components.unett.atol=1e-3"])
+    with pytest.raises(ProfileError, match="shapes.height must be a positive multiple of 8, got 36"):
+        build(source_dir("sd"), "sd-torch-fp32", tmp_path / "a", overrides=["shapes.height=36"])
+    with pytest.raises(ProfileError, match="profile 'vit-torch-fp32' is for vit models but .* is a sd model; pick a sd-\\* profile"):
+        build(source_dir("sd"), "vit-torch-fp32", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
