@@ -53,7 +53,7 @@ env: $(STAMP)
 compat: $(STAMP)
 	test -x .venv-optimum/bin/python || $(PYTHON) -m venv .venv-optimum
 	.venv-optimum/bin/python -m pip install --quiet -c constraints.txt \
-		torch torchvision optimum-onnx optimum-intel onnxruntime openvino timm
+		torch torchvision optimum-onnx optimum-intel onnxruntime openvino timm diffusers
 	$(BIN)/python scripts/optimum_compat.py build artifacts/compat
 	.venv-optimum/bin/python scripts/optimum_compat.py check artifacts/compat
 

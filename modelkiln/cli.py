@@ -103,7 +103,12 @@ def progress_display() -> Iterator[RichProgress | LineProgress]:
 def cli(verbose: bool) -> None:
     """Compile diffusion and vision models for deployment, run and measure them."""
     level = logging.DEBUG if verbose else logging.WARNING
-    logging.basicConfig(level=level, handlers=[RichHandler(console=err, show_path=False)])
+    # RichHandler prints the level itself; basicConfig's default format would repeat it.
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=verbose)],
+    )
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx", "timm", "nncf"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

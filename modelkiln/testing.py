@@ -269,3 +269,87 @@ def tiny_sdxl(directory: str | Path, *, inpaint: bool = False, seed: int = 0) ->
     shutil.rmtree(first)
     shutil.rmtree(second)
     return directory
+
+
+# runwayml/stable-diffusion-v1-5's component configs (what the benchmarks build, randomly).
+SD15_UNET_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "downsample_padding": 1,
+    "mid_block_scale_factor": 1,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "norm_eps": 1e-5,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+SD15_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "sample_size": 512,
+    "act_fn": "silu",
+    "norm_num_groups": 32,
+    "scaling_factor": 0.18215,
+}
+# CLIP ViT-L/14's text tower, with the tiny tokenizer's special tokens.
+SD15_TEXT_CONFIG: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 523,
+    "eos_token_id": 524,
+    "pad_token_id": 524,
+}
+
+
+def random_sd15(directory: str | Path, *, seed: int = 0) -> Path:
+    """An SD-1.5-sized StableDiffusionPipeline directory (1.07 B parameters, 4.3 GB fp32) with
+    random weights from the real configs and the tiny tokenizer: benchmarks, not tests."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer")
+    pipeline = StableDiffusionPipeline(
+        vae=AutoencoderKL(**SD15_VAE_CONFIG),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)),
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
+        unet=UNet2DConditionModel(**SD15_UNET_CONFIG),
+        scheduler=PNDMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            skip_prk_steps=True,
+            steps_offset=1,
+            set_alpha_to_one=False,
+            num_train_timesteps=1000,
+        ),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(directory)
+    shutil.rmtree(tokenizer_dir)
+    return directory

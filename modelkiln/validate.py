@@ -43,6 +43,11 @@ class OutputMetrics:
             raise ValidationError(
                 f"output shape {candidate.shape} differs from the reference {reference.shape}"
             )
+        if not np.isfinite(reference).all():
+            raise ValidationError(
+                "the torch reference itself produced NaN or inf on random inputs: check the "
+                "source model's weights"
+            )
         if not np.isfinite(candidate).all():
             self.non_finite = True
             return
@@ -92,20 +97,33 @@ def _min_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(cosine.min())
 
 
-def compare_sessions(
+def reference_outputs(
     reference: Session,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    on_feed: Callable[[int], None] = lambda n: None,
+) -> list[dict[str, np.ndarray]]:
+    """The reference's outputs for every feed, computed before the candidate is opened, so
+    that the two never hold their weights in memory at the same time."""
+    expected = []
+    for feed in feeds:
+        expected.append(reference.run(feed, list(reference.output_specs)))
+        on_feed(1)
+    return expected
+
+
+def compare_outputs(
+    expected: Sequence[Mapping[str, np.ndarray]],
     candidate: Session,
     feeds: Sequence[Mapping[str, np.ndarray]],
     on_feed: Callable[[int], None] = lambda n: None,
 ) -> dict[str, OutputMetrics]:
-    """Run both sessions on every feed and accumulate metrics per shared output."""
+    """Run the candidate on every feed and accumulate metrics against the expected outputs."""
     metrics = {name: OutputMetrics() for name in candidate.output_specs}
-    for feed in feeds:
-        expected = reference.run(feed, list(metrics))
+    for feed, reference in zip(feeds, expected, strict=True):
         actual = candidate.run(feed, list(metrics))
         for name, spec in candidate.output_specs.items():
             try:
-                metrics[name].add(expected[name], actual[name], spec.is_logits)
+                metrics[name].add(reference[name], actual[name], spec.is_logits)
             except ValidationError as error:
                 raise ValidationError(f"{candidate.name} output '{name}': {error}") from None
         on_feed(1)
@@ -136,9 +154,9 @@ def verdict(
         if problems and output.non_finite:
             # Half precision overflows where fp32 does not (the SD VAE decoder is notorious).
             raise ValidationError(
-                f"{component} ({label}) output '{name}' {problems[0]}: an overflow of a reduced "
-                f"precision; keep it in fp32 with [components.{component}] compute = \"fp32\" "
-                f"(--set components.{component}.compute=fp32)"
+                f"{component} ({label}) output '{name}' produced NaN or inf, an overflow of a "
+                f"reduced precision; keep it in fp32 with [components.{component}] "
+                f'compute = "fp32" (--set components.{component}.compute=fp32)'
             )
         if problems:
             raise ValidationError(

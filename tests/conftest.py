@@ -65,6 +65,7 @@ SOURCES = {
     "sd": lambda d: _testing().tiny_sd(d),
     "sd-inpaint": lambda d: _testing().tiny_sd(d, inpaint=True),
     "sdxl": lambda d: _testing().tiny_sdxl(d),
+    "sdxl-inpaint": lambda d: _testing().tiny_sdxl(d, inpaint=True),
 }
 
 

@@ -797,3 +797,102 @@ def test_image_modes_classify_like_their_rgb_equivalent(classifier: Path, tmp_pa
         np.testing.assert_allclose(
             [p["score"] for p in got], [p.score for p in want], atol=1e-6, err_msg=item["image"]
         )
+
+
+# --- generate -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def diffusion(built: Callable[..., Path]) -> Path:
+    return built("sd", "sd-torch-fp32")
+
+
+def rgb_png(path: Path, size: tuple[int, int], seed: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_generate_matches_the_python_api_in_every_mode(
+    diffusion: Path, tmp_path: Path, kiln_main: Callable[..., Outcome]
+) -> None:
+    init = rgb_png(tmp_path / "init.png", (40, 24), seed=1)  # any size: resized to the model's
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.tile(np.array([0, 255], np.uint8).repeat(8), (16, 1))).save(mask)
+    common = ["--prompt", "a red cube", "--steps", 2, "--seed", 3]
+    outcome = kiln_main("generate", diffusion, *common, "--num-images", 2, "-o", tmp_path / "t.png")
+    assert outcome.code == 0, outcome.err
+    assert "wrote" in outcome.out and "t-1.png (32×32)" in outcome.out
+    kiln_main("generate", diffusion, *common, "--image", init, "-o", tmp_path / "i.png")
+    kiln_main(
+        "generate", diffusion, *common, "--image", init, "--mask", mask, "-o", tmp_path / "m.png"
+    )
+    with load(diffusion) as pipeline:
+        settings = {"steps": 2, "seed": 3}
+        expected = {
+            "t-0.png": pipeline.text_to_image("a red cube", num_images=2, **settings)[0],
+            "t-1.png": pipeline.text_to_image("a red cube", num_images=2, **settings)[1],
+            "i.png": pipeline.image_to_image("a red cube", init, strength=0.8, **settings)[0],
+            "m.png": pipeline.inpaint("a red cube", init, mask, strength=1.0, **settings)[0],
+        }
+    for name, image in expected.items():
+        written = np.asarray(Image.open(tmp_path / name))
+        np.testing.assert_array_equal(written, np.asarray(image), err_msg=name)
+    assert not np.array_equal(np.asarray(expected["t-0.png"]), np.asarray(expected["i.png"]))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--mask", "mask.png"], ("--mask needs --image: the image to inpaint",)),
+        (["--strength", "0.5"], ("--strength applies to --image",)),
+        (["--scheduler", "eulr"], ("unknown scheduler 'eulr' (did you mean 'euler'?)",)),
+        (["--image", "nope.png"], ("no such image file: 'nope.png'",)),
+        (["--width", "30"], ("width must be a positive multiple of 8, got 30",)),
+        (["--steps", "0"], ("steps must be >= 1, got 0",)),
+    ],
+)
+def test_generate_bad_input(
+    extra: list[str],
+    fragments: tuple[str, ...],
+    diffusion: Path,
+    tmp_path: Path,
+    kiln_main: Callable[..., Outcome],
+) -> None:
+    out = tmp_path / "out.png"
+    assert_one_line_error(
+        kiln_main("generate", diffusion, "--prompt", "a cat", *extra, "-o", out), *fragments
+    )
+    assert not out.exists()
+
+
+def test_generate_with_a_classifier(
+    classifier: Path, tmp_path: Path, kiln_main: Callable[..., Outcome]
+) -> None:
+    assert_one_line_error(
+        kiln_main("generate", classifier, "--prompt", "a cat", "-o", tmp_path / "x.png"),
+        "built for image-classification, not image generation; use `kiln classify`",
+    )
+
+
+def test_generate_with_a_broken_artifact_in_a_real_process(tmp_path: Path) -> None:
+    assert_one_line_error(
+        kiln("generate", tmp_path / "missing", "--prompt", "a cat", "-o", tmp_path / "x.png"),
+        "no artifact at",
+    )
+
+
+@pytest.mark.torch
+def test_generate_says_once_that_a_long_prompt_was_truncated(
+    diffusion: Path, tmp_path: Path
+) -> None:
+    outcome = kiln(
+        "generate", diffusion, "--prompt", "a cat " * 60, "--steps", 1, "-o", tmp_path / "x.png"
+    )
+    assert outcome.code == 0, outcome.err
+    warnings = [line for line in outcome.err_lines if "the text encoder reads the first 77" in line]
+    assert len(warnings) == 1, outcome.err
+    assert warnings[0].count("WARNING") == 1 and "modelkiln." not in warnings[0]

@@ -30,8 +30,16 @@ pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 MODES = ("text", "image", "inpaint")
 BACKENDS = [
-    pytest.param("sd-onnxruntime-fp32", "onnxruntime", 35, marks=pytest.mark.onnxruntime, id="onnx-ort"),
-    pytest.param("sd-onnxruntime-fp32", "openvino", 35, marks=[pytest.mark.onnxruntime, pytest.mark.openvino], id="onnx-ov"),
+    pytest.param(
+        "sd-onnxruntime-fp32", "onnxruntime", 35, marks=pytest.mark.onnxruntime, id="onnx-ort"
+    ),
+    pytest.param(
+        "sd-onnxruntime-fp32",
+        "openvino",
+        35,
+        marks=[pytest.mark.onnxruntime, pytest.mark.openvino],
+        id="onnx-ov",
+    ),
     pytest.param("sd-openvino-fp32", "openvino", 35, marks=pytest.mark.openvino, id="ir-ov"),
     pytest.param("sd-openvino-bf16", "openvino", 30, marks=pytest.mark.openvino, id="ir-bf16-ov"),
 ]
@@ -55,7 +63,11 @@ def test_torch_runtime_reproduces_diffusers(
 
 @pytest.mark.parametrize(("profile", "runtime", "bound"), BACKENDS)
 def test_backends_reproduce_the_torch_runtime(
-    profile: str, runtime: str, bound: float, built: Callable[..., Path], reference: dict[str, object]
+    profile: str,
+    runtime: str,
+    bound: float,
+    built: Callable[..., Path],
+    reference: dict[str, object],
 ) -> None:
     with load(built("sd", profile), runtime=runtime) as pipeline:
         for mode in MODES:
@@ -139,12 +151,16 @@ def test_static_batch_runs_any_number_of_images(built: Callable[..., Path]) -> N
 
 
 @pytest.mark.onnxruntime
-def test_nine_channel_inpainting_unet_reproduces_diffusers(built: Callable[..., Path], source_dir: Callable[[str], Path]) -> None:
+def test_nine_channel_inpainting_unet_reproduces_diffusers(
+    built: Callable[..., Path], source_dir: Callable[[str], Path]
+) -> None:
     expected = diffusers_reference(source_dir("sd-inpaint"), "inpaint")
     with load(built("sd-inpaint", "sd-torch-fp32")) as torch_pipeline:
         assert torch_pipeline.task == "inpainting"
         ours = generate(torch_pipeline, "inpaint")
-        with pytest.raises(UnsupportedError, match=r"inpainting UNet \(9 input channels\): use inpaint"):
+        with pytest.raises(
+            UnsupportedError, match=r"inpainting UNet \(9 input channels\): use inpaint"
+        ):
             torch_pipeline.text_to_image(PROMPT)
     assert psnr(ours, expected) >= 40
     with load(built("sd-inpaint", "sd-torch-fp32")) as torch_pipeline:
@@ -160,8 +176,13 @@ def test_same_seed_same_pixels(built: Callable[..., Path]) -> None:
         assert psnr(first, generate(pipeline, "text", seed=6)) < 30
 
 
-@pytest.mark.parametrize("scheduler", ["euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "ddim", "pndm", "lms", "unipc"])
-def test_every_scheduler_runs_and_changes_the_image(scheduler: str, built: Callable[..., Path], reference: dict[str, object]) -> None:
+@pytest.mark.parametrize(
+    "scheduler",
+    ["euler", "euler-ancestral", "dpmpp-2m", "dpmpp-2m-karras", "ddim", "pndm", "lms", "unipc"],
+)
+def test_every_scheduler_runs_and_changes_the_image(
+    scheduler: str, built: Callable[..., Path], reference: dict[str, object]
+) -> None:
     with load(built("sd", "sd-torch-fp32")) as pipeline:
         image = generate(pipeline, "text", scheduler=scheduler)
     assert np.asarray(image).std() > 10
@@ -172,7 +193,9 @@ def test_every_scheduler_runs_and_changes_the_image(scheduler: str, built: Calla
 def test_callback_sees_every_step_and_negative_prompts_count(built: Callable[..., Path]) -> None:
     seen: list[tuple[int, float, tuple[int, ...]]] = []
     with load(built("sd", "sd-torch-fp32")) as pipeline:
-        pipeline.text_to_image(PROMPT, steps=3, callback=lambda i, t, latents: seen.append((i, t, latents.shape)))
+        pipeline.text_to_image(
+            PROMPT, steps=3, callback=lambda i, t, latents: seen.append((i, t, latents.shape))
+        )
         plain = generate(pipeline, "text")
         negative = generate(pipeline, "text", negative_prompt="a dog")
     assert [i for i, _, _ in seen] == list(range(len(seen))) and len(seen) >= 3
@@ -184,38 +207,79 @@ def test_callback_sees_every_step_and_negative_prompts_count(built: Callable[...
     ("call", "message"),
     [
         (lambda p: p.text_to_image(""), "prompt is empty"),
-        (lambda p: p.text_to_image(42), "prompt must be a string or a non-empty list of strings, got 42"),
+        (
+            lambda p: p.text_to_image(42),
+            "prompt must be a string or a non-empty list of strings, got 42",
+        ),
         (lambda p: p.text_to_image(["a cat", 3]), "prompt must be text, got int 3"),
         (lambda p: p.text_to_image([]), "non-empty list"),
-        (lambda p: p.text_to_image(PROMPT, width=30), "width must be a positive multiple of 8, got 30"),
-        (lambda p: p.text_to_image(PROMPT, width=64), r"built for 32×32 images only, not 64×32; rebuild with --set shapes.dynamic_resolution=true"),
+        (
+            lambda p: p.text_to_image(PROMPT, width=30),
+            "width must be a positive multiple of 8, got 30",
+        ),
+        (
+            lambda p: p.text_to_image(PROMPT, width=64),
+            r"built for 32×32 images only, not 64×32; rebuild with --set shapes.dynamic_resolution=true",
+        ),
         (lambda p: p.text_to_image(PROMPT, steps=0), "steps must be >= 1, got 0"),
-        (lambda p: p.text_to_image(PROMPT, scheduler="eulr"), r"unknown scheduler 'eulr' \(did you mean 'euler'\?\); available: euler, euler-ancestral"),
-        (lambda p: p.image_to_image(PROMPT, init_image(), strength=0), r"strength must be in \(0, 1\], got 0"),
-        (lambda p: p.image_to_image(PROMPT, init_image(), strength=1.5), r"strength must be in \(0, 1\], got 1.5"),
-        (lambda p: p.text_to_image(PROMPT, negative_prompt=["a", "b"]), "got 2 negative prompts for 1 prompts"),
+        (
+            lambda p: p.text_to_image(PROMPT, scheduler="eulr"),
+            r"unknown scheduler 'eulr' \(did you mean 'euler'\?\); available: euler, euler-ancestral",
+        ),
+        (
+            lambda p: p.image_to_image(PROMPT, init_image(), strength=0),
+            r"strength must be in \(0, 1\], got 0",
+        ),
+        (
+            lambda p: p.image_to_image(PROMPT, init_image(), strength=1.5),
+            r"strength must be in \(0, 1\], got 1.5",
+        ),
+        (
+            lambda p: p.text_to_image(PROMPT, negative_prompt=["a", "b"]),
+            "got 2 negative prompts for 1 prompts",
+        ),
         (lambda p: p.image_to_image(PROMPT, "missing.png"), "no such image file: 'missing.png'"),
     ],
 )
 def test_bad_input_is_one_clear_error(call, message: str, built: Callable[..., Path]) -> None:  # type: ignore[no-untyped-def]
-    with load(built("sd", "sd-torch-fp32")) as pipeline, pytest.raises(InputError, match=message) as error:
+    with (
+        load(built("sd", "sd-torch-fp32")) as pipeline,
+        pytest.raises(InputError, match=message) as error,
+    ):
         call(pipeline)
     assert "\n" not in str(error.value)
 
 
-def test_long_prompts_are_truncated_with_a_message(built: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+def test_long_prompts_are_truncated_with_a_message(
+    built: Callable[..., Path], caplog: pytest.LogCaptureFixture
+) -> None:
     with load(built("sd", "sd-torch-fp32")) as pipeline:
         pipeline.text_to_image(PROMPT + " of a cat" * 40, steps=1)
     assert any("tokens; the text encoder reads the first 77" in r.message for r in caplog.records)
 
 
-def test_profile_errors_name_components_and_sizes(source_dir: Callable[[str], Path], tmp_path: Path) -> None:
+def test_profile_errors_name_components_and_sizes(
+    source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
     from modelkiln import build
 
-    with pytest.raises(ProfileError, match=r"\[components.unett\] but sd models have: text_encoder, unet, vae_encoder, vae_decoder \(did you mean 'unet'\?\)"):
-        build(source_dir("sd"), "sd-torch-fp32", tmp_path / "a", overrides=["components.unett.atol=1e-3"])
-    with pytest.raises(ProfileError, match="shapes.height must be a positive multiple of 8, got 36"):
+    with pytest.raises(
+        ProfileError,
+        match=r"\[components.unett\] but sd models have: text_encoder, unet, vae_encoder, vae_decoder \(did you mean 'unet'\?\)",
+    ):
+        build(
+            source_dir("sd"),
+            "sd-torch-fp32",
+            tmp_path / "a",
+            overrides=["components.unett.atol=1e-3"],
+        )
+    with pytest.raises(
+        ProfileError, match=r"shapes\.height must be a positive multiple of 8, got 36"
+    ):
         build(source_dir("sd"), "sd-torch-fp32", tmp_path / "a", overrides=["shapes.height=36"])
-    with pytest.raises(ProfileError, match="profile 'vit-torch-fp32' is for vit models but .* is a sd model; pick a sd-\\* profile"):
+    with pytest.raises(
+        ProfileError,
+        match=r"profile 'vit-torch-fp32' is for vit models but .* is a sd model; pick a sd-\* profile",
+    ):
         build(source_dir("sd"), "vit-torch-fp32", tmp_path / "a")
     assert not (tmp_path / "a").exists()
