@@ -161,8 +161,15 @@ def _tiny_vae() -> Any:
     )
 
 
-def tiny_sd(directory: str | Path, *, inpaint: bool = False, seed: int = 0) -> Path:
-    """A diffusers StableDiffusion(Inpaint)Pipeline directory: 2-block UNet, 32x32 images."""
+def tiny_sd(
+    directory: str | Path,
+    *,
+    inpaint: bool = False,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+) -> Path:
+    """A diffusers StableDiffusion(Inpaint)Pipeline directory: 2-block UNet, 32x32 images.
+    prediction_type="v_prediction" makes it an SD 2.x-style v-prediction model."""
     import torch
     from diffusers import (
         PNDMScheduler,
@@ -194,6 +201,7 @@ def tiny_sd(directory: str | Path, *, inpaint: bool = False, seed: int = 0) -> P
         steps_offset=1,
         set_alpha_to_one=False,
         num_train_timesteps=1000,
+        prediction_type=prediction_type,
     )
     tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer")
     pipeline_class: Any = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline

@@ -64,6 +64,7 @@ SOURCES = {
     "timm-backbone": lambda d: _testing().tiny_timm_vit(d, num_classes=0),
     "sd": lambda d: _testing().tiny_sd(d),
     "sd-inpaint": lambda d: _testing().tiny_sd(d, inpaint=True),
+    "sd-v": lambda d: _testing().tiny_sd(d, prediction_type="v_prediction"),
     "sdxl": lambda d: _testing().tiny_sdxl(d),
     "sdxl-inpaint": lambda d: _testing().tiny_sdxl(d, inpaint=True),
 }

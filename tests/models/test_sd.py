@@ -169,6 +169,20 @@ def test_nine_channel_inpainting_unet_reproduces_diffusers(
     assert resized.size == (SIZE, SIZE)
 
 
+def test_v_prediction_model_reproduces_diffusers(
+    built: Callable[..., Path], source_dir: Callable[[str], Path]
+) -> None:
+    """SD 2.x: the scheduler config travels with the artifact, prediction type included."""
+    artifact = built("sd-v", "sd-torch-fp32")
+    scheduler = json.loads((artifact / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction"
+    with load(artifact) as pipeline, load(built("sd", "sd-torch-fp32")) as same_weights:
+        ours = generate(pipeline, "text")
+        epsilon = generate(same_weights, "text")
+    assert psnr(ours, diffusers_reference(source_dir("sd-v"), "text")) >= 40
+    assert psnr(ours, epsilon) < 30  # the same weights read as epsilon give another image
+
+
 def test_same_seed_same_pixels(built: Callable[..., Path]) -> None:
     with load(built("sd", "sd-torch-fp32")) as pipeline:
         first = generate(pipeline, "text", seed=5)
