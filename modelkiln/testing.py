@@ -340,7 +340,7 @@ def random_sd15(directory: str | Path, *, seed: int = 0) -> Path:
     directory = Path(directory)
     torch.manual_seed(seed)
     tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer")
-    pipeline = StableDiffusionPipeline(
+    pipeline: Any = StableDiffusionPipeline(
         vae=AutoencoderKL(**SD15_VAE_CONFIG),
         text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
