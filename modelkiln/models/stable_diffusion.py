@@ -294,7 +294,24 @@ def _shared_files(root: Path, index: Mapping[str, Any]) -> dict[str, bytes]:
         for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
             if path.is_file():
                 files[f"{folder}/{path.name}"] = path.read_bytes()
+        tokenizer_json = files.get(f"{folder}/tokenizer.json")
+        if tokenizer_json is not None and f"{folder}/vocab.json" not in files:
+            for name, content in _bpe_vocabulary_files(tokenizer_json).items():
+                files[f"{folder}/{name}"] = content
     return files
+
+
+def _bpe_vocabulary_files(tokenizer_json: bytes) -> dict[str, bytes]:
+    """vocab.json + merges.txt from a BPE tokenizer.json. transformers 5 saves only the
+    latter; CLIPTokenizer in transformers 4 (which optimum pins) needs the former."""
+    model = json.loads(tokenizer_json).get("model", {})
+    if model.get("type") != "BPE" or "vocab" not in model:
+        return {}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {
+        "vocab.json": json.dumps(model["vocab"], ensure_ascii=False).encode(),
+        "merges.txt": "\n".join(["#version: 0.2", *merges, ""]).encode(),
+    }
 
 
 def _save_reference(folder: Path, files: list[Path], pickle: bool, out: Path) -> None:

@@ -89,5 +89,7 @@ def optimum_layout(artifact: Path, model_file: str, xl: bool) -> set[str]:
     expected = {"model_index.json", "scheduler/scheduler_config.json", "kiln.json"}
     expected |= {f"{c}/{model_file}" for c in components} | {f"{c}/config.json" for c in components}
     for folder in ["tokenizer", "tokenizer_2"] if xl else ["tokenizer"]:
-        expected |= {f"{folder}/tokenizer_config.json"}
+        expected |= {
+            f"{folder}/{name}" for name in ("tokenizer_config.json", "vocab.json", "merges.txt")
+        }
     return expected
