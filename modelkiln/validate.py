@@ -161,8 +161,9 @@ def verdict(
         if problems:
             raise ValidationError(
                 f"{component} ({label}) output '{name}' missed the profile's tolerance: "
-                f"{'; '.join(problems)}. Loosen [validation] in the profile if this is expected "
-                "(e.g. --set validation.atol=...), otherwise the export is wrong"
+                f"{'; '.join(problems)}. Loosen [validation] (every component) or "
+                f"[components.{component}] in the profile if this is expected (e.g. --set "
+                f"components.{component}.atol=...), otherwise the export is wrong"
             )
     return {
         "passed": True,
