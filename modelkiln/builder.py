@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from modelkiln import __version__
 from modelkiln.artifact import (
@@ -43,6 +43,15 @@ from modelkiln.validate import (
 )
 
 logger = logging.getLogger(__name__)
+
+
+class CachedLoader(Protocol):
+    """A component's torch module, loaded once on first call (functools.cache)."""
+
+    def __call__(self) -> Any: ...
+
+    def cache_clear(self) -> None: ...
+
 
 DEFAULT_OUTPUT_ROOT = Path("artifacts")
 
@@ -131,7 +140,7 @@ def build(
 
 def _validate(
     spec: ComponentSpec,
-    load_module: functools._lru_cache_wrapper[Any],
+    load_module: CachedLoader,
     entry: Path,
     staging: Path,
     runtime: Runtime,
