@@ -39,6 +39,8 @@ class ComponentRecord:
     validation: dict[str, Any] = field(default_factory=dict)
     # What the runtime reported while validating, e.g. {"inference_precision": "f32"}.
     runtime: dict[str, Any] = field(default_factory=dict)
+    # What quantization did: scheme, weights quantized, ops, bytes before/after ({} if none).
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class ComponentRecord:
             "outputs": {k: v.to_json() for k, v in self.outputs.items()},
             "validation": self.validation,
             "runtime": self.runtime,
+            "quantization": self.quantization,
         }
 
     @classmethod
@@ -59,6 +62,7 @@ class ComponentRecord:
             outputs={k: TensorSpec.from_json(v) for k, v in data["outputs"].items()},
             validation=dict(data.get("validation", {})),
             runtime=dict(data.get("runtime", {})),
+            quantization=dict(data.get("quantization", {})),
         )
 
 

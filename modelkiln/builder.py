@@ -30,6 +30,7 @@ from modelkiln.exporters.base import export_signature
 from modelkiln.models import detect_family
 from modelkiln.profiles import Profile, Task, load_profile
 from modelkiln.progress import NullProgress, Progress
+from modelkiln.quantize import quantize
 from modelkiln.runtimes import RUNTIMES, Runtime, RuntimeOptions
 from modelkiln.runtimes.torch import TorchModuleSession
 from modelkiln.sources import resolve_source
@@ -107,9 +108,16 @@ def build(
             load_module = functools.cache(spec.module)
             with progress.task(f"exporting {spec.name} to {exporter.format}"):
                 entry = exporter.export(spec, load_module, component_profile, staging)
-            records[spec.name] = _validate(
+            quantization: dict[str, Any] = {}
+            scheme = component_profile.quantization.scheme
+            if scheme != "none":
+                with progress.task(f"quantizing {spec.name} ({scheme})"):
+                    settings = component_profile.quantization
+                    quantization = quantize(entry, exporter.format, settings, spec.name)
+            record = _validate(
                 spec, load_module, entry, staging, runtime, component_profile, progress
             )
+            records[spec.name] = replace(record, quantization=quantization)
         # Last, so that the family's configs win over anything an exporter saved beside them.
         for name, content in loaded.config_files.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +171,8 @@ def _validate(
     batches = tuple(size * spec.batch_factor for size in settings.batch_sizes)
     feeds = validation_feeds(inputs, batches, settings.seed, spec.default_dims)
     label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
+    if profile.quantization.scheme != "none":
+        label += f", {profile.quantization.scheme}"
     with progress.task(f"validating {spec.name} ({label})", total=2 * len(feeds)) as advance:
         reference = TorchModuleSession(load_module(), f"{spec.name} (torch)", inputs, outputs)
         expected = reference_outputs(reference, feeds, advance)

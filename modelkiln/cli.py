@@ -483,6 +483,17 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
         "precision",
         "compute {compute}, weights {weights}".format(**manifest.profile["precision"]),
     )
+    quantized = {n: r.quantization for n, r in manifest.components.items() if r.quantization}
+    if quantized:
+        before = sum(q["bytes_before"] for q in quantized.values())
+        after = sum(q["bytes_after"] for q in quantized.values())
+        weights = sum(q["quantized_weights"] for q in quantized.values())
+        schemes = ", ".join(sorted({q["scheme"] for q in quantized.values()}))
+        summary.add_row(
+            "quantization",
+            f"{schemes}: {weights} weights in {len(quantized)} component(s), "
+            f"{before / 1e6:.1f} → {after / 1e6:.1f} MB",
+        )
     size = sum(record.size for record in manifest.files.values())
     summary.add_row("files", f"{len(manifest.files)} files, {size / 1e6:.1f} MB")
     facts = manifest.build

@@ -31,6 +31,10 @@ class ExportError(KilnError, RuntimeError):
     """Export of a component failed."""
 
 
+class QuantizationError(KilnError, RuntimeError):
+    """A quantization tool failed, or quantized nothing where the profile asked for it."""
+
+
 class ValidationError(KilnError, RuntimeError):
     """An exported component missed the profile's tolerance against its torch reference."""
 

@@ -87,6 +87,18 @@ class ValidationSettings:
 
 
 @dataclass(frozen=True)
+class QuantizationSettings:
+    """[quantization]: a scheme applied to every exported component with the format's own
+    tooling (modelkiln.quantize.SUPPORT says which format has which scheme)."""
+
+    scheme: str = "none"  # none | int8-dynamic (onnx) | int8-weights | int4-weights | nf4-weights
+    symmetric: bool = False  # int8/int4 weights: symmetric (no zero point) or asymmetric
+    group_size: int = 128  # int4/nf4: weights per scale along the input channels
+    ratio: float = 1.0  # int4/nf4: share of the layers in 4 bits (the rest int8)
+    per_channel: bool = False  # onnx int8: one scale per output channel
+
+
+@dataclass(frozen=True)
 class ComponentSettings:
     """[components.<name>]: one component's overrides of [precision] and [validation]."""
 
@@ -107,6 +119,7 @@ class Profile:
     precision: PrecisionSettings = field(default_factory=PrecisionSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
     components: dict[str, ComponentSettings] = field(default_factory=dict)
 
     @classmethod
@@ -203,6 +216,21 @@ class Profile:
                 f"not '{self.export.format}'"
             )
         self._check_shapes(origin)
+        self._check_quantization(origin)
+
+    def _check_quantization(self, origin: str) -> None:
+        from modelkiln.quantize import check_scheme
+
+        settings = self.quantization
+        check_scheme(self.export.format, settings.scheme, origin)
+        if settings.group_size < 1:
+            raise ProfileError(
+                f"{origin}: quantization.group_size must be >= 1, got {settings.group_size}"
+            )
+        if not 0.0 < settings.ratio <= 1.0:
+            raise ProfileError(
+                f"{origin}: quantization.ratio must be in (0, 1], got {settings.ratio}"
+            )
 
     def _precisions(self) -> list[tuple[str, PrecisionSettings]]:
         """The profile's precision and every component's, labelled for messages."""

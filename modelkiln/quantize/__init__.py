@@ -1,0 +1,88 @@
+"""Post-export quantization with each format's own tooling, and the one support matrix.
+
+A scheme runs on the exported component files in place (onnxruntime.quantization for ONNX,
+nncf for OpenVINO IR) and returns what it did: how many weights it quantized, the ops it
+used and the size before and after. The build validates the result against torch fp32 like
+any export, with the profile's (quantization-appropriate) tolerances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from modelkiln.errors import QuantizationError, UnsupportedError
+from modelkiln.registry import Registry
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import QuantizationSettings
+
+NONE = "none"
+Quantizer = Callable[[Path, "QuantizationSettings"], dict[str, Any]]
+# format -> scheme -> the function that applies it: the only place that says what exists.
+SUPPORT: dict[str, Registry[Quantizer]] = {
+    "onnx": Registry(
+        "onnx quantization scheme",
+        {"int8-dynamic": "modelkiln.quantize.onnx:int8_dynamic"},
+    ),
+    "openvino": Registry(
+        "openvino quantization scheme",
+        {
+            "int8-weights": "modelkiln.quantize.openvino:compress_weights",
+            "int4-weights": "modelkiln.quantize.openvino:compress_weights",
+            "nf4-weights": "modelkiln.quantize.openvino:compress_weights",
+        },
+    ),
+}
+SCHEMES = (NONE, *sorted({scheme for schemes in SUPPORT.values() for scheme in schemes}))
+
+
+def supported_schemes(format: str) -> list[str]:
+    return [NONE, *(SUPPORT[format].names() if format in SUPPORT else [])]
+
+
+def check_scheme(format: str, scheme: str, origin: str) -> None:
+    """Profile validation: the (format, scheme) pair must be in the matrix."""
+    if scheme in supported_schemes(format):
+        return
+    if scheme not in SCHEMES:
+        raise UnsupportedError(
+            f"{origin}: quantization.scheme '{scheme}' is unknown; known: {', '.join(SCHEMES)}"
+        )
+    formats = [name for name, schemes in SUPPORT.items() if scheme in schemes]
+    raise UnsupportedError(
+        f"{origin}: format '{format}' has no quantization scheme '{scheme}'; for {format}: "
+        f"{', '.join(supported_schemes(format))}; '{scheme}' is available for: "
+        f"{', '.join(formats)}"
+    )
+
+
+def quantize(
+    entry: Path, format: str, settings: QuantizationSettings, component: str
+) -> dict[str, Any]:
+    """Quantize one exported component in place; returns the manifest's record of it."""
+    try:
+        record = SUPPORT[format].get(settings.scheme)(entry, settings)
+    except QuantizationError as error:
+        raise QuantizationError(f"{component}: {error}") from error
+    if not record.get("quantized_weights"):
+        raise QuantizationError(
+            f"{component}: quantization.scheme '{settings.scheme}' quantized no weight (the "
+            "component may be below the tool's size thresholds, or its layers unsupported); "
+            "use scheme 'none' for it"
+        )
+    return {"scheme": settings.scheme, **record}
+
+
+def matrix_markdown() -> str:
+    """The README's support table, from SUPPORT."""
+    formats = list(SUPPORT)
+    lines = ["| scheme | " + " | ".join(formats) + " |", "| --- |" + " --- |" * len(formats)]
+    for scheme in SCHEMES[1:]:
+        cells = ["yes" if scheme in SUPPORT[f] else "—" for f in formats]
+        lines.append(f"| `{scheme}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["SCHEMES", "SUPPORT", "check_scheme", "matrix_markdown", "quantize", "supported_schemes"]

@@ -1,0 +1,174 @@
+"""Post-export quantization: the support matrix, every bundled quantized ViT profile built on a
+tiny model, what the manifest records, and the errors."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelkiln import build, load, open_artifact
+from modelkiln.errors import QuantizationError, UnsupportedError
+from modelkiln.profiles import bundled_profile_names, load_profile
+from modelkiln.quantize import SCHEMES, SUPPORT, matrix_markdown, supported_schemes
+
+pytestmark = pytest.mark.torch
+
+# The tiny ViT's hidden size is 32: int4/nf4 groups must divide it.
+SMALL_GROUPS = ("quantization.group_size=16",)
+QUANTIZED = [
+    pytest.param("vit-onnxruntime-int8", (), "int8-dynamic", marks=pytest.mark.onnxruntime),
+    pytest.param("vit-openvino-int8", (), "int8-weights", marks=pytest.mark.openvino),
+    pytest.param("vit-openvino-int4", SMALL_GROUPS, "int4-weights", marks=pytest.mark.openvino),
+    pytest.param("vit-openvino-nf4", SMALL_GROUPS, "nf4-weights", marks=pytest.mark.openvino),
+]
+
+
+def test_every_quantized_bundled_profile_is_tested_here() -> None:
+    bundled = {n for n in bundled_profile_names() if load_profile(n).quantization.scheme != "none"}
+    assert bundled == {p.values[0] for p in QUANTIZED}
+
+
+@pytest.mark.parametrize(("profile", "overrides", "scheme"), QUANTIZED)
+def test_quantized_build_records_what_it_did_and_stays_close_to_torch(
+    profile: str,
+    overrides: tuple[str, ...],
+    scheme: str,
+    built: Callable[..., Path],
+    rgb_images: list[np.ndarray],
+) -> None:
+    fp32_profile = "vit-onnxruntime-fp32" if "onnxruntime" in profile else "vit-openvino-fp32"
+    artifact = built("hf-classifier", profile, *overrides)
+    (record,) = open_artifact(artifact, verify=True).manifest.components.values()
+    quantization = record.quantization
+    assert quantization["scheme"] == scheme
+    assert quantization["quantized_weights"] >= 12  # 2 blocks x 6 linears, at least
+    assert quantization["bytes_after"] < quantization["bytes_before"]
+    assert record.validation["passed"]
+    assert record.validation["outputs"]["logits"]["min_cosine"] >= 0.99
+    with load(artifact) as quantized, load(built("hf-classifier", fp32_profile)) as reference:
+        ours = quantized.session.run({"pixel_values": _pixels()})["logits"]
+        theirs = reference.session.run({"pixel_values": _pixels()})["logits"]
+        assert [p[0].index for p in quantized(rgb_images)] == [
+            p[0].index for p in reference(rgb_images)
+        ]
+    cosine = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    assert cosine.min() >= 0.99
+    assert not np.array_equal(ours, theirs), "quantization must change the numbers"
+
+
+@pytest.mark.onnxruntime
+def test_onnx_int8_dynamic_uses_integer_kernels(built: Callable[..., Path]) -> None:
+    import onnx
+
+    artifact = built("hf-classifier", "vit-onnxruntime-int8")
+    model = onnx.load(str(artifact / "model.onnx"))
+    ops = Counter(node.op_type for node in model.graph.node)
+    assert ops["MatMulInteger"] >= 12 and ops["DynamicQuantizeLinear"] >= 1
+    assert ops["MatMul"] < ops["MatMulInteger"]  # only the attention's activation matmuls
+    (record,) = open_artifact(artifact).manifest.components.values()
+    assert record.quantization["ops"]["MatMulInteger"] == ops["MatMulInteger"]
+
+
+@pytest.mark.openvino
+@pytest.mark.parametrize(
+    ("profile", "overrides", "weight_type"),
+    [
+        ("vit-openvino-int8", (), "u8"),
+        ("vit-openvino-int4", SMALL_GROUPS, "i4"),
+        ("vit-openvino-nf4", SMALL_GROUPS, "nf4"),
+    ],
+)
+def test_openvino_ir_stores_low_precision_weights(
+    profile: str, overrides: tuple[str, ...], weight_type: str, built: Callable[..., Path]
+) -> None:
+    import openvino as ov
+
+    artifact = built("hf-classifier", profile, *overrides)
+    model = ov.Core().read_model(artifact / "openvino_model.xml")
+    types = Counter(
+        op.get_element_type().get_type_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "Constant" and len(op.get_output_shape(0)) >= 2
+    )
+    assert types[weight_type] >= 12
+    (record,) = open_artifact(artifact).manifest.components.values()
+    assert record.quantization["weight_types"][weight_type] >= 12
+
+
+def test_support_matrix_is_the_one_place(tmp_path: Path) -> None:
+    assert supported_schemes("onnx") == ["none", "int8-dynamic"]
+    assert supported_schemes("torch") == ["none"]
+    assert set(SCHEMES) == {"none", "int8-dynamic", "int8-weights", "int4-weights", "nf4-weights"}
+    table = matrix_markdown()
+    for scheme in SCHEMES[1:]:
+        row = next(line for line in table.splitlines() if f"`{scheme}`" in line)
+        assert row.count("yes") == sum(scheme in schemes for schemes in SUPPORT.values())
+
+
+@pytest.mark.parametrize(
+    ("profile", "overrides", "message"),
+    [
+        (
+            "vit-onnxruntime-fp32",
+            ["quantization.scheme=int4-weights"],
+            "format 'onnx' has no quantization scheme 'int4-weights'; for onnx: none, "
+            "int8-dynamic; 'int4-weights' is available for: openvino",
+        ),
+        (
+            "vit-torch-fp32",
+            ["quantization.scheme=int8-dynamic"],
+            "format 'torch' has no quantization scheme 'int8-dynamic'; for torch: none; "
+            "'int8-dynamic' is available for: onnx",
+        ),
+        (
+            "vit-openvino-fp32",
+            ["quantization.scheme=int3"],
+            "quantization.scheme 'int3' is unknown; known: none, int4-weights, int8-dynamic",
+        ),
+    ],
+)
+def test_unsupported_pairs_fail_at_profile_validation(
+    profile: str, overrides: list[str], message: str
+) -> None:
+    with pytest.raises(UnsupportedError, match=re.escape(message)):
+        load_profile(profile, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["quantization.group_size=0"], "quantization.group_size must be >= 1, got 0"),
+        (["quantization.ratio=0"], r"quantization.ratio must be in \(0, 1\], got 0"),
+    ],
+)
+def test_bad_quantization_settings(overrides: list[str], message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        load_profile("vit-openvino-int4", overrides)
+
+
+@pytest.mark.openvino
+def test_group_size_that_does_not_divide_the_layers_fails_the_build(
+    source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    target = tmp_path / "int4"
+    with pytest.raises(
+        QuantizationError,
+        match=r"^vision_model: nncf int4_sym weight compression failed: .*group size.*; "
+        r"quantization\.group_size = 128 must divide the input channels of every layer",
+    ):
+        build(source_dir("hf-classifier"), "vit-openvino-int4", target)
+    assert not target.exists()
+
+
+def _pixels() -> np.ndarray:
+    return np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+
+
+def test_readme_shows_the_matrix_from_code() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert matrix_markdown() in readme
