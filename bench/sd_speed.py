@@ -22,7 +22,6 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -39,13 +38,9 @@ GENERATE = {"steps": 20, "guidance": 7.5, "seed": 0}
 
 def timed(call: Callable[[], Any], runs: int) -> float:
     """Median seconds over `runs` calls after one warm-up call."""
-    call()
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+    from modelkiln.bench.metrics import measure_latency
+
+    return measure_latency(call, warmup=1, runs=runs).p50
 
 
 def measure_torch(source: Path, image: Path, runs: int, steps: int) -> dict[str, Any]:

@@ -161,6 +161,22 @@ def _tiny_vae() -> Any:
     )
 
 
+def _sd_scheduler(prediction_type: str = "epsilon") -> Any:
+    """SD 1.x's PNDM scheduler config (v_prediction: SD 2.x style)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+    )
+
+
 def tiny_sd(
     directory: str | Path,
     *,
@@ -172,7 +188,6 @@ def tiny_sd(
     prediction_type="v_prediction" makes it an SD 2.x-style v-prediction model."""
     import torch
     from diffusers import (
-        PNDMScheduler,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
@@ -193,16 +208,7 @@ def tiny_sd(
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-        num_train_timesteps=1000,
-        prediction_type=prediction_type,
-    )
+    scheduler = _sd_scheduler(prediction_type)
     tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer")
     pipeline_class: Any = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
     pipeline = pipeline_class(
@@ -331,7 +337,6 @@ def random_sd15(directory: str | Path, *, seed: int = 0) -> Path:
     import torch
     from diffusers import (
         AutoencoderKL,
-        PNDMScheduler,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
@@ -345,15 +350,7 @@ def random_sd15(directory: str | Path, *, seed: int = 0) -> Path:
         text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT_CONFIG)),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
         unet=UNet2DConditionModel(**SD15_UNET_CONFIG),
-        scheduler=PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            skip_prk_steps=True,
-            steps_offset=1,
-            set_alpha_to_one=False,
-            num_train_timesteps=1000,
-        ),
+        scheduler=_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
