@@ -82,6 +82,8 @@ class Manifest:
     build: dict[str, Any]
     modelkiln_version: str
     schema_version: int = MANIFEST_SCHEMA_VERSION
+    # The artifact's pipeline against torch fp32 on real data ([validation] data / prompts).
+    end_to_end: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -111,6 +113,7 @@ class Manifest:
                 build=dict(data["build"]),
                 modelkiln_version=data["modelkiln_version"],
                 schema_version=version,
+                end_to_end=dict(data.get("end_to_end", {})),
             )
         except (KeyError, TypeError, AttributeError) as error:
             raise ArtifactError(

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
 
-from modelkiln import __version__
+from modelkiln import __version__, calibration, quality
 from modelkiln.artifact import (
     ComponentRecord,
     Manifest,
@@ -75,6 +75,7 @@ def build(
     started = time.perf_counter()
     progress = progress or NullProgress()
     resolved_profile = load_profile(profile, overrides)
+    resolved_profile.require_calibration_data()
     exporter = EXPORTERS.get(resolved_profile.export.format)()
     runtime = RUNTIMES.get(resolved_profile.runtime_name)()
     # Fail on a missing backend before spending minutes loading the model.
@@ -98,6 +99,17 @@ def build(
         resolved_profile, model=replace(resolved_profile.model, task=cast(Task, loaded.task))
     )
     target = Path(output) if output is not None else default_output(resolved.spec, resolved_profile)
+    names = [spec.name for spec in loaded.components]
+    # Real data first, from the torch pipeline, before any export holds memory.
+    calibrating = calibration.components_to_calibrate(resolved_profile, names)
+    feeds = (
+        calibration.collect(loaded, resolved_profile, calibrating, progress) if calibrating else {}
+    )
+    expected = (
+        quality.reference(loaded, resolved_profile, progress)
+        if quality.wanted(resolved_profile)
+        else None
+    )
 
     with atomic_directory(target) as staging:
         records = {}
@@ -113,7 +125,9 @@ def build(
             if scheme != "none":
                 with progress.task(f"quantizing {spec.name} ({scheme})"):
                     settings = component_profile.quantization
-                    quantization = quantize(entry, exporter.format, settings, spec.name)
+                    quantization = quantize(
+                        entry, exporter.format, settings, spec.name, feeds.pop(spec.name, ())
+                    )
             record = _validate(
                 spec, load_module, entry, staging, runtime, component_profile, progress
             )
@@ -142,6 +156,9 @@ def build(
             modelkiln_version=__version__,
         )
         write_manifest(staging, manifest)
+        if expected is not None:
+            end_to_end = quality.check(staging, expected, resolved_profile, progress)
+            write_manifest(staging, replace(manifest, end_to_end=end_to_end))
     logger.info("built %s in %.1f s", target, time.perf_counter() - started)
     return target
 
@@ -166,6 +183,7 @@ def _validate(
         atol=settings.atol if settings.atol is not None else spec.atol,
         min_cosine=settings.min_cosine,
         min_top1_agreement=settings.min_top1_agreement,
+        min_sqnr_db=settings.min_sqnr_db,
     )
     inputs, outputs = export_signature(spec, profile)
     batches = tuple(size * spec.batch_factor for size in settings.batch_sizes)

@@ -84,6 +84,29 @@ class ValidationSettings:
     atol: float | None = None  # None: the component's own fp32 tolerance
     min_cosine: float = 0.9999
     min_top1_agreement: float = 1.0
+    min_sqnr_db: float | None = None  # signal-to-quantization-noise floor of every output
+    # Real data, end to end through the artifact's pipeline against the torch fp32 one:
+    # image models: a folder of images (ImageFolder layout gives labels) or "digits".
+    data: str | None = None
+    max_accuracy_drop: float | None = None  # percentage points of top-1 on labelled `data`
+    # diffusion models: images generated from these prompts (seeds seed, seed+1, ...).
+    prompts: tuple[str, ...] = ()
+    steps: int = 4
+    min_psnr_db: float | None = None
+    min_ssim: float | None = None
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """[calibration]: real inputs for the schemes that quantize activations (int8-static,
+    int8-hybrid), collected before export."""
+
+    data: str | None = None  # image models: a folder of images, or "digits"
+    prompts: tuple[str, ...] = ()  # diffusion: run through the fp32 torch pipeline
+    size: int = 32  # images (image models) or pipeline runs (diffusion, one per prompt)
+    batch_size: int = 1  # images per feed (image models)
+    steps: int = 4  # diffusion: denoising steps per run; each step is one UNet input
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -91,20 +114,29 @@ class QuantizationSettings:
     """[quantization]: a scheme applied to every exported component with the format's own
     tooling (modelkiln.quantize.SUPPORT says which format has which scheme)."""
 
-    scheme: str = "none"  # none | int8-dynamic (onnx) | int8-weights | int4-weights | nf4-weights
+    scheme: str = "none"  # `kiln profiles schemes` / README: which format has which
     symmetric: bool = False  # int8/int4 weights: symmetric (no zero point) or asymmetric
-    group_size: int = 128  # int4/nf4: weights per scale along the input channels
-    ratio: float = 1.0  # int4/nf4: share of the layers in 4 bits (the rest int8)
+    group_size: int = 128  # int4/nf4: weights per scale along the input channels (block size)
+    ratio: float = 1.0  # openvino int4/nf4: share of the layers in 4 bits (the rest int8)
     per_channel: bool = False  # onnx int8: one scale per output channel
+    # int8-static (onnx): how activation ranges are taken from the calibration outputs.
+    method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    # int8-static / int8-hybrid (openvino): nncf's transformer-aware scheme (keeps softmax,
+    # layer norm and the like in floating point) or its default for convolutional networks.
+    model_type: Literal["transformer", "default"] = "transformer"
 
 
 @dataclass(frozen=True)
 class ComponentSettings:
-    """[components.<name>]: one component's overrides of [precision] and [validation]."""
+    """[components.<name>]: one component's overrides of [precision], [quantization] and
+    [validation] (e.g. an int8 UNet beside an fp32 VAE)."""
 
     compute: Precision | None = None
     weights: Precision | None = None
+    scheme: str | None = None
     atol: float | None = None
+    min_cosine: float | None = None
+    min_sqnr_db: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +152,7 @@ class Profile:
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     components: dict[str, ComponentSettings] = field(default_factory=dict)
 
     @classmethod
@@ -150,8 +183,24 @@ class Profile:
             compute=settings.compute or self.precision.compute,
             weights=settings.weights or self.precision.weights,
         )
-        atol = settings.atol if settings.atol is not None else self.validation.atol
-        return replace(self, precision=precision, validation=replace(self.validation, atol=atol))
+        validation = replace(
+            self.validation,
+            atol=_first(settings.atol, self.validation.atol),
+            min_cosine=_first(settings.min_cosine, self.validation.min_cosine),
+            min_sqnr_db=_first(settings.min_sqnr_db, self.validation.min_sqnr_db),
+        )
+        quantization = replace(
+            self.quantization, scheme=_first(settings.scheme, self.quantization.scheme)
+        )
+        return replace(self, precision=precision, validation=validation, quantization=quantization)
+
+    def schemes(self) -> dict[str, str]:
+        """[components.<name>] schemes that differ from [quantization]'s."""
+        return {
+            name: settings.scheme
+            for name, settings in self.components.items()
+            if settings.scheme is not None
+        }
 
     def check_components(self, names: Iterable[str], family: str) -> None:
         """[components.<name>] must name components the model has."""
@@ -223,6 +272,8 @@ class Profile:
 
         settings = self.quantization
         check_scheme(self.export.format, settings.scheme, origin)
+        for name, scheme in self.schemes().items():
+            check_scheme(self.export.format, scheme, f"{origin} [components.{name}]")
         if settings.group_size < 1:
             raise ProfileError(
                 f"{origin}: quantization.group_size must be >= 1, got {settings.group_size}"
@@ -230,6 +281,53 @@ class Profile:
         if not 0.0 < settings.ratio <= 1.0:
             raise ProfileError(
                 f"{origin}: quantization.ratio must be in (0, 1], got {settings.ratio}"
+            )
+        self._check_real_data(origin)
+
+    def _check_real_data(self, origin: str) -> None:
+        """Calibration and end-to-end validation take images or prompts, as the family does."""
+        from modelkiln.models import FAMILIES
+
+        wants = FAMILIES.get(self.family).real_inputs  # "images" or "prompts"
+        key = "data" if wants == "images" else "prompts"
+        calibration, validation = self.calibration, self.validation
+        for section, name in ((calibration, "calibration"), (validation, "validation")):
+            other = "prompts" if key == "data" else "data"
+            if getattr(section, other):
+                raise ProfileError(
+                    f"{origin}: {name}.{other} does not apply to {self.family} models, which "
+                    f"take {wants}: use {name}.{key}"
+                )
+        if calibration.size < 1 or calibration.batch_size < 1 or calibration.steps < 1:
+            raise ProfileError(f"{origin}: calibration.size, batch_size and steps must be >= 1")
+        if validation.max_accuracy_drop is not None and validation.data is None:
+            raise ProfileError(
+                f"{origin}: validation.max_accuracy_drop needs labelled images: set "
+                'validation.data to an ImageFolder directory (or "digits")'
+            )
+        gates = [k for k in ("min_psnr_db", "min_ssim") if getattr(validation, k) is not None]
+        if gates and not validation.prompts:
+            raise ProfileError(
+                f"{origin}: validation.{gates[0]} needs validation.prompts to generate images from"
+            )
+        if validation.steps < 1:
+            raise ProfileError(f"{origin}: validation.steps must be >= 1")
+
+    def require_calibration_data(self) -> None:
+        """A build with int8-static / int8-hybrid needs real inputs. Not checked with the
+        profile: a bundled profile cannot know the user's images; the build asks for them."""
+        from modelkiln.models import FAMILIES
+        from modelkiln.quantize import CALIBRATED
+
+        wants = FAMILIES.get(self.family).real_inputs
+        key = "data" if wants == "images" else "prompts"
+        calibrated = sorted({self.quantization.scheme, *self.schemes().values()} & CALIBRATED)
+        if calibrated and not getattr(self.calibration, key):
+            example = "DIR (a folder of images) or digits" if key == "data" else "'[\"a photo\"]'"
+            raise ProfileError(
+                f"profile '{self.name}': quantization scheme {', '.join(calibrated)} needs "
+                f"calibration {wants}: set [calibration] {key} in the profile, or "
+                f"--set calibration.{key}={example}"
             )
 
     def _precisions(self) -> list[tuple[str, PrecisionSettings]]:
@@ -276,6 +374,10 @@ class Profile:
 
 
 # --- bundled profiles -----------------------------------------------------------------------
+
+
+def _first(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def bundled_profiles_dir() -> Path:

@@ -22,6 +22,7 @@ class Tolerance:
     atol: float
     min_cosine: float
     min_top1_agreement: float
+    min_sqnr_db: float | None = None  # None: not gated
 
 
 @dataclass
@@ -30,6 +31,8 @@ class OutputMetrics:
 
     max_abs: float = 0.0
     sum_abs: float = 0.0
+    sum_signal: float = 0.0  # sum of squared reference values, for the SQNR
+    sum_noise: float = 0.0  # sum of squared differences
     count: int = 0
     min_cosine: float = 1.0
     top1_agree: int = 0
@@ -54,17 +57,28 @@ class OutputMetrics:
         diff = np.abs(reference - candidate)
         self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
         self.sum_abs += float(diff.sum())
+        self.sum_signal += float((reference**2).sum())
+        self.sum_noise += float((diff**2).sum())
         self.count += diff.size
         self.min_cosine = min(self.min_cosine, _min_cosine(reference, candidate))
         if is_logits:
             self.top1_agree += int((reference.argmax(-1) == candidate.argmax(-1)).sum())
             self.top1_total += int(reference.argmax(-1).size)
 
+    @property
+    def sqnr_db(self) -> float:
+        """Signal-to-quantization-noise ratio over every feed: 10 log10(sum ref² / sum err²)."""
+        if self.sum_noise == 0.0:
+            return float("inf")
+        return float(10 * np.log10(max(self.sum_signal, 1e-300) / self.sum_noise))
+
     def summary(self) -> dict[str, Any]:
         data: dict[str, Any] = {
             "max_abs": self.max_abs,
             "mean_abs": self.sum_abs / max(self.count, 1),
             "min_cosine": self.min_cosine,
+            # JSON has no infinity: null means the outputs were identical.
+            "sqnr_db": None if self.sqnr_db == float("inf") else round(self.sqnr_db, 2),
         }
         if self.top1_total:
             data["top1_agreement"] = self.top1_agree / self.top1_total
@@ -80,6 +94,8 @@ class OutputMetrics:
             problems.append(f"max-abs diff {self.max_abs:.3g} > atol {tolerance.atol:.3g}")
         if self.min_cosine < tolerance.min_cosine:
             problems.append(f"cosine {self.min_cosine:.6f} < {tolerance.min_cosine}")
+        if tolerance.min_sqnr_db is not None and self.sqnr_db < tolerance.min_sqnr_db:
+            problems.append(f"SQNR {self.sqnr_db:.1f} dB < {tolerance.min_sqnr_db} dB")
         if self.top1_total and self.top1_agree / self.top1_total < tolerance.min_top1_agreement:
             agreement = self.top1_agree / self.top1_total
             problems.append(f"top-1 agreement {agreement:.3f} < {tolerance.min_top1_agreement}")

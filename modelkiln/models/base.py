@@ -33,6 +33,8 @@ class LoadedModel:
 class ModelFamily(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # what it covers, for "unsupported model" errors
+    # What calibration and end-to-end validation feed it: image files, or text prompts.
+    real_inputs: ClassVar[str] = "images"
 
     @classmethod
     @abstractmethod

@@ -49,6 +49,7 @@ class StableDiffusionFamily(ModelFamily):
         "diffusers StableDiffusionPipeline / Img2Img / Inpaint directories (SD 1.x, 2.x)"
     )
     xl: ClassVar[bool] = False
+    real_inputs: ClassVar[str] = "prompts"
 
     @classmethod
     def matches(cls, source: ResolvedSource) -> bool:
