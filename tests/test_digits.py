@@ -66,12 +66,22 @@ def _row(profile: str, accuracy: float) -> DemoRow:
     return DemoRow(profile, "x", accuracy, 100.0, 1.0, 1.0, 1.0)
 
 
-def test_accuracy_gate_fails_beyond_half_a_point() -> None:
-    ok = DemoResult([_row("torch", 96.0), _row("a", 95.6), _row("b", 96.5)], Path(), 360, None)
-    check_accuracy(ok)
-    bad = DemoResult([_row("torch", 96.0), _row("a", 95.4)], Path(), 360, None)
+def test_accuracy_gate_allows_half_a_point_for_floats_one_for_int8_three_for_4_bit() -> None:
+    reference = _row("vit-torch-fp32", 96.0)
+    rows = [_row("vit-onnxruntime-fp32", 95.6), _row("vit-openvino-int8", 95.1)]
+    check_accuracy(
+        DemoResult([reference, *rows, _row("vit-openvino-int4", 93.1)], Path(), 360, None)
+    )
+    bad = DemoResult([reference, _row("vit-onnxruntime-fp32", 95.4)], Path(), 360, None)
     with pytest.raises(
         ValidationError,
-        match=r"a: top-1 accuracy 95\.40% is 0\.60 points from PyTorch's 96\.00% \(allowed: 0\.5\)",
+        match=r"vit-onnxruntime-fp32: top-1 accuracy 95\.40% is 0\.60 points from PyTorch's "
+        r"96\.00% \(allowed: 0\.5\)",
     ):
         check_accuracy(bad)
+    with pytest.raises(
+        ValidationError, match=r"vit-openvino-int8: .* 1\.10 points .*allowed: 1\.0"
+    ):
+        check_accuracy(DemoResult([reference, _row("vit-openvino-int8", 94.9)], Path(), 360, None))
+    with pytest.raises(ValidationError, match=r"vit-openvino-nf4: .* 3\.50 points .*allowed: 3\.0"):
+        check_accuracy(DemoResult([reference, _row("vit-openvino-nf4", 92.5)], Path(), 360, None))

@@ -1,0 +1,109 @@
+"""The peers for bench/vit_speed.py: the same ViT exported and run by optimum's own classes.
+
+Runs in .venv-optimum (optimum-intel, optimum-onnx and their transformers; `make compat`
+creates it), one peer per process, called by vit_speed.py as
+
+    .venv-optimum/bin/python bench/optimum_peers.py --work WORK --child NAME [--runs N]
+
+  optimum-intel-openvino  `optimum-cli export openvino --model SRC` (fp32 weights; OpenVINO
+                          runs it in its default precision: bf16 on AMX), run by
+                          OVModelForImageClassification
+  optimum-onnx-int8       ORTModelForImageClassification export + ORTQuantizer with
+                          AutoQuantizationConfig.avx512_vnni(is_static=False), run by
+                          ORTModelForImageClassification
+
+Prints one JSON line: medians at batch 1 and 8 (same feeds and timing as vit_speed.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BATCHES = (1, 8)
+
+
+def median_seconds(run: Any, batch: int, runs: int) -> float:
+    import numpy as np
+    import torch
+
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    tensor = torch.from_numpy(pixels)
+    for _ in range(3):
+        run(tensor)
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run(tensor)
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples)
+
+
+def openvino_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
+    from optimum.intel import OVModelForImageClassification
+
+    if not (out / "openvino_model.xml").is_file():
+        cli = Path(sys.executable).with_name("optimum-cli")
+        command = [str(cli), "export", "openvino", "--model", str(source)]
+        subprocess.run([*command, "--task", "image-classification", str(out)], check=True)
+    config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY"}
+    model = OVModelForImageClassification.from_pretrained(out, ov_config=config)
+    precision = model.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT")
+    return model, f"openvino ({precision})"
+
+
+def onnx_int8_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
+    import onnxruntime
+    from optimum.onnxruntime import ORTModelForImageClassification, ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    if not (out / "model_quantized.onnx").is_file():
+        exported = ORTModelForImageClassification.from_pretrained(source, export=True)
+        exported.save_pretrained(out / "fp32")
+        quantizer = ORTQuantizer.from_pretrained(out / "fp32")
+        config = AutoQuantizationConfig.avx512_vnni(is_static=False, per_channel=False)
+        quantizer.quantize(save_dir=out, quantization_config=config)
+        for path in (out / "fp32").iterdir():  # only the quantized model counts for size
+            path.unlink()
+        (out / "fp32").rmdir()
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = ORTModelForImageClassification.from_pretrained(
+        out, file_name="model_quantized.onnx", session_options=options
+    )
+    return model, "onnxruntime (int8 dynamic)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument(
+        "--child", required=True, choices=["optimum-intel-openvino", "optimum-onnx-int8"]
+    )
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    source, out = args.work / "vit-b16", args.work / "peers" / args.child
+    make = openvino_peer if args.child == "optimum-intel-openvino" else onnx_int8_peer
+    model, backend = make(source, out, args.threads)
+
+    def run(pixels: Any) -> Any:
+        with torch.inference_mode():
+            return model(pixel_values=pixels).logits
+
+    result = {"backend": backend}
+    result.update({f"batch{b}_s": median_seconds(run, b, args.runs) for b in BATCHES})
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

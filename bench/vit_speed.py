@@ -1,0 +1,191 @@
+"""ViT-B/16 224 speed and size: torch eager fp32 against every bundled ViT CPU profile, one run.
+
+    python bench/vit_speed.py --work /tmp/kiln-vit [--profiles a,b] [--runs 20] [--threads 2]
+                              [--peers]
+
+Source: a transformers ViTForImageClassification with random weights from ViTConfig's
+defaults, which are ViT-B/16 at 224x224 (86 M parameters, the published model's compute),
+made once under WORK/vit-b16. Each profile is built once (WORK/artifacts/PROFILE, reused when
+present; calibrated schemes calibrate on the digits set) and measured in its own process:
+medians over --runs calls of the exported model at batch 1 and batch 8 after 3 warm-ups.
+Ratios are torch fp32 eager time / profile time (higher is faster).
+
+--peers also exports and runs the same model with optimum's classes from .venv-optimum
+(`make compat` creates it): optimum-intel's OpenVINO export (fp32 weights; OpenVINO runs it in
+its default bf16 on AMX) and optimum-onnx's dynamic int8 (the avx512_vnni config).
+
+Random weights: the logits of a random ViT-B are nearly tied, so builds here gate cosine and
+SQNR and not top-1 agreement; accuracy is measured on real data by bench/digits_accuracy.py.
+Writes WORK/vit_speed.json and WORK/vit_speed.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+BASELINE = "torch-fp32-eager"
+BATCHES = (1, 8)
+# Random weights have near-tied logits: top-1 agreement means nothing (see the docstring).
+BUILD_OVERRIDES = ("validation.min_top1_agreement=0.0", "validation.batch_sizes=[1]")
+PEERS = ("optimum-intel-openvino", "optimum-onnx-int8")
+PEER_VENV = Path(".venv-optimum/bin/python")
+
+
+def default_profiles() -> list[str]:
+    from modelkiln.profiles import bundled_profile_names, load_profile
+
+    return [
+        name
+        for name in bundled_profile_names()
+        if load_profile(name).family == "vit" and load_profile(name).runtime.device == "cpu"
+    ]
+
+
+def make_source(directory: Path) -> None:
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(num_labels=1000)).eval().save_pretrained(directory)
+    ViTImageProcessor().save_pretrained(directory)
+
+
+def overrides_for(profile: str) -> list[str]:
+    from modelkiln.profiles import load_profile
+    from modelkiln.quantize import CALIBRATED
+
+    extra = list(BUILD_OVERRIDES)
+    if load_profile(profile).quantization.scheme in CALIBRATED:
+        extra.append('calibration.data="digits"')
+    return extra
+
+
+def measure(run: Any, batch: int, runs: int) -> float:
+    import numpy as np
+
+    from modelkiln.bench.metrics import measure_latency
+
+    pixels = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
+    return measure_latency(lambda: run(pixels), warmup=3, runs=runs).p50
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child == BASELINE:
+        from transformers import ViTForImageClassification
+
+        model = ViTForImageClassification.from_pretrained(args.source).eval()
+
+        def run(pixels: Any) -> Any:
+            with torch.inference_mode():
+                return model(torch.from_numpy(pixels)).logits
+
+        info = {"runtime": "torch", "inference_precision": "f32"}
+    else:
+        from modelkiln import load
+
+        pipeline = load(args.work / "artifacts" / args.child, threads=args.threads)
+
+        def run(pixels: Any) -> Any:
+            return pipeline.session.run({"pixel_values": pixels})
+
+        info = pipeline.session.info
+    return {
+        "backend": f"{info.get('runtime')} ({info.get('inference_precision')})",
+        **{f"batch{b}_s": measure(run, b, args.runs) for b in BATCHES},
+    }
+
+
+def size_mb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 1e6
+
+
+def run_child(args: argparse.Namespace, name: str, python: str = sys.executable) -> dict[str, Any]:
+    script = Path(__file__).with_name("optimum_peers.py") if name in PEERS else Path(__file__)
+    command = [python, str(script), "--work", str(args.work), "--child", name]
+    command += ["--runs", str(args.runs), "--threads", str(args.threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--profiles", default=None, help="default: every bundled ViT profile")
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", action="store_true", help="optimum's exports, same run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.source = args.work / "vit-b16"
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+    if not (args.source / "config.json").is_file():
+        print(f"writing a random ViT-B/16 to {args.source} ...", flush=True)
+        make_source(args.source)
+    profiles = args.profiles.split(",") if args.profiles else default_profiles()
+    for profile in profiles:
+        artifact = args.work / "artifacts" / profile
+        if not (artifact / "kiln.json").is_file():
+            print(f"building {profile} ...", flush=True)
+            command = [sys.executable, "-m", "modelkiln", "build", str(args.source)]
+            command += ["--profile", profile, "-o", str(artifact)]
+            for item in overrides_for(profile):
+                command += ["--set", item]
+            subprocess.run(command, check=True)
+    names = [BASELINE, *profiles]
+    peers = list(PEERS) if args.peers else []
+    if peers and not PEER_VENV.exists():
+        raise SystemExit(f"--peers needs {PEER_VENV}: run `make compat` once")
+    results: dict[str, dict[str, Any]] = {}
+    for name in names + peers:
+        print(f"measuring {name} ...", flush=True)
+        python = str(PEER_VENV) if name in PEERS else sys.executable
+        results[name] = run_child(args, name, python)
+        if name == BASELINE:
+            results[name]["size_mb"] = size_mb(args.source)
+        elif name in PEERS:
+            results[name]["size_mb"] = size_mb(args.work / "peers" / name)
+        else:
+            results[name]["size_mb"] = size_mb(args.work / "artifacts" / name)
+        print(f"  {results[name]}", flush=True)
+    base = results[BASELINE]
+    for result in results.values():
+        for batch in BATCHES:
+            result[f"batch{batch}_speedup"] = base[f"batch{batch}_s"] / result[f"batch{batch}_s"]
+    from modelkiln.env import host_info
+
+    report = {"machine": {**host_info(), "threads": args.threads}, "runs": args.runs}
+    report["results"] = results
+    (args.work / "vit_speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(results, args.threads)
+    (args.work / "vit_speed.md").write_text(table)
+    print(table)
+
+
+def markdown(results: dict[str, dict[str, Any]], threads: int) -> str:
+    lines = [
+        f"| ViT-B/16 224, {threads} threads | runs as | size | batch 1 | batch 8 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, r in results.items():
+        lines.append(
+            f"| {name} | {r['backend']} | {r['size_mb']:.0f} MB "
+            f"| {1e3 * r['batch1_s']:.0f} ms ({r['batch1_speedup']:.2f}×) "
+            f"| {1e3 * r['batch8_s']:.0f} ms ({r['batch8_speedup']:.2f}×) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
