@@ -6,10 +6,16 @@ with onnxruntime or OpenVINO) never imports torch.
 
 from __future__ import annotations
 
+import logging
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# torchao (imported by transformers and diffusers whenever it is installed) registers enums
+# with torch's pytree, which torch >= 2.12 deprecates with one warning per enum: not news for
+# our users. Set before torch is imported; torch keeps a child logger's level.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 _EXPORTS = {
     "build": "modelkiln.builder",

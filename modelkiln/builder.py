@@ -9,11 +9,13 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, cast
+
+import numpy as np
 
 from modelkiln import __version__, calibration, quality
 from modelkiln.artifact import (
@@ -55,6 +57,7 @@ class CachedLoader(Protocol):
 
 
 DEFAULT_OUTPUT_ROOT = Path("artifacts")
+VALIDATION_FEEDS = 4
 
 
 def build(
@@ -126,10 +129,17 @@ def build(
                 with progress.task(f"quantizing {spec.name} ({scheme})"):
                     settings = component_profile.quantization
                     quantization = quantize(
-                        entry, exporter.format, settings, spec.name, feeds.pop(spec.name, ())
+                        entry, exporter.format, settings, spec.name, feeds.get(spec.name, ())
                     )
             record = _validate(
-                spec, load_module, entry, staging, runtime, component_profile, progress
+                spec,
+                load_module,
+                entry,
+                staging,
+                runtime,
+                component_profile,
+                progress,
+                real_feeds=feeds.pop(spec.name, ()),
             )
             records[spec.name] = replace(record, quantization=quantization)
         # Last, so that the family's configs win over anything an exporter saved beside them.
@@ -171,8 +181,13 @@ def _validate(
     runtime: Runtime,
     profile: Profile,
     progress: Progress,
+    real_feeds: Sequence[dict[str, np.ndarray]] = (),
 ) -> ComponentRecord:
     """Run the exported component against its torch module on several seeded feeds.
+
+    A component calibrated on real inputs is validated on (up to VALIDATION_FEEDS of) those:
+    its activation ranges come from them, and random inputs far outside them would measure
+    clipping that real use never sees.
 
     The torch module runs first and is released before the export is opened: the build then
     holds one copy of a component's weights at a time (SD-1.5's UNet: 3.4 GB, not 6.9 GB).
@@ -187,7 +202,11 @@ def _validate(
     )
     inputs, outputs = export_signature(spec, profile)
     batches = tuple(size * spec.batch_factor for size in settings.batch_sizes)
-    feeds = validation_feeds(inputs, batches, settings.seed, spec.default_dims)
+    if real_feeds:
+        step = max(1, len(real_feeds) // VALIDATION_FEEDS)
+        feeds = list(real_feeds[::step][:VALIDATION_FEEDS])
+    else:
+        feeds = validation_feeds(inputs, batches, settings.seed, spec.default_dims)
     label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
     if profile.quantization.scheme != "none":
         label += f", {profile.quantization.scheme}"
@@ -201,7 +220,10 @@ def _validate(
             metrics = compare_outputs(expected, candidate, feeds, advance)
             runtime_info = candidate.info
     validation = verdict(spec.name, label, metrics, tolerance)
-    validation["batch_sizes"] = list(settings.batch_sizes)
+    if real_feeds:
+        validation["inputs"] = f"{len(feeds)} of the calibration feeds"
+    else:
+        validation["batch_sizes"] = list(settings.batch_sizes)
     return ComponentRecord(
         name=spec.name,
         entry=entry.relative_to(staging).as_posix() or ".",

@@ -251,6 +251,12 @@ class Profile:
                     f"{precision.weights}; supported: "
                     f"{', '.join(sorted(exporter.weight_precisions))}"
                 )
+            if runtime.compute_follows_weights and precision.compute != precision.weights:
+                raise UnsupportedError(
+                    f"{origin}: runtime '{runtime_name}' computes {where}in the precision the "
+                    f"weights are stored in, so compute ({precision.compute}) must equal weights "
+                    f"({precision.weights}); set both to '{precision.weights}'"
+                )
             if precision.compute not in runtime.compute_precisions:
                 raise UnsupportedError(
                     f"{origin}: runtime '{runtime_name}' cannot compute {where}in "
@@ -272,6 +278,13 @@ class Profile:
 
         settings = self.quantization
         check_scheme(self.export.format, settings.scheme, origin)
+        schemes = {settings.scheme, *self.schemes().values()} - {"none"}
+        if schemes and self.export.format == "onnx" and self.precision.weights != "fp32":
+            raise UnsupportedError(
+                f"{origin}: onnx quantization schemes start from fp32 weights, not "
+                f"{self.precision.weights}; set precision.weights = 'fp32' with scheme "
+                f"{', '.join(sorted(schemes))}"
+            )
         for name, scheme in self.schemes().items():
             check_scheme(self.export.format, scheme, f"{origin} [components.{name}]")
         if settings.group_size < 1:

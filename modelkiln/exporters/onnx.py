@@ -195,7 +195,7 @@ def _strip_debug_metadata(model: Any) -> None:
 class OnnxExporter(Exporter):
     format = "onnx"
     default_runtime = "onnxruntime"
-    weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
+    weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16"})
     packages = ("torch", "onnx", "onnxscript", "onnx_ir")
     extra = "onnxruntime"
 
@@ -204,6 +204,10 @@ class OnnxExporter(Exporter):
     ) -> Path:
         directory = self.directory(spec, root)
         path = onnx_from_torch(spec, load_module, profile, directory / MODEL_FILE)
+        if profile.precision.weights == "fp16":
+            from modelkiln.quantize.onnx import to_fp16
+
+            to_fp16(path)  # fp32 inputs and outputs stay: callers feed what they always fed
         if spec.config_file is not None:
             (directory / "config.json").write_bytes(spec.config_file)
         return path

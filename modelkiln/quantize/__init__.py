@@ -8,7 +8,7 @@ any export, with the profile's (quantization-appropriate) tolerances.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,15 +16,24 @@ from modelkiln.errors import QuantizationError, UnsupportedError
 from modelkiln.registry import Registry
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from modelkiln.profiles import QuantizationSettings
 
 NONE = "none"
-Quantizer = Callable[[Path, "QuantizationSettings"], dict[str, Any]]
+# Real inputs of one component, by input name (empty for schemes that need none).
+Calibration = Sequence[Mapping[str, "np.ndarray"]]
+Quantizer = Callable[[Path, "QuantizationSettings", Calibration], dict[str, Any]]
 # format -> scheme -> the function that applies it: the only place that says what exists.
 SUPPORT: dict[str, Registry[Quantizer]] = {
     "onnx": Registry(
         "onnx quantization scheme",
-        {"int8-dynamic": "modelkiln.quantize.onnx:int8_dynamic"},
+        {
+            "int8-dynamic": "modelkiln.quantize.onnx:int8_dynamic",
+            "int8-static": "modelkiln.quantize.onnx:int8_static",
+            "int4-weights": "modelkiln.quantize.onnx:int4_weights",
+            "nf4-weights": "modelkiln.quantize.onnx:nf4_weights",
+        },
     ),
     "openvino": Registry(
         "openvino quantization scheme",
@@ -32,9 +41,21 @@ SUPPORT: dict[str, Registry[Quantizer]] = {
             "int8-weights": "modelkiln.quantize.openvino:compress_weights",
             "int4-weights": "modelkiln.quantize.openvino:compress_weights",
             "nf4-weights": "modelkiln.quantize.openvino:compress_weights",
+            "int8-static": "modelkiln.quantize.openvino:int8_static",
+            "int8-hybrid": "modelkiln.quantize.openvino:int8_hybrid",
+        },
+    ),
+    "torch": Registry(
+        "torch quantization scheme",
+        {
+            "int8-weights": "modelkiln.quantize.torch:quantize_weights",
+            "int4-weights": "modelkiln.quantize.torch:quantize_weights",
+            "nf4-weights": "modelkiln.quantize.torch:quantize_weights",
         },
     ),
 }
+# Schemes whose quantizer needs real inputs of the component (the [calibration] section).
+CALIBRATED = frozenset({"int8-static", "int8-hybrid"})
 SCHEMES = (NONE, *sorted({scheme for schemes in SUPPORT.values() for scheme in schemes}))
 
 
@@ -59,11 +80,15 @@ def check_scheme(format: str, scheme: str, origin: str) -> None:
 
 
 def quantize(
-    entry: Path, format: str, settings: QuantizationSettings, component: str
+    entry: Path,
+    format: str,
+    settings: QuantizationSettings,
+    component: str,
+    calibration: Calibration = (),
 ) -> dict[str, Any]:
     """Quantize one exported component in place; returns the manifest's record of it."""
     try:
-        record = SUPPORT[format].get(settings.scheme)(entry, settings)
+        record = SUPPORT[format].get(settings.scheme)(entry, settings, calibration)
     except QuantizationError as error:
         raise QuantizationError(f"{component}: {error}") from error
     if not record.get("quantized_weights"):

@@ -113,6 +113,9 @@ class Runtime(ABC):
     name: ClassVar[str]
     formats: ClassVar[frozenset[str]]  # on-disk formats it can run
     compute_precisions: ClassVar[frozenset[str]]
+    # True when the runtime computes in the types the file stores (onnxruntime): the profile's
+    # compute precision must then equal its weights precision.
+    compute_follows_weights: ClassVar[bool] = False
     package: ClassVar[str]  # import name of the backend
     distribution: ClassVar[str]  # pip distribution, for versions
     extra: ClassVar[str]  # the modelkiln extra that installs it

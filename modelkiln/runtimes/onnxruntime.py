@@ -52,6 +52,7 @@ class OnnxRuntimeSession(Session):
             [o.name for o in self._session.get_outputs()],
         )
         self._threads = options.threads
+        self._precision = {"fp16": "f16", "bf16": "bf16"}.get(options.compute_precision, "f32")
         self._graph_optimization = options.graph_optimization
 
     @property
@@ -59,7 +60,9 @@ class OnnxRuntimeSession(Session):
         return {
             "runtime": "onnxruntime",
             "providers": self._session.get_providers(),
-            "inference_precision": "f32",
+            # What the graph's own types say (onnxruntime never changes them); ops without
+            # an fp16 CPU kernel run in f32 between Casts.
+            "inference_precision": self._precision,
             "threads": self._threads or "default",
             "graph_optimization": self._graph_optimization,
         }
@@ -89,7 +92,8 @@ def _providers_for(device: str, available: list[str]) -> list[str]:
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
     formats: ClassVar[frozenset[str]] = frozenset({"onnx"})
-    compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
+    compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16"})
+    compute_follows_weights = True
     package = "onnxruntime"
     distribution = "onnxruntime"
     extra = "onnxruntime"

@@ -112,4 +112,10 @@ class TorchRuntime(Runtime):
                 f"{description} is missing or malformed ({error}); rebuild the artifact"
             ) from error
         module = family.reference_module(entry, recipe["component"], recipe["model"])
+        if recipe.get("quantization"):
+            # Stored as fp32 plus the recipe's scheme (modelkiln.quantize.torch): quantize
+            # again, whatever the family, before anything runs.
+            from modelkiln.quantize.torch import apply
+
+            apply(module, recipe["quantization"])
         return TorchModuleSession(module, name, inputs, outputs, options)
