@@ -13,9 +13,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 # torchao (imported by transformers and diffusers whenever it is installed) registers enums
-# with torch's pytree, which torch >= 2.12 deprecates with one warning per enum: not news for
-# our users. Set before torch is imported; torch keeps a child logger's level.
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+# with torch's pytree, which torch >= 2.12 deprecates with one warning per enum, and diffusers
+# 0.42 misses classes torchao 0.18 moved (it only matters for torchao-serialized diffusers
+# checkpoints, which we never load): not news for our users. Set before the libraries are
+# imported; they keep a child logger's level.
+for _chatter in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_chatter).setLevel(logging.ERROR)
 
 _EXPORTS = {
     "build": "modelkiln.builder",

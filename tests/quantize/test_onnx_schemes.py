@@ -124,11 +124,11 @@ def _files(path: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("method", "per_channel", "symmetric", "floor"),
     [
-        # measured over 6 model seeds: cosine MINMAX, dB | ENTROPY | PERCENTILE | PC
-        ("minmax", False, False, (0.99, 25)),
-        ("entropy", False, False, (0.99, 25)),
-        ("percentile", False, False, (0.99, 25)),
-        ("minmax", True, True, (0.99, 25)),
+        # floors under the cosine and SQNR measured over 6 model seeds, in the comments
+        ("minmax", False, False, (0.995, 27)),  # 0.9985-0.9999, 30.3-38.7 dB
+        ("entropy", False, False, (0.99, 25)),  # 0.9969-0.9996, 28.7-35.1 dB
+        ("percentile", False, False, (0.995, 27)),  # 0.9985-0.9998, 29.8-38.6 dB
+        ("minmax", True, True, (0.995, 29)),  # 0.9995-0.9999, 32.5-39.0 dB
     ],
 )
 def test_int8_static_puts_weight_layers_in_qdq_and_stays_close(
@@ -190,9 +190,9 @@ def test_int8_static_puts_weight_layers_in_qdq_and_stays_close(
     if method != "minmax":
         # Each method sets its own ranges: through quantize_static, entropy had 128 histogram
         # bins for 128 quantized bins and came out with minmax's scales to the bit.
-        scales = _activation_scales(model)
-        assert scales.keys() == minmax_scales.keys()
-        assert not all(np.array_equal(scales[name], minmax_scales[name]) for name in scales)
+        ours = _activation_scales(model)
+        assert ours.keys() == minmax_scales.keys()
+        assert not all(np.array_equal(ours[name], minmax_scales[name]) for name in ours)
 
     cosine, sqnr = _closeness(_logits(model), reference)
     assert cosine >= floor[0] and sqnr >= floor[1]

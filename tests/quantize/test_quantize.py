@@ -45,9 +45,57 @@ FP32 = {
 }
 
 
+# Tiny diffusion pipelines: one calibration prompt, short runs.
+TINY_RUNS = (
+    "calibration.size=1",
+    "calibration.steps=2",
+    'validation.prompts=["a red fox in a forest"]',
+    "validation.steps=2",
+)
+DIFFUSION = [
+    pytest.param("sd", "sd-openvino-int8", marks=[OV, pytest.mark.slow]),
+    pytest.param("sd", "sd-openvino-int8-hybrid", marks=[OV, pytest.mark.slow]),
+    pytest.param("sdxl", "sdxl-openvino-int8-hybrid", marks=[OV, pytest.mark.slow]),
+]
+
+
+def _quantized(name: str) -> bool:
+    profile = load_profile(name)
+    return profile.quantization.scheme != "none" or bool(profile.schemes())
+
+
 def test_every_quantized_bundled_profile_is_tested_here() -> None:
-    bundled = {n for n in bundled_profile_names() if load_profile(n).quantization.scheme != "none"}
-    assert bundled == {p.values[0] for p in QUANTIZED}
+    bundled = {n for n in bundled_profile_names() if _quantized(n)}
+    assert bundled == {p.values[0] for p in QUANTIZED} | {p.values[1] for p in DIFFUSION}
+
+
+@pytest.mark.parametrize(("source", "profile"), DIFFUSION)
+def test_quantized_diffusion_build_passes_its_end_to_end_gate(
+    source: str, profile: str, built: Callable[..., Path]
+) -> None:
+    import openvino as ov
+
+    artifact = built(source, profile, *TINY_RUNS)
+    manifest = open_artifact(artifact, verify=True).manifest
+    settings = load_profile(profile)
+    for name, record in manifest.components.items():
+        scheme = settings.for_component(name).quantization.scheme
+        assert record.quantization["scheme"] == scheme
+        assert record.quantization["bytes_after"] < record.quantization["bytes_before"]
+        model = ov.Core().read_model(artifact / record.entry)
+        fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+        # Hybrid: the UNet's activations are quantized too; weight-only leaves none.
+        assert (fake_quantize > 0) == (scheme == "int8-hybrid")
+        if scheme == "int8-hybrid":
+            assert record.validation["inputs"].endswith(" of the calibration feeds")
+            assert record.quantization["calibration_batches"] >= 2  # one per denoising step
+    end_to_end = manifest.end_to_end
+    assert end_to_end["prompts"] == ["a red fox in a forest"]
+    # The images changed (not identical) but stay within the profile's bounds.
+    (psnr,) = end_to_end["psnr_db"]
+    (ssim,) = end_to_end["ssim"]
+    assert psnr is not None and settings.validation.min_psnr_db <= psnr < 80
+    assert settings.validation.min_ssim <= ssim < 1.0
 
 
 @pytest.mark.parametrize(("profile", "overrides", "scheme"), QUANTIZED)
