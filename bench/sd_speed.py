@@ -149,6 +149,13 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a tiny SD: checks the script")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="profile override for every build (e.g. calibration.size=2)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     maker = "tiny_sd" if args.tiny else "random_sd15"
@@ -166,7 +173,8 @@ def main() -> None:
         if not (artifact / "kiln.json").is_file():
             print(f"building {profile} ...", flush=True)
             command = [sys.executable, "-m", "modelkiln", "build", str(source)]
-            subprocess.run([*command, "--profile", profile, "-o", str(artifact)], check=True)
+            command += ["--profile", profile, "-o", str(artifact)]
+            subprocess.run([*command, *(f"--set={item}" for item in args.overrides)], check=True)
     results: dict[str, dict[str, Any]] = {}
     for name in [BASELINE, *profiles]:
         print(f"measuring {name} ...", flush=True)
@@ -182,6 +190,10 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+        folder = source if name == BASELINE else args.work / "artifacts" / name
+        results[name]["size_bytes"] = sum(
+            p.stat().st_size for p in folder.rglob("*") if p.is_file()
+        )
         print(f"  {results[name]}", flush=True)
     base = results[BASELINE]
     baseline_image = args.work / "images" / f"{BASELINE}.png"
@@ -195,7 +207,13 @@ def main() -> None:
             "threads": args.threads,
             "python": platform.python_version(),
         },
-        "settings": {**GENERATE, "steps": args.steps, "runs": args.runs, "prompt": PROMPT},
+        "settings": {
+            **GENERATE,
+            "steps": args.steps,
+            "runs": args.runs,
+            "prompt": PROMPT,
+            "build_overrides": args.overrides,
+        },
         "results": results,
     }
     (args.work / "sd_speed.json").write_text(json.dumps(report, indent=2))
@@ -212,15 +230,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['machine']['threads']} threads; ratio = torch fp32 time / time.",
         "",
         f"| backend | UNet step (batch 2) | VAE decode | {width}×{height} "
-        f"{settings['steps']}-step generation | PSNR vs torch | peak RSS |",
-        "|---|---|---|---|---|---|",
+        f"{settings['steps']}-step generation | PSNR vs torch | size | peak RSS |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in report["results"].items():
         lines.append(
             f"| {name} | {r['unet_step_s']:.2f} s ({r['unet_step_speedup']:.2f}×) "
             f"| {r['vae_decode_s']:.2f} s ({r['vae_decode_speedup']:.2f}×) "
             f"| {r['generate_s']:.1f} s ({r['generate_speedup']:.2f}×) "
-            f"| {r['psnr_vs_torch_db']:.1f} dB | {r['peak_rss_bytes'] / 1e9:.1f} GB |"
+            f"| {r['psnr_vs_torch_db']:.1f} dB | {r['size_bytes'] / 1e9:.2f} GB "
+            f"| {r['peak_rss_bytes'] / 1e9:.1f} GB |"
         )
     return "\n".join(lines) + "\n"
 

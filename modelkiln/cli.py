@@ -488,12 +488,17 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
         before = sum(q["bytes_before"] for q in quantized.values())
         after = sum(q["bytes_after"] for q in quantized.values())
         weights = sum(q["quantized_weights"] for q in quantized.values())
-        schemes = ", ".join(sorted({q["scheme"] for q in quantized.values()}))
-        summary.add_row(
-            "quantization",
-            f"{schemes}: {weights} weights in {len(quantized)} component(s), "
-            f"{before / 1e6:.1f} → {after / 1e6:.1f} MB",
-        )
+        schemes = ", ".join(f"{n} {q['scheme']}" for n, q in quantized.items())
+        line = f"{schemes}: {weights} weights, {before / 1e6:.1f} → {after / 1e6:.1f} MB"
+        if any("memory_bytes_after" in q for q in quantized.values()):
+            memory = [
+                sum(q.get(f"memory_bytes_{k}", 0) for q in quantized.values())
+                for k in ("before", "after")
+            ]
+            line += f" on disk, {memory[0] / 1e6:.1f} → {memory[1] / 1e6:.1f} MB in memory"
+        summary.add_row("quantization", line)
+    if manifest.end_to_end:
+        summary.add_row("end to end", _describe_end_to_end(manifest.end_to_end))
     size = sum(record.size for record in manifest.files.values())
     summary.add_row("files", f"{len(manifest.files)} files, {size / 1e6:.1f} MB")
     facts = manifest.build
@@ -517,6 +522,7 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
         outputs = "\n".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in record.outputs.items())
         checks = "\n".join(
             f"{k}: max-abs {m['max_abs']:.2e}, cos {m['min_cosine']:.6f}"
+            + (f", SQNR {m['sqnr_db']:.1f} dB" if m.get("sqnr_db") is not None else "")
             + (f", top-1 {m['top1_agreement']:.3f}" if "top1_agreement" in m else "")
             for k, m in record.validation.get("outputs", {}).items()
         )
@@ -524,6 +530,21 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
         here = [_describe_runtime(probed[name])] if probe else []
         table.add_row(*cells(name, inputs, outputs, checks, used, *here))
     out.print(table)
+
+
+def _describe_end_to_end(record: dict[str, Any]) -> str:
+    """The artifact's pipeline against torch fp32 on real data, as the build measured it."""
+    if "psnr_db" in record:
+        psnr = ", ".join("identical" if p is None else f"{p:.1f} dB" for p in record["psnr_db"])
+        ssim = ", ".join(f"{s:.3f}" for s in record["ssim"])
+        return f"{len(record['prompts'])} prompt(s): PSNR {psnr}; SSIM {ssim}"
+    text = f"{record['images']} images of {record['data']}"
+    if "accuracy" in record:
+        text += (
+            f": top-1 {100 * record['accuracy']:.2f} % (torch fp32 "
+            f"{100 * record['reference_accuracy']:.2f} %, drop {record['accuracy_drop']:.2f})"
+        )
+    return text
 
 
 def _describe_runtime(facts: dict[str, Any]) -> str:

@@ -459,8 +459,32 @@ def test_info_summarises_the_manifest(classifier: Path, source_dir: Callable[[st
     assert component == "vision_model"
     assert inputs == "pixel_values float32['batch', 3, 32, 32]"
     assert outputs == "logits float32['batch', 10]"
-    assert re.fullmatch(r"logits: max-abs \S+, cos 1\.0+, top-1 1\.000", validation)
+    assert re.fullmatch(
+        r"logits: max-abs \S+, cos 1\.0+(, SQNR \d+\.\d dB)?, top-1 1\.000", validation
+    )
     assert "inference_precision f32" in used
+
+
+@pytest.mark.openvino
+def test_info_shows_quantization_and_the_end_to_end_check(built: Callable[..., Path]) -> None:
+    artifact = built(
+        "hf-classifier",
+        "vit-openvino-int8",
+        'validation.data="digits"',
+        "validation.max_accuracy_drop=3.0",
+    )
+    result = invoke("info", artifact)
+    assert result.exit_code == 0, result.output
+    summary = info_summary(result.stdout)
+    assert re.fullmatch(
+        r"vision_model int8-weights: 14 weights, 0\.\d → 0\.\d MB", summary["quantization"]
+    )
+    assert re.fullmatch(
+        r"360 images of digits: top-1 \d+\.\d\d % \(torch fp32 \d+\.\d\d %, drop -?\d\.\d\d\)",
+        summary["end to end"],
+    )
+    ((*_, validation, _),) = table_rows(result.stdout)
+    assert re.search(r"SQNR \d+\.\d dB", validation)
 
 
 def test_info_json(classifier: Path) -> None:
