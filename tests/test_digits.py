@@ -62,6 +62,31 @@ def test_demo_model_reaches_95_percent_and_every_backend_matches_pytorch(tmp_pat
     assert result.rows[2].backend == "openvino (f32)"
 
 
+# One per format and kind of scheme; bench/digits_accuracy.py runs every bundled profile.
+QUANTIZED = (
+    "vit-onnxruntime-int8-static",
+    "vit-onnxruntime-int4",
+    "vit-openvino-int8-static",
+    "vit-openvino-nf4",
+    "vit-torch-int8",
+)
+
+
+@pytest.mark.slow
+@pytest.mark.onnxruntime
+@pytest.mark.openvino
+def test_quantized_profiles_keep_digits_accuracy_within_their_bounds(tmp_path: Path) -> None:
+    result = run_demo(tmp_path, profiles=("vit-torch-fp32", *QUANTIZED), runs=3)
+    reference = result.reference
+    for row in result.rows[1:]:
+        # run_demo raises beyond the bounds; restated here with the numbers per scheme.
+        bound = 1.0 if "int8" in row.profile else 3.0
+        assert reference.accuracy - row.accuracy <= bound, row
+        assert row.agreement >= 95.0, row
+    int8_static = next(r for r in result.rows if r.profile == "vit-openvino-int8-static")
+    assert int8_static.size_mb < 0.5 * reference.size_mb
+
+
 def _row(profile: str, accuracy: float) -> DemoRow:
     return DemoRow(profile, "x", accuracy, 100.0, 1.0, 1.0, 1.0)
 
