@@ -291,6 +291,15 @@ class Profile:
             raise ProfileError(
                 f"{origin}: quantization.group_size must be >= 1, got {settings.group_size}"
             )
+        four_bit = {settings.scheme, *self.schemes().values()} & {"int4-weights", "nf4-weights"}
+        if four_bit and self.export.format == "onnx":
+            from modelkiln.quantize.onnx import BLOCK_SIZES
+
+            if settings.group_size not in BLOCK_SIZES:
+                raise ProfileError(
+                    f"{origin}: onnxruntime's 4-bit kernels take quantization.group_size in "
+                    f"{', '.join(map(str, BLOCK_SIZES))}, got {settings.group_size}"
+                )
         if not 0.0 < settings.ratio <= 1.0:
             raise ProfileError(
                 f"{origin}: quantization.ratio must be in (0, 1], got {settings.ratio}"
