@@ -12,14 +12,13 @@ creates it), one peer per process, called by vit_speed.py as
                           AutoQuantizationConfig.avx512_vnni(is_static=False), run by
                           ORTModelForImageClassification
 
-Prints one JSON line: medians at batch 1 and 8 (same feeds and timing as vit_speed.py).
+Prints one JSON line: the timed calls at batch 1 and 8 (same feeds and timing as vit_speed.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Any
 BATCHES = (1, 8)
 
 
-def median_seconds(run: Any, batch: int, runs: int) -> float:
+def samples_seconds(run: Any, batch: int, runs: int) -> list[float]:
     import numpy as np
     import torch
 
@@ -42,7 +41,7 @@ def median_seconds(run: Any, batch: int, runs: int) -> float:
         started = time.perf_counter()
         run(tensor)
         samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+    return samples
 
 
 def openvino_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
@@ -54,8 +53,11 @@ def openvino_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
         subprocess.run([*command, "--task", "image-classification", str(out)], check=True)
     config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY"}
     model = OVModelForImageClassification.from_pretrained(out, ov_config=config)
-    precision = model.request.get_compiled_model().get_property("INFERENCE_PRECISION_HINT")
-    return model, f"openvino ({precision})"
+    # optimum-intel keeps the CompiledModel (older releases: an InferRequest) in .request.
+    compiled = getattr(model.request, "get_compiled_model", lambda: model.request)()
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    name = getattr(precision, "get_type_name", lambda: str(precision))()
+    return model, f"openvino ({name})"
 
 
 def onnx_int8_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
@@ -101,7 +103,7 @@ def main() -> None:
             return model(pixel_values=pixels).logits
 
     result = {"backend": backend}
-    result.update({f"batch{b}_s": median_seconds(run, b, args.runs) for b in BATCHES})
+    result.update({f"batch{b}_samples": samples_seconds(run, b, args.runs) for b in BATCHES})
     print(json.dumps(result))
 
 

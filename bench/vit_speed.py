@@ -1,13 +1,15 @@
 """ViT-B/16 224 speed and size: torch eager fp32 against every bundled ViT CPU profile, one run.
 
-    python bench/vit_speed.py --work /tmp/kiln-vit [--profiles a,b] [--runs 20] [--threads 2]
+    python bench/vit_speed.py --work /tmp/kiln-vit [--profiles a,b] [--rounds 3] [--runs 5]
                               [--peers]
 
 Source: a transformers ViTForImageClassification with random weights from ViTConfig's
 defaults, which are ViT-B/16 at 224x224 (86 M parameters, the published model's compute),
 made once under WORK/vit-b16. Each profile is built once (WORK/artifacts/PROFILE, reused when
 present; calibrated schemes calibrate on the digits set) and measured in its own process:
-medians over --runs calls of the exported model at batch 1 and batch 8 after 3 warm-ups.
+--rounds rounds over every configuration, each --runs calls of the exported model at batch 1
+and batch 8 after 3 warm-ups; the median pools every round's calls (this shared machine's
+speed drifts over minutes: interleaving spreads the drift over all configurations).
 Ratios are torch fp32 eager time / profile time (higher is faster).
 
 --peers also exports and runs the same model with optimum's classes from .venv-optimum
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -74,13 +77,13 @@ def overrides_for(profile: str) -> list[str]:
     return extra
 
 
-def measure(run: Any, batch: int, runs: int) -> float:
+def measure(run: Any, batch: int, runs: int) -> list[float]:
     import numpy as np
 
     from modelkiln.bench.metrics import measure_latency
 
     pixels = np.random.default_rng(0).standard_normal((batch, 3, 224, 224)).astype(np.float32)
-    return measure_latency(lambda: run(pixels), warmup=3, runs=runs).p50
+    return list(measure_latency(lambda: run(pixels), warmup=3, runs=runs).samples)
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +111,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         info = pipeline.session.info
     return {
         "backend": f"{info.get('runtime')} ({info.get('inference_precision')})",
-        **{f"batch{b}_s": measure(run, b, args.runs) for b in BATCHES},
+        **{f"batch{b}_samples": measure(run, b, args.runs) for b in BATCHES},
     }
 
 
@@ -139,7 +142,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--profiles", default=None, help="default: every bundled ViT profile")
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=5, help="timed calls per round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds over every configuration; medians pool the rounds' calls",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", action="store_true", help="optimum's exports, same run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -166,25 +175,38 @@ def main() -> None:
     if peers and not PEER_VENV.exists():
         raise SystemExit(f"--peers needs {PEER_VENV}: run `make compat` once")
     results: dict[str, dict[str, Any]] = {}
-    for name in names + peers:
-        print(f"measuring {name} ...", flush=True)
-        python = str(PEER_VENV) if name in PEERS else sys.executable
-        results[name] = run_child(args, name, python)
+    # This machine's speed drifts by 2x over minutes (shared host): rounds interleave every
+    # configuration, so that drift hits them alike instead of favouring whoever ran late.
+    for round_index in range(args.rounds):
+        for name in names + peers:
+            print(f"round {round_index + 1}/{args.rounds}: measuring {name} ...", flush=True)
+            python = str(PEER_VENV) if name in PEERS else sys.executable
+            measured = run_child(args, name, python)
+            result = results.setdefault(name, {"backend": measured["backend"]})
+            for batch in BATCHES:
+                key = f"batch{batch}_samples"
+                result[key] = result.get(key, []) + measured[key]
+    for name, result in results.items():
+        for batch in BATCHES:
+            result[f"batch{batch}_s"] = statistics.median(result[f"batch{batch}_samples"])
         if name == BASELINE:
-            results[name]["size_mb"] = size_mb(args.source)
+            result["size_mb"] = size_mb(args.source)
         elif name in PEERS:
-            results[name]["size_mb"] = size_mb(args.work / "peers" / name)
+            result["size_mb"] = size_mb(args.work / "peers" / name)
         else:
-            results[name]["size_mb"] = size_mb(args.work / "artifacts" / name)
-            results[name]["sqnr_db"] = build_sqnr(args.work / "artifacts" / name)
-        print(f"  {results[name]}", flush=True)
+            result["size_mb"] = size_mb(args.work / "artifacts" / name)
+            result["sqnr_db"] = build_sqnr(args.work / "artifacts" / name)
     base = results[BASELINE]
     for result in results.values():
         for batch in BATCHES:
             result[f"batch{batch}_speedup"] = base[f"batch{batch}_s"] / result[f"batch{batch}_s"]
     from modelkiln.env import host_info
 
-    report = {"machine": {**host_info(), "threads": args.threads}, "runs": args.runs}
+    report = {
+        "machine": {**host_info(), "threads": args.threads},
+        "runs_per_round": args.runs,
+        "rounds": args.rounds,
+    }
     report["results"] = results
     (args.work / "vit_speed.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(results, args.threads)
