@@ -251,17 +251,17 @@ class Profile:
                     f"{precision.weights}; supported: "
                     f"{', '.join(sorted(exporter.weight_precisions))}"
                 )
-            if runtime.compute_follows_weights and precision.compute != precision.weights:
-                raise UnsupportedError(
-                    f"{origin}: runtime '{runtime_name}' computes {where}in the precision the "
-                    f"weights are stored in, so compute ({precision.compute}) must equal weights "
-                    f"({precision.weights}); set both to '{precision.weights}'"
-                )
             if precision.compute not in runtime.compute_precisions:
                 raise UnsupportedError(
                     f"{origin}: runtime '{runtime_name}' cannot compute {where}in "
                     f"{precision.compute}; supported: "
                     f"{', '.join(sorted(runtime.compute_precisions))}"
+                )
+            if runtime.compute_follows_weights and precision.compute != precision.weights:
+                raise UnsupportedError(
+                    f"{origin}: runtime '{runtime_name}' computes {where}in the precision the "
+                    f"weights are stored in, so compute ({precision.compute}) must equal weights "
+                    f"({precision.weights}); set both to '{precision.weights}'"
                 )
         if self.export.opset < MIN_OPSET:
             raise ProfileError(f"{origin}: export.opset {self.export.opset} < {MIN_OPSET}")

@@ -264,7 +264,7 @@ def test_profiles_show_unknown_profile(kiln_main: Callable[..., Outcome]) -> Non
         ("[export\n", "is not valid TOML"),
         (
             '[precision]\ncompute = "bf16"\n',
-            "runtime 'onnxruntime' cannot compute in bf16; supported: fp32",
+            "runtime 'onnxruntime' cannot compute in bf16; supported: fp16, fp32",
         ),
         ('[export]\nopset = "18"\n', "export.opset must be int, got str '18'"),
     ],

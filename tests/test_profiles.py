@@ -91,11 +91,11 @@ def test_unknown_bundled_name_suggests_one() -> None:
     [
         (
             ["precision.compute=bf16"],
-            r"runtime 'onnxruntime' cannot compute in bf16; supported: fp32",
+            r"runtime 'onnxruntime' cannot compute in bf16; supported: fp16, fp32",
         ),
         (
-            ["precision.weights=fp16"],
-            r"format 'onnx' cannot store weights in fp16; supported: fp32",
+            ["precision.weights=bf16"],
+            r"format 'onnx' cannot store weights in bf16; supported: fp16, fp32",
         ),
         (
             ["runtime.name=torch"],
