@@ -100,6 +100,39 @@ def quantize(
     return {"scheme": settings.scheme, **record}
 
 
+def check_calibration(
+    calibration: Calibration,
+    inputs: Mapping[str, tuple[Sequence[int | None], str]],
+    scheme: str,
+    alternative: str,
+) -> None:
+    """Calibration feeds against a model's inputs (name -> dims, None where dynamic, and the
+    shape as the format prints it), before the tool runs: onnxruntime and nncf would fail
+    mid-statistics with their own shape errors and no word about calibration."""
+    if not calibration:
+        raise QuantizationError(
+            f"{scheme} needs calibration data: set [calibration] data (images) or prompts "
+            f"(diffusion models) in the profile, or pick {alternative}"
+        )
+    for index, feed in enumerate(calibration):
+        if set(feed) != set(inputs):
+            raise QuantizationError(
+                f"calibration feed {index} has inputs {sorted(feed)} but the model takes "
+                f"{sorted(inputs)}: calibrate the component with its own inputs"
+            )
+        for name, (dims, shown) in inputs.items():
+            shape = feed[name].shape
+            fits = len(dims) == len(shape) and all(
+                d in (None, n) for d, n in zip(dims, shape, strict=True)
+            )
+            if not fits:
+                raise QuantizationError(
+                    f"calibration feed {index}: input '{name}' has shape {list(shape)} but "
+                    f"the model takes {shown}: export with shapes.dynamic_batch = true, or "
+                    "calibrate with the export's batch size"
+                )
+
+
 def matrix_markdown() -> str:
     """The README's support table, from SUPPORT."""
     formats = list(SUPPORT)
@@ -110,4 +143,12 @@ def matrix_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["SCHEMES", "SUPPORT", "check_scheme", "matrix_markdown", "quantize", "supported_schemes"]
+__all__ = [
+    "SCHEMES",
+    "SUPPORT",
+    "check_calibration",
+    "check_scheme",
+    "matrix_markdown",
+    "quantize",
+    "supported_schemes",
+]

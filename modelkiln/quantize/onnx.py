@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ExportError, QuantizationError
 from modelkiln.exporters.base import first_line
+from modelkiln.quantize import check_calibration
 
 if TYPE_CHECKING:
     import numpy as np
@@ -97,13 +98,10 @@ def int8_static(
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    if not calibration:
-        raise QuantizationError(
-            "int8-static needs calibration data: set [calibration] data (images) or prompts "
-            "(diffusion models) in the profile, or pick scheme 'int8-dynamic' (no calibration)"
-        )
     graph = onnx.load(str(entry), load_external_data=False).graph
-    _check_feeds(graph, calibration)
+    check_calibration(
+        calibration, _inputs(graph), "int8-static", "scheme 'int8-dynamic' (no calibration)"
+    )
     initializers = {tensor.name for tensor in graph.initializer}
     # The attention's activation x activation MatMuls have no weight to shrink; in float they
     # kept 0.1-0.6 dB more SQNR at the same speed. ORT's MatMulConstBOnly would say this, but its
@@ -403,29 +401,15 @@ def _reader(calibration: Calibration) -> Any:
     return Feeds()
 
 
-def _check_feeds(graph: onnx.GraphProto, calibration: Calibration) -> None:
-    """Feeds against the graph's inputs first: onnxruntime would fail mid-calibration with
-    its own session error and no word about calibration."""
+def _inputs(graph: onnx.GraphProto) -> dict[str, tuple[list[int | None], str]]:
+    """The graph's inputs (not its initializers): dims, None where symbolic, and as shown."""
     initializers = {tensor.name for tensor in graph.initializer}
-    inputs = {value.name: value for value in graph.input if value.name not in initializers}
-    for index, feed in enumerate(calibration):
-        if set(feed) != set(inputs):
-            raise QuantizationError(
-                f"calibration feed {index} has inputs {sorted(feed)} but the model takes "
-                f"{sorted(inputs)}: calibrate the component with its own inputs"
-            )
-        for name, value in inputs.items():
+    inputs = {}
+    for value in graph.input:
+        if value.name not in initializers:
             dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
-            shape = feed[name].shape
-            fits = len(dims) == len(shape) and all(
-                d in (None, n) for d, n in zip(dims, shape, strict=True)
-            )
-            if not fits:
-                raise QuantizationError(
-                    f"calibration feed {index}: input '{name}' has shape {list(shape)} but "
-                    f"the model takes {['?' if d is None else d for d in dims]}: export with "
-                    "shapes.dynamic_batch = true, or calibrate with the export's batch size"
-                )
+            inputs[value.name] = (dims, str(["?" if d is None else d for d in dims]))
+    return inputs
 
 
 def _check_block_size(group_size: int, op: str) -> None:

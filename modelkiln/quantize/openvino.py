@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import QuantizationError
 from modelkiln.exporters.base import first_line
+from modelkiln.quantize import check_calibration
 
 if TYPE_CHECKING:
     from modelkiln.profiles import QuantizationSettings
@@ -195,32 +196,15 @@ def _dataset(model: Any, calibration: Calibration, scheme: str) -> Any:
     later, mid-statistics, with OpenVINO's shape error and no word about calibration."""
     import nncf
 
-    if not calibration:
-        raise QuantizationError(
-            f"{scheme} needs calibration data: set [calibration] data (images) or prompts "
-            "(diffusion models) in the profile, or pick a weight-only scheme (int8-weights)"
+    inputs = {
+        port.get_any_name(): (
+            [d.get_length() if d.is_static else None for d in port.get_partial_shape()],
+            str(port.get_partial_shape()),
         )
-    inputs = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
-    for index, feed in enumerate(calibration):
-        if set(feed) != set(inputs):
-            raise QuantizationError(
-                f"calibration feed {index} has inputs {sorted(feed)} but the model takes "
-                f"{sorted(inputs)}: calibrate the component with its own inputs"
-            )
-        for name, shape in inputs.items():
-            if not shape.compatible(_shape(feed[name])):
-                raise QuantizationError(
-                    f"calibration feed {index}: input '{name}' has shape "
-                    f"{list(feed[name].shape)} but the model takes {shape}: export with "
-                    "shapes.dynamic_batch = true, or calibrate with the export's batch size"
-                )
+        for port in model.inputs
+    }
+    check_calibration(calibration, inputs, scheme, "a weight-only scheme (int8-weights)")
     return nncf.Dataset(list(calibration))
-
-
-def _shape(array: Any) -> Any:
-    import openvino as ov
-
-    return ov.PartialShape(list(array.shape))
 
 
 def _ops_with_weights(model: Any) -> list[str]:
