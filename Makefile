@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # What `make demo` / `make test` install: the build side and both CPU runtimes.
-EXTRAS := torch,torchao,timm,diffusers,onnxruntime,openvino,demo,dev
+EXTRAS := torch,torchao,timm,diffusers,onnxruntime,openvino,demo,bench,dev
 # Re-install when the dependency declarations change.
 STAMP := $(VENV)/.installed
 LINT_PATHS := modelkiln tests $(wildcard bench)

@@ -6,8 +6,6 @@ import functools
 import gc
 import logging
 import re
-import resource
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -25,7 +23,7 @@ from modelkiln.artifact import (
     record_files,
     write_manifest,
 )
-from modelkiln.env import host_info, library_versions
+from modelkiln.env import host_info, library_versions, peak_rss_bytes
 from modelkiln.errors import ProfileError
 from modelkiln.exporters import EXPORTERS
 from modelkiln.exporters.base import export_signature
@@ -237,12 +235,6 @@ def _validate(
 def default_output(source: str, profile: Profile) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.rstrip("/").split("/")[-1].split(":")[-1])
     return DEFAULT_OUTPUT_ROOT / f"{slug.strip('-.') or 'model'}-{profile.name}"
-
-
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 __all__ = ["build", "default_output"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
+import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -81,6 +84,35 @@ def host_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu": cpu_info(),
     }
+
+
+def machine_report() -> dict[str, Any]:
+    """The host and library versions, with a fingerprint of what decides speed.
+
+    Two reports are comparable when their fingerprints match: same CPU model and features,
+    same core counts, same architecture (library versions may differ: that is what a
+    comparison usually measures).
+    """
+    host = host_info()
+    cpu = host["cpu"]
+    basis = [cpu["model"], cpu["features"], cpu["logical_cores"], cpu["usable_cores"]]
+    digest = hashlib.sha256(json.dumps([*basis, host["machine"]]).encode()).hexdigest()
+    return {"fingerprint": digest[:16], **host, "libraries": library_versions()}
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far.
+
+    Linux: VmHWM, the high-water mark of this address space. getrusage's ru_maxrss survives
+    exec, so a child started by a large parent would report the parent's peak as its own.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; else KiB
 
 
 def runtime_report() -> list[dict[str, Any]]:

@@ -62,3 +62,7 @@ def missing_backend(package: str, extra: str) -> BackendUnavailableError:
     return BackendUnavailableError(
         f"{package} is not installed; install it with: pip install 'modelkiln[{extra}]'"
     )
+
+
+class ReportError(KilnError, ValueError):
+    """A benchmark report or matrix file is unreadable, of another schema, or malformed."""

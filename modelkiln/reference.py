@@ -95,12 +95,17 @@ def _pipeline(loaded: LoadedModel, sessions: dict[str, Session], scratch: Path) 
 
 
 def generate(pipeline: Any, prompt: str, *, seed: int, steps: int) -> Any:
-    """One image from a prompt, the same way for the reference and an artifact.
+    """One image from a prompt, the same way for the reference and an artifact."""
+    return generate_images(pipeline, [prompt], seed=seed, steps=steps)[0]
+
+
+def generate_images(pipeline: Any, prompts: list[str], *, seed: int, steps: int) -> list[Any]:
+    """One image per prompt in one batched call (a benchmark's batch size).
 
     An inpainting UNet cannot run text-to-image: it repaints the middle of a fixed gradient.
     """
     if getattr(pipeline, "task", None) != "inpainting":
-        return pipeline.text_to_image(prompt, steps=steps, seed=seed)[0]
+        return list(pipeline.text_to_image(prompts, steps=steps, seed=seed))
     from PIL import Image
 
     height, width = pipeline.size
@@ -109,9 +114,11 @@ def generate(pipeline: Any, prompt: str, *, seed: int, steps: int) -> Any:
     image = Image.fromarray(((ramp + shade) / 2 + np.zeros((1, 1, 3))).astype(np.uint8))
     mask = np.zeros((height, width), np.uint8)
     mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
-    return pipeline.inpaint(
-        prompt, image, Image.fromarray(mask), strength=1.0, steps=steps, seed=seed
-    )[0]
+    return list(
+        pipeline.inpaint(
+            prompts, image, Image.fromarray(mask), strength=1.0, steps=steps, seed=seed
+        )
+    )
 
 
-__all__ = ["RecordingSession", "generate", "reference_pipeline"]
+__all__ = ["RecordingSession", "generate", "generate_images", "reference_pipeline"]

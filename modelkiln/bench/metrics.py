@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,18 +53,39 @@ class Latency:
         }
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.summary(), **asdict(self)}
+        return {**self.summary(), "samples": list(self.samples)}
 
 
-def measure_latency(run: Callable[[], object], *, warmup: int = 5, runs: int = 50) -> Latency:
-    """Time `run` `runs` times after `warmup` untimed calls."""
-    if runs < 1:
+def measure_latency(
+    run: Callable[[], object],
+    *,
+    warmup: int = 5,
+    runs: int | None = 50,
+    duration_s: float | None = None,
+    min_runs: int = 3,
+) -> Latency:
+    """Time `run` after `warmup` untimed calls: `runs` times, or for `duration_s` seconds.
+
+    A time budget still takes at least `min_runs` samples, so that a comparison has a
+    distribution to test even when one call outlasts the budget.
+    """
+    if (runs is None) == (duration_s is None):
+        raise ValueError("give exactly one of runs and duration_s")
+    if runs is not None and runs < 1:
         raise ValueError(f"runs must be >= 1, got {runs}")
+    if duration_s is not None and duration_s <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
     for _ in range(warmup):
         run()
-    samples = []
-    for _ in range(runs):
+    samples: list[float] = []
+    budget_started = time.perf_counter()
+    while True:
         start = time.perf_counter()
         run()
         samples.append(time.perf_counter() - start)
+        if runs is not None:
+            if len(samples) >= runs:
+                break
+        elif len(samples) >= min_runs and time.perf_counter() - budget_started >= (duration_s or 0):
+            break
     return Latency(tuple(samples))

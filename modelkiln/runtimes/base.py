@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -73,6 +74,8 @@ class Session(Closeable, ABC):
         self.name = name
         self.input_specs = dict(inputs)
         self.output_specs = dict(outputs)
+        # Seconds of every backend call while a benchmark records them (None: not recording).
+        self.call_times: list[float] | None = None
 
     @property
     def info(self) -> dict[str, Any]:
@@ -90,7 +93,10 @@ class Session(Closeable, ABC):
                 f"{self.name} has no output(s) {', '.join(map(repr, unknown))}; "
                 f"it has: {', '.join(self.output_specs)}"
             )
+        started = time.perf_counter()
         results = self._run(checked, wanted)
+        if self.call_times is not None:
+            self.call_times.append(time.perf_counter() - started)
         return {name: results[name] for name in wanted}
 
     @abstractmethod
