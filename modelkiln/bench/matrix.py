@@ -1,0 +1,152 @@
+"""`kiln bench --matrix MATRIX.toml`: build (when needed) and benchmark sources × profiles.
+
+    schema_version = 1
+    sources = ["models/my-vit", "google/vit-base-patch16-224"]   # paths relative to this file
+    profiles = ["vit-onnxruntime-fp32", "vit-openvino-int8", "my-profile.toml"]
+
+    [build]                         # optional
+    output = "artifacts"            # where artifacts go: OUTPUT/<source name>/<profile name>
+    set = ['calibration.data="digits"']   # --set overrides for every build
+
+    [bench]                         # optional: any kiln bench option; the command line wins
+    batch_sizes = [1, 8]
+    runs = 20
+    isolate = true
+    data = "digits"
+
+Each source is paired with the profiles of its own model family, so one matrix can hold ViT
+and Stable Diffusion sources side by side. An artifact is rebuilt only when its weights or
+its profile (with the overrides) changed.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from modelkiln.errors import ReportError, did_you_mean
+from modelkiln.progress import NullProgress, Progress
+
+SCHEMA_VERSION = 1
+TOP_KEYS = {"schema_version", "sources", "profiles", "build", "bench"}
+BUILD_KEYS = {"output", "set"}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    sources: tuple[str, ...]
+    profiles: tuple[str, ...]
+    output: Path
+    overrides: tuple[str, ...]
+    bench: Mapping[str, Any]  # BenchSettings fields
+
+
+def read_matrix(path: str | Path) -> Matrix:
+    from modelkiln.bench.harness import BenchSettings
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as error:
+        raise ReportError(f"no matrix file at {path}") from error
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+        raise ReportError(f"cannot read the matrix {path}: {error}") from error
+    where = str(path)
+    _known_keys(data, TOP_KEYS, where)
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ReportError(f"{where}: schema_version must be {SCHEMA_VERSION}")
+    base = path.parent
+    sources = tuple(_relative(base, item) for item in _strings(data, "sources", where))
+    profiles = tuple(_relative(base, item) for item in _strings(data, "profiles", where))
+    build = data.get("build", {})
+    bench = data.get("bench", {})
+    if not isinstance(build, dict) or not isinstance(bench, dict):
+        raise ReportError(f"{where}: [build] and [bench] must be tables")
+    _known_keys(build, BUILD_KEYS, f"{where} [build]")
+    _known_keys(bench, {f.name for f in fields(BenchSettings)}, f"{where} [bench]")
+    overrides = build.get("set", [])
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        raise ReportError(f"{where} [build] set must be a list of KEY=VALUE strings")
+    output = base / str(build.get("output", "artifacts"))
+    return Matrix(sources, profiles, output, tuple(overrides), bench)
+
+
+def build_matrix(matrix: Matrix, progress: Progress | None = None) -> list[Path]:
+    """Every (source, profile of its family) artifact, built unless up to date; their paths."""
+    from modelkiln.builder import build
+    from modelkiln.models import detect_family
+    from modelkiln.profiles import load_profile
+    from modelkiln.sources import resolve_source
+
+    progress = progress or NullProgress()
+    profiles = [load_profile(name, matrix.overrides) for name in matrix.profiles]
+    artifacts = []
+    for source in matrix.sources:
+        resolved = resolve_source(source)
+        family = detect_family(resolved)
+        mine = [profile for profile in profiles if profile.family == family.name]
+        if not mine:
+            raise ReportError(
+                f"the matrix has no {family.name} profile for {source}; add one of "
+                f"`kiln profiles list`'s {family.name}-* profiles"
+            )
+        for profile in mine:
+            target = matrix.output / _slug(source) / profile.name
+            if not _up_to_date(target, resolved, profile):
+                with progress.task(f"building {source} with {profile.name}"):
+                    build(source, profile, target, progress=progress)
+            artifacts.append(target)
+    return artifacts
+
+
+def _up_to_date(target: Path, resolved: Any, profile: Any) -> bool:
+    """Built from these weights with this profile: nothing to rebuild."""
+    from modelkiln.errors import KilnError
+    from modelkiln.loading import open_artifact
+    from modelkiln.sources import find_weights, weights_digest
+
+    if not (target / "kiln.json").is_file():
+        return False
+    try:
+        manifest = open_artifact(target).manifest
+        weights = weights_digest(find_weights(resolved.local_dir, allow_pickle=False))
+    except KilnError:
+        return False
+    wanted = profile.to_dict()
+    built = dict(manifest.profile)
+    if wanted.get("model", {}).get("task") == "auto":  # the manifest records the resolved task
+        wanted["model"] = {**wanted["model"], "task": built.get("model", {}).get("task")}
+    return bool(manifest.source.get("weights_sha256") == weights and built == wanted)
+
+
+def _slug(source: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name or source).strip("-")
+
+
+def _relative(base: Path, item: str) -> str:
+    """A path relative to the matrix file when it exists there; else as given (hub id, name)."""
+    candidate = base / item
+    return str(candidate) if candidate.exists() else item
+
+
+def _strings(data: Mapping[str, Any], key: str, where: str) -> list[str]:
+    values = data.get(key)
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        raise ReportError(f"{where}: `{key}` must be a non-empty list of strings")
+    return values
+
+
+def _known_keys(data: Mapping[str, Any], known: set[str], where: str) -> None:
+    for key in data:
+        if key not in known:
+            raise ReportError(
+                f"{where}: unknown key '{key}'{did_you_mean(key, known)}; known: "
+                f"{', '.join(sorted(known))}"
+            )
+
+
+__all__ = ["Matrix", "build_matrix", "read_matrix"]
