@@ -8,9 +8,12 @@ creates it), one peer per process, called by vit_speed.py as
   optimum-intel-openvino  `optimum-cli export openvino --model SRC` (fp32 weights; OpenVINO
                           runs it in its default precision: bf16 on AMX), run by
                           OVModelForImageClassification
-  optimum-onnx-int8       ORTModelForImageClassification export + ORTQuantizer with
-                          AutoQuantizationConfig.avx512_vnni(is_static=False), run by
-                          ORTModelForImageClassification
+  optimum-intel-int8      the same with --weight-format int8 (nncf weight compression)
+  optimum-intel-int4      the same with --weight-format int4
+  optimum-intel-nf4       the same with --weight-format nf4
+  optimum-onnx-fp32       ORTModelForImageClassification's export, run by the same class
+  optimum-onnx-int8       that export + ORTQuantizer with
+                          AutoQuantizationConfig.avx512_vnni(is_static=False)
 
 Prints one JSON line: the timed calls at batch 1 and 8 (same feeds and timing as vit_speed.py).
 """
@@ -44,12 +47,16 @@ def samples_seconds(run: Any, batch: int, runs: int) -> list[float]:
     return samples
 
 
-def openvino_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
+def openvino_peer(
+    source: Path, out: Path, threads: int, weight_format: str | None = None
+) -> tuple[Any, str]:
     from optimum.intel import OVModelForImageClassification
 
     if not (out / "openvino_model.xml").is_file():
         cli = Path(sys.executable).with_name("optimum-cli")
         command = [str(cli), "export", "openvino", "--model", str(source)]
+        if weight_format is not None:
+            command += ["--weight-format", weight_format]
         subprocess.run([*command, "--task", "image-classification", str(out)], check=True)
     config = {"INFERENCE_NUM_THREADS": str(threads), "PERFORMANCE_HINT": "LATENCY"}
     model = OVModelForImageClassification.from_pretrained(out, ov_config=config)
@@ -58,6 +65,18 @@ def openvino_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
     precision = compiled.get_property("INFERENCE_PRECISION_HINT")
     name = getattr(precision, "get_type_name", lambda: str(precision))()
     return model, f"openvino ({name})"
+
+
+def onnx_fp32_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
+    import onnxruntime
+    from optimum.onnxruntime import ORTModelForImageClassification
+
+    if not (out / "model.onnx").is_file():
+        ORTModelForImageClassification.from_pretrained(source, export=True).save_pretrained(out)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    model = ORTModelForImageClassification.from_pretrained(out, session_options=options)
+    return model, "onnxruntime (f32)"
 
 
 def onnx_int8_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
@@ -82,12 +101,20 @@ def onnx_int8_peer(source: Path, out: Path, threads: int) -> tuple[Any, str]:
     return model, "onnxruntime (int8 dynamic)"
 
 
+PEERS: dict[str, Any] = {
+    "optimum-intel-openvino": openvino_peer,
+    "optimum-intel-int8": lambda s, o, t: openvino_peer(s, o, t, "int8"),
+    "optimum-intel-int4": lambda s, o, t: openvino_peer(s, o, t, "int4"),
+    "optimum-intel-nf4": lambda s, o, t: openvino_peer(s, o, t, "nf4"),
+    "optimum-onnx-fp32": onnx_fp32_peer,
+    "optimum-onnx-int8": onnx_int8_peer,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument(
-        "--child", required=True, choices=["optimum-intel-openvino", "optimum-onnx-int8"]
-    )
+    parser.add_argument("--child", required=True, choices=sorted(PEERS))
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -95,8 +122,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     source, out = args.work / "vit-b16", args.work / "peers" / args.child
-    make = openvino_peer if args.child == "optimum-intel-openvino" else onnx_int8_peer
-    model, backend = make(source, out, args.threads)
+    model, backend = PEERS[args.child](source, out, args.threads)
 
     def run(pixels: Any) -> Any:
         with torch.inference_mode():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -29,11 +28,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PROFILES = ("sd-onnxruntime-fp32", "sd-openvino-fp32", "sd-openvino-bf16")
 BASELINE = "torch-fp32"
 PROMPT = "a photograph of an astronaut riding a horse"
 # At the model's native size (512x512 for SD-1.5).
 GENERATE = {"steps": 20, "guidance": 7.5, "seed": 0}
+
+
+def default_profiles() -> list[str]:
+    """Every bundled SD-1.x profile that runs on a CPU, except torch (the baseline itself)."""
+    from modelkiln.profiles import bundled_profile_names, load_profile
+
+    profiles = {name: load_profile(name) for name in bundled_profile_names()}
+    return [
+        name
+        for name, profile in profiles.items()
+        if name.startswith("sd-")
+        and profile.runtime.device == "cpu"
+        and profile.export.format != "torch"
+    ]
 
 
 def timed(call: Callable[[], Any], runs: int) -> float:
@@ -43,7 +55,9 @@ def timed(call: Callable[[], Any], runs: int) -> float:
     return measure_latency(call, warmup=1, runs=runs).p50
 
 
-def measure_torch(source: Path, image: Path, runs: int, steps: int) -> dict[str, Any]:
+def measure_torch(
+    source: Path, image: Path, runs: int, steps: int, unet_only: bool
+) -> dict[str, Any]:
     """The baseline: diffusers' own pipeline and modules, fp32 eager, at the native size."""
     import torch
     from diffusers import StableDiffusionPipeline
@@ -59,6 +73,8 @@ def measure_torch(source: Path, image: Path, runs: int, steps: int) -> dict[str,
     latents = torch.randn(1, 4, side, side, generator=generator)
     with torch.inference_mode():
         unet_s = timed(lambda: pipeline.unet(sample, 500.0, context), runs)
+        if unet_only:
+            return {"load_s": load_s, "unet_step_s": unet_s}
         vae_s = timed(lambda: pipeline.vae.decode(latents), runs)
         pipeline(PROMPT, num_inference_steps=1)  # warm-up: first-call imports and allocations
         started = time.perf_counter()
@@ -80,7 +96,7 @@ def measure_torch(source: Path, image: Path, runs: int, steps: int) -> dict[str,
 
 
 def measure_artifact(
-    artifact: Path, image: Path, runs: int, steps: int, threads: int
+    artifact: Path, image: Path, runs: int, steps: int, threads: int, unet_only: bool
 ) -> dict[str, Any]:
     import numpy as np
 
@@ -95,16 +111,19 @@ def measure_artifact(
     unet_feeds["timestep"] = np.array(500.0, np.float32)
     vae_feeds = {name: spec.random({"batch": 1}, rng) for name, spec in decoder.input_specs.items()}
     unet_s = timed(lambda: unet.run(unet_feeds), runs)
+    precisions = {
+        name: record.runtime.get("inference_precision")
+        for name, record in open_artifact(artifact).manifest.components.items()
+    }
+    if unet_only:
+        pipeline.close()
+        return {"load_s": load_s, "unet_step_s": unet_s, "inference_precision": precisions}
     vae_s = timed(lambda: decoder.run(vae_feeds), runs)
     pipeline.text_to_image(PROMPT, steps=1)  # warm-up: first-call imports and allocations
     started = time.perf_counter()
     images = pipeline.text_to_image(PROMPT, **{**GENERATE, "steps": steps})
     generate_s = time.perf_counter() - started
     images[0].save(image)
-    precisions = {
-        name: record.runtime.get("inference_precision")
-        for name, record in open_artifact(artifact).manifest.components.items()
-    }
     pipeline.close()
     return {
         "size": list(images[0].size),
@@ -123,11 +142,15 @@ def child(args: argparse.Namespace) -> None:
     image = args.work / "images" / f"{args.child}.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     if args.child == BASELINE:
-        result = measure_torch(args.source, image, args.runs, args.steps)
+        result = measure_torch(args.source, image, args.runs, args.steps, args.unet_only)
     else:
         artifact = args.work / "artifacts" / args.child
-        result = measure_artifact(artifact, image, args.runs, args.steps, args.threads)
-    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result = measure_artifact(
+            artifact, image, args.runs, args.steps, args.threads, args.unet_only
+        )
+    from modelkiln.env import peak_rss_bytes
+
+    result["peak_rss_bytes"] = peak_rss_bytes()
     print(json.dumps(result))
 
 
@@ -144,11 +167,14 @@ def psnr(a: Path, b: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--profiles", default=",".join(PROFILES))
+    parser.add_argument("--profiles", help="default: every bundled SD-1.x CPU profile")
     parser.add_argument("--steps", type=int, default=GENERATE["steps"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a tiny SD: checks the script")
+    parser.add_argument(
+        "--unet-only", action="store_true", help="only the UNet step (the performance table)"
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -167,7 +193,7 @@ def main() -> None:
         print(f"writing a random pipeline ({maker}) to {source} ...", flush=True)
         code = f"from modelkiln.testing import {maker}; {maker}({str(source)!r})"
         subprocess.run([sys.executable, "-c", code], check=True)
-    profiles = args.profiles.split(",")
+    profiles = args.profiles.split(",") if args.profiles else default_profiles()
     for profile in profiles:
         artifact = args.work / "artifacts" / profile
         if not (artifact / "kiln.json").is_file():
@@ -181,6 +207,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--work", str(args.work), "--child", name]
         options = ["--runs", str(args.runs), "--steps", str(args.steps)]
         options += ["--tiny"] if args.tiny else []
+        options += ["--unet-only"] if args.unet_only else []
         done = subprocess.run(
             [*command, *options, "--threads", str(args.threads)],
             capture_output=True,
@@ -199,8 +226,10 @@ def main() -> None:
     baseline_image = args.work / "images" / f"{BASELINE}.png"
     for name, result in results.items():
         for key in ("unet_step_s", "vae_decode_s", "generate_s"):
-            result[key.removesuffix("_s") + "_speedup"] = base[key] / result[key]
-        result["psnr_vs_torch_db"] = psnr(args.work / "images" / f"{name}.png", baseline_image)
+            if key in result:
+                result[key.removesuffix("_s") + "_speedup"] = base[key] / result[key]
+        if not args.unet_only:
+            result["psnr_vs_torch_db"] = psnr(args.work / "images" / f"{name}.png", baseline_image)
     report = {
         "machine": {
             "cpu": cpu_model(),
@@ -213,6 +242,7 @@ def main() -> None:
             "runs": args.runs,
             "prompt": PROMPT,
             "build_overrides": args.overrides,
+            "unet_only": args.unet_only,
         },
         "results": results,
     }
@@ -224,11 +254,22 @@ def main() -> None:
 
 def markdown(report: dict[str, Any]) -> str:
     settings = report["settings"]
-    width, height = report["results"][BASELINE]["size"]
+    machine = report["machine"]
     lines = [
-        f"SD-1.5-sized, random weights, {report['machine']['cpu']}, "
-        f"{report['machine']['threads']} threads; ratio = torch fp32 time / time.",
+        f"SD-1.5-sized, random weights, {machine['cpu']}, {machine['threads']} threads; "
+        "ratio = torch fp32 time / time.",
         "",
+    ]
+    if settings.get("unet_only"):
+        lines += ["| backend | UNet step (batch 2, 64×64 latents) | size |", "|---|---|---|"]
+        for name, r in report["results"].items():
+            lines.append(
+                f"| {name} | {r['unet_step_s']:.2f} s ({r['unet_step_speedup']:.2f}×) "
+                f"| {r['size_bytes'] / 1e9:.2f} GB |"
+            )
+        return "\n".join(lines) + "\n"
+    width, height = report["results"][BASELINE]["size"]
+    lines += [
         f"| backend | UNet step (batch 2) | VAE decode | {width}×{height} "
         f"{settings['steps']}-step generation | PSNR vs torch | size | peak RSS |",
         "|---|---|---|---|---|---|---|",

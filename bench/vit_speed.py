@@ -13,8 +13,10 @@ speed drifts over minutes: interleaving spreads the drift over all configuration
 Ratios are torch fp32 eager time / profile time (higher is faster).
 
 --peers also exports and runs the same model with optimum's classes from .venv-optimum
-(`make compat` creates it): optimum-intel's OpenVINO export (fp32 weights; OpenVINO runs it in
-its default bf16 on AMX) and optimum-onnx's dynamic int8 (the avx512_vnni config).
+(`make compat` creates it): optimum-onnx's export (fp32) and its dynamic int8 (the
+avx512_vnni config); optimum-intel's OpenVINO export with fp32 (OpenVINO runs it in its default
+bf16 on AMX), int8, int4 and nf4 weights. A second table sets each against our profile of the
+same precision.
 
 Random weights: the logits of a random ViT-B are small and nearly tied, so builds here record
 but do not gate their validation metrics (the table shows the logits' SQNR against torch);
@@ -44,7 +46,15 @@ BUILD_OVERRIDES = (
     "validation.atol=1e6",
     "validation.batch_sizes=[1]",
 )
-PEERS = ("optimum-intel-openvino", "optimum-onnx-int8")
+# optimum's export of the same model -> our bundled profile with the same precision.
+PEERS = {
+    "optimum-onnx-fp32": "vit-onnxruntime-fp32",
+    "optimum-onnx-int8": "vit-onnxruntime-int8",
+    "optimum-intel-openvino": "vit-openvino-bf16",
+    "optimum-intel-int8": "vit-openvino-int8",
+    "optimum-intel-int4": "vit-openvino-int4",
+    "optimum-intel-nf4": "vit-openvino-nf4",
+}
 PEER_VENV = Path(".venv-optimum/bin/python")
 
 
@@ -210,6 +220,8 @@ def main() -> None:
     report["results"] = results
     (args.work / "vit_speed.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(results, args.threads)
+    if peers:
+        table += "\n" + peer_markdown(results)
     (args.work / "vit_speed.md").write_text(table)
     print(table)
 
@@ -226,6 +238,24 @@ def markdown(results: dict[str, dict[str, Any]], threads: int) -> str:
             f"| {name} | {r['backend']} | {r['size_mb']:.0f} MB | {sqnr} "
             f"| {1e3 * r['batch1_s']:.0f} ms ({r['batch1_speedup']:.2f}×) "
             f"| {1e3 * r['batch8_s']:.0f} ms ({r['batch8_speedup']:.2f}×) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def peer_markdown(results: dict[str, dict[str, Any]]) -> str:
+    """Ours against optimum's export of the same precision: time ratio, >1 means ours is faster."""
+    lines = [
+        "| same precision | ours | optimum | batch 1: optimum / ours | batch 8: optimum / ours |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for peer, ours in PEERS.items():
+        if peer not in results or ours not in results:
+            continue
+        mine, theirs = results[ours], results[peer]
+        lines.append(
+            f"| {theirs['backend']} | {ours} | {peer} "
+            f"| {theirs['batch1_s'] / mine['batch1_s']:.2f}× "
+            f"| {theirs['batch8_s'] / mine['batch8_s']:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,9 @@
 
     [build]                         # optional
     output = "artifacts"            # where artifacts go: OUTPUT/<source name>/<profile name>
-    set = ['calibration.data="digits"']   # --set overrides for every build
+    set = ["runtime.threads=2"]     # --set overrides for every build
+    [build.vit]                     # ... and for one family's builds (vit, sd, sdxl)
+    set = ['calibration.data="calibration-images"']
 
     [bench]                         # optional: any kiln bench option; the command line wins
     batch_sizes = [1, 8]
@@ -42,7 +44,11 @@ class Matrix:
     profiles: tuple[str, ...]
     output: Path
     overrides: tuple[str, ...]
+    family_overrides: Mapping[str, tuple[str, ...]]  # family name -> its builds' --set
     bench: Mapping[str, Any]  # BenchSettings fields
+
+    def overrides_for(self, family: str) -> tuple[str, ...]:
+        return (*self.overrides, *self.family_overrides.get(family, ()))
 
 
 def read_matrix(path: str | Path) -> Matrix:
@@ -66,13 +72,27 @@ def read_matrix(path: str | Path) -> Matrix:
     bench = data.get("bench", {})
     if not isinstance(build, dict) or not isinstance(bench, dict):
         raise ReportError(f"{where}: [build] and [bench] must be tables")
-    _known_keys(build, BUILD_KEYS, f"{where} [build]")
+    from modelkiln.models import FAMILIES
+
+    _known_keys(build, BUILD_KEYS | set(FAMILIES), f"{where} [build]")
     _known_keys(bench, {f.name for f in fields(BenchSettings)}, f"{where} [bench]")
-    overrides = build.get("set", [])
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise ReportError(f"{where} [build] set must be a list of KEY=VALUE strings")
+    families = {}
+    for family in FAMILIES:
+        table = build.get(family, {})
+        if not isinstance(table, dict):
+            raise ReportError(f"{where}: [build.{family}] must be a table")
+        _known_keys(table, {"set"}, f"{where} [build.{family}]")
+        families[family] = _overrides(table, f"{where} [build.{family}]")
     output = base / str(build.get("output", "artifacts"))
-    return Matrix(sources, profiles, output, tuple(overrides), bench)
+    overrides = _overrides(build, f"{where} [build]")
+    return Matrix(sources, profiles, output, overrides, families, bench)
+
+
+def _overrides(table: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    values = table.get("set", [])
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        raise ReportError(f"{where} set must be a list of KEY=VALUE strings")
+    return tuple(values)
 
 
 def build_matrix(matrix: Matrix, progress: Progress | None = None) -> list[Path]:
@@ -83,12 +103,17 @@ def build_matrix(matrix: Matrix, progress: Progress | None = None) -> list[Path]
     from modelkiln.sources import resolve_source
 
     progress = progress or NullProgress()
-    profiles = [load_profile(name, matrix.overrides) for name in matrix.profiles]
+    families = {name: load_profile(name).family for name in matrix.profiles}
     artifacts = []
     for source in matrix.sources:
         resolved = resolve_source(source)
         family = detect_family(resolved)
-        mine = [profile for profile in profiles if profile.family == family.name]
+        overrides = matrix.overrides_for(family.name)
+        mine = [
+            load_profile(name, overrides)
+            for name in matrix.profiles
+            if families[name] == family.name
+        ]
         if not mine:
             raise ReportError(
                 f"the matrix has no {family.name} profile for {source}; add one of "

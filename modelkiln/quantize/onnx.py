@@ -166,7 +166,8 @@ def int4_weights(
     activations stay float. The Gemm/Conv layers and activation x activation MatMuls stay
     float too: ORT's quantizer handles MatMul only."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    MatMulNBitsQuantizer = _matmul_nbits_quantizer()
 
     _check_block_size(settings.group_size, "MatMulNBits")
     data = _data(entry)
@@ -304,6 +305,21 @@ def _save(model: onnx.ModelProto, entry: Path, scratch: Path) -> None:
     else:
         data.unlink(missing_ok=True)
     staged.replace(entry)
+
+
+def _matmul_nbits_quantizer() -> Any:
+    """onnxruntime's MatMulNBitsQuantizer, imported without its side effect: the module calls
+    logging.basicConfig(level=INFO) on import, which would configure the caller's root logger
+    (and print every node it skips). The root logger is put back as it was."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for handler in root.handlers[:]:
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    return MatMulNBitsQuantizer
 
 
 @contextlib.contextmanager

@@ -261,6 +261,10 @@ profiles = ["vit-onnxruntime-fp32", "vit-openvino-fp32", "sd-torch-fp32"]
 
 [build]
 output = "built"
+[build.vit]
+set = ["runtime.threads=1"]
+[build.sd]
+set = ['calibration.prompts=["a cat"]']
 
 [bench]
 batch_sizes = [1]
@@ -281,6 +285,8 @@ isolate = false
     ]
     manifests = sorted((tmp_path / "built").glob("*/*/kiln.json"))
     assert len(manifests) == 2
+    for manifest in manifests:  # [build.vit] applied; [build.sd] (for SD profiles) not
+        assert json.loads(manifest.read_text())["profile"]["runtime"]["threads"] == 1
     stamps = [path.stat().st_mtime_ns for path in manifests]
     # --runs on the command line wins over the matrix's [bench].
     again = runner.invoke(

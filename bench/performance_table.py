@@ -1,0 +1,108 @@
+"""The README's performance table: torch eager fp32 against every bundled CPU profile, one run.
+
+    python bench/performance_table.py --work /tmp/kiln-perf [--peers] [--readme README.md]
+                                      [--rounds 3] [--runs 5] [--sd-runs 2] [--set KEY=VALUE]
+
+Runs, one after the other on this machine:
+  bench/vit_speed.py   ViT-B/16 224 (random weights from ViTConfig), batch 1 and 8, every
+                       bundled ViT CPU profile (+ optimum's exports with --peers), interleaved
+                       rounds (WORK/vit)
+  bench/sd_speed.py    one SD-1.5-sized UNet step (random weights from the SD-1.5 configs,
+                       batch 2, 64x64 latents), every bundled SD-1.x CPU profile (WORK/sd)
+Both build their artifacts once and reuse them. Writes WORK/performance.md: the machine, the
+command, both tables as ratios to torch fp32 with absolute medians. --readme replaces the block
+between the performance-table markers of that file with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+from pathlib import Path
+
+BEGIN = "<!-- performance-table:begin (bench/performance_table.py writes this block) -->"
+END = "<!-- performance-table:end -->"
+HERE = Path(__file__).parent
+
+
+def run(script: str, *arguments: str) -> None:
+    command = [sys.executable, str(HERE / script), *arguments]
+    print("$", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def machine_line(threads: int) -> str:
+    from modelkiln.env import machine_report
+
+    machine = machine_report()
+    cpu = machine["cpu"]
+    features = ", ".join(f for f in cpu["features"] if f.startswith(("amx", "avx512_")))
+    versions = ", ".join(
+        f"{name} {machine['libraries'].get(name)}" for name in ("torch", "onnxruntime", "openvino")
+    )
+    return (
+        f"{cpu['model']}, {cpu['usable_cores']} cores ({features}), {threads} threads; {versions}"
+    )
+
+
+def table(args: argparse.Namespace) -> str:
+    today = datetime.date.today().isoformat()
+    command = "python bench/performance_table.py --work WORK" + (" --peers" if args.peers else "")
+    vit = (args.work / "vit" / "vit_speed.md").read_text(encoding="utf-8").strip()
+    sd = (args.work / "sd" / "sd_speed.md").read_text(encoding="utf-8").strip()
+    return "\n".join(
+        [
+            BEGIN,
+            f"Measured {today} by `{command}` on {machine_line(args.threads)}.",
+            "Ratios are torch eager fp32 time / time in the same run (above 1× is faster);",
+            "models have random weights from the published configs (the same compute).",
+            "",
+            "**ViT-B/16 224**, medians of every round's calls:",
+            "",
+            vit,
+            "",
+            "**SD-1.5-sized UNet**, one denoising step:",
+            "",
+            sd,
+            END,
+        ]
+    )
+
+
+def update_readme(readme: Path, block: str) -> None:
+    text = readme.read_text(encoding="utf-8")
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{readme} has no performance-table markers ({BEGIN} ... {END})")
+    before, rest = text.split(BEGIN, 1)
+    _, after = rest.split(END, 1)
+    readme.write_text(before + block + after, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--peers", action="store_true", help="optimum's exports (make compat)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--sd-runs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--readme", type=Path, help="rewrite this file's performance block")
+    args = parser.parse_args()
+    threads = ["--threads", str(args.threads)]
+    vit = ["--work", str(args.work / "vit"), "--rounds", str(args.rounds), "--runs", str(args.runs)]
+    run("vit_speed.py", *vit, *threads, *(["--peers"] if args.peers else []))
+    sd = ["--work", str(args.work / "sd"), "--unet-only", "--runs", str(args.sd_runs)]
+    run("sd_speed.py", *sd, *threads, *(f"--set={item}" for item in args.overrides))
+    block = table(args)
+    (args.work / "performance.md").write_text(block + "\n", encoding="utf-8")
+    print(block)
+    if args.readme is not None:
+        update_readme(args.readme, block)
+        print(f"updated {args.readme}")
+
+
+if __name__ == "__main__":
+    main()
