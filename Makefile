@@ -11,7 +11,7 @@ LINT_PATHS := modelkiln tests $(wildcard bench)
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help demo test test-fast lint format env compat clean
+.PHONY: help demo test test-fast lint format env compat perf clean
 
 help:
 	@echo "make demo       train the digits ViT, build it for every CPU backend, print the comparison"
@@ -20,6 +20,7 @@ help:
 	@echo "make lint       ruff check + format check + mypy"
 	@echo "make env        what this machine offers (runtimes, CPU features)"
 	@echo "make compat     load our artifacts with optimum's ORT/OV classes (second venv)"
+	@echo "make perf       the README's performance table: ViT-B/16 and an SD-1.5 UNet (~40 min)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,9 +54,14 @@ env: $(STAMP)
 compat: $(STAMP)
 	test -x .venv-optimum/bin/python || $(PYTHON) -m venv .venv-optimum
 	.venv-optimum/bin/python -m pip install --quiet -c constraints.txt \
-		torch torchvision optimum-onnx optimum-intel onnxruntime openvino timm diffusers
+		torch torchvision optimum-onnx optimum-intel onnxruntime openvino nncf timm diffusers
 	$(BIN)/python scripts/optimum_compat.py build artifacts/compat
 	.venv-optimum/bin/python scripts/optimum_compat.py check artifacts/compat
+
+# Random weights from the real configs; artifacts are built once under PERF_WORK and reused.
+PERF_WORK ?= /tmp/kiln-perf
+perf: $(STAMP)
+	$(BIN)/python bench/performance_table.py --work $(PERF_WORK) --set calibration.size=2
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache .mypy_cache
