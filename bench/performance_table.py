@@ -90,12 +90,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--readme", type=Path, help="rewrite this file's performance block")
+    parser.add_argument(
+        "--only",
+        choices=["vit", "sd"],
+        help="re-measure one half; the other's table is reused from WORK (a rebuilt profile)",
+    )
     args = parser.parse_args()
     threads = ["--threads", str(args.threads)]
     vit = ["--work", str(args.work / "vit"), "--rounds", str(args.rounds), "--runs", str(args.runs)]
-    run("vit_speed.py", *vit, *threads, *(["--peers"] if args.peers else []))
+    if args.only in (None, "vit"):
+        run("vit_speed.py", *vit, *threads, *(["--peers"] if args.peers else []))
     sd = ["--work", str(args.work / "sd"), "--unet-only", "--runs", str(args.sd_runs)]
-    run("sd_speed.py", *sd, *threads, *(f"--set={item}" for item in args.overrides))
+    if args.only in (None, "sd"):
+        run("sd_speed.py", *sd, *threads, *(f"--set={item}" for item in args.overrides))
     block = table(args)
     (args.work / "performance.md").write_text(block + "\n", encoding="utf-8")
     print(block)

@@ -732,7 +732,7 @@ def _read_prompts(path: Path | None) -> tuple[str, ...] | None:
 @click.option(
     "--isolate/--no-isolate",
     default=None,
-    help="Measure each artifact in its own process (own memory and threads).",
+    help="Measure each artifact in its own process (own memory and threads).  [default: isolate]",
 )
 @click.option("--reference", help="Load the torch reference from here instead of the source.")
 @click.option("--no-reference", is_flag=True, help="Skip the torch reference (no agreement).")
