@@ -97,6 +97,7 @@ def run(
     if not artifacts:
         raise InputError("no artifacts to benchmark: give one or more artifact directories")
     opened = [open_artifact(path) for path in artifacts]
+    _check_distinct_keys(opened, settings.runtime)
     entries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as scratch:
         folders = _references(opened, settings, Path(scratch), progress)
@@ -127,6 +128,25 @@ def run(
 
         write_report(report, Path(output))
     return report
+
+
+def _check_distinct_keys(opened: list[Artifact], runtime: str | None) -> None:
+    """kiln compare matches entries on source, profile and runtime: one artifact per key."""
+    seen: dict[tuple[str, str, str], Path] = {}
+    for artifact in opened:
+        manifest = artifact.manifest
+        key = (
+            references.source_hash(manifest),
+            str(manifest.profile.get("name")),
+            runtime or manifest.runtime,
+        )
+        if key in seen:
+            raise InputError(
+                f"{seen[key]} and {artifact.root} are the same weights built with the same "
+                f"profile '{key[1]}' for {key[2]}: a report keys its entries by that (kiln "
+                "compare matches on it), so bench them in separate reports"
+            )
+        seen[key] = artifact.root
 
 
 def _distinct_names(entries: list[dict[str, Any]]) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 
 from modelkiln.bench import references
 from modelkiln.bench.metrics import Latency, measure_latency
+from modelkiln.env import peak_rss_bytes
 from modelkiln.errors import InputError
 from modelkiln.loading import Artifact, load, open_artifact
 from modelkiln.progress import NullProgress, Progress
@@ -67,8 +68,6 @@ def measure_artifact(
             timings = _image_timings(pipeline, plan, path.name, progress)
             accuracy = _image_accuracy(artifact, pipeline, plan, progress) if plan.data else None
         info = _session_info(pipeline)
-    from modelkiln.env import peak_rss_bytes
-
     common = {
         "artifact": str(path.resolve()),
         "name": path.name,

@@ -239,6 +239,15 @@ def test_impossible_settings_fail_before_measuring(settings: dict, message: str)
         BenchSettings(**settings)
 
 
+def test_the_same_artifact_twice_is_refused(built: Callable[..., Path], tmp_path: Path) -> None:
+    import shutil
+
+    artifact = built("hf-classifier", "vit-onnxruntime-fp32")
+    copy = shutil.copytree(artifact, tmp_path / "copy")
+    with pytest.raises(InputError, match="same profile 'vit-onnxruntime-fp32'"):
+        run([artifact, copy], BenchSettings(isolate=False, **QUICK))
+
+
 def test_missing_artifact_and_bad_flags(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError):
         run([tmp_path / "nothing-here"], BenchSettings(isolate=False))
