@@ -245,7 +245,12 @@ def test_unsupported_pairs_fail_at_profile_validation(
         (["quantization.group_size=0"], "quantization.group_size must be >= 1, got 0"),
         (["quantization.ratio=0"], r"quantization.ratio must be in \(0, 1\], got 0"),
         (
-            ["export.format=onnx", "runtime.name=onnxruntime", "quantization.group_size=48"],
+            [
+                "export.format=onnx",
+                "runtime.name=onnxruntime",
+                "precision.compute=fp32",
+                "quantization.group_size=48",
+            ],
             "onnxruntime's 4-bit kernels take quantization.group_size in 16, 32, 64, 128, 256, "
             "got 48",
         ),
