@@ -7,7 +7,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,6 +110,8 @@ def peak_rss_bytes() -> int:
         for line in status.read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024
+    import resource  # Unix only; Linux answered above
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; else KiB
 
