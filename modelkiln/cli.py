@@ -911,7 +911,7 @@ def compare(
     allow_different_machine: bool,
 ) -> None:
     """Compare CURRENT bench report with BASELINE: exit 1 on a regression, 2 on unusable input."""
-    from modelkiln.bench.compare import Bounds, compare_files
+    from modelkiln.bench.compare import COLUMNS, Bounds, compare_files
     from modelkiln.errors import ReportError
 
     bounds = Bounds(
@@ -936,32 +936,11 @@ def compare(
     for row in comparison.compared:
         by_key.setdefault(row.key, []).append(row)
     for key, rows in by_key.items():
-        table = Table(
-            "metric",
-            "baseline",
-            "current",
-            "change",
-            "bound",
-            "p",
-            "status",
-            "note",
-            title=Text(key, "bold"),
-            title_justify="left",
-        )
+        table = Table(*COLUMNS, title=Text(key, "bold"), title_justify="left")
         for row in rows:
-            status = Text(str(row.status), STATUS_STYLES.get(str(row.status), ""))
-            table.add_row(
-                *cells(
-                    str(row.metric),
-                    row.baseline_text,
-                    row.current_text,
-                    row.change_text,
-                    row.bound_text,
-                    row.p_text,
-                    status,
-                    row.note,
-                )
-            )
+            *texts, status, note = row.cells()
+            styled = Text(status, STATUS_STYLES.get(status, ""))
+            table.add_row(*cells(*texts, styled, note))
         out.print(table)
     for label, keys, style in (
         ("new (only in current)", comparison.new, "cyan"),

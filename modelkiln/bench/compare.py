@@ -147,6 +147,23 @@ class Row:
     def p_text(self) -> str:
         return "" if self.p_value is None else f"{self.p_value:.2g}"
 
+    def cells(self) -> tuple[str, ...]:
+        """The row as text, in COLUMNS order (the status last but one)."""
+        return (
+            str(self.metric),
+            self.baseline_text,
+            self.current_text,
+            self.change_text,
+            self.bound_text,
+            self.p_text,
+            str(self.status),
+            self.note,
+        )
+
+
+# What every table of rows shows, in Row.cells() order.
+COLUMNS = ("metric", "baseline", "current", "change", "bound", "p", "status", "note")
+
 
 def _points(metric: Metric) -> str:
     return "dB" if metric.unit == "dB" else "points"
@@ -261,22 +278,13 @@ class Comparison:
             lines.append("")
         if self.compared:
             lines += [
-                "| entry | metric | baseline | current | change | bound | p | status | note |",
+                "| entry | " + " | ".join(COLUMNS) + " |",
                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
             ]
             for row in self.compared:
-                status = f"**{row.status}**" if row.status is Status.REGRESSED else row.status
-                cells = (
-                    f"`{row.key}`",
-                    str(row.metric),
-                    row.baseline_text,
-                    row.current_text,
-                    row.change_text,
-                    row.bound_text,
-                    row.p_text,
-                    str(status),
-                    row.note,
-                )
+                cells = [f"`{row.key}`", *row.cells()]
+                if row.status is Status.REGRESSED:
+                    cells[-2] = f"**{row.status}**"
                 lines.append("| " + " | ".join(_md(cell) for cell in cells) + " |")
             lines.append("")
         for title, keys in (
