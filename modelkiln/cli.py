@@ -758,8 +758,9 @@ def bench(
     Writes OUTPUT/report.json (schema: modelkiln/bench/report.schema.json), report.md and
     PNG plots. Gate CI on it with `kiln compare BASELINE.json CURRENT.json`.
     """
-    from modelkiln.bench.harness import BenchSettings, run
+    from modelkiln.bench.harness import run
     from modelkiln.bench.matrix import build_matrix, read_matrix
+    from modelkiln.bench.settings import BenchSettings
 
     if bool(artifacts) == bool(matrix):
         raise click.UsageError("give artifact directories or --matrix FILE (one of the two)")

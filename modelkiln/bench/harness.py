@@ -14,74 +14,18 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from modelkiln import errors
 from modelkiln.bench import references
-from modelkiln.bench.measure import DIFFUSION_TASKS, Plan, measure_artifact
+from modelkiln.bench.measure import DIFFUSION_TASKS, measure_artifact
 from modelkiln.bench.schema import SCHEMA_NAME, SCHEMA_VERSION, validate_report
+from modelkiln.bench.settings import BenchSettings
 from modelkiln.errors import InputError, KilnError
 from modelkiln.loading import Artifact, open_artifact
 from modelkiln.progress import NullProgress, Progress
-
-
-@dataclass(frozen=True)
-class BenchSettings:
-    """How to measure. None means "as each artifact's profile says" (threads, runtime)."""
-
-    batch_sizes: tuple[int, ...] = (1,)
-    warmup: int = 3
-    runs: int | None = 20
-    duration_s: float | None = None  # a time budget per batch size instead of `runs`
-    threads: int | None = None
-    # Own process per artifact: peak memory and thread pools are that artifact's alone.
-    isolate: bool = True
-    runtime: str | None = None
-    data: str | None = None  # image models: labelled folder (ImageFolder) or "digits"
-    prompts: tuple[str, ...] = ()  # diffusion: PSNR / SSIM against torch fp32
-    steps: int = 4  # denoising steps per generated image
-    reference: str | None = None  # where the torch reference loads from (default: the source)
-    use_reference: bool = True
-
-    def __post_init__(self) -> None:
-        # TOML and JSON give lists: keep the frozen dataclass hashable and comparable.
-        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise InputError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
-        if self.warmup < 0:
-            raise InputError(f"warmup must be >= 0, got {self.warmup}")
-        if self.duration_s is not None:
-            if self.duration_s <= 0:
-                raise InputError(f"--duration must be > 0 seconds, got {self.duration_s}")
-            object.__setattr__(self, "runs", None)  # a budget replaces the run count
-        elif self.runs is None or self.runs < 1:
-            raise InputError(f"runs must be >= 1, got {self.runs}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"threads must be >= 1, got {self.threads}")
-        if self.steps < 1:
-            raise InputError(f"steps must be >= 1, got {self.steps}")
-        if self.data is not None:
-            from modelkiln.datasets import image_set
-
-            image_set(self.data, "--data", "test")  # fails now, not after minutes of timing
-
-    def report_settings(self) -> dict[str, Any]:
-        return {
-            "batch_sizes": list(self.batch_sizes),
-            "warmup": self.warmup,
-            "runs": self.runs,
-            "duration_s": self.duration_s,
-            "threads": self.threads,
-            "isolate": self.isolate,
-            "runtime": self.runtime,
-            "data": self.data,
-            "prompts": list(self.prompts) or None,
-            "steps": self.steps,
-            "reference": self.reference if self.use_reference else "none",
-        }
 
 
 def run(
@@ -102,13 +46,13 @@ def run(
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as scratch:
         folders = _references(opened, settings, Path(scratch), progress)
         for index, artifact in enumerate(opened):
-            plan = _plan(settings, folders.get(references.reference_key(artifact.manifest)))
+            reference = folders.get(references.reference_key(artifact.manifest))
             description = f"[{index + 1}/{len(opened)}] {artifact.root.name}"
             with progress.task(description):
                 if settings.isolate:
-                    entries += _measure_in_child(artifact.root, plan, Path(scratch))
+                    entries += _measure_in_child(artifact.root, settings, reference, Path(scratch))
                 else:
-                    entries += measure_artifact(artifact.root, plan, progress)
+                    entries += measure_artifact(artifact.root, settings, reference, progress)
     _distinct_names(entries)
     from modelkiln import __version__
     from modelkiln.env import machine_report
@@ -159,21 +103,6 @@ def _distinct_names(entries: list[dict[str, Any]]) -> None:
             entry["name"] = f"{Path(entry['artifact']).parent.name}/{entry['name']}"
 
 
-def _plan(settings: BenchSettings, reference: Path | None) -> Plan:
-    return Plan(
-        batch_sizes=settings.batch_sizes,
-        warmup=settings.warmup,
-        runs=settings.runs,
-        duration_s=settings.duration_s,
-        threads=settings.threads,
-        runtime=settings.runtime,
-        data=settings.data,
-        prompts=settings.prompts,
-        steps=settings.steps,
-        reference=reference,
-    )
-
-
 def _references(
     opened: list[Artifact], settings: BenchSettings, scratch: Path, progress: Progress
 ) -> dict[str, Path]:
@@ -213,10 +142,11 @@ def _json(settings: BenchSettings) -> str:
     return json.dumps(asdict(settings))
 
 
-def _measure_in_child(root: Path, plan: Plan, scratch: Path) -> list[dict[str, Any]]:
-    fields = asdict(plan)
-    fields["reference"] = None if plan.reference is None else str(plan.reference)
-    result = _run_child(["measure", str(root), json.dumps(fields)], scratch)
+def _measure_in_child(
+    root: Path, settings: BenchSettings, reference: Path | None, scratch: Path
+) -> list[dict[str, Any]]:
+    folder = "" if reference is None else str(reference)
+    result = _run_child(["measure", str(root), _json(settings), folder], scratch)
     entries: list[dict[str, Any]] = result["entries"]
     return entries
 
@@ -243,17 +173,9 @@ def _run_child(arguments: list[str], scratch: Path) -> dict[str, Any]:
 def _child(result_file: Path, action: str, arguments: list[str]) -> None:
     try:
         if action == "measure":
-            root, fields = Path(arguments[0]), json.loads(arguments[1])
-            reference = fields.pop("reference")
-            plan = Plan(
-                **{
-                    **fields,
-                    "batch_sizes": tuple(fields["batch_sizes"]),
-                    "prompts": tuple(fields["prompts"]),
-                    "reference": None if reference is None else Path(reference),
-                }
-            )
-            result: dict[str, Any] = {"entries": measure_artifact(root, plan)}
+            root, settings = Path(arguments[0]), BenchSettings(**json.loads(arguments[1]))
+            reference = Path(arguments[2]) if arguments[2] else None
+            result: dict[str, Any] = {"entries": measure_artifact(root, settings, reference)}
         else:
             root, folder, fields = Path(arguments[0]), Path(arguments[1]), json.loads(arguments[2])
             references.compute(

@@ -52,7 +52,7 @@ class Matrix:
 
 
 def read_matrix(path: str | Path) -> Matrix:
-    from modelkiln.bench.harness import BenchSettings
+    from modelkiln.bench.settings import BenchSettings
 
     path = Path(path)
     try:

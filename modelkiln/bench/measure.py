@@ -7,7 +7,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from modelkiln.bench import references
 from modelkiln.bench.metrics import Latency, measure_latency
+from modelkiln.bench.settings import BenchSettings
 from modelkiln.env import peak_rss_bytes
 from modelkiln.errors import InputError
 from modelkiln.loading import Artifact, load, open_artifact
@@ -34,39 +34,36 @@ STAGES = {
 }
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What to measure: BenchSettings minus what only the orchestrator needs."""
-
-    batch_sizes: tuple[int, ...]
-    warmup: int
-    runs: int | None
-    duration_s: float | None
-    threads: int | None
-    runtime: str | None
-    data: str | None
-    prompts: tuple[str, ...]
-    steps: int
-    reference: Path | None  # folder written by references.compute, None: no reference
-
-
 def measure_artifact(
-    path: Path, plan: Plan, progress: Progress | None = None
+    path: Path,
+    settings: BenchSettings,
+    reference: Path | None = None,
+    progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
+    """`reference`: the folder references.compute wrote for this artifact's source (None: no
+    comparison with torch)."""
     progress = progress or NullProgress()
     artifact = open_artifact(path)
     manifest = artifact.manifest
     started = time.perf_counter()
     with progress.task(f"loading {path.name}"):
-        pipeline = load(path, runtime=plan.runtime, threads=plan.threads)
+        pipeline = load(path, runtime=settings.runtime, threads=settings.threads)
     load_s = time.perf_counter() - started
     with pipeline:
         if manifest.task in DIFFUSION_TASKS:
-            timings = _diffusion_timings(pipeline, plan, path.name, progress)
-            accuracy = _diffusion_accuracy(pipeline, plan, progress) if plan.prompts else None
+            timings = _diffusion_timings(pipeline, settings, path.name, progress)
+            accuracy = (
+                _diffusion_accuracy(pipeline, settings, reference, progress)
+                if settings.prompts
+                else None
+            )
         else:
-            timings = _image_timings(pipeline, plan, path.name, progress)
-            accuracy = _image_accuracy(artifact, pipeline, plan, progress) if plan.data else None
+            timings = _image_timings(pipeline, settings, path.name, progress)
+            accuracy = (
+                _image_accuracy(artifact, pipeline, settings, reference, progress)
+                if settings.data
+                else None
+            )
         info = _session_info(pipeline)
     common = {
         "artifact": str(path.resolve()),
@@ -75,11 +72,13 @@ def measure_artifact(
         "family": manifest.family,
         "task": manifest.task,
         "format": manifest.format,
-        "runtime": plan.runtime or manifest.runtime,
+        "runtime": settings.runtime or manifest.runtime,
         "inference_precision": info.get("inference_precision"),
         "source": str(manifest.source.get("hub_id") or manifest.source.get("spec", "")),
         "source_hash": references.source_hash(manifest),
-        "threads": plan.threads if plan.threads is not None else _int_or_none(info.get("threads")),
+        "threads": (
+            settings.threads if settings.threads is not None else _int_or_none(info.get("threads"))
+        ),
         "load_s": load_s,
         "peak_rss_bytes": peak_rss_bytes(),
         "size_bytes": sum(record.size for record in manifest.files.values()),
@@ -109,26 +108,28 @@ def measure_artifact(
 
 
 def _timed(
-    plan: Plan, call: Callable[[], object], before_runs: Callable[[], None] = lambda: None
+    settings: BenchSettings,
+    call: Callable[[], object],
+    before_runs: Callable[[], None] = lambda: None,
 ) -> tuple[float, Latency]:
     """The first call's time (lazy compilation, allocation), then warm-ups, then the runs."""
     started = time.perf_counter()
     call()
     first_s = time.perf_counter() - started
-    for _ in range(plan.warmup):
+    for _ in range(settings.warmup):
         call()
     before_runs()
-    latency = measure_latency(call, warmup=0, runs=plan.runs, duration_s=plan.duration_s)
+    latency = measure_latency(call, warmup=0, runs=settings.runs, duration_s=settings.duration_s)
     return first_s, latency
 
 
 def _image_timings(
-    pipeline: Any, plan: Plan, name: str, progress: Progress
+    pipeline: Any, settings: BenchSettings, name: str, progress: Progress
 ) -> dict[int, dict[str, Any]]:
     from PIL import Image
 
     fixed = pipeline.fixed_batch
-    wrong = [b for b in plan.batch_sizes if fixed is not None and b != fixed]
+    wrong = [b for b in settings.batch_sizes if fixed is not None and b != fixed]
     if wrong:
         raise InputError(
             f"{name} was built for a fixed batch of {fixed} (profile [shapes]); bench it with "
@@ -138,31 +139,31 @@ def _image_timings(
     noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
     pixels = pipeline.preprocessor([Image.fromarray(noise)])
     timings = {}
-    for batch in plan.batch_sizes:
+    for batch in settings.batch_sizes:
         feed = {"pixel_values": np.repeat(pixels, batch, axis=0)}
 
         def call(feed: dict[str, np.ndarray] = feed) -> object:
             return pipeline.session.run(feed)
 
         with progress.task(f"{name}: batch {batch}"):
-            first_s, latency = _timed(plan, call)
+            first_s, latency = _timed(settings, call)
         timings[batch] = {"first_s": first_s, "latency": latency, "images": batch, "stages": {}}
     return timings
 
 
 def _diffusion_timings(
-    pipeline: Any, plan: Plan, name: str, progress: Progress
+    pipeline: Any, settings: BenchSettings, name: str, progress: Progress
 ) -> dict[int, dict[str, Any]]:
     from modelkiln.reference import generate_images
 
     timings = {}
-    for batch in plan.batch_sizes:
+    for batch in settings.batch_sizes:
         prompts = [PROMPT] * batch
 
         def call(prompts: list[str] = prompts) -> object:
-            return generate_images(pipeline, prompts, seed=0, steps=plan.steps)
+            return generate_images(pipeline, prompts, seed=0, steps=settings.steps)
 
-        description = f"{name}: batch {batch}, {plan.steps} steps per image"
+        description = f"{name}: batch {batch}, {settings.steps} steps per image"
         with progress.task(description), _recording(pipeline.sessions) as calls:
 
             def forget_warmups(calls: dict[str, list[float]] = calls) -> None:
@@ -170,7 +171,7 @@ def _diffusion_timings(
                 for times in calls.values():
                     times.clear()
 
-            first_s, latency = _timed(plan, call, forget_warmups)
+            first_s, latency = _timed(settings, call, forget_warmups)
         stages = {
             STAGES.get(session_name, session_name): Latency(tuple(times))
             for session_name, times in calls.items()
@@ -214,18 +215,22 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _image_accuracy(
-    artifact: Artifact, pipeline: Any, plan: Plan, progress: Progress
+    artifact: Artifact,
+    pipeline: Any,
+    settings: BenchSettings,
+    reference: Path | None,
+    progress: Progress,
 ) -> dict[str, Any]:
     from modelkiln.datasets import image_set
     from modelkiln.validate import OutputMetrics
 
-    assert plan.data is not None
-    images = image_set(plan.data, "--data", "test")
+    assert settings.data is not None
+    images = image_set(settings.data, "--data", "test")
     names = list(pipeline.session.output_specs)
-    with progress.task(f"{artifact.root.name}: {len(images)} images of {plan.data}"):
+    with progress.task(f"{artifact.root.name}: {len(images)} images of {settings.data}"):
         batches = list(pipeline.batches(images.images, names, ACCURACY_BATCH))
     outputs = {name: np.concatenate([batch[name] for batch in batches]) for name in names}
-    record: dict[str, Any] = {"data": plan.data, "images": len(images)}
+    record: dict[str, Any] = {"data": settings.data, "images": len(images)}
     main = names[0]
     specs = pipeline.session.output_specs
     classifying = artifact.manifest.task == "image-classification"
@@ -235,8 +240,8 @@ def _image_accuracy(
         top5 = np.argsort(-logits, axis=-1)[:, : min(5, logits.shape[-1])]
         record["top1"] = 100 * float((top5[:, 0] == labels).mean())
         record["top5"] = 100 * float((top5 == labels[:, None]).any(-1).mean())
-    if plan.reference is not None:
-        expected = references.read_outputs(plan.reference)
+    if reference is not None:
+        expected = references.read_outputs(reference)
         metrics = OutputMetrics()
         metrics.add(expected[main], outputs[main], specs[main].is_logits)
         summary = metrics.summary()
@@ -248,7 +253,7 @@ def _image_accuracy(
             score = record[metric] * (100 if metric == "reference_cosine" else 1)
             return {"metric": metric, "score": score, **record}
     raise InputError(
-        f"--data {plan.data}: its images are not in class folders and there is no torch "
+        f"--data {settings.data}: its images are not in class folders and there is no torch "
         "reference, so there is nothing to score against; give an ImageFolder "
         "(<root>/<class>/<image>) or drop --no-reference"
     )
@@ -261,23 +266,25 @@ def _mean_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.mean((a * b).sum(axis=1) / np.maximum(norms, 1e-30)))
 
 
-def _diffusion_accuracy(pipeline: Any, plan: Plan, progress: Progress) -> dict[str, Any]:
+def _diffusion_accuracy(
+    pipeline: Any, settings: BenchSettings, reference: Path | None, progress: Progress
+) -> dict[str, Any]:
     from modelkiln.image_quality import psnr, ssim
     from modelkiln.reference import generate
 
-    if plan.reference is None:
+    if reference is None:
         raise InputError(
             "--prompts scores images against the torch fp32 pipeline's: drop --no-reference "
             "(or --prompts)"
         )
-    expected = references.read_images(plan.reference, len(plan.prompts))
+    expected = references.read_images(reference, len(settings.prompts))
     scores = []
     with progress.task(
-        f"{len(plan.prompts)} prompts against torch fp32", len(plan.prompts)
+        f"{len(settings.prompts)} prompts against torch fp32", len(settings.prompts)
     ) as step:
-        for index, (prompt, theirs) in enumerate(zip(plan.prompts, expected, strict=True)):
+        for index, (prompt, theirs) in enumerate(zip(settings.prompts, expected, strict=True)):
             # The seeds the reference used: quality.reference draws seed + index, seed = 0.
-            ours = generate(pipeline, prompt, seed=index, steps=plan.steps)
+            ours = generate(pipeline, prompt, seed=index, steps=settings.steps)
             scores.append((psnr(ours, theirs), ssim(ours, theirs)))
             step(1)
     values = [None if math.isinf(p) else round(p, 2) for p, _ in scores]
@@ -285,11 +292,11 @@ def _diffusion_accuracy(pipeline: Any, plan: Plan, progress: Progress) -> dict[s
     return {
         "metric": "psnr_db",
         "score": min(finite) if finite else None,
-        "prompts": list(plan.prompts),
+        "prompts": list(settings.prompts),
         "images": len(scores),
         "psnr_db": values,
         "ssim": [round(s, 4) for _, s in scores],
     }
 
 
-__all__ = ["Plan", "measure_artifact"]
+__all__ = ["measure_artifact"]

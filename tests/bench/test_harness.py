@@ -11,9 +11,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from modelkiln.bench.harness import BenchSettings, run
+from modelkiln.bench.harness import run
 from modelkiln.bench.matrix import read_matrix
 from modelkiln.bench.schema import read_report
+from modelkiln.bench.settings import BenchSettings
 from modelkiln.cli import cli
 from modelkiln.errors import ArtifactError, InputError, ReportError
 

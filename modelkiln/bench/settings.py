@@ -1,0 +1,66 @@
+"""How `kiln bench` measures: one settings object for the orchestrator, the isolated child
+processes and the measuring code alike (it travels to a child as JSON)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from modelkiln.errors import InputError
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How to measure. None means "as each artifact's profile says" (threads, runtime)."""
+
+    batch_sizes: tuple[int, ...] = (1,)
+    warmup: int = 3
+    runs: int | None = 20
+    duration_s: float | None = None  # a time budget per batch size instead of `runs`
+    threads: int | None = None
+    # Own process per artifact: peak memory and thread pools are that artifact's alone.
+    isolate: bool = True
+    runtime: str | None = None
+    data: str | None = None  # image models: labelled folder (ImageFolder) or "digits"
+    prompts: tuple[str, ...] = ()  # diffusion: PSNR / SSIM against torch fp32
+    steps: int = 4  # denoising steps per generated image
+    reference: str | None = None  # where the torch reference loads from (default: the source)
+    use_reference: bool = True
+
+    def __post_init__(self) -> None:
+        # TOML and JSON give lists: keep the frozen dataclass hashable and comparable.
+        object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
+        object.__setattr__(self, "prompts", tuple(self.prompts))
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise InputError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
+        if self.warmup < 0:
+            raise InputError(f"warmup must be >= 0, got {self.warmup}")
+        if self.duration_s is not None:
+            if self.duration_s <= 0:
+                raise InputError(f"--duration must be > 0 seconds, got {self.duration_s}")
+            object.__setattr__(self, "runs", None)  # a budget replaces the run count
+        elif self.runs is None or self.runs < 1:
+            raise InputError(f"runs must be >= 1, got {self.runs}")
+        if self.threads is not None and self.threads < 1:
+            raise InputError(f"threads must be >= 1, got {self.threads}")
+        if self.steps < 1:
+            raise InputError(f"steps must be >= 1, got {self.steps}")
+        if self.data is not None:
+            from modelkiln.datasets import image_set
+
+            image_set(self.data, "--data", "test")  # fails now, not after minutes of timing
+
+    def report_settings(self) -> dict[str, Any]:
+        return {
+            "batch_sizes": list(self.batch_sizes),
+            "warmup": self.warmup,
+            "runs": self.runs,
+            "duration_s": self.duration_s,
+            "threads": self.threads,
+            "isolate": self.isolate,
+            "runtime": self.runtime,
+            "data": self.data,
+            "prompts": list(self.prompts) or None,
+            "steps": self.steps,
+            "reference": self.reference if self.use_reference else "none",
+        }
