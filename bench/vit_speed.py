@@ -15,7 +15,8 @@ Ratios are torch fp32 eager time / profile time (higher is faster).
 --peers also exports and runs the same model with optimum's classes from .venv-optimum
 (`make compat` creates it): optimum-onnx's export (fp32) and its dynamic int8 (the
 avx512_vnni config); optimum-intel's OpenVINO export with fp32 (OpenVINO runs it in its default
-bf16 on AMX), int8, int4 and nf4 weights. A second table sets each against our profile of the
+bf16 on AMX), int8, int4 and nf4 weights, each where --profiles has our profile of the same
+precision. A second table sets each against our profile of the
 same precision.
 
 Random weights: the logits of a random ViT-B are small and nearly tied, so builds here record
@@ -181,7 +182,8 @@ def main() -> None:
                 command += ["--set", item]
             subprocess.run(command, check=True)
     names = [BASELINE, *profiles]
-    peers = list(PEERS) if args.peers else []
+    # The peers with the precision of a profile measured here.
+    peers = [peer for peer, ours in PEERS.items() if ours in profiles] if args.peers else []
     if peers and not PEER_VENV.exists():
         raise SystemExit(f"--peers needs {PEER_VENV}: run `make compat` once")
     results: dict[str, dict[str, Any]] = {}

@@ -43,6 +43,8 @@ class ExportSettings:
     opset: int = 18
     via: Literal["torch", "onnx"] = "torch"  # openvino: convert the torch module or our ONNX
     external_data: Literal["auto", "always", "never"] = "auto"  # onnx weights beside the graph
+    # onnx for ONNX Runtime on the CPU: its fused Attention/Gelu ops (exporters/onnx_fusions.py)
+    fusions: Literal["auto", "none"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import warnings
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ExportError
 from modelkiln.exporters.base import Exporter, export_dims, export_signature, first_line
+from modelkiln.exporters.onnx_fusions import FUSED_OPS_KEY, fuse_for_onnxruntime, fusions_wanted
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -46,6 +48,9 @@ def onnx_from_torch(
     if program is None:
         program = _export(spec, load_module(), profile, meta=False)
         program.optimize()
+    if fusions_wanted(profile):
+        fused = fuse_for_onnxruntime(program.model)
+        program.model.metadata_props[FUSED_OPS_KEY] = json.dumps(fused)
     weight_bytes = sum(
         int(value.const_value.nbytes)
         for value in program.model.graph.initializers.values()

@@ -83,7 +83,10 @@ def int8_dynamic(
     ops = Counter(node.op_type for node in model.graph.node)
     return {
         "quantized_weights": _integer_weights(model),
-        "ops": {op: ops[op] for op in ("MatMulInteger", "ConvInteger", "DynamicQuantizeLinear")},
+        "ops": {
+            op: ops[op]
+            for op in ("MatMulInteger", "ConvInteger", "QAttention", "DynamicQuantizeLinear")
+        },
         "per_channel": settings.per_channel,
         "bytes_before": before,
         "bytes_after": _size(entry, data),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -9,6 +10,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.exporters.onnx_fusions import FUSED_OPS_KEY
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
 from modelkiln.specs import TensorSpec
 
@@ -54,6 +56,8 @@ class OnnxRuntimeSession(Session):
         self._threads = options.threads
         self._precision = {"fp16": "f16", "bf16": "bf16"}.get(options.compute_precision, "f32")
         self._graph_optimization = options.graph_optimization
+        fused = self._session.get_modelmeta().custom_metadata_map.get(FUSED_OPS_KEY)
+        self._fused_ops = json.loads(fused) if fused else {}
 
     @property
     def info(self) -> dict[str, Any]:
@@ -65,6 +69,7 @@ class OnnxRuntimeSession(Session):
             "inference_precision": self._precision,
             "threads": self._threads or "default",
             "graph_optimization": self._graph_optimization,
+            "fused_ops": self._fused_ops,
         }
 
     def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

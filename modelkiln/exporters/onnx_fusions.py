@@ -1,0 +1,124 @@
+"""ONNX Runtime's fused transformer ops in our exported graphs (onnxscript's ort_fusions).
+
+torch's dynamo exporter writes each attention as ~25 small ops, with an IsNaN/Where guard after
+the softmax (torch's SDPA decomposition zeroes fully masked rows), and GELU as Erf arithmetic;
+ONNX Runtime fuses neither pattern when it loads a model. onnxscript's rewriter turns them into
+ONNX Runtime's com.microsoft Attention and Gelu, and onnxruntime's dynamic quantizer turns that
+Attention into QAttention (int8 Q/K/V projection), as optimum's ORTOptimizer does for graphs of
+the TorchScript exporter. What it buys on ViT-B/16: README, "Quantization results".
+
+Not SkipLayerNormalization or BiasGelu, which onnxscript offers too: on ViT-B/16 they ran slower
+than LayerNormalization + Add and Gelu + Add (onnxruntime 1.32, AVX-512/AMX CPU).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from modelkiln.errors import ExportError
+from modelkiln.exporters.base import first_line
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import Profile
+
+# Model metadata: the com.microsoft ops the fusions left in the graph, as JSON {op: count}.
+FUSED_OPS_KEY = "modelkiln.fused_ops"
+# The quantization schemes whose quantizer reaches inside a fused Attention (onnxruntime's
+# dynamic quantizer has QAttention); the others quantize MatMuls only and would leave the
+# attention's Q/K/V weights in fp32.
+SCHEMES_THAT_QUANTIZE_ATTENTION = frozenset({"none", "int8-dynamic"})
+
+
+def fusions_wanted(profile: Profile) -> bool:
+    """Whether `export.fusions = "auto"` fuses this component's graph.
+
+    The fused ops are ONNX Runtime's own (other runtimes of an ONNX file, TensorRT or OpenVINO's
+    ONNX reader, would not know them), and its CPU Attention kernel is fp32 only.
+    """
+    return (
+        profile.export.fusions == "auto"
+        and profile.export.format == "onnx"
+        and profile.runtime_name == "onnxruntime"
+        and profile.runtime.device == "cpu"
+        and profile.precision.weights == "fp32"
+        and profile.quantization.scheme in SCHEMES_THAT_QUANTIZE_ATTENTION
+    )
+
+
+def fuse_for_onnxruntime(model: Any) -> dict[str, int]:
+    """Rewrite the onnx_ir model in place; returns how many of each com.microsoft op it has."""
+    import onnx_ir
+    from onnxscript.optimizer import fold_constants, optimize
+    from onnxscript.rewriter.ort_fusions import shape_optimization
+
+    try:
+        # The attention patterns match on shapes, so they must be known and folded first.
+        onnx_ir.passes.common.ShapeInferencePass()(model)
+        shape_optimization.rules.apply_to_model(model)
+        optimize(model)
+        for fuse in _fusions():
+            fuse(model)
+        optimize(model)
+        # The fused Attention takes Q, K and V weights as one Concat of the three: fold it into
+        # one initializer, which onnxruntime's quantizer needs to find a weight to quantize.
+        fold_constants(model, should_fold=_feeds_attention_weights)
+        _drop_equal_qkv_sizes(model)
+        onnx_ir.passes.common.RemoveUnusedNodesPass()(model)
+    except Exception as error:  # the rewriter raises many unrelated types
+        raise ExportError(
+            f"fusing ONNX Runtime's attention/GELU ops failed: {first_line(error)}; "
+            "set export.fusions = 'none' to keep the exporter's graph"
+        ) from error
+    return _fused_ops(model)
+
+
+def _fusions() -> tuple[Callable[[Any], int], ...]:
+    from onnxscript.rewriter.ort_fusions import (
+        attention,
+        erfgelu,
+        mha,
+        mha_bias,
+        sdpa,
+        sdpa_via_mha,
+    )
+
+    # In this order: each step matches what the one before produced (SDPA -> MultiHeadAttention
+    # -> MultiHeadAttention with bias -> Attention with one packed Q/K/V projection); an SDPA
+    # that no MultiHeadAttention pattern matched (timm's packed qkv) becomes one directly.
+    return (
+        erfgelu.fuse_erfgelu,
+        lambda model: sdpa.fuse_sdpa(model, apply_shape_inference=True),
+        mha.fuse_mha2,
+        mha_bias.fuse_mha_bias,
+        attention.fuse_attention,
+        sdpa_via_mha.replace_sdpa_by_mha,
+    )
+
+
+def _feeds_attention_weights(node: Any) -> bool | None:
+    if node.op_type != "Concat":
+        return None
+    return (
+        any(
+            consumer.op_type == "Attention" and consumer.inputs.index(node.outputs[0]) in (1, 2)
+            for consumer in node.outputs[0].consumers()
+        )
+        or None
+    )
+
+
+def _drop_equal_qkv_sizes(model: Any) -> None:
+    """qkv_hidden_sizes with three equal sizes says nothing Attention does not assume, and
+    onnxruntime's quantizer leaves an Attention that has the attribute in fp32."""
+    for node in model.graph:
+        if node.op_type != "Attention":
+            continue
+        sizes = node.attributes.get("qkv_hidden_sizes")
+        if sizes is not None and len(set(sizes.as_ints())) == 1:
+            del node.attributes["qkv_hidden_sizes"]
+
+
+def _fused_ops(model: Any) -> dict[str, int]:
+    ops = [node.op_type for node in model.graph if node.domain == "com.microsoft"]
+    return {op: ops.count(op) for op in sorted(set(ops))}
