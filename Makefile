@@ -32,11 +32,17 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/kiln demo
 
+# Two workers for CI's two cores: most of the suite's time is torch.export tracing tiny
+# models, one core each. A test file stays on one worker (--dist loadfile), so the builds its
+# tests share are made once; `make test TEST_WORKERS=0` runs everything in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

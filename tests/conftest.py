@@ -9,6 +9,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# pytest-xdist's workers run with COLUMNS=80, and rich fixes a console's width from COLUMNS
+# when the console is made (modelkiln.cli's, at import); the CLI tests set a width per call.
+os.environ.pop("COLUMNS", None)
 
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -38,9 +38,11 @@ TEST_FEED = _pixels(16, seed=100)
 
 @pytest.fixture(scope="module")
 def exported(built: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The fp32 export's model.onnx (weights inline), exported once for the module."""
+    """The fp32 export's model.onnx (weights inline), exported once for the module, without
+    ONNX Runtime's fusions: what the int8-static / int4 / nf4 profiles quantize."""
     folder = tmp_path_factory.mktemp("fp32")
-    shutil.copy(built("hf-classifier", "vit-onnxruntime-fp32") / "model.onnx", folder)
+    plain = built("hf-classifier", "vit-onnxruntime-fp32", "export.fusions=none")
+    shutil.copy(plain / "model.onnx", folder)
     return folder / "model.onnx"
 
 

@@ -111,7 +111,8 @@ def test_quantized_build_records_what_it_did_and_stays_close_to_torch(
     (record,) = open_artifact(artifact, verify=True).manifest.components.values()
     quantization = record.quantization
     assert quantization["scheme"] == scheme
-    assert quantization["quantized_weights"] >= 12  # 2 blocks x 6 linears, at least
+    # 2 blocks x 6 linears; ONNX Runtime's fused attention packs Q, K and V into one weight.
+    assert quantization["quantized_weights"] >= (8 if scheme == "int8-dynamic" else 12)
     # The torch format keeps fp32 files and quantizes when it opens: its memory shrinks.
     size = "memory_bytes" if profile.startswith("vit-torch") else "bytes"
     assert quantization[f"{size}_after"] < quantization[f"{size}_before"]
