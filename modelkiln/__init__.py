@@ -24,6 +24,7 @@ _EXPORTS = {
     "build": "modelkiln.builder",
     "load": "modelkiln.loading",
     "open_artifact": "modelkiln.loading",
+    "package": "modelkiln.packaging.pack",
     "Profile": "modelkiln.profiles",
     "load_profile": "modelkiln.profiles",
     "ImageClassificationPipeline": "modelkiln.pipelines.classification",
@@ -41,12 +42,14 @@ __all__ = [
     "load",
     "load_profile",
     "open_artifact",
+    "package",
 ]
 
 if TYPE_CHECKING:
     from modelkiln.builder import build
     from modelkiln.errors import KilnError
     from modelkiln.loading import load, open_artifact
+    from modelkiln.packaging.pack import package
     from modelkiln.pipelines.classification import ImageClassificationPipeline
     from modelkiln.pipelines.embedding import ImageEmbeddingPipeline
     from modelkiln.profiles import Profile, load_profile

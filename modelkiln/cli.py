@@ -27,6 +27,7 @@ from rich.text import Text
 
 from modelkiln import __version__
 from modelkiln.errors import InputError, KilnError
+from modelkiln.packaging.targets import TARGETS
 
 err = Console(stderr=True)
 out = Console()
@@ -554,9 +555,18 @@ def _describe_runtime(facts: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 def verify(artifact: Path) -> None:
-    """Re-hash every file of ARTIFACT against its manifest."""
+    """Re-hash every file of ARTIFACT (a directory, or a bundle) against its manifest."""
     from modelkiln.artifact import find_problems, read_manifest
+    from modelkiln.packaging import BUNDLE_MANIFEST, is_bundle, verify_bundle
 
+    if is_bundle(artifact):
+        with progress_display() as progress, progress.task(f"checking {artifact.name}"):
+            bundle = verify_bundle(artifact)
+        out.print(
+            f"[green]ok[/] {escape(str(artifact))}: {len(bundle.files)} files match "
+            f"{BUNDLE_MANIFEST} ({bundle.format} for {bundle.target})"
+        )
+        return
     manifest = read_manifest(artifact)
     with progress_display() as progress, progress.task(f"hashing {len(manifest.files)} files"):
         problems = find_problems(artifact, manifest, hashes=True)
@@ -567,6 +577,36 @@ def verify(artifact: Path) -> None:
         err.print(f"[red]error:[/] {escape(str(artifact))} failed verification: {count} problem(s)")
         sys.exit(1)
     out.print(f"[green]ok[/] {escape(str(artifact))}: {len(manifest.files)} files match kiln.json")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "-t",
+    "--target",
+    required=True,
+    type=click.Choice(list(TARGETS)),
+    help="Where the bundle runs; it decides which artifact formats are accepted.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The bundle: BUNDLE.tar.gz or BUNDLE.zip.",
+)
+def package(artifact: Path, target: str, output: Path) -> None:
+    """Pack what ARTIFACT needs to run on TARGET into one file, checked by `kiln verify`."""
+    from modelkiln.packaging import package as package_artifact
+
+    with progress_display() as progress:
+        bundle = package_artifact(artifact, target, output, progress=progress)
+    if bundle.left_out:
+        err.print(f"  left out: {', '.join(bundle.left_out)}", markup=False, highlight=False)
+    out.print(
+        f"[green]packaged[/] {escape(str(bundle.path))} for {target}: "
+        f"{len(bundle.manifest.files)} files, {bundle.size / 1e6:.1f} MB"
+    )
 
 
 @cli.command()

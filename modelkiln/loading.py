@@ -8,6 +8,7 @@ from typing import Any
 
 from modelkiln.artifact import Manifest, check_intact, read_manifest
 from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.packaging.unpack import artifact_root
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.registry import Registry
 from modelkiln.runtimes import RUNTIMES, Runtime, RuntimeOptions, Session
@@ -72,9 +73,10 @@ class Artifact:
 def open_artifact(root: str | Path, *, verify: bool = False) -> Artifact:
     """Read kiln.json and check that every file is present with its recorded size.
 
-    verify=True also re-hashes every file against the manifest's sha256.
+    root is an artifact directory or a bundle (`kiln package`), which is unpacked into the
+    cache on first use. verify=True also re-hashes every file against the manifest's sha256.
     """
-    root = Path(root)
+    root = artifact_root(root)
     manifest = read_manifest(root)
     check_intact(root, manifest, hashes=verify)
     return Artifact(root, manifest)
@@ -90,7 +92,7 @@ def load(
     compute_precision: str | None = None,
     verify: bool = False,
 ) -> Any:
-    """The artifact's pipeline (classification, embeddings, ...) on the chosen runtime.
+    """The pipeline (classification, embeddings, ...) of an artifact or bundle on a runtime.
 
     None means "as the profile says": the runtime that validated the build, its device,
     threads, performance hint and compute precision.

@@ -1,0 +1,81 @@
+"""The README.md a bundle carries: what it is, what it needs, how to run it."""
+
+from __future__ import annotations
+
+from modelkiln.artifact import Manifest
+
+# task -> the kiln command that runs it ({bundle}: the bundle's file name)
+COMMANDS = {
+    "image-classification": "kiln classify {bundle} IMAGE.png",
+    "image-feature-extraction": "kiln embed {bundle} IMAGE.png -o vectors.npy",
+    "text-to-image": 'kiln generate {bundle} --prompt "a lighthouse at dusk" -o image.png',
+    "inpainting": (
+        'kiln generate {bundle} --prompt "a red door" --image IMAGE.png --mask MASK.png '
+        "-o image.png"
+    ),
+}
+
+
+def render_readme(
+    artifact: Manifest,
+    target: str,
+    requirements: tuple[str, ...],
+    validated_with: dict[str, str],
+    bundle_name: str,
+) -> str:
+    profile = artifact.profile["name"]
+    needs = [
+        f"- `{requirement}`"
+        + (f" (validated with {name} {validated_with[name]})" if name in validated_with else "")
+        for requirement in requirements
+        for name in [requirement.split(">=")[0]]
+    ]
+    components = [
+        f"| {name} | `{record.entry}` | {', '.join(record.inputs)} | {', '.join(record.outputs)} |"
+        for name, record in artifact.components.items()
+    ]
+    command = COMMANDS.get(artifact.task, "kiln info {bundle}").format(bundle=bundle_name)
+    lines = [
+        f"# {profile} for {target}",
+        "",
+        f"A modelkiln bundle: the {artifact.family} {artifact.task} model from "
+        f"`{artifact.source.get('spec', '?')}`, as {artifact.format} files checked against the "
+        f"torch model when it was built: only the files a runtime on {target} reads.",
+        "",
+        "## Requirements",
+        "",
+        *needs,
+        "",
+        "## Run it",
+        "",
+        f"With modelkiln (`pip install 'modelkiln[{artifact.runtime}]'`), straight from the "
+        "bundle; it is unpacked once into `~/.cache/modelkiln/bundles` "
+        "(`$MODELKILN_CACHE/bundles`) and checked:",
+        "",
+        "```python",
+        "import modelkiln",
+        "",
+        f'pipeline = modelkiln.load("{bundle_name}")',
+        "```",
+        "",
+        "or from a shell:",
+        "",
+        "```sh",
+        f"kiln verify {bundle_name}",
+        command,
+        "```",
+        "",
+        "Without modelkiln, open each component's file with the runtime "
+        "(shapes and dtypes in `kiln.json`):",
+        "",
+        "| component | file | inputs | outputs |",
+        "| --- | --- | --- | --- |",
+        *components,
+        "",
+        "## Files",
+        "",
+        "`bundle.json` lists the size and sha256 of every file; `kiln.json` is the artifact's "
+        "build record (source, profile, validation, library versions).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""Opening a bundle: unpack it once into the cache, checked, and hand back the directory.
+
+The cache entry is named by the bundle's sha256, so a changed bundle never reuses an old
+entry, and it appears only complete: unpacked into a temporary sibling, checked against
+bundle.json, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from modelkiln.artifact import sha256_file
+from modelkiln.errors import ArtifactError
+from modelkiln.packaging.archive import extract_archive, is_bundle, require_suffix
+from modelkiln.packaging.manifest import BundleManifest, check_unpacked, read_bundle_manifest
+
+logger = logging.getLogger(__name__)
+
+
+def cache_root() -> Path:
+    """Where bundles are unpacked: bundles/ under $MODELKILN_CACHE (~/.cache/modelkiln)."""
+    base = os.environ.get("MODELKILN_CACHE") or Path.home() / ".cache" / "modelkiln"
+    return Path(base) / "bundles"
+
+
+def artifact_root(path: str | Path) -> Path:
+    """The directory to read an artifact from: path itself, or a bundle's unpacked copy."""
+    path = Path(path)
+    return unpack_bundle(path) if is_bundle(path) else path
+
+
+def verify_bundle(bundle: str | Path) -> BundleManifest:
+    """Unpack bundle into scratch space and check every file against its bundle.json."""
+    bundle = _existing(bundle)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    # Beside the cache, not in /tmp: a bundle needs as much room here as loading it will.
+    with tempfile.TemporaryDirectory(prefix=".verifying-", dir=root) as scratch:
+        extract_archive(bundle, Path(scratch))
+        return check_unpacked(Path(scratch), bundle)
+
+
+def unpack_bundle(bundle: str | Path) -> Path:
+    """The checked, unpacked copy of bundle in the cache; unpacked on first use only."""
+    bundle = _existing(bundle)
+    root = cache_root()
+    target = root / sha256_file(bundle)
+    if _complete(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:16]}.unpacking-", dir=root))
+    try:
+        extract_archive(bundle, staging)
+        check_unpacked(staging, bundle)
+        if target.exists():
+            logger.warning("replacing the damaged unpacked copy of %s at %s", bundle, target)
+            shutil.rmtree(target)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not _complete(target):
+                raise
+            shutil.rmtree(staging)  # another process unpacked the same bundle first
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("unpacked %s into %s", bundle, target)
+    return target
+
+
+def _existing(bundle: str | Path) -> Path:
+    bundle = Path(bundle)
+    require_suffix(bundle)
+    if not bundle.is_file():
+        raise ArtifactError(f"no bundle at {bundle}: the file does not exist")
+    return bundle
+
+
+def _complete(root: Path) -> bool:
+    """An earlier unpack that is still whole: every file bundle.json lists, at its size."""
+    try:
+        manifest = read_bundle_manifest(root, root)
+    except ArtifactError:
+        return False
+    return all(
+        (root / name).is_file() and (root / name).stat().st_size == record.size
+        for name, record in manifest.files.items()
+    )
