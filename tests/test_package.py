@@ -43,7 +43,7 @@ ROUND_TRIPS = [
     pytest.param(
         OPENVINO,
         "linux-aarch64",
-        "openvino>=2024.0",
+        "openvino>=2024.4",
         "openvino",
         marks=pytest.mark.openvino,
         id="openvino-linux-aarch64",

@@ -10,8 +10,9 @@ from modelkiln.errors import UnsupportedError, did_you_mean
 # and 4-bit quantization emit (Attention, MatMulNBits); its mobile packages (Android AAR,
 # iOS/macOS pods) come from the same release line.
 ONNXRUNTIME = "onnxruntime>=1.19"
-# OpenVINO 2024.0: reads the IR v11 that ov.save_model writes, NNCF-compressed weights included.
-OPENVINO = "openvino>=2024.0"
+# OpenVINO 2024.4: the oldest our openvino extra allows (pyproject.toml); it reads the IR v11
+# that ov.save_model writes with NNCF's int8/int4/nf4-compressed weights.
+OPENVINO = "openvino>=2024.4"
 # Core ML runs ML Programs; iOS 17 / macOS 14 (spec 8) are the oldest OS releases that run every
 # compression coremltools.optimize writes for our precisions: fp16, int8 weights, and int8
 # activations (W8A8), which arrived in spec 8. Block-wise int4 weights need iOS 18 / macOS 15:
