@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
@@ -56,6 +57,9 @@ ENTROPY_QUANTIZED_BINS = 128
 # Percentile: ORT's defaults, a 2048-bin histogram of |x| cut at the 99.999th percentile.
 PERCENTILE = 99.999
 PERCENTILE_BINS = 2048
+
+# Below this much free space where the quantizers write, their errors name the disk too.
+LOW_DISK_BYTES = 1_000_000_000
 
 logger = logging.getLogger(__name__)
 
@@ -341,12 +345,26 @@ def _onnxruntime(scheme: str) -> Iterator[None]:
         raise
     except Exception as error:
         raise QuantizationError(
-            f"onnxruntime {scheme} quantization failed: {first_line(error)}"
+            f"onnxruntime {scheme} quantization failed: {first_line(error)}{_low_disk_hint()}"
         ) from error
     finally:
         root.removeFilter(hint)
         if printed.getvalue():
             logger.debug("onnxruntime %s output:\n%s", scheme, printed.getvalue())
+
+
+def _low_disk_hint() -> str:
+    """onnxruntime's quantizers write copies of the model to their temporary folder (ours,
+    beside the model); on a full disk a truncated copy fails as something unrelated, e.g.
+    protobuf's "Wire format was corrupt"."""
+    folder = tempfile.gettempdir()
+    free = shutil.disk_usage(folder).free
+    if free >= LOW_DISK_BYTES:
+        return ""
+    return (
+        f" (only {free / 1e6:.0f} MB free in {folder}: the quantizer's copies of the model "
+        "may have been cut short; free disk space and build again)"
+    )
 
 
 class _PreprocessHint(logging.Filter):

@@ -346,3 +346,19 @@ def test_external_weights_stay_in_one_onnx_data_file(
     assert locations == {"model.onnx_data"}
     cosine, _ = _closeness(_logits(external_model), reference)
     assert cosine >= 0.99
+
+
+def test_a_failure_on_a_nearly_full_disk_names_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A truncated temporary copy fails as an unrelated protobuf error: the message says why."""
+    broken = tmp_path / "model.onnx"
+    broken.write_bytes(b"\x0a\xff\xff\xff")  # what a copy cut short by a full disk looks like
+    settings = QuantizationSettings(scheme="int8-dynamic")
+    usage = shutil.disk_usage(tmp_path)
+    for free, hint in ((50_000_000_000, False), (300_000_000, True)):
+        monkeypatch.setattr(schemes.shutil, "disk_usage", lambda _, f=free: usage._replace(free=f))
+        with pytest.raises(QuantizationError, match=r"int8-dynamic quantization failed: ") as error:
+            schemes.int8_dynamic(broken, settings)
+        assert ("(only 300 MB free in " in str(error.value)) is hint
+        assert ("free disk space and build again" in str(error.value)) is hint
