@@ -13,7 +13,7 @@ from modelkiln.packaging.archive import require_suffix, write_archive
 from modelkiln.packaging.contents import bundle_files
 from modelkiln.packaging.manifest import BUNDLE_MANIFEST, BundleManifest, write_bundle_manifest
 from modelkiln.packaging.readme import render_readme
-from modelkiln.packaging.targets import requirements
+from modelkiln.packaging.targets import requirement_name, requirements
 from modelkiln.packaging.unpack import artifact_root
 from modelkiln.progress import NullProgress, Progress
 
@@ -56,7 +56,7 @@ def package(
             f"cannot package {root}: {problems[0]}{more}; rebuild the artifact "
             "(`kiln verify` lists every problem)"
         )
-    names = {requirement.split(">=")[0] for requirement in needs}
+    names = {requirement_name(requirement) for requirement in needs}
     validated_with = {k: v for k, v in manifest.versions.items() if k in names}
     with tempfile.TemporaryDirectory(prefix="kiln-package-") as scratch:
         generated = {MANIFEST_NAME: Path(scratch, MANIFEST_NAME), README: Path(scratch, README)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from modelkiln.artifact import Manifest
+from modelkiln.packaging.targets import requirement_name
 
 # task -> the kiln command that runs it ({bundle}: the bundle's file name)
 COMMANDS = {
@@ -28,7 +29,7 @@ def render_readme(
         f"- `{requirement}`"
         + (f" (validated with {name} {validated_with[name]})" if name in validated_with else "")
         for requirement in requirements
-        for name in [requirement.split(">=")[0]]
+        for name in [requirement_name(requirement)]
     ]
     components = [
         f"| {name} | `{record.entry}` | {', '.join(record.inputs)} | {', '.join(record.outputs)} |"

@@ -49,3 +49,8 @@ def requirements(target: str, format: str) -> tuple[str, ...]:
             f"{', '.join(formats)} (build with a profile of that format: `kiln profiles list`)"
         )
     return formats[format]
+
+
+def requirement_name(requirement: str) -> str:
+    """The package or OS a requirement names: "onnxruntime>=1.19" -> "onnxruntime"."""
+    return requirement.split(">=")[0]
