@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from modelkiln import __version__
-from modelkiln.errors import InputError, KilnError
+from modelkiln.errors import InputError, KilnError, ValidationError
 from modelkiln.packaging.targets import TARGETS
 
 err = Console(stderr=True)
@@ -150,9 +150,12 @@ def build(
         )
     manifest = open_artifact(artifact).manifest
     for name, record in manifest.components.items():
-        metrics = ", ".join(
-            f"{output_name}: max-abs {m['max_abs']:.2e}, cosine {m['min_cosine']:.6f}"
-            for output_name, m in record.validation["outputs"].items()
+        metrics = (
+            ", ".join(
+                f"{output_name}: max-abs {m['max_abs']:.2e}, cosine {m['min_cosine']:.6f}"
+                for output_name, m in record.validation.get("outputs", {}).items()
+            )
+            or f"validation not run ({record.validation.get('not_run', 'no record')})"
         )
         precision = record.runtime.get("inference_precision", "?")
         err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})", markup=False)
@@ -521,11 +524,14 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
     for name, record in manifest.components.items():
         inputs = "\n".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in record.inputs.items())
         outputs = "\n".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in record.outputs.items())
-        checks = "\n".join(
-            f"{k}: max-abs {m['max_abs']:.2e}, cos {m['min_cosine']:.6f}"
-            + (f", SQNR {m['sqnr_db']:.1f} dB" if m.get("sqnr_db") is not None else "")
-            + (f", top-1 {m['top1_agreement']:.3f}" if "top1_agreement" in m else "")
-            for k, m in record.validation.get("outputs", {}).items()
+        checks = (
+            "\n".join(
+                f"{k}: max-abs {m['max_abs']:.2e}, cos {m['min_cosine']:.6f}"
+                + (f", SQNR {m['sqnr_db']:.1f} dB" if m.get("sqnr_db") is not None else "")
+                + (f", top-1 {m['top1_agreement']:.3f}" if "top1_agreement" in m else "")
+                for k, m in record.validation.get("outputs", {}).items()
+            )
+            or f"not run: {record.validation.get('not_run', 'no record')}"
         )
         used = _describe_runtime(record.runtime)
         here = [_describe_runtime(probed[name])] if probe else []
@@ -535,6 +541,8 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
 
 def _describe_end_to_end(record: dict[str, Any]) -> str:
     """The artifact's pipeline against torch fp32 on real data, as the build measured it."""
+    if "not_run" in record:
+        return f"not run: {record['not_run']}"
     if "psnr_db" in record:
         psnr = ", ".join("identical" if p is None else f"{p:.1f} dB" for p in record["psnr_db"])
         ssim = ", ".join(f"{s:.3f}" for s in record["ssim"])
@@ -577,6 +585,42 @@ def verify(artifact: Path) -> None:
         err.print(f"[red]error:[/] {escape(str(artifact))} failed verification: {count} problem(s)")
         sys.exit(1)
     out.print(f"[green]ok[/] {escape(str(artifact))}: {len(manifest.files)} files match kiln.json")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+def validate(artifact: Path) -> None:
+    """Run the validation a build could not (Core ML built off macOS) against the torch
+    outputs saved in ARTIFACT; exit 1 when a component misses the profile's tolerance."""
+    from modelkiln.loading import open_artifact
+    from modelkiln.validate import check_pending
+
+    loaded = open_artifact(artifact, verify=True)
+    pending = {
+        name: record.validation
+        for name, record in loaded.manifest.components.items()
+        if record.validation.get("passed") is None and "reference" in record.validation
+    }
+    if not pending:
+        out.print(f"[green]ok[/] {escape(str(artifact))}: every component was validated at build")
+        return
+    failed = 0
+    for name, record in pending.items():
+        try:
+            with loaded.session(name) as session:
+                result = check_pending(session, record, loaded.root)
+        except ValidationError as error:
+            err.print(f"[red]✗[/] {escape(str(error))}")
+            failed += 1
+            continue
+        metrics = ", ".join(
+            f"{output}: max-abs {m['max_abs']:.2e}, cosine {m['min_cosine']:.6f}"
+            for output, m in result["outputs"].items()
+        )
+        out.print(f"[green]✓[/] {name}: {metrics}", highlight=False)
+    if failed:
+        err.print(f"[red]error:[/] {failed} of {len(pending)} component(s) missed their tolerance")
+        sys.exit(1)
 
 
 @cli.command()
@@ -628,10 +672,13 @@ def env(as_json: bool) -> None:
     out.print(f"CPU features: {', '.join(cpu['features']) or 'none of interest'}")
     runtimes = Table("runtime", "installed", "version", "formats", "pip extra")
     for runtime in report["runtimes"]:
+        installed = Text("yes", "green") if runtime["available"] else Text("no", "red")
+        if runtime["available"] and runtime.get("cannot_run"):
+            installed = Text(f"yes, cannot run here: {runtime['cannot_run']}", "yellow")
         runtimes.add_row(
             *cells(
                 runtime["name"],
-                Text("yes", "green") if runtime["available"] else Text("no", "red"),
+                installed,
                 runtime["version"] or "",
                 ", ".join(runtime["formats"]),
                 f"modelkiln[{runtime['extra']}]",

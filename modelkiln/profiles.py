@@ -39,7 +39,7 @@ class ModelSettings:
 class ExportSettings:
     """[export]: what goes on disk."""
 
-    format: str = "onnx"  # onnx | openvino | torch
+    format: str = "onnx"  # onnx | openvino | coreml | tensorrt | torch
     opset: int = 18
     via: Literal["torch", "onnx"] = "torch"  # openvino: convert the torch module or our ONNX
     external_data: Literal["auto", "always", "never"] = "auto"  # onnx weights beside the graph
@@ -56,6 +56,11 @@ class ShapeSettings:
     height: int | None = None  # image pixels; None: the model's native resolution
     width: int | None = None
     dynamic_resolution: bool = False
+    # Bounds of the dynamic dims where the format needs them (TensorRT's optimization profile
+    # min/max, Core ML's flexible shapes); the optimum is batch_size and the set resolution.
+    max_batch_size: int = 16
+    min_resolution: int | None = None  # pixels, height and width; None: half the resolution
+    max_resolution: int | None = None  # None: twice the resolution
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,29 @@ class QuantizationSettings:
     # int8-static / int8-hybrid (openvino): nncf's transformer-aware scheme (keeps softmax,
     # layer norm and the like in floating point) or its default for convolutional networks.
     model_type: Literal["transformer", "default"] = "transformer"
+    # palettize4-weights (coreml): how the 16 lookup-table entries are chosen.
+    palettization: Literal["kmeans", "uniform"] = "kmeans"
+
+
+@dataclass(frozen=True)
+class CoreMLSettings:
+    """[coreml]: the ML Program of format 'coreml'."""
+
+    # The oldest OS the .mlpackage loads on; decides the ops compression may use (int4,
+    # per-block scales and grouped lookup tables need iOS18 / macOS15).
+    target: Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"] = "iOS17"
+    # Where Core ML may run it; not stored in the package, so the manifest carries it.
+    compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"
+
+
+@dataclass(frozen=True)
+class TensorRTSettings:
+    """[tensorrt]: the engine build of format 'tensorrt' (optimization profile from [shapes])."""
+
+    workspace_mb: int | None = None  # builder memory pool; None: TensorRT's default (all)
+    optimization_level: int = 3  # builder_optimization_level 0-5: build time vs engine speed
+    timing_cache: bool = True  # reuse kernel timings across builds on the same GPU
+    engine_cache: bool = True  # skip the build when GPU, TensorRT, ONNX and recipe match
 
 
 @dataclass(frozen=True)
@@ -155,6 +183,8 @@ class Profile:
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    coreml: CoreMLSettings = field(default_factory=CoreMLSettings)
+    tensorrt: TensorRTSettings = field(default_factory=TensorRTSettings)
     components: dict[str, ComponentSettings] = field(default_factory=dict)
 
     @classmethod
@@ -274,6 +304,14 @@ class Profile:
             )
         self._check_shapes(origin)
         self._check_quantization(origin)
+        diffusion = FAMILIES.get(self.family).real_inputs == "prompts"
+        if self.export.format == "coreml" and self.shapes.dynamic_batch and diffusion:
+            # coremltools builds group norm's reshape from the batch size as a constant.
+            raise UnsupportedError(
+                f"{origin}: Core ML's converter cannot give the UNet and VAE a flexible "
+                "batch (group norm); set shapes.dynamic_batch = false and shapes.batch_size "
+                "to the images per call"
+            )
 
     def _check_quantization(self, origin: str) -> None:
         from modelkiln.quantize import check_scheme
@@ -301,6 +339,24 @@ class Profile:
                 raise ProfileError(
                     f"{origin}: onnxruntime's 4-bit kernels take quantization.group_size in "
                     f"{', '.join(map(str, BLOCK_SIZES))}, got {settings.group_size}"
+                )
+        if four_bit and self.export.format == "tensorrt":
+            from modelkiln.tensorrt.onnx_checks import INT4_BLOCK_SIZES
+
+            if settings.group_size not in INT4_BLOCK_SIZES:
+                raise ProfileError(
+                    f"{origin}: TensorRT's int4 weights take quantization.group_size in "
+                    f"{', '.join(map(str, INT4_BLOCK_SIZES))}, got {settings.group_size}"
+                )
+        if four_bit and self.export.format == "coreml":
+            from modelkiln.quantize.coreml import IOS18_TARGETS
+
+            if self.coreml.target not in IOS18_TARGETS:
+                raise UnsupportedError(
+                    f"{origin}: Core ML runs {', '.join(sorted(four_bit))} from iOS18 / macOS15 "
+                    f"(per-block int4 scales, per-group lookup tables), not {self.coreml.target}; "
+                    "set coreml.target = 'iOS18' (or 'macOS15'), or use int8-weights or "
+                    "palettize4-weights"
                 )
         if not 0.0 < settings.ratio <= 1.0:
             raise ProfileError(
@@ -375,12 +431,36 @@ class Profile:
                 f"must equal shapes.batch_size = {shapes.batch_size}, "
                 f"got {list(validation.batch_sizes)}"
             )
-        for key in ("height", "width"):
+        if shapes.max_batch_size < shapes.batch_size:
+            raise ProfileError(
+                f"{origin}: shapes.max_batch_size ({shapes.max_batch_size}) must be >= "
+                f"shapes.batch_size ({shapes.batch_size})"
+            )
+        for key in ("height", "width", "min_resolution", "max_resolution"):
             value = getattr(shapes, key)
             if value is not None and (value < 8 or value % 8):
                 raise ProfileError(
                     f"{origin}: shapes.{key} must be a positive multiple of 8, got {value}"
                 )
+        if shapes.dynamic_batch and max(validation.batch_sizes) > shapes.max_batch_size:
+            raise ProfileError(
+                f"{origin}: validation.batch_sizes {list(validation.batch_sizes)} exceed "
+                f"shapes.max_batch_size = {shapes.max_batch_size}; raise it or validate smaller"
+            )
+        low, high = shapes.min_resolution, shapes.max_resolution
+        if low is not None and high is not None and low > high:
+            raise ProfileError(
+                f"{origin}: shapes.min_resolution ({low}) > shapes.max_resolution ({high})"
+            )
+        trt = self.tensorrt
+        if not 0 <= trt.optimization_level <= 5:
+            raise ProfileError(
+                f"{origin}: tensorrt.optimization_level must be 0-5, got {trt.optimization_level}"
+            )
+        if trt.workspace_mb is not None and trt.workspace_mb < 1:
+            raise ProfileError(
+                f"{origin}: tensorrt.workspace_mb must be >= 1, got {trt.workspace_mb}"
+            )
         for key in ("min_cosine", "min_top1_agreement"):
             value = getattr(validation, key)
             if not 0.0 <= value <= 1.0:
@@ -577,12 +657,14 @@ def _toml_value(value: Any) -> str:
 
 __all__ = [
     "ComponentSettings",
+    "CoreMLSettings",
     "ExportSettings",
     "ModelSettings",
     "PrecisionSettings",
     "Profile",
     "RuntimeSettings",
     "ShapeSettings",
+    "TensorRTSettings",
     "ValidationSettings",
     "bundled_profile_names",
     "load_profile",

@@ -21,9 +21,12 @@ def tiny_hf_vit(
     classifier: bool = True,
     num_labels: int = TINY_NUM_LABELS,
     image_size: int = TINY_IMAGE_SIZE,
+    hidden_size: int = 32,
     seed: int = 0,
 ) -> Path:
-    """A 2-block ViT (hidden 32) as a transformers model directory with its image processor."""
+    """A 2-block ViT (hidden 32 unless asked) as a transformers model directory with its
+    image processor. hidden_size=64 puts every linear weight over coremltools' default
+    compression threshold (2048 elements)."""
     import torch
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
 
@@ -32,10 +35,10 @@ def tiny_hf_vit(
     settings: dict[str, Any] = dict(
         image_size=image_size,
         patch_size=8,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=2,
-        intermediate_size=64,
+        intermediate_size=2 * hidden_size,
         num_labels=num_labels,
         id2label={i: f"class_{i}" for i in range(num_labels)},
         label2id={f"class_{i}": i for i in range(num_labels)},

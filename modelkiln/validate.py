@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modelkiln.errors import ValidationError
+from modelkiln.errors import ArtifactError, ValidationError
 from modelkiln.runtimes.base import Session
 from modelkiln.specs import TensorSpec
 
@@ -186,3 +187,48 @@ def verdict(
         "tolerance": asdict(tolerance),
         "outputs": {name: output.summary() for name, output in metrics.items()},
     }
+
+
+# Inside an artifact: the torch reference of a component nothing at build time could run.
+REFERENCE_DIR = "validation"
+
+
+def save_reference(
+    root: Path,
+    component: str,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    expected: Sequence[Mapping[str, np.ndarray]],
+) -> str:
+    """Write the validation feeds and the torch outputs for them; returns the artifact path."""
+    relative = f"{REFERENCE_DIR}/{component}.npz"
+    arrays = {}
+    for index, (feed, outputs) in enumerate(zip(feeds, expected, strict=True)):
+        arrays.update({f"{index}/input/{name}": array for name, array in feed.items()})
+        arrays.update({f"{index}/output/{name}": array for name, array in outputs.items()})
+    (root / REFERENCE_DIR).mkdir(exist_ok=True)
+    np.savez_compressed(root / relative, **arrays)  # type: ignore[arg-type]
+    return relative
+
+
+def load_reference(path: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The feeds and torch outputs save_reference wrote, in order."""
+    try:
+        with np.load(path) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:
+        raise ArtifactError(f"cannot read the validation reference {path}: {error}") from error
+    count = 1 + max((int(key.split("/", 1)[0]) for key in arrays), default=-1)
+    feeds: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
+    outputs: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
+    for key, array in arrays.items():
+        index, kind, name = key.split("/", 2)
+        (feeds if kind == "input" else outputs)[int(index)][name] = array
+    return feeds, outputs
+
+
+def check_pending(candidate: Session, record: Mapping[str, Any], root: Path) -> dict[str, Any]:
+    """Validate a component whose build could not run it, against its saved torch outputs;
+    raises ValidationError on a miss, like the build would have."""
+    feeds, expected = load_reference(root / record["reference"])
+    metrics = compare_outputs(expected, candidate, feeds)
+    return verdict(candidate.name, record["label"], metrics, Tolerance(**record["tolerance"]))

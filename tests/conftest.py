@@ -63,6 +63,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 SOURCES = {
     "hf-classifier": lambda d: _testing().tiny_hf_vit(d, classifier=True),
     "hf-backbone": lambda d: _testing().tiny_hf_vit(d, classifier=False),
+    # Every linear weight above coremltools' compression threshold (2048 elements).
+    "hf-classifier-64": lambda d: _testing().tiny_hf_vit(d, classifier=True, hidden_size=64),
     "timm-classifier": lambda d: _testing().tiny_timm_vit(d),
     "timm-backbone": lambda d: _testing().tiny_timm_vit(d, num_classes=0),
     "sd": lambda d: _testing().tiny_sd(d),

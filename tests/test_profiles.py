@@ -102,8 +102,8 @@ def test_unknown_bundled_name_suggests_one() -> None:
             r"runtime 'torch' cannot run format 'onnx'; runtimes for it: onnxruntime, openvino",
         ),
         (
-            ["export.format=coreml"],
-            r"export\.format = 'coreml' is unknown; known: onnx, openvino, torch",
+            ["export.format=tflite"],
+            r"export\.format = 'tflite' is unknown; known: onnx, openvino, coreml, tensorrt, torch",
         ),
         (["export.opset=13"], r"export\.opset 13 < 17"),
         (["export.via=onnx"], r"export\.via = 'onnx' only applies to format 'openvino'"),

@@ -74,7 +74,7 @@ def test_every_family_has_a_bundled_profile_and_tests() -> None:
 def test_unknown_names_list_known_ones_with_a_suggestion() -> None:
     with pytest.raises(
         UnsupportedError,
-        match=r"unknown runtime 'openvion' \(did you mean 'openvino'\?\); known: onnxruntime, openvino, torch",
+        match=r"unknown runtime 'openvion' \(did you mean 'openvino'\?\); known: coreml, onnxruntime, openvino, tensorrt, torch",
     ):
         RUNTIMES.get("openvion")
 

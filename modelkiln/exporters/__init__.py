@@ -1,4 +1,4 @@
-"""Exporters by on-disk format (onnx, openvino, torch); tensorrt and coreml join later."""
+"""Exporters by on-disk format."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ EXPORTERS: Registry[type[Exporter]] = Registry(
     {
         "onnx": "modelkiln.exporters.onnx:OnnxExporter",
         "openvino": "modelkiln.exporters.openvino:OpenVINOExporter",
+        "coreml": "modelkiln.exporters.coreml:CoreMLExporter",
+        "tensorrt": "modelkiln.exporters.tensorrt:TensorRTExporter",
         "torch": "modelkiln.exporters.torch:TorchExporter",
     },
 )

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from modelkiln.errors import missing_backend
+from modelkiln.errors import ProfileError, missing_backend
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -45,6 +45,11 @@ class Exporter(ABC):
         """Write the component under the artifact root; return the entry (file or directory) a
         runtime opens. `load_module()` gives its torch wrapper, loaded once on first call."""
 
+    def finish(self, spec: ComponentSpec, entry: Path, profile: Profile) -> Path:
+        """After quantization of `entry`: compile what the runtime loads (a TensorRT engine);
+        returns the entry the runtime opens. Most formats run what they exported."""
+        return entry
+
 
 def export_dims(spec: ComponentSpec, profile: Profile) -> tuple[dict[str, int], set[str]]:
     """Example sizes for every symbolic dim, and which dims stay dynamic in the export."""
@@ -55,6 +60,45 @@ def export_dims(spec: ComponentSpec, profile: Profile) -> tuple[dict[str, int], 
     # Static: the images per call times the component's factor (2 for a CFG-doubled UNet).
     batch = DYNAMIC_EXAMPLE_SIZE if shapes.dynamic_batch else shapes.batch_size * spec.batch_factor
     return {**spec.default_dims, "batch": batch}, dynamic
+
+
+def dim_ranges(spec: ComponentSpec, profile: Profile) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of every dynamic dim the component's inputs use, for the formats that
+    need bounds (TensorRT's optimization profile, Core ML's flexible shapes).
+
+    Batch: 1 / batch_size / max_batch_size images, times the component's batch factor (2 for
+    the CFG-doubled UNet) except the min (a UNet without CFG runs 1). Resolution:
+    min_resolution / the set resolution / max_resolution in pixels (None: half / twice it);
+    latent dims follow at the VAE's scale, read from the component's own dims.
+    """
+    shapes = profile.shapes
+    example, dynamic = export_dims(spec, profile)
+    used = {d.split()[0] for tensor in spec.inputs.values() for d in tensor.symbolic_dims}
+    ranges = {}
+    if "batch" in dynamic & used:
+        factor = spec.batch_factor
+        ranges["batch"] = (1, shapes.batch_size * factor, shapes.max_batch_size * factor)
+    if not shapes.dynamic_resolution:
+        return ranges
+    for pixel in ("height", "width"):
+        if pixel not in example:
+            continue
+        size = example[pixel]
+        least = shapes.min_resolution if shapes.min_resolution is not None else size // 2
+        most = shapes.max_resolution if shapes.max_resolution is not None else size * 2
+        if not least <= size <= most:
+            raise ProfileError(
+                f"profile '{profile.name}': the {pixel} {size} is outside "
+                f"shapes.min_resolution..max_resolution ({least}..{most}); flexible shapes "
+                "need min <= the set resolution <= max"
+            )
+        if pixel in used:
+            ranges[pixel] = (least, size, most)
+        latent = f"latent_{pixel}"
+        if latent in example and latent in used:
+            scale = size // example[latent]  # the VAE's downsampling factor, 8 for SD
+            ranges[latent] = (max(1, -(-least // scale)), example[latent], most // scale)
+    return ranges
 
 
 def export_signature(

@@ -45,6 +45,22 @@ SUPPORT: dict[str, Registry[Quantizer]] = {
             "int8-hybrid": "modelkiln.quantize.openvino:int8_hybrid",
         },
     ),
+    "coreml": Registry(
+        "coreml quantization scheme",
+        {
+            "int8-weights": "modelkiln.quantize.coreml:compress_weights",
+            "int4-weights": "modelkiln.quantize.coreml:compress_weights",
+            "nf4-weights": "modelkiln.quantize.coreml:compress_weights",
+            "palettize4-weights": "modelkiln.quantize.coreml:compress_weights",
+        },
+    ),
+    "tensorrt": Registry(
+        "tensorrt quantization scheme",
+        {
+            "int8-static": "modelkiln.quantize.tensorrt:int8_static",
+            "int4-weights": "modelkiln.quantize.tensorrt:int4_weights",
+        },
+    ),
     "torch": Registry(
         "torch quantization scheme",
         {
@@ -53,6 +69,15 @@ SUPPORT: dict[str, Registry[Quantizer]] = {
             "nf4-weights": "modelkiln.quantize.torch:quantize_weights",
         },
     ),
+}
+# Pairs that cannot exist, with the reason: the profile error says why, not only "no".
+REJECTED: dict[tuple[str, str], str] = {
+    ("tensorrt", "nf4-weights"): "TensorRT has no NF4 kernels (its 4-bit weight formats are "
+    "INT4 and FP4); use int4-weights",
+    ("tensorrt", "int8-dynamic"): "TensorRT takes int8 as explicit Q/DQ with calibrated "
+    "activation scales; use int8-static",
+    ("coreml", "int8-static"): "Core ML calibrates activations by running the model, which "
+    "needs macOS; use int8-weights",
 }
 # Schemes whose quantizer needs real inputs of the component (the [calibration] section).
 CALIBRATED = frozenset({"int8-static", "int8-hybrid"})
@@ -72,8 +97,10 @@ def check_scheme(format: str, scheme: str, origin: str) -> None:
             f"{origin}: quantization.scheme '{scheme}' is unknown; known: {', '.join(SCHEMES)}"
         )
     formats = [name for name, schemes in SUPPORT.items() if scheme in schemes]
+    reason = REJECTED.get((format, scheme))
     raise UnsupportedError(
-        f"{origin}: format '{format}' has no quantization scheme '{scheme}'; for {format}: "
+        f"{origin}: format '{format}' has no quantization scheme '{scheme}'"
+        f"{f' ({reason})' if reason else ''}; for {format}: "
         f"{', '.join(supported_schemes(format))}; '{scheme}' is available for: "
         f"{', '.join(formats)}"
     )

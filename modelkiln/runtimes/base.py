@@ -31,6 +31,7 @@ class RuntimeOptions:
     performance_hint: str | None = None
     graph_optimization: str = "all"
     compute_precision: str = "fp32"
+    compute_units: str = "all"  # coreml: all | cpu_and_ne | cpu_and_gpu | cpu_only
 
     @classmethod
     def from_profile(
@@ -46,6 +47,7 @@ class RuntimeOptions:
             performance_hint=runtime.get("performance_hint"),
             graph_optimization=runtime.get("graph_optimization", "all"),
             compute_precision=overrides.get("compute") or compute,
+            compute_units=profile.get("coreml", {}).get("compute_units", "all"),
         )
 
 
@@ -136,6 +138,12 @@ class Runtime(ABC):
     def require(cls) -> None:
         if not cls.is_available():
             raise missing_backend(cls.distribution, cls.extra)
+
+    @classmethod
+    def unavailable_reason(cls, options: RuntimeOptions) -> str | None:
+        """Why this machine cannot run the runtime's models at all (Core ML off macOS), or
+        None. The build then records its validation as not run instead of failing."""
+        return None
 
     @classmethod
     def version(cls) -> str | None:

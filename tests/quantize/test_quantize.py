@@ -23,6 +23,7 @@ pytestmark = pytest.mark.torch
 SMALL_GROUPS = ("quantization.group_size=16",)
 CALIBRATE = ('calibration.data="digits"', "calibration.size=16", "calibration.batch_size=4")
 ORT, OV = pytest.mark.onnxruntime, pytest.mark.openvino
+TRT = [pytest.mark.tensorrt, pytest.mark.gpu]
 QUANTIZED = [
     pytest.param("vit-onnxruntime-int8", (), "int8-dynamic", marks=ORT),
     pytest.param("vit-onnxruntime-int8-static", CALIBRATE, "int8-static", marks=ORT),
@@ -35,12 +36,14 @@ QUANTIZED = [
     pytest.param("vit-torch-int8", (), "int8-weights"),
     pytest.param("vit-torch-int4", SMALL_GROUPS, "int4-weights"),
     pytest.param("vit-torch-nf4", SMALL_GROUPS, "nf4-weights"),
+    pytest.param("vit-tensorrt-int8", CALIBRATE, "int8-static", marks=TRT),
 ]
 # Tiny model, random weights: 4-bit groups of 16 cost a few hundredths of cosine.
 COSINE_FLOOR = {"int8": 0.99, "int4": 0.97, "nf4": 0.97}
 FP32 = {
     "onnxruntime": "vit-onnxruntime-fp32",
     "openvino": "vit-openvino-fp32",
+    "tensorrt": "vit-onnxruntime-fp32",  # the fp32 reference runs on the CPU
     "torch": "vit-torch-fp32",
 }
 
@@ -65,7 +68,12 @@ def _quantized(name: str) -> bool:
 
 
 def test_every_quantized_bundled_profile_is_tested_here() -> None:
-    bundled = {n for n in bundled_profile_names() if _quantized(n)}
+    # Core ML's run only on macOS: tests/exporters/test_coreml.py checks their programs.
+    bundled = {
+        n
+        for n in bundled_profile_names()
+        if _quantized(n) and load_profile(n).export.format != "coreml"
+    }
     assert bundled == {p.values[0] for p in QUANTIZED} | {p.values[1] for p in DIFFUSION}
 
 
@@ -182,6 +190,14 @@ def test_support_matrix_is_the_one_place(tmp_path: Path) -> None:
         "nf4-weights",
     ]
     assert supported_schemes("torch") == ["none", "int8-weights", "int4-weights", "nf4-weights"]
+    assert supported_schemes("tensorrt") == ["none", "int8-static", "int4-weights"]
+    assert supported_schemes("coreml") == [
+        "none",
+        "int8-weights",
+        "int4-weights",
+        "nf4-weights",
+        "palettize4-weights",
+    ]
     assert set(SCHEMES) == {
         "none",
         "int8-dynamic",
@@ -190,6 +206,7 @@ def test_support_matrix_is_the_one_place(tmp_path: Path) -> None:
         "int8-weights",
         "int4-weights",
         "nf4-weights",
+        "palettize4-weights",
     }
     table = matrix_markdown()
     for scheme in SCHEMES[1:]:
@@ -205,14 +222,14 @@ def test_support_matrix_is_the_one_place(tmp_path: Path) -> None:
             ["quantization.scheme=int8-weights"],
             "format 'onnx' has no quantization scheme 'int8-weights'; for onnx: none, "
             "int8-dynamic, int8-static, int4-weights, nf4-weights; 'int8-weights' is available "
-            "for: openvino, torch",
+            "for: openvino, coreml, torch",
         ),
         (
             "vit-torch-fp32",
             ["quantization.scheme=int8-static"],
             "format 'torch' has no quantization scheme 'int8-static'; for torch: none, "
             "int8-weights, int4-weights, nf4-weights; 'int8-static' is available for: onnx, "
-            "openvino",
+            "openvino, tensorrt",
         ),
         (
             "vit-onnxruntime-fp32",
