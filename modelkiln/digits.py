@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,7 +112,9 @@ def write_image_folder(directory: Path, images: np.ndarray, labels: np.ndarray) 
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MODELKILN_CACHE", Path.home() / ".cache" / "modelkiln"))
+    from modelkiln.env import cache_home
+
+    return cache_home()
 
 
 def trained_model(

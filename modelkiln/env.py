@@ -118,7 +118,7 @@ def peak_rss_bytes() -> int:
 
 def runtime_report() -> list[dict[str, Any]]:
     """Every registered runtime: installed or not, its version and the extra that brings it."""
-    from modelkiln.runtimes import RUNTIMES
+    from modelkiln.runtimes import RUNTIMES, RuntimeOptions
 
     report = []
     for name in RUNTIMES:
@@ -130,6 +130,8 @@ def runtime_report() -> list[dict[str, Any]]:
                 "version": runtime.version(),
                 "formats": sorted(runtime.formats),
                 "extra": runtime.extra,
+                # installed but unable to run here at all (Core ML off macOS)
+                "cannot_run": runtime.unavailable_reason(RuntimeOptions()),
             }
         )
     return report
@@ -155,3 +157,8 @@ def environment_report() -> dict[str, Any]:
         "runtimes": runtime_report(),
         "openvino_devices": openvino_devices(),
     }
+
+
+def cache_home() -> Path:
+    """$MODELKILN_CACHE, else ~/.cache/modelkiln: bundles/, tensorrt/ and the digits set."""
+    return Path(os.environ.get("MODELKILN_CACHE") or Path.home() / ".cache" / "modelkiln")

@@ -8,7 +8,6 @@ bundle.json, then renamed into place.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,8 +22,9 @@ logger = logging.getLogger(__name__)
 
 def cache_root() -> Path:
     """Where bundles are unpacked: bundles/ under $MODELKILN_CACHE (~/.cache/modelkiln)."""
-    base = os.environ.get("MODELKILN_CACHE") or Path.home() / ".cache" / "modelkiln"
-    return Path(base) / "bundles"
+    from modelkiln.env import cache_home
+
+    return cache_home() / "bundles"
 
 
 def artifact_root(path: str | Path) -> Path:
