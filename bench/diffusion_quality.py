@@ -18,6 +18,7 @@ from pathlib import Path
 
 from modelkiln import build, open_artifact
 from modelkiln.profiles import bundled_profile_names, load_profile
+from modelkiln.runtimes import runs_here
 from modelkiln.testing import tiny_sd, tiny_sdxl
 
 
@@ -26,7 +27,7 @@ def quantized_diffusion_profiles() -> list[str]:
     for name in bundled_profile_names():
         profile = load_profile(name)
         quantized = profile.quantization.scheme != "none" or profile.schemes()
-        if profile.family in ("sd", "sdxl") and quantized:
+        if profile.family in ("sd", "sdxl") and quantized and runs_here(profile):
             names.append(name)
     return names
 

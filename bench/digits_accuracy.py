@@ -16,13 +16,15 @@ from pathlib import Path
 
 from modelkiln.demo import REFERENCE_PROFILE, accuracy_gap, run_demo
 from modelkiln.profiles import bundled_profile_names, load_profile
+from modelkiln.runtimes import runs_here
 
 
 def vit_cpu_profiles() -> tuple[str, ...]:
+    profiles = [load_profile(n) for n in bundled_profile_names()]
     names = [
-        n
-        for n in bundled_profile_names()
-        if load_profile(n).family == "vit" and n != REFERENCE_PROFILE
+        p.name
+        for p in profiles
+        if p.family == "vit" and p.name != REFERENCE_PROFILE and runs_here(p)
     ]
     return (REFERENCE_PROFILE, *names)
 

@@ -61,11 +61,11 @@ PEER_VENV = Path(".venv-optimum/bin/python")
 
 def default_profiles() -> list[str]:
     from modelkiln.profiles import bundled_profile_names, load_profile
+    from modelkiln.runtimes import runs_here
 
+    profiles = [load_profile(name) for name in bundled_profile_names()]
     return [
-        name
-        for name in bundled_profile_names()
-        if load_profile(name).family == "vit" and load_profile(name).runtime.device == "cpu"
+        p.name for p in profiles if p.family == "vit" and p.runtime.device == "cpu" and runs_here(p)
     ]
 
 

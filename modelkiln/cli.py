@@ -150,12 +150,13 @@ def build(
         )
     manifest = open_artifact(artifact).manifest
     for name, record in manifest.components.items():
-        metrics = (
-            ", ".join(
-                f"{output_name}: max-abs {m['max_abs']:.2e}, cosine {m['min_cosine']:.6f}"
-                for output_name, m in record.validation.get("outputs", {}).items()
-            )
-            or f"validation not run ({record.validation.get('not_run', 'no record')})"
+        if "not_run" in record.validation:
+            not_run = record.validation["not_run"]
+            err.print(f"  {name}: validation not run: {not_run}", markup=False, highlight=False)
+            continue
+        metrics = ", ".join(
+            f"{output_name}: max-abs {m['max_abs']:.2e}, cosine {m['min_cosine']:.6f}"
+            for output_name, m in record.validation["outputs"].items()
         )
         precision = record.runtime.get("inference_precision", "?")
         err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})", markup=False)

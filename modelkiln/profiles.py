@@ -144,6 +144,9 @@ class CoreMLSettings:
     target: Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"] = "iOS17"
     # Where Core ML may run it; not stored in the package, so the manifest carries it.
     compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"
+    # Flexible dims ([shapes] dynamic batch / resolution): a list of shapes Core ML compiles
+    # for each (what the Neural Engine runs), or any size within the bounds (CPU / GPU only).
+    flexible_shapes: Literal["enumerated", "range"] = "enumerated"
 
 
 @dataclass(frozen=True)

@@ -216,7 +216,10 @@ def load_reference(path: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[s
         with np.load(path) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError) as error:
-        raise ArtifactError(f"cannot read the validation reference {path}: {error}") from error
+        raise ArtifactError(
+            f"cannot read the validation reference {path} ({type(error).__name__}); run `kiln "
+            "validate` on the artifact directory the build wrote (bundles leave it out)"
+        ) from error
     count = 1 + max((int(key.split("/", 1)[0]) for key in arrays), default=-1)
     feeds: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
     outputs: list[dict[str, np.ndarray]] = [{} for _ in range(count)]

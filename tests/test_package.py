@@ -366,7 +366,7 @@ def test_a_failed_write_keeps_the_old_bundle(
 
 
 def test_coreml_bundles_take_the_whole_mlpackage() -> None:
-    """No coreml exporter yet: the selection and the table are ready for its .mlpackage."""
+    """The selection for an SD artifact (tests/exporters/test_coreml.py packs a real ViT)."""
     package_dir = "unet/model.mlpackage"
     runtime_files = {
         f"{package_dir}/Manifest.json",
@@ -401,7 +401,43 @@ def test_coreml_bundles_take_the_whole_mlpackage() -> None:
     assert set(bundle_files(manifest)) == runtime_files
     assert requirements("ios", "coreml") == ("iOS>=17",)
     assert requirements("macos", "coreml") == ("macOS>=14",)
+    # The OS release follows the deployment target the artifact was built for.
+    assert requirements("ios", "coreml", "iOS18") == ("iOS>=18",)
+    assert requirements("macos", "coreml", "iOS18") == ("macOS>=15",)
+    assert requirements("ios", "coreml", "macOS13") == ("iOS>=16",)
     assert {t for t, formats in TARGETS.items() if "coreml" in formats} == {"ios", "macos"}
+
+
+def test_tensorrt_bundles_carry_the_engine_its_record_and_its_onnx() -> None:
+    """No GPU here to build one: the selection on a TensorRT artifact's file list."""
+    runtime_files = {
+        "model.engine",
+        "engine.json",
+        "model.onnx",
+        "model.onnx_data",
+        "config.json",
+        "preprocessor_config.json",
+    }
+    manifest = Manifest(
+        family="vit",
+        task="image-classification",
+        format="tensorrt",
+        runtime="tensorrt",
+        source={},
+        profile={"name": "vit-tensorrt-fp16"},
+        components={"vision_model": ComponentRecord("vision_model", "model.engine", {}, {})},
+        files={name: FileRecord(1, "0" * 64) for name in runtime_files | {"notes.txt"}},
+        model_info={},
+        versions={},
+        build={},
+        modelkiln_version="0",
+    )
+    assert set(bundle_files(manifest)) == runtime_files
+    assert requirements("linux-x86_64", "tensorrt") == ("tensorrt>=10,<11",)
+    assert {t for t, formats in TARGETS.items() if "tensorrt" in formats} == {
+        "linux-x86_64",
+        "linux-aarch64",
+    }
 
 
 # --- the CLI --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import warnings
 from collections.abc import Callable
@@ -60,6 +61,19 @@ def dim_bounds(spec: ComponentSpec, profile: Profile) -> dict[str, tuple[int, in
         if low < high:
             bounds[name] = (low, size, high)
     return bounds
+
+
+def enumerated_sizes(bounds: tuple[int, int, int], stride: int) -> list[int]:
+    """The sizes an enumerated dim takes: its bounds, its default, and the powers of two times
+    the stride between them (batch 1..16: 1, 2, 4, 8, 16)."""
+    low, default, high = bounds
+    sizes = {low, default, high}
+    size = stride
+    while size < high:
+        if size > low:
+            sizes.add(size)
+        size *= 2
+    return sorted(sizes)
 
 
 def remove_aliases(program: Any) -> int:
@@ -122,16 +136,39 @@ def convert(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
 
     program = exported_program(spec, module, profile)
     bounds = dim_bounds(spec, profile)
+    flexible = [name for name, t in spec.inputs.items() if set(t.symbolic_dims) & set(bounds)]
+    enumerated = profile.coreml.flexible_shapes == "enumerated"
+    if enumerated and len(flexible) > 1:
+        raise ExportError(
+            f"{spec.name}: Core ML enumerates the shapes of one input, and {', '.join(flexible)} "
+            "are all flexible; set coreml.flexible_shapes = 'range'"
+        )
     dims, _ = export_dims(spec, profile)
     inputs = []
     for name, tensor in spec.inputs.items():
         example = tensor.concrete_shape(dims) if tensor.shape else (1,)
-        shape = [
-            ct.RangeDim(lower_bound=bounds[d][0], upper_bound=bounds[d][2], default=bounds[d][1])
-            if d in bounds
-            else size
-            for d, size in zip(coreml_shape(tensor), example, strict=True)
-        ]
+        shape: Any
+        if name in flexible and enumerated:
+            choices = [
+                enumerated_sizes(bounds[d], STRIDES.get(d, 1)) if d in bounds else [n]
+                for d, n in zip(tensor.shape, example, strict=True)
+            ]
+            default = tuple(
+                bounds[d][1] if d in bounds else n
+                for d, n in zip(tensor.shape, example, strict=True)
+            )
+            shape = ct.EnumeratedShapes(
+                shapes=[list(c) for c in itertools.product(*choices)], default=default
+            )
+        else:
+            shape = [
+                ct.RangeDim(
+                    lower_bound=bounds[d][0], upper_bound=bounds[d][2], default=bounds[d][1]
+                )
+                if d in bounds
+                else size
+                for d, size in zip(coreml_shape(tensor), example, strict=True)
+            ]
         inputs.append(ct.TensorType(name=name, shape=shape, dtype=COREML_DTYPES[tensor.dtype]))
     precision = (
         ct.precision.FLOAT16 if profile.precision.weights == "fp16" else ct.precision.FLOAT32

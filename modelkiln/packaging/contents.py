@@ -26,6 +26,8 @@ FAMILY_CONFIGS: dict[str, tuple[str, ...]] = {
 COMPANIONS: dict[str, tuple[str, ...]] = {
     "onnx": ("{stem}.onnx_data",),  # external weights, optimum's naming
     "openvino": ("{stem}.bin",),  # the IR's weights
+    # the engine's record, and the ONNX it rebuilds from on another GPU or TensorRT version
+    "tensorrt": ("engine.json", "model.onnx", "model.onnx_data"),
 }
 
 # Each component's config.json beside its model: the diffusion pipeline reads it.

@@ -45,7 +45,7 @@ def package(
     require_suffix(output)
     root = artifact_root(artifact)
     manifest = read_manifest(root)
-    needs = requirements(target, manifest.format)
+    needs = requirements(target, manifest.format, manifest.profile.get("coreml", {}).get("target"))
     selected = bundle_files(manifest)
     files = {name: manifest.files[name] for name in selected}
     with progress.task(f"checking {len(files)} files against {MANIFEST_NAME}"):

@@ -72,12 +72,12 @@ SUPPORT: dict[str, Registry[Quantizer]] = {
 }
 # Pairs that cannot exist, with the reason: the profile error says why, not only "no".
 REJECTED: dict[tuple[str, str], str] = {
-    ("tensorrt", "nf4-weights"): "TensorRT has no NF4 kernels (its 4-bit weight formats are "
-    "INT4 and FP4); use int4-weights",
+    ("tensorrt", "nf4-weights"): "TensorRT has no NF4 kernels, its 4-bit weights are INT4 "
+    "or FP4: use int4-weights",
     ("tensorrt", "int8-dynamic"): "TensorRT takes int8 as explicit Q/DQ with calibrated "
-    "activation scales; use int8-static",
+    "activation scales: use int8-static",
     ("coreml", "int8-static"): "Core ML calibrates activations by running the model, which "
-    "needs macOS; use int8-weights",
+    "needs macOS: use int8-weights",
 }
 # Schemes whose quantizer needs real inputs of the component (the [calibration] section).
 CALIBRATED = frozenset({"int8-static", "int8-hybrid"})

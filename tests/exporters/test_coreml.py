@@ -35,13 +35,19 @@ def _program(artifact: Path, component: str = "vision_model") -> Any:
 
 
 def _inputs(model: Any) -> dict[str, tuple[list[int], list[tuple[int, int]], int]]:
-    """name -> (default shape, (lower, upper) of each dim, data type code)."""
+    """name -> (default shape, (lower, upper) of each dim of a range shape, data type code)."""
     result = {}
     for feature in model.get_spec().description.input:
         array = feature.type.multiArrayType
         ranges = [(r.lowerBound, r.upperBound) for r in array.shapeRange.sizeRanges]
         result[feature.name] = (list(array.shape), ranges, array.dataType)
     return result
+
+
+def _enumerated(model: Any, name: str) -> list[list[int]]:
+    """The shapes an input with enumerated flexible shapes takes."""
+    feature = next(f for f in model.get_spec().description.input if f.name == name)
+    return [list(shape.shape) for shape in feature.type.multiArrayType.enumeratedShapes.shapes]
 
 
 def _ops(model: Any) -> dict[str, int]:
@@ -59,9 +65,11 @@ def test_vit_converts_with_a_flexible_batch_and_keeps_its_torch_reference(
 ) -> None:
     artifact = built("hf-classifier", "vit-coreml-fp16")
     model = _program(artifact)
-    assert _inputs(model) == {
-        "pixel_values": ([1, 3, 32, 32], [(1, 16), (3, 3), (32, 32), (32, 32)], FLOAT32)
-    }
+    # Enumerated shapes by default (what the Neural Engine runs): batch 1, 2, 4, 8, 16.
+    expected = [[b, 3, 32, 32] for b in (1, 2, 4, 8, 16)]
+    assert sorted(_enumerated(model, "pixel_values")) == expected
+    assert _inputs(model)["pixel_values"][0] == [1, 3, 32, 32]
+    assert _inputs(model)["pixel_values"][2] == FLOAT32
     assert [o.name for o in model.get_spec().description.output] == ["logits"]
     assert model.user_defined_metadata["modelkiln.target"] == "iOS17"
     # fp16 compute: the program casts its fp32 input to fp16 and its weights are fp16.
@@ -86,13 +94,48 @@ def test_vit_converts_with_a_flexible_batch_and_keeps_its_torch_reference(
     with torch.no_grad():
         logits = torch_model(torch.from_numpy(feeds[1]["pixel_values"])).logits.numpy()
     np.testing.assert_allclose(expected[1]["logits"], logits, atol=1e-5)
-    assert manifest.profile["coreml"] == {"target": "iOS17", "compute_units": "all"}
+    assert manifest.profile["coreml"] == {
+        "target": "iOS17",
+        "compute_units": "all",
+        "flexible_shapes": "enumerated",
+    }
     assert (artifact / "config.json").is_file()
 
 
-def test_timm_vit_converts(built: Callable[..., Path]) -> None:
-    model = _program(built("timm-classifier", "vit-coreml-fp16"))
-    assert _inputs(model)["pixel_values"][1][0] == (1, 16)
+def test_deferred_validation_applies_the_build_tolerance(built: Callable[..., Path]) -> None:
+    """What `kiln validate` does on a Mac, with a stand-in for the Core ML session."""
+    from modelkiln.errors import ValidationError
+    from modelkiln.runtimes.base import Session
+    from modelkiln.validate import check_pending
+
+    artifact = built("hf-classifier", "vit-coreml-fp16")
+    record = open_artifact(artifact).manifest.components["vision_model"]
+    _, expected = load_reference(artifact / record.validation["reference"])
+
+    class Replay(Session):
+        """Returns the torch outputs scaled and shifted, as a program that far off would."""
+
+        def __init__(self, scale: float, shift: float) -> None:
+            super().__init__("vision_model", record.inputs, record.outputs)
+            self.scale, self.shift, self.calls = scale, shift, 0
+
+        def _run(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+            reference = expected[self.calls]
+            self.calls += 1
+            return {name: reference[name] * self.scale + self.shift for name in names}
+
+    result = check_pending(Replay(1.001, 0.0), record.validation, artifact)
+    assert result["passed"] is True
+    largest = max(float(np.abs(e["logits"]).max()) for e in expected)
+    assert result["outputs"]["logits"]["max_abs"] == pytest.approx(1e-3 * largest, rel=1e-3)
+    with pytest.raises(ValidationError, match=r"max-abs diff 0\.06 > atol 0\.05"):
+        check_pending(Replay(1.0, 0.06), record.validation, artifact)
+
+
+def test_timm_vit_converts_with_a_batch_range(built: Callable[..., Path]) -> None:
+    artifact = built("timm-classifier", "vit-coreml-fp16", "coreml.flexible_shapes=range")
+    ranges = _inputs(_program(artifact))["pixel_values"][1]
+    assert ranges == [(1, 16), (3, 3), (32, 32), (32, 32)]
 
 
 @pytest.mark.slow
@@ -116,6 +159,11 @@ def test_every_diffusion_component_converts(built: Callable[..., Path], source: 
 @pytest.mark.slow
 def test_diffusion_resolution_can_be_flexible(built: Callable[..., Path]) -> None:
     artifact = built("sd", "sd-coreml-fp16", "shapes.dynamic_resolution=true")
+    # Enumerated: 8, 16 and 32 latents (half, the set size, twice) in both dims.
+    latents = [[2, 4, h, w] for h in (8, 16, 32) for w in (8, 16, 32)]
+    assert sorted(_enumerated(_program(artifact, "unet"), "sample")) == latents
+    ranged = "coreml.flexible_shapes=range"
+    artifact = built("sd", "sd-coreml-fp16", "shapes.dynamic_resolution=true", ranged)
     sample = _inputs(_program(artifact, "unet"))["sample"]
     # The tiny model: 32 pixels, 16x16 latents; half to twice that, on strides of 8.
     assert sample[0] == [2, 4, 16, 16]
@@ -198,7 +246,7 @@ def test_nf4_table_is_the_normal_float_levels_scaled_by_absmax() -> None:
     [
         (["quantization.scheme=int4-weights"], "from iOS18 / macOS15"),
         (["quantization.scheme=nf4-weights", "coreml.target=macOS14"], "not macOS14"),
-        (["quantization.scheme=int8-static"], "needs macOS; use int8-weights"),
+        (["quantization.scheme=int8-static"], "needs macOS: use int8-weights"),
         (["precision.compute=fp32"], "compute (fp32) must equal weights (fp16)"),
         (["precision.weights=bf16", "precision.compute=bf16"], "cannot store weights in bf16"),
         (["shapes.max_batch_size=2"], "exceed shapes.max_batch_size = 2"),

@@ -684,11 +684,11 @@ def test_int4_weights_are_blockwise_symmetric_dequantize_linear(vit_copy: Path) 
     [
         (
             "nf4-weights",
-            "TensorRT has no NF4 kernels (its 4-bit weight formats are INT4 and FP4); use int4-weights",
+            "TensorRT has no NF4 kernels, its 4-bit weights are INT4 or FP4: use int4-weights",
         ),
         (
             "int8-dynamic",
-            "TensorRT takes int8 as explicit Q/DQ with calibrated activation scales; use int8-static",
+            "TensorRT takes int8 as explicit Q/DQ with calibrated activation scales: use int8-static",
         ),
     ],
 )
