@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import ArtifactError
+from modelkiln.jsonfile import read_json_object
 from modelkiln.specs import TensorSpec
 
 MANIFEST_NAME = "kiln.json"
@@ -156,10 +157,7 @@ def read_manifest(root: Path) -> Manifest:
             f"{root} is not a modelkiln artifact (no {MANIFEST_NAME}); "
             "build one with `kiln build SOURCE --profile PROFILE -o DIR`"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{path} is corrupted ({error}); rebuild the artifact") from error
+    data = read_json_object(path, ArtifactError, fix="; rebuild the artifact")
     return Manifest.from_json(data, path)
 
 

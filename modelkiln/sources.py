@@ -7,7 +7,6 @@ library's own `from_pretrained` / `timm.create_model` path.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from modelkiln.artifact import sha256_file
 from modelkiln.errors import SourceError, UnsupportedError, did_you_mean
+from modelkiln.jsonfile import read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +37,7 @@ class ResolvedSource:
         path = self.local_dir / name
         if not path.is_file():
             return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise SourceError(f"{path} is not valid JSON ({error})") from error
-        if not isinstance(data, dict):
-            raise SourceError(f"{path} must hold a JSON object")
-        return data
+        return read_json_object(path, SourceError)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -112,7 +112,11 @@ def test_corrupted_and_newer_manifests_are_refused(tmp_path: Path) -> None:
     root = tmp_path / "a"
     _artifact(root)
     (root / MANIFEST_NAME).write_text("{not json")
-    with pytest.raises(ArtifactError, match="is corrupted"):
+    with pytest.raises(ArtifactError, match="is not valid JSON"):
+        read_manifest(root)
+    # valid JSON, but no object: one line, not an AttributeError from deep inside
+    (root / MANIFEST_NAME).write_text("[1, 2]")
+    with pytest.raises(ArtifactError, match="must hold a JSON object, not list; rebuild"):
         read_manifest(root)
     (root / MANIFEST_NAME).write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(ArtifactError, match="schema_version 99"):

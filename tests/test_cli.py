@@ -671,7 +671,7 @@ BAD_INPUTS: list[tuple[str, Callable[[Path, Path, Path], Sequence[object]], tupl
     (
         "corrupted-kiln-json",
         lambda a, i, t: ["classify", corrupt_manifest(a, t), i],
-        ("kiln.json is corrupted (", "); rebuild the artifact"),
+        ("kiln.json is not valid JSON (", "); rebuild the artifact"),
     ),
     (
         "runtime-typo",

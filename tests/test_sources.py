@@ -252,7 +252,7 @@ def test_unsupported_source_names_what_it_found(
     ("content", "match"),
     [
         ("{not json", r"config\.json is not valid JSON \("),
-        ("[1, 2]", r"config\.json must hold a JSON object$"),
+        ("[1, 2]", r"config\.json must hold a JSON object, not list$"),
     ],
 )
 def test_malformed_config_is_a_source_error(content: str, match: str, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import ReportError, missing_backend
+from modelkiln.jsonfile import read_json_object
 
 SCHEMA_NAME = "modelkiln-bench-report"
 SCHEMA_VERSION = 1
@@ -46,11 +47,8 @@ def validate_report(report: Any, where: str = "report") -> None:
 def read_report(path: str | Path) -> dict[str, Any]:
     """A report file, parsed and checked against the schema."""
     path = Path(path)
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise ReportError(f"no bench report at {path}: run kiln bench -o DIR first") from error
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ReportError(f"cannot read {path} as JSON: {error}") from error
+    if not path.exists():
+        raise ReportError(f"no bench report at {path}: run kiln bench -o DIR first")
+    report = read_json_object(path, ReportError)
     validate_report(report, str(path))
     return report

@@ -10,6 +10,7 @@ from typing import Any
 
 from modelkiln.artifact import MANIFEST_NAME, FileRecord, read_manifest, record_files, sha256_file
 from modelkiln.errors import ArtifactError
+from modelkiln.jsonfile import read_json_object
 
 BUNDLE_MANIFEST = "bundle.json"
 SCHEMA = "modelkiln-bundle"
@@ -78,12 +79,7 @@ def read_bundle_manifest(root: Path, bundle: Path) -> BundleManifest:
             f"{bundle} is not a modelkiln bundle (no {BUNDLE_MANIFEST}); "
             "make one with `kiln package ARTIFACT --target TARGET -o BUNDLE`"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{BUNDLE_MANIFEST} of {bundle} is corrupted ({error})") from error
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{BUNDLE_MANIFEST} of {bundle} is not a JSON object")
+    data = read_json_object(path, ArtifactError, f"{BUNDLE_MANIFEST} of {bundle}")
     return BundleManifest.from_json(data, f"{BUNDLE_MANIFEST} of {bundle}")
 
 

@@ -71,9 +71,9 @@ def int8_dynamic(
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    data = _data(entry)
-    before = _size(entry, data)
-    with _scratch(entry) as scratch, _onnxruntime("int8-dynamic"):
+    data = external_data_path(entry)
+    before = model_bytes(entry, data)
+    with scratch_dir(entry) as scratch, onnxruntime_errors("int8-dynamic"):
         output = scratch / entry.name
         quantize_dynamic(
             entry,
@@ -83,17 +83,17 @@ def int8_dynamic(
             use_external_data_format=data.is_file(),
         )
         model = onnx.load(str(output))
-        _save(model, entry, scratch)
+        save_model(model, entry, scratch)
     ops = Counter(node.op_type for node in model.graph.node)
     return {
-        "quantized_weights": _integer_weights(model),
+        "quantized_weights": integer_weights(model),
         "ops": {
             op: ops[op]
             for op in ("MatMulInteger", "ConvInteger", "QAttention", "DynamicQuantizeLinear")
         },
         "per_channel": settings.per_channel,
         "bytes_before": before,
-        "bytes_after": _size(entry, data),
+        "bytes_after": model_bytes(entry, data),
     }
 
 
@@ -107,7 +107,7 @@ def int8_static(
 
     graph = onnx.load(str(entry), load_external_data=False).graph
     check_calibration(
-        calibration, _inputs(graph), "int8-static", "scheme 'int8-dynamic' (no calibration)"
+        calibration, graph_inputs(graph), "int8-static", "scheme 'int8-dynamic' (no calibration)"
     )
     initializers = {tensor.name for tensor in graph.initializer}
     # The attention's activation x activation MatMuls have no weight to shrink; in float they
@@ -118,14 +118,14 @@ def int8_static(
         for node in graph.node
         if node.op_type == "MatMul" and node.name and node.input[1] not in initializers
     ]
-    data = _data(entry)
-    before = _size(entry, data)
-    method, options = _calibrator(settings)
-    with _scratch(entry) as scratch, _onnxruntime("int8-static"):
+    data = external_data_path(entry)
+    before = model_bytes(entry, data)
+    method, options = calibration_method(settings)
+    with scratch_dir(entry) as scratch, onnxruntime_errors("int8-static"):
         # Ranges first, with the calibrator and its settings, then quantize_static reads them
         # back through its calibration cache (a TensorsData file) instead of calibrating.
         ranges = scratch / "ranges.json"
-        _calibrate(entry, calibration, method, options, scratch, ranges)
+        calibrate(entry, calibration, method, options, scratch, ranges)
         output = scratch / entry.name
         quantize_static(
             entry,
@@ -149,10 +149,10 @@ def int8_static(
             calibration_cache_path=ranges,
         )
         model = onnx.load(str(output))
-        _save(model, entry, scratch)
+        save_model(model, entry, scratch)
     ops = Counter(node.op_type for node in model.graph.node)
     return {
-        "quantized_weights": _integer_weights(model),
+        "quantized_weights": integer_weights(model),
         "ops": {op: ops[op] for op in ("QuantizeLinear", "DequantizeLinear")},
         "activations": "uint8",
         "weights": "int8",
@@ -162,7 +162,7 @@ def int8_static(
         "calibrator": options,  # its settings beyond the method; {} for minmax
         "calibration_batches": len(calibration),
         "bytes_before": before,
-        "bytes_after": _size(entry, data),
+        "bytes_after": model_bytes(entry, data),
     }
 
 
@@ -174,12 +174,12 @@ def int4_weights(
     float too: ORT's quantizer handles MatMul only."""
     import onnx
 
-    MatMulNBitsQuantizer = _matmul_nbits_quantizer()
+    MatMulNBitsQuantizer = matmul_nbits_quantizer()
 
     _check_block_size(settings.group_size, "MatMulNBits")
-    data = _data(entry)
-    before = _size(entry, data)
-    with _scratch(entry) as scratch, _onnxruntime("int4-weights"):
+    data = external_data_path(entry)
+    before = model_bytes(entry, data)
+    with scratch_dir(entry) as scratch, onnxruntime_errors("int4-weights"):
         quantizer = MatMulNBitsQuantizer(
             onnx.load(str(entry)),
             bits=4,
@@ -189,7 +189,7 @@ def int4_weights(
         )
         quantizer.process()
         model = quantizer.model.model
-        _save(model, entry, scratch)
+        save_model(model, entry, scratch)
     quantized = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
     return {
         "quantized_weights": len(quantized),
@@ -199,12 +199,12 @@ def int4_weights(
         "padded_layers": sum(
             1 for node in quantized if _attribute(node, "K") % settings.group_size
         ),
-        "float_matmuls": _count(model, "MatMul", "Gemm"),
+        "float_matmuls": count_ops(model, "MatMul", "Gemm"),
         "block_size": settings.group_size,
         "symmetric": settings.symmetric,
         "accuracy_level": ACCURACY_LEVEL,
         "bytes_before": before,
-        "bytes_after": _size(entry, data),
+        "bytes_after": model_bytes(entry, data),
     }
 
 
@@ -219,24 +219,24 @@ def nf4_weights(
     from onnxruntime.quantization.matmul_bnb4_quantizer import MatMulBnb4Quantizer
 
     _check_block_size(settings.group_size, "MatMulBnb4")
-    data = _data(entry)
-    before = _size(entry, data)
-    with _scratch(entry) as scratch, _onnxruntime("nf4-weights"):
+    data = external_data_path(entry)
+    before = model_bytes(entry, data)
+    with scratch_dir(entry) as scratch, onnxruntime_errors("nf4-weights"):
         quantizer = MatMulBnb4Quantizer(
             onnx.load(str(entry)), MatMulBnb4Quantizer.NF4, settings.group_size
         )
         quantizer.process()
         model = quantizer.model.model
-        _save(model, entry, scratch)
-    quantized = _count(model, "MatMulBnb4")["MatMulBnb4"]
+        save_model(model, entry, scratch)
+    quantized = count_ops(model, "MatMulBnb4")["MatMulBnb4"]
     return {
         "quantized_weights": quantized,
         "ops": {"MatMulBnb4": quantized},
-        "float_matmuls": _count(model, "MatMul", "Gemm"),
+        "float_matmuls": count_ops(model, "MatMul", "Gemm"),
         "quant_type": "nf4",
         "block_size": settings.group_size,
         "bytes_before": before,
-        "bytes_after": _size(entry, data),
+        "bytes_after": model_bytes(entry, data),
     }
 
 
@@ -249,35 +249,35 @@ def to_fp16(entry: Path) -> dict[str, Any]:
     """
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    data = _data(entry)
-    before = _size(entry, data)
-    with _scratch(entry) as scratch:
+    data = external_data_path(entry)
+    before = model_bytes(entry, data)
+    with scratch_dir(entry) as scratch:
         try:
             # A path, not a ModelProto: the converter then infers shapes with
             # infer_shapes_path, which works past protobuf's 2 GB limit.
             model = convert_float_to_float16(str(entry), keep_io_types=True)
         except Exception as error:  # the converter raises many unrelated types
             raise ExportError(f"fp16 conversion failed: {first_line(error)}") from error
-        _save(model, entry, scratch)
+        save_model(model, entry, scratch)
     return {
         "converted_initializers": sum(1 for t in model.graph.initializer if t.data_type == FLOAT16),
         "float32_initializers": sum(1 for t in model.graph.initializer if t.data_type == FLOAT),
         "keep_io_types": True,
         "bytes_before": before,
-        "bytes_after": _size(entry, data),
+        "bytes_after": model_bytes(entry, data),
     }
 
 
-def _data(entry: Path) -> Path:
+def external_data_path(entry: Path) -> Path:
     return entry.with_name(f"{entry.stem}.onnx_data")
 
 
-def _size(entry: Path, data: Path) -> int:
+def model_bytes(entry: Path, data: Path) -> int:
     return entry.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 @contextlib.contextmanager
-def _scratch(entry: Path) -> Iterator[Path]:
+def scratch_dir(entry: Path) -> Iterator[Path]:
     """A temporary folder beside the model, made onnxruntime's temp folder too: calibration
     writes an augmented copy of the whole model there, too big for a small /tmp. The switch
     is process-wide while it lasts."""
@@ -290,13 +290,13 @@ def _scratch(entry: Path) -> Iterator[Path]:
             tempfile.tempdir = previous
 
 
-def _save(model: onnx.ModelProto, entry: Path, scratch: Path) -> None:
+def save_model(model: onnx.ModelProto, entry: Path, scratch: Path) -> None:
     """Write `model` over `entry` in the export's layout: all weights in one `<stem>.onnx_data`
     beside it when the export had one, else inline. Staged in `scratch` first, so a failed
     save leaves the original files."""
     import onnx
 
-    data = _data(entry)
+    data = external_data_path(entry)
     staged = scratch / "staged" / entry.name
     staged.parent.mkdir()
     onnx.save_model(
@@ -314,7 +314,7 @@ def _save(model: onnx.ModelProto, entry: Path, scratch: Path) -> None:
     staged.replace(entry)
 
 
-def _matmul_nbits_quantizer() -> Any:
+def matmul_nbits_quantizer() -> Any:
     """onnxruntime's MatMulNBitsQuantizer, imported without its side effect: the module calls
     logging.basicConfig(level=INFO) on import, which would configure the caller's root logger
     (and print every node it skips). The root logger is put back as it was."""
@@ -330,7 +330,7 @@ def _matmul_nbits_quantizer() -> Any:
 
 
 @contextlib.contextmanager
-def _onnxruntime(scheme: str) -> Iterator[None]:
+def onnxruntime_errors(scheme: str) -> Iterator[None]:
     """Around onnxruntime's quantizers: what they print (the entropy and percentile
     calibrators report progress on stdout) and their root-logger hints go to our debug log,
     and the many unrelated exception types they raise become one QuantizationError."""
@@ -381,7 +381,7 @@ class _PreprocessHint(logging.Filter):
         return False
 
 
-def _calibrator(settings: QuantizationSettings) -> tuple[Any, dict[str, Any]]:
+def calibration_method(settings: QuantizationSettings) -> tuple[Any, dict[str, Any]]:
     """onnxruntime's CalibrationMethod for `settings.method` and its calibrator's options."""
     from onnxruntime.quantization import CalibrationMethod
 
@@ -396,7 +396,7 @@ def _calibrator(settings: QuantizationSettings) -> tuple[Any, dict[str, Any]]:
     return CalibrationMethod.MinMax, {}
 
 
-def _calibrate(
+def calibrate(
     entry: Path,
     calibration: Calibration,
     method: Any,
@@ -413,7 +413,7 @@ def _calibrate(
         list(STATIC_OPS),
         augmented_model_path=str(scratch / "augmented.onnx"),
         calibrate_method=method,
-        use_external_data_format=_data(entry).is_file(),
+        use_external_data_format=external_data_path(entry).is_file(),
         extra_options=options,
     )
     calibrator.collect_data(_reader(calibration))
@@ -438,7 +438,7 @@ def _reader(calibration: Calibration) -> Any:
     return Feeds()
 
 
-def _inputs(graph: onnx.GraphProto) -> dict[str, tuple[list[int | None], str]]:
+def graph_inputs(graph: onnx.GraphProto) -> dict[str, tuple[list[int | None], str]]:
     """The graph's inputs (not its initializers): dims, None where symbolic, and as shown."""
     initializers = {tensor.name for tensor in graph.initializer}
     inputs = {}
@@ -457,14 +457,14 @@ def _check_block_size(group_size: int, op: str) -> None:
         )
 
 
-def _integer_weights(model: onnx.ModelProto) -> int:
+def integer_weights(model: onnx.ModelProto) -> int:
     """int8/uint8 initializers of rank >= 2: the quantized weights (not scales, zero points)."""
     return sum(
         1 for t in model.graph.initializer if t.data_type in INTEGER_TYPES and len(t.dims) >= 2
     )
 
 
-def _count(model: onnx.ModelProto, *ops: str) -> dict[str, int]:
+def count_ops(model: onnx.ModelProto, *ops: str) -> dict[str, int]:
     counts = Counter(node.op_type for node in model.graph.node)
     return {op: counts[op] for op in ops}
 

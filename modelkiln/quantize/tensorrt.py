@@ -16,17 +16,17 @@ from modelkiln.errors import QuantizationError
 from modelkiln.quantize import check_calibration
 from modelkiln.quantize.onnx import (
     STATIC_OPS,
-    _calibrate,
-    _calibrator,
-    _count,
-    _data,
-    _inputs,
-    _integer_weights,
-    _matmul_nbits_quantizer,
-    _onnxruntime,
-    _save,
-    _scratch,
-    _size,
+    calibrate,
+    calibration_method,
+    count_ops,
+    external_data_path,
+    graph_inputs,
+    integer_weights,
+    matmul_nbits_quantizer,
+    model_bytes,
+    onnxruntime_errors,
+    save_model,
+    scratch_dir,
 )
 from modelkiln.tensorrt.onnx_checks import INT4, INT4_BLOCK_SIZES
 
@@ -51,14 +51,14 @@ def int8_static(
 
     graph = onnx.load(str(entry), load_external_data=False).graph
     check_calibration(
-        calibration, _inputs(graph), "int8-static", "scheme 'int4-weights' (no calibration)"
+        calibration, graph_inputs(graph), "int8-static", "scheme 'int4-weights' (no calibration)"
     )
-    data = _data(entry)
-    before = _size(entry, data)
-    method, options = _calibrator(settings)
-    with _scratch(entry) as scratch, _onnxruntime("int8-static"):
+    data = external_data_path(entry)
+    before = model_bytes(entry, data)
+    method, options = calibration_method(settings)
+    with scratch_dir(entry) as scratch, onnxruntime_errors("int8-static"):
         ranges = scratch / "ranges.json"
-        _calibrate(entry, calibration, method, options, scratch, ranges)
+        calibrate(entry, calibration, method, options, scratch, ranges)
         output = scratch / entry.name
         quantize_static(
             entry,
@@ -84,10 +84,10 @@ def int8_static(
             calibration_cache_path=ranges,
         )
         model = onnx.load(str(output))
-        _save(model, entry, scratch)
-    ops = _count(model, "QuantizeLinear", "DequantizeLinear")
+        save_model(model, entry, scratch)
+    ops = count_ops(model, "QuantizeLinear", "DequantizeLinear")
     return {
-        "quantized_weights": _integer_weights(model),
+        "quantized_weights": integer_weights(model),
         "ops": ops,
         "activations": "int8",
         "weights": "int8",
@@ -97,7 +97,7 @@ def int8_static(
         "calibrator": options,
         "calibration_batches": len(calibration),
         "bytes_before": before,
-        "bytes_after": _size(entry, data),
+        "bytes_after": model_bytes(entry, data),
     }
 
 
@@ -115,14 +115,14 @@ def int4_weights(
             f"quantization.group_size {block} is not one of TensorRT's int4 block sizes: use "
             f"{' or '.join(map(str, INT4_BLOCK_SIZES))}"
         )
-    MatMulNBitsQuantizer = _matmul_nbits_quantizer()
-    data = _data(entry)
-    before = _size(entry, data)
+    MatMulNBitsQuantizer = matmul_nbits_quantizer()
+    data = external_data_path(entry)
+    before = model_bytes(entry, data)
     model = onnx.load(str(entry))
     _int4_opset(model)
     # A partial last block is valid ONNX, but not a TensorRT int4 block: keep those float.
     partial = _partial_block_matmuls(model.graph, block)
-    with _scratch(entry) as scratch, _onnxruntime("int4-weights"):
+    with scratch_dir(entry) as scratch, onnxruntime_errors("int4-weights"):
         quantizer = MatMulNBitsQuantizer(
             model,
             bits=4,
@@ -134,7 +134,7 @@ def int4_weights(
         )
         quantizer.process()
         model = quantizer.model.model
-        _save(model, entry, scratch)
+        save_model(model, entry, scratch)
     initializers = {tensor.name: tensor for tensor in model.graph.initializer}
     quantized = [
         node
@@ -151,10 +151,10 @@ def int4_weights(
         "symmetric": True,
         "float_layers": {
             "partial_blocks": len(partial),  # input channels not a multiple of the block
-            **_count(model, "Gemm", "Conv"),
+            **count_ops(model, "Gemm", "Conv"),
         },
         "bytes_before": before,
-        "bytes_after": _size(entry, data),
+        "bytes_after": model_bytes(entry, data),
     }
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from modelkiln.artifact import sha256_file
 from modelkiln.errors import ArtifactError, ExportError
+from modelkiln.jsonfile import read_json_object
 from modelkiln.tensorrt.cache import (
     copy_atomic,
     engine_cache_path,
@@ -88,16 +89,14 @@ def write_record(directory: Path, record: EngineRecord) -> Path:
 
 def read_record(directory: Path) -> EngineRecord:
     path = directory / RECORD_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
+    if not path.exists():
         raise ArtifactError(
             f"{path} is missing: a TensorRT artifact keeps it beside {ENGINE_FILE}; rebuild the "
             "artifact"
-        ) from error
-    except (OSError, json.JSONDecodeError) as error:
-        raise ArtifactError(f"cannot read {path}: {error}; rebuild the artifact") from error
-    return EngineRecord.from_json(data)
+        )
+    return EngineRecord.from_json(
+        read_json_object(path, ArtifactError, fix="; rebuild the artifact")
+    )
 
 
 def onnx_sha256(path: Path) -> str:
