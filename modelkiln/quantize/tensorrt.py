@@ -13,15 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import QuantizationError
-from modelkiln.quantize import check_calibration
 from modelkiln.quantize.onnx import (
-    STATIC_OPS,
-    calibrate,
-    calibration_method,
     count_ops,
     external_data_path,
-    graph_inputs,
-    integer_weights,
+    int8_qdq,
     matmul_nbits_quantizer,
     model_bytes,
     onnxruntime_errors,
@@ -46,59 +41,21 @@ def int8_static(
 ) -> dict[str, Any]:
     """int8 weights and activations as Q/DQ around the MatMul, Gemm and Conv layers, with
     activation ranges calibrated on the feeds; symmetric whatever quantization.symmetric says."""
-    import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    graph = onnx.load(str(entry), load_external_data=False).graph
-    check_calibration(
-        calibration, graph_inputs(graph), "int8-static", "scheme 'int4-weights' (no calibration)"
+    return int8_qdq(
+        entry,
+        settings,
+        calibration,
+        activations="int8",
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            # A quantized bias is an int32 DequantizeLinear, which TensorRT does not take;
+            # it fuses the float bias into the int8 kernel itself.
+            "QuantizeBias": False,
+        },
+        symmetric=True,  # TensorRT's only form
+        alternative="scheme 'int4-weights' (no calibration)",
     )
-    data = external_data_path(entry)
-    before = model_bytes(entry, data)
-    method, options = calibration_method(settings)
-    with scratch_dir(entry) as scratch, onnxruntime_errors("int8-static"):
-        ranges = scratch / "ranges.json"
-        calibrate(entry, calibration, method, options, scratch, ranges)
-        output = scratch / entry.name
-        quantize_static(
-            entry,
-            output,
-            None,
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(STATIC_OPS),
-            per_channel=settings.per_channel,
-            reduce_range=False,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            # As for ONNX Runtime: the attention's activation x activation MatMuls stay float.
-            nodes_to_exclude=_activation_matmuls(graph),
-            use_external_data_format=data.is_file(),
-            calibrate_method=method,
-            extra_options={
-                "ActivationSymmetric": True,
-                "WeightSymmetric": True,
-                # A quantized bias is an int32 DequantizeLinear, which TensorRT does not take;
-                # it fuses the float bias into the int8 kernel itself.
-                "QuantizeBias": False,
-            },
-            calibration_cache_path=ranges,
-        )
-        model = onnx.load(str(output))
-        save_model(model, entry, scratch)
-    ops = count_ops(model, "QuantizeLinear", "DequantizeLinear")
-    return {
-        "quantized_weights": integer_weights(model),
-        "ops": ops,
-        "activations": "int8",
-        "weights": "int8",
-        "per_channel": settings.per_channel,
-        "symmetric": True,  # TensorRT's only form
-        "method": settings.method,
-        "calibrator": options,
-        "calibration_batches": len(calibration),
-        "bytes_before": before,
-        "bytes_after": model_bytes(entry, data),
-    }
 
 
 def int4_weights(
@@ -167,15 +124,6 @@ def _int4_opset(model: onnx.ModelProto) -> None:
         if opset.domain in ("", "ai.onnx") and opset.version < INT4_OPSET:
             opset.version = INT4_OPSET
     model.ir_version = max(model.ir_version, INT4_IR_VERSION)
-
-
-def _activation_matmuls(graph: onnx.GraphProto) -> list[str]:
-    initializers = {tensor.name for tensor in graph.initializer}
-    return [
-        node.name
-        for node in graph.node
-        if node.op_type == "MatMul" and node.name and node.input[1] not in initializers
-    ]
 
 
 def _partial_block_matmuls(graph: onnx.GraphProto, block: int) -> list[str]:
