@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import io
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -37,3 +38,17 @@ def _logging(library: str) -> Any:
         return importlib.import_module(f"{library}.utils.logging")
     except ImportError:
         return None
+
+
+@contextlib.contextmanager
+def printing_into(buffer: io.StringIO, *, stderr: bool = False) -> Iterator[None]:
+    """What a converter prints on stdout (and stderr, where it draws progress bars) goes into
+    `buffer`, its warnings nowhere: the library never prints; callers log the buffer at debug
+    level, and with an error."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.redirect_stdout(buffer))
+        if stderr:
+            stack.enter_context(contextlib.redirect_stderr(buffer))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
+        yield

@@ -12,11 +12,9 @@ Core ML has no int64 tensors: integer inputs (token ids) become int32.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import logging
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +29,7 @@ from modelkiln.exporters.base import (
     export_dims,
     first_line,
 )
+from modelkiln.quiet import printing_into
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -201,12 +200,7 @@ class CoreMLExporter(Exporter):
         captured = io.StringIO()
         try:
             # coremltools reports its passes with tqdm bars on stderr; the library never prints.
-            with (
-                contextlib.redirect_stdout(captured),
-                contextlib.redirect_stderr(captured),
-                warnings.catch_warnings(),
-            ):
-                warnings.simplefilter("ignore")
+            with printing_into(captured, stderr=True):
                 model = convert(spec, load_module(), profile)
                 model.short_description = f"{spec.name}, exported by modelkiln"
                 model.user_defined_metadata["modelkiln.component"] = spec.name

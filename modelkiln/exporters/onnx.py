@@ -11,11 +11,9 @@ External weights go to one `model.onnx_data` beside `model.onnx` (optimum's conv
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from modelkiln.errors import ExportError
 from modelkiln.exporters.base import Exporter, export_dims, export_signature, first_line
 from modelkiln.exporters.onnx_fusions import FUSED_OPS_KEY, fuse_for_onnxruntime, fusions_wanted
+from modelkiln.quiet import printing_into
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -125,8 +124,7 @@ def _export(spec: ComponentSpec, module: Any, profile: Profile, *, meta: bool) -
     captured = io.StringIO()
     try:
         # The exporter reports its stages on stdout; the library never prints.
-        with contextlib.redirect_stdout(captured), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with printing_into(captured):
             program = torch.onnx.export(
                 module,
                 args,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import multiprocessing
 import tempfile
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -18,6 +16,7 @@ import numpy as np
 from modelkiln.errors import ExportError
 from modelkiln.exporters.base import Exporter, export_dims, first_line
 from modelkiln.exporters.onnx import onnx_from_torch
+from modelkiln.quiet import printing_into
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -93,11 +92,9 @@ class OpenVINOExporter(Exporter):
         captured = io.StringIO()
         try:
             with (
-                contextlib.redirect_stdout(captured),
-                warnings.catch_warnings(),
+                printing_into(captured),
                 tempfile.TemporaryDirectory(dir=root.parent) as scratch,
             ):
-                warnings.simplefilter("ignore")
                 if profile.export.via == "onnx":
                     onnx_path = onnx_from_torch(
                         spec, load_module, profile, Path(scratch) / "model.onnx"

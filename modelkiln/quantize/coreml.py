@@ -13,10 +13,8 @@ running the model, which needs macOS.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from modelkiln.errors import QuantizationError
+from modelkiln.quiet import printing_into
 
 if TYPE_CHECKING:
     from modelkiln.profiles import QuantizationSettings
@@ -116,12 +115,7 @@ def compress_weights(
     config = cto.OptimizationConfig(global_config=op_config(settings.scheme, settings, target))
     captured = io.StringIO()
     try:
-        with (
-            contextlib.redirect_stderr(captured),
-            contextlib.redirect_stdout(captured),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")
+        with printing_into(captured, stderr=True):
             if settings.scheme in ("int8-weights", "int4-weights"):
                 compressed = cto.linear_quantize_weights(model, config)
             else:
