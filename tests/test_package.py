@@ -365,6 +365,26 @@ def test_a_failed_write_keeps_the_old_bundle(
     assert zipfile.is_zipfile(output)
 
 
+def _listing(
+    family: str, task: str, format: str, entries: dict[str, str], files: set[str]
+) -> Manifest:
+    """A manifest of a format nothing here builds: its component entries and file list."""
+    return Manifest(
+        family=family,
+        task=task,
+        format=format,
+        runtime=format,
+        source={},
+        profile={},
+        components={name: ComponentRecord(name, entry, {}, {}) for name, entry in entries.items()},
+        files={name: FileRecord(1, "0" * 64) for name in files},
+        model_info={},
+        versions={},
+        build={},
+        modelkiln_version="0",
+    )
+
+
 def test_coreml_bundles_take_the_whole_mlpackage() -> None:
     """The selection for an SD artifact (tests/exporters/test_coreml.py packs a real ViT)."""
     package_dir = "unet/model.mlpackage"
@@ -381,23 +401,8 @@ def test_coreml_bundles_take_the_whole_mlpackage() -> None:
         "tokenizer/merges.txt",
     }
     others = {"unet_reference/diffusion_pytorch_model.safetensors", "tokenizer_2/vocab.json"}
-    manifest = Manifest(
-        family="sd",
-        task="text-to-image",
-        format="coreml",
-        runtime="coreml",
-        source={},
-        profile={"name": "sd-coreml-fp16"},
-        components={
-            name: ComponentRecord(name, f"{name}/model.mlpackage", {}, {})
-            for name in ("unet", "text_encoder")
-        },
-        files={name: FileRecord(1, "0" * 64) for name in runtime_files | others},
-        model_info={},
-        versions={},
-        build={},
-        modelkiln_version="0",
-    )
+    entries = {name: f"{name}/model.mlpackage" for name in ("unet", "text_encoder")}
+    manifest = _listing("sd", "text-to-image", "coreml", entries, runtime_files | others)
     assert set(bundle_files(manifest)) == runtime_files
     assert requirements("ios", "coreml") == ("iOS>=17",)
     assert requirements("macos", "coreml") == ("macOS>=14",)
@@ -418,19 +423,9 @@ def test_tensorrt_bundles_carry_the_engine_its_record_and_its_onnx() -> None:
         "config.json",
         "preprocessor_config.json",
     }
-    manifest = Manifest(
-        family="vit",
-        task="image-classification",
-        format="tensorrt",
-        runtime="tensorrt",
-        source={},
-        profile={"name": "vit-tensorrt-fp16"},
-        components={"vision_model": ComponentRecord("vision_model", "model.engine", {}, {})},
-        files={name: FileRecord(1, "0" * 64) for name in runtime_files | {"notes.txt"}},
-        model_info={},
-        versions={},
-        build={},
-        modelkiln_version="0",
+    entries = {"vision_model": "model.engine"}
+    manifest = _listing(
+        "vit", "image-classification", "tensorrt", entries, runtime_files | {"notes.txt"}
     )
     assert set(bundle_files(manifest)) == runtime_files
     assert requirements("linux-x86_64", "tensorrt") == ("tensorrt>=10,<11",)
