@@ -307,6 +307,12 @@ class Profile:
             )
         self._check_shapes(origin)
         self._check_quantization(origin)
+        self._check_backend_sections(origin)
+
+    def _check_backend_sections(self, origin: str) -> None:
+        """[coreml] and [tensorrt], and what those formats cannot take of [shapes]."""
+        from modelkiln.models import FAMILIES
+
         diffusion = FAMILIES.get(self.family).real_inputs == "prompts"
         if self.export.format == "coreml" and self.shapes.dynamic_batch and diffusion:
             # coremltools builds group norm's reshape from the batch size as a constant.
@@ -314,6 +320,15 @@ class Profile:
                 f"{origin}: Core ML's converter cannot give the UNet and VAE a flexible "
                 "batch (group norm); set shapes.dynamic_batch = false and shapes.batch_size "
                 "to the images per call"
+            )
+        trt = self.tensorrt
+        if not 0 <= trt.optimization_level <= 5:
+            raise ProfileError(
+                f"{origin}: tensorrt.optimization_level must be 0-5, got {trt.optimization_level}"
+            )
+        if trt.workspace_mb is not None and trt.workspace_mb < 1:
+            raise ProfileError(
+                f"{origin}: tensorrt.workspace_mb must be >= 1, got {trt.workspace_mb}"
             )
 
     def _check_quantization(self, origin: str) -> None:
@@ -454,15 +469,6 @@ class Profile:
         if low is not None and high is not None and low > high:
             raise ProfileError(
                 f"{origin}: shapes.min_resolution ({low}) > shapes.max_resolution ({high})"
-            )
-        trt = self.tensorrt
-        if not 0 <= trt.optimization_level <= 5:
-            raise ProfileError(
-                f"{origin}: tensorrt.optimization_level must be 0-5, got {trt.optimization_level}"
-            )
-        if trt.workspace_mb is not None and trt.workspace_mb < 1:
-            raise ProfileError(
-                f"{origin}: tensorrt.workspace_mb must be >= 1, got {trt.workspace_mb}"
             )
         for key in ("min_cosine", "min_top1_agreement"):
             value = getattr(validation, key)
