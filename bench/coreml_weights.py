@@ -79,7 +79,7 @@ def main() -> None:
     print(f"| {args.base.name} | fp16 | {package_bytes(entry(args.base)) / 1e6:.1f} | — | — | — |")
     for artifact in args.compressed:
         package = entry(artifact)
-        scheme = open_artifact(artifact).manifest.profile["quantization"]["scheme"]
+        scheme = open_artifact(artifact).manifest.profile.quantization.scheme
         signal = noise = 0.0
         worst = float("inf")
         matched = 0

@@ -17,7 +17,8 @@ import argparse
 from pathlib import Path
 
 from modelkiln import build, open_artifact
-from modelkiln.profiles import bundled_profile_names, load_profile
+from modelkiln.plan import load_profile
+from modelkiln.profiles import bundled_profile_names
 from modelkiln.runtimes import runs_here
 from modelkiln.testing import tiny_sd, tiny_sdxl
 

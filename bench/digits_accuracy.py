@@ -15,7 +15,8 @@ import argparse
 from pathlib import Path
 
 from modelkiln.demo import REFERENCE_PROFILE, accuracy_gap, run_demo
-from modelkiln.profiles import bundled_profile_names, load_profile
+from modelkiln.plan import load_profile
+from modelkiln.profiles import bundled_profile_names
 from modelkiln.runtimes import runs_here
 
 

@@ -52,7 +52,7 @@ def peak_rss() -> int:
 
 def unet_spec(source: Path, profile_name: str) -> tuple[Any, Any]:
     from modelkiln.models import detect_family
-    from modelkiln.profiles import load_profile
+    from modelkiln.plan import load_profile
     from modelkiln.sources import resolve_source
 
     profile = load_profile(profile_name)
@@ -85,11 +85,11 @@ def run_step(step: str, source: Path, out: Path) -> dict[str, Any]:
         out = out.parent.parent / "artifacts" / BUILD_PROFILES[step]
         build(source, BUILD_PROFILES[step], out)
     elif step in ("kiln-onnx", "kiln-openvino"):
-        from modelkiln.exporters import EXPORTERS
+        from modelkiln.exporters import exporter_for
 
         name = "sd-onnxruntime-fp32" if step == "kiln-onnx" else "sd-openvino-fp32"
         spec, profile = unet_spec(source, name)
-        exporter = EXPORTERS.get(profile.export.format)()
+        exporter = exporter_for(profile.export.format)()
         exporter.export(spec, functools.cache(spec.module), profile, out)
     else:
         spec, profile = unet_spec(source, "sd-onnxruntime-fp32")

@@ -36,7 +36,8 @@ GENERATE = {"steps": 20, "guidance": 7.5, "seed": 0}
 
 def default_profiles() -> list[str]:
     """Every bundled SD-1.x profile that runs on a CPU, except torch (the baseline itself)."""
-    from modelkiln.profiles import bundled_profile_names, load_profile
+    from modelkiln.plan import load_profile
+    from modelkiln.profiles import bundled_profile_names
 
     profiles = {name: load_profile(name) for name in bundled_profile_names()}
     return [

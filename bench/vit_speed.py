@@ -60,7 +60,8 @@ PEER_VENV = Path(".venv-optimum/bin/python")
 
 
 def default_profiles() -> list[str]:
-    from modelkiln.profiles import bundled_profile_names, load_profile
+    from modelkiln.plan import load_profile
+    from modelkiln.profiles import bundled_profile_names
     from modelkiln.runtimes import runs_here
 
     profiles = [load_profile(name) for name in bundled_profile_names()]
@@ -79,11 +80,10 @@ def make_source(directory: Path) -> None:
 
 
 def overrides_for(profile: str) -> list[str]:
-    from modelkiln.profiles import load_profile
-    from modelkiln.quantize import CALIBRATED
+    from modelkiln.plan import load_plan
 
     extra = list(BUILD_OVERRIDES)
-    if load_profile(profile).quantization.scheme in CALIBRATED:
+    if any(config.calibrated for config in load_plan(profile).schemes.values()):
         extra.append('calibration.data="digits"')
     return extra
 

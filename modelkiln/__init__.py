@@ -26,7 +26,7 @@ _EXPORTS = {
     "open_artifact": "modelkiln.loading",
     "package": "modelkiln.packaging.pack",
     "Profile": "modelkiln.profiles",
-    "load_profile": "modelkiln.profiles",
+    "load_profile": "modelkiln.plan",
     "ImageClassificationPipeline": "modelkiln.pipelines.classification",
     "ImageEmbeddingPipeline": "modelkiln.pipelines.embedding",
     "KilnError": "modelkiln.errors",
@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from modelkiln.packaging.pack import package
     from modelkiln.pipelines.classification import ImageClassificationPipeline
     from modelkiln.pipelines.embedding import ImageEmbeddingPipeline
-    from modelkiln.profiles import Profile, load_profile
+    from modelkiln.plan import load_profile
+    from modelkiln.profiles import Profile
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,5 @@
-"""The artifact directory: kiln.json manifest, file hashes, and the atomic commit of a build.
+"""The artifact directory: reading and writing kiln.json (records.py is its codec), file
+hashes, and the atomic commit of a build.
 
 Everything here is torch-free: loading an artifact reads the manifest and checks its files.
 """
@@ -10,116 +11,15 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from modelkiln.errors import ArtifactError
 from modelkiln.jsonfile import read_json_object
-from modelkiln.specs import TensorSpec
+from modelkiln.records import FileRecord, Manifest
 
 MANIFEST_NAME = "kiln.json"
-MANIFEST_SCHEMA_VERSION = 1
 _HASH_CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class ComponentRecord:
-    name: str
-    entry: str  # the file (or directory, for torch) a runtime opens, relative to the artifact
-    inputs: dict[str, TensorSpec]
-    outputs: dict[str, TensorSpec]
-    # Per output metrics, tolerances and the verdict of the build's validation.
-    validation: dict[str, Any] = field(default_factory=dict)
-    # What the runtime reported while validating, e.g. {"inference_precision": "f32"}.
-    runtime: dict[str, Any] = field(default_factory=dict)
-    # What quantization did: scheme, weights quantized, ops, bytes before/after ({} if none).
-    quantization: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "entry": self.entry,
-            "inputs": {k: v.to_json() for k, v in self.inputs.items()},
-            "outputs": {k: v.to_json() for k, v in self.outputs.items()},
-            "validation": self.validation,
-            "runtime": self.runtime,
-            "quantization": self.quantization,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> ComponentRecord:
-        return cls(
-            name=data["name"],
-            entry=data["entry"],
-            inputs={k: TensorSpec.from_json(v) for k, v in data["inputs"].items()},
-            outputs={k: TensorSpec.from_json(v) for k, v in data["outputs"].items()},
-            validation=dict(data.get("validation", {})),
-            runtime=dict(data.get("runtime", {})),
-            quantization=dict(data.get("quantization", {})),
-        )
-
-
-@dataclass(frozen=True)
-class Manifest:
-    family: str
-    task: str
-    format: str
-    runtime: str  # the runtime that validated the build and runs it by default
-    source: dict[str, Any]
-    profile: dict[str, Any]
-    components: dict[str, ComponentRecord]
-    files: dict[str, FileRecord]
-    # Torch-free facts the pipelines need: preprocessing, labels, prefix tokens, ...
-    model_info: dict[str, Any]
-    versions: dict[str, str]
-    build: dict[str, Any]
-    modelkiln_version: str
-    schema_version: int = MANIFEST_SCHEMA_VERSION
-    # The artifact's pipeline against torch fp32 on real data ([validation] data / prompts).
-    end_to_end: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["components"] = {k: v.to_json() for k, v in self.components.items()}
-        return data
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any], where: Path) -> Manifest:
-        version = data.get("schema_version")
-        if version != MANIFEST_SCHEMA_VERSION:
-            raise ArtifactError(
-                f"{where} has manifest schema_version {version!r}; this modelkiln reads "
-                f"{MANIFEST_SCHEMA_VERSION}: rebuild the artifact or upgrade modelkiln"
-            )
-        try:
-            return cls(
-                family=data["family"],
-                task=data["task"],
-                format=data["format"],
-                runtime=data["runtime"],
-                source=dict(data["source"]),
-                profile=dict(data["profile"]),
-                components={k: ComponentRecord.from_json(v) for k, v in data["components"].items()},
-                files={k: FileRecord(**v) for k, v in data["files"].items()},
-                model_info=dict(data["model_info"]),
-                versions=dict(data["versions"]),
-                build=dict(data["build"]),
-                modelkiln_version=data["modelkiln_version"],
-                schema_version=version,
-                end_to_end=dict(data.get("end_to_end", {})),
-            )
-        except (KeyError, TypeError, AttributeError) as error:
-            raise ArtifactError(
-                f"{where} is malformed ({type(error).__name__}: {error}); rebuild the artifact"
-            ) from error
 
 
 def sha256_file(path: Path) -> str:

@@ -8,34 +8,18 @@ import logging
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 
-from modelkiln import __version__, calibration, quality
-from modelkiln.artifact import (
-    ComponentRecord,
-    Manifest,
-    atomic_directory,
-    record_files,
-    write_manifest,
-)
+from modelkiln import __version__, quality
+from modelkiln.artifact import atomic_directory, record_files, write_manifest
 from modelkiln.env import host_info, library_versions, peak_rss_bytes
 from modelkiln.errors import ProfileError
-from modelkiln.exporters import EXPORTERS
-from modelkiln.exporters.base import export_signature
-from modelkiln.models import detect_family
-from modelkiln.profiles import Profile, Task, load_profile
-from modelkiln.progress import NullProgress, Progress
-from modelkiln.quantize import quantize
-from modelkiln.runtimes import RUNTIMES, Runtime, RuntimeOptions
-from modelkiln.runtimes.torch import TorchModuleSession
-from modelkiln.sources import resolve_source
-from modelkiln.specs import ComponentSpec
-from modelkiln.validate import (
+from modelkiln.evaluation.components import (
     Tolerance,
     compare_outputs,
     reference_outputs,
@@ -43,6 +27,25 @@ from modelkiln.validate import (
     validation_feeds,
     verdict,
 )
+from modelkiln.exporters.base import export_signature
+from modelkiln.models import detect_family
+from modelkiln.plan import BuildPlan, ComponentPlan, load_plan
+from modelkiln.profiles import Profile
+from modelkiln.progress import NullProgress, Progress
+from modelkiln.quantize import Stage, quantize_exported, quantize_module
+from modelkiln.records import (
+    BuildRecord,
+    ComponentRecord,
+    EndToEndRecord,
+    Manifest,
+    QuantizationRecord,
+    ValidationRecord,
+)
+from modelkiln.reference import pipeline_class
+from modelkiln.runtimes import Runtime
+from modelkiln.runtimes.torch import TorchModuleSession
+from modelkiln.sources import resolve_source
+from modelkiln.specs import ComponentSpec
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +79,10 @@ def build(
     """
     started = time.perf_counter()
     progress = progress or NullProgress()
-    resolved_profile = load_profile(profile, overrides)
-    resolved_profile.require_calibration_data()
-    exporter = EXPORTERS.get(resolved_profile.export.format)()
-    runtime = RUNTIMES.get(resolved_profile.runtime_name)()
+    plan = load_plan(profile, overrides)
+    plan.require_calibration_data()
+    exporter = plan.exporter()
+    runtime = plan.runtime()
     # Fail on a missing backend before spending minutes loading the model.
     exporter.require()
     runtime.require()
@@ -87,27 +90,28 @@ def build(
     with progress.task(f"resolving {source}"):
         resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
         family = detect_family(resolved)
-    if family.name != resolved_profile.family:
+    if family.name != plan.family.name:
         raise ProfileError(
-            f"profile '{resolved_profile.name}' is for {resolved_profile.family} models but "
+            f"profile '{plan.profile.name}' is for {plan.family.name} models but "
             f"{source} is a {family.name} model; pick a {family.name}-* profile "
             "(`kiln profiles list`)"
         )
     with progress.task(f"loading {resolved.spec}"):
-        loaded = family.load(resolved, resolved_profile)
-    resolved_profile.check_components([spec.name for spec in loaded.components], family.name)
-    # The manifest records what was built, so "auto" is resolved.
-    resolved_profile = replace(
-        resolved_profile, model=replace(resolved_profile.model, task=cast(Task, loaded.task))
-    )
-    target = Path(output) if output is not None else default_output(resolved.spec, resolved_profile)
+        loaded = family.load(resolved, plan.profile)
     names = [spec.name for spec in loaded.components]
+    plan.check_components(names)
+    # The manifest records what was built, so "auto" is resolved.
+    plan = plan.with_task(loaded.task)
+    resolved_profile = plan.profile
+    target = Path(output) if output is not None else default_output(resolved.spec, resolved_profile)
     # Real data first, from the torch pipeline, before any export holds memory.
-    calibrating = calibration.components_to_calibrate(resolved_profile, names)
+    calibrating = plan.calibrated(names)
     feeds = (
-        calibration.collect(loaded, resolved_profile, calibrating, progress) if calibrating else {}
+        pipeline_class(loaded).calibration_feeds(loaded, resolved_profile, calibrating, progress)
+        if calibrating
+        else {}
     )
-    not_run = runtime.unavailable_reason(RuntimeOptions.from_profile(resolved_profile.to_dict()))
+    not_run = runtime.unavailable_reason(plan.runtime_options())
     expected = (
         quality.reference(loaded, resolved_profile, progress)
         if quality.wanted(resolved_profile) and not_run is None
@@ -117,30 +121,38 @@ def build(
     with atomic_directory(target) as staging:
         records = {}
         for spec in loaded.components:
-            component_profile = resolved_profile.for_component(spec.name)
+            component = plan.component(spec.name)
             # One component's torch module in memory at a time (SD's UNet alone is 3.4 GB),
             # loaded only when needed: a streamed ONNX export never loads it.
             load_module = functools.cache(spec.module)
+            real_feeds = feeds.pop(spec.name, ())
+            export_module, quantization = _before_export(component, load_module, real_feeds)
+            # A module changed before the export is exported as it is, not streamed from
+            # the source's checkpoint.
+            exported = spec if quantization is None else replace(spec, meta_module=None)
             with progress.task(f"exporting {spec.name} to {exporter.format}"):
-                entry = exporter.export(spec, load_module, component_profile, staging)
-            quantization: dict[str, Any] = {}
-            scheme = component_profile.quantization.scheme
-            if scheme != "none":
-                with progress.task(f"quantizing {spec.name} ({scheme})"):
-                    settings = component_profile.quantization
-                    quantization = quantize(
-                        entry, exporter.format, settings, spec.name, feeds.get(spec.name, ())
+                entry = exporter.export(exported, export_module, component.profile, staging)
+            if component.handler is not None and component.handler.stage is Stage.AFTER_EXPORT:
+                assert component.scheme is not None
+                with progress.task(f"quantizing {spec.name} ({component.scheme.name})"):
+                    quantization = quantize_exported(
+                        component.handler, entry, component.scheme, spec.name, real_feeds
                     )
-            entry = exporter.finish(spec, entry, component_profile)
+            entry = exporter.finish(spec, entry, component.profile)
+            if export_module is not load_module:
+                # The export's module was quantized in place: the reference is loaded again.
+                export_module.cache_clear()
+                load_module.cache_clear()
             record = _validate(
                 spec,
                 load_module,
                 entry,
                 staging,
                 runtime,
-                component_profile,
+                plan,
+                component,
                 progress,
-                real_feeds=feeds.pop(spec.name, ()),
+                real_feeds=real_feeds,
             )
             records[spec.name] = replace(record, quantization=quantization)
         # Last, so that the family's configs win over anything an exporter saved beside them.
@@ -149,23 +161,28 @@ def build(
             (staging / name).write_bytes(content)
         manifest = Manifest(
             family=family.name,
+            pipeline=loaded.pipeline,
             task=loaded.task,
             format=exporter.format,
             runtime=runtime.name,
-            source={**resolved.describe(), "weights_sha256": loaded.weights},
-            profile=resolved_profile.to_dict(),
+            source=replace(resolved.describe(), weights_sha256=loaded.weights),
+            profile=resolved_profile,
             components=records,
             files=record_files(staging),
             model_info=loaded.model_info,
             versions=library_versions(),
-            build={
-                "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                "seconds": round(time.perf_counter() - started, 2),
-                "peak_rss_bytes": peak_rss_bytes(),
-                "host": host_info(),
-            },
+            build=BuildRecord(
+                created=datetime.now(UTC).isoformat(timespec="seconds"),
+                seconds=round(time.perf_counter() - started, 2),
+                peak_rss_bytes=peak_rss_bytes(),
+                host=host_info(),
+            ),
             modelkiln_version=__version__,
-            end_to_end={"not_run": not_run} if not_run and quality.wanted(resolved_profile) else {},
+            end_to_end=(
+                EndToEndRecord(not_run=not_run)
+                if not_run and quality.wanted(resolved_profile)
+                else None
+            ),
         )
         write_manifest(staging, manifest)
         if expected is not None:
@@ -175,13 +192,39 @@ def build(
     return target
 
 
+def _before_export(
+    component: ComponentPlan, load_module: CachedLoader, calibration: Sequence[Any]
+) -> tuple[CachedLoader, QuantizationRecord | None]:
+    """The module the exporter gets: a before-export scheme quantizes it first (and the
+    record says what it did); otherwise the source module itself."""
+    handler, scheme = component.handler, component.scheme
+    if handler is None or scheme is None or handler.stage is not Stage.BEFORE_EXPORT:
+        return load_module, None
+    module, record = quantize_module(handler, load_module(), scheme, component.name, calibration)
+    return _Prepared(module), record
+
+
+class _Prepared:
+    """A module made before the export (a CachedLoader): released by cache_clear."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    def __call__(self) -> Any:
+        return self.module
+
+    def cache_clear(self) -> None:
+        self.module = None
+
+
 def _validate(
     spec: ComponentSpec,
     load_module: CachedLoader,
     entry: Path,
     staging: Path,
     runtime: Runtime,
-    profile: Profile,
+    plan: BuildPlan,
+    component: ComponentPlan,
     progress: Progress,
     real_feeds: Sequence[dict[str, np.ndarray]] = (),
 ) -> ComponentRecord:
@@ -194,14 +237,14 @@ def _validate(
     The torch module runs first and is released before the export is opened: the build then
     holds one copy of a component's weights at a time (SD-1.5's UNet: 3.4 GB, not 6.9 GB).
     """
-    options = RuntimeOptions.from_profile(profile.to_dict())
+    profile = component.profile
+    options = plan.runtime_options(spec.name)
     inputs, outputs = export_signature(spec, profile)
     record = ComponentRecord(
         name=spec.name,
         entry=entry.relative_to(staging).as_posix() or ".",
         inputs=inputs,
         outputs=outputs,
-        validation={},
     )
     settings = profile.validation
     tolerance = Tolerance(
@@ -217,8 +260,8 @@ def _validate(
     else:
         feeds = validation_feeds(inputs, batches, settings.seed, spec.default_dims)
     label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
-    if profile.quantization.scheme != "none":
-        label += f", {profile.quantization.scheme}"
+    if component.scheme is not None:
+        label += f", {component.scheme.name}"
     not_run = runtime.unavailable_reason(options)
     task = (
         f"validating {spec.name} ({label})"
@@ -236,16 +279,18 @@ def _validate(
             # torch outputs travel in the artifact for `kiln validate` where it runs.
             logger.info("%s: validation not run here: %s", spec.name, not_run)
             saved = save_reference(staging, spec.name, feeds, expected)
-            pending = {"passed": None, "not_run": not_run, "label": label, "reference": saved}
-            return replace(record, validation={**pending, "tolerance": asdict(tolerance)})
+            pending = ValidationRecord(
+                passed=None, tolerance=tolerance, label=label, not_run=not_run, reference=saved
+            )
+            return replace(record, validation=pending)
         with runtime.open(entry, spec.name, inputs, outputs, options) as candidate:
             metrics = compare_outputs(expected, candidate, feeds, advance)
             runtime_info = candidate.info
     validation = verdict(spec.name, label, metrics, tolerance)
     if real_feeds:
-        validation["inputs"] = f"{len(feeds)} of the calibration feeds"
+        validation = replace(validation, inputs=f"{len(feeds)} of the calibration feeds")
     else:
-        validation["batch_sizes"] = list(settings.batch_sizes)
+        validation = replace(validation, batch_sizes=tuple(settings.batch_sizes))
     return replace(record, validation=validation, runtime=runtime_info)
 
 

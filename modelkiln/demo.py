@@ -19,32 +19,33 @@ from modelkiln.bench.metrics import measure_latency
 from modelkiln.builder import build
 from modelkiln.errors import ValidationError
 from modelkiln.loading import load
-from modelkiln.profiles import load_profile
+from modelkiln.plan import load_plan
 from modelkiln.progress import NullProgress, Progress
-from modelkiln.quantize import CALIBRATED
 
 REFERENCE_PROFILE = "vit-torch-fp32"
 PROFILES = (REFERENCE_PROFILE, "vit-onnxruntime-fp32", "vit-openvino-fp32", "vit-openvino-bf16")
 MAX_ACCURACY_GAP = 0.5  # percentage points, floating-point profiles
-# Quantized profiles may lose a little more: int8 one point, 4-bit weights three.
-SCHEME_ACCURACY_GAP = {"int8": 1.0, "int4": 3.0, "nf4": 3.0}
+# Quantized profiles may lose a little more, by the bits of their weights: int8 one point,
+# 4-bit three.
+BITS_ACCURACY_GAP = {8: 1.0, 4: 3.0}
 
 
 def accuracy_gap(profile: str) -> float:
     """The allowed top-1 distance to PyTorch for a profile, by its quantization scheme."""
-    scheme = load_profile(profile).quantization.scheme
-    return SCHEME_ACCURACY_GAP.get(scheme.split("-")[0], MAX_ACCURACY_GAP)
+    bits = [config.weight_bits for config in load_plan(profile).schemes.values()]
+    return max((BITS_ACCURACY_GAP[b] for b in bits), default=MAX_ACCURACY_GAP)
 
 
 def digits_overrides(profile: str) -> list[str]:
     """What a bundled profile needs for the digits ViT: calibration images, and 4-bit groups
     that divide its hidden size (64) and MLP width (128)."""
-    settings = load_profile(profile).quantization
     extra = []
-    if settings.scheme in CALIBRATED:
-        extra.append('calibration.data="digits"')
-    if settings.scheme.startswith(("int4", "nf4")):
-        extra.append(f"quantization.group_size={min(settings.group_size, 32)}")
+    for config in load_plan(profile).schemes.values():
+        if config.calibrated:
+            extra.append('calibration.data="digits"')
+        group_size = getattr(config, "group_size", None)
+        if group_size is not None:
+            extra.append(f"quantization.group_size={min(group_size, 32)}")
     return extra
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Libraries whose versions go into every manifest and report.
+# Libraries whose versions go into every manifest and report, besides each backend's own.
 LIBRARIES = (
     "modelkiln",
     "numpy",
@@ -22,15 +22,6 @@ LIBRARIES = (
     "diffusers",
     "safetensors",
     "huggingface-hub",
-    "onnx",
-    "onnxscript",
-    "onnx-ir",
-    "onnxruntime",
-    "onnxruntime-gpu",
-    "openvino",
-    "nncf",
-    "coremltools",
-    "tensorrt",
 )
 # CPU flags that change what runs fast (and, for OpenVINO, which precision it picks).
 CPU_FEATURES = (
@@ -48,8 +39,11 @@ CPU_FEATURES = (
 
 
 def library_versions() -> dict[str, str]:
+    from modelkiln.backends import backends
+
+    names = dict.fromkeys([*LIBRARIES, *(lib for b in backends() for lib in b.libraries)])
     versions = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -117,19 +111,20 @@ def peak_rss_bytes() -> int:
 
 
 def runtime_report() -> list[dict[str, Any]]:
-    """Every registered runtime: installed or not, its version and the extra that brings it."""
-    from modelkiln.runtimes import RUNTIMES, RuntimeOptions
+    """Every registered backend's runtime: installed or not, its version and its extra."""
+    from modelkiln.backends import backends
+    from modelkiln.runtimes import RuntimeOptions
 
     report = []
-    for name in RUNTIMES:
-        runtime = RUNTIMES.get(name)
+    for backend in backends():
+        runtime = backend.runtime_class()
         report.append(
             {
-                "name": name,
+                "name": backend.name,
                 "available": runtime.is_available(),
                 "version": runtime.version(),
                 "formats": sorted(runtime.formats),
-                "extra": runtime.extra,
+                "extra": backend.name,
                 # installed but unable to run here at all (Core ML off macOS)
                 "cannot_run": runtime.unavailable_reason(RuntimeOptions()),
             }

@@ -1,27 +1,22 @@
-"""Open a built artifact and hand its Sessions to the pipeline of its task. Torch-free."""
+"""Open a built artifact and hand its Sessions to the pipeline kiln.json names. Torch-free."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modelkiln.artifact import Manifest, check_intact, read_manifest
+from modelkiln.artifact import check_intact, read_manifest
+from modelkiln.backends import BACKENDS, runtime_backend, runtimes_for
 from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.models import FAMILIES
 from modelkiln.packaging.unpack import artifact_root
 from modelkiln.preprocess import ImagePreprocessor
-from modelkiln.registry import Registry
-from modelkiln.runtimes import RUNTIMES, Runtime, RuntimeOptions, Session
+from modelkiln.records import Manifest
+from modelkiln.runtimes import Runtime, RuntimeOptions, Session
 
-PIPELINES: Registry[Any] = Registry(
-    "task",
-    {
-        "image-classification": "modelkiln.pipelines.classification:ImageClassificationPipeline",
-        "image-feature-extraction": "modelkiln.pipelines.embedding:ImageEmbeddingPipeline",
-        "text-to-image": "modelkiln.pipelines.diffusion:DiffusionPipeline",
-        "inpainting": "modelkiln.pipelines.diffusion:InpaintingPipeline",
-    },
-)
+if TYPE_CHECKING:
+    from modelkiln.pipelines.base import Pipeline
 
 
 @dataclass(frozen=True)
@@ -31,25 +26,23 @@ class Artifact:
 
     def runtime(self, name: str | None = None) -> Runtime:
         """The named runtime (default: the one that validated the build), if it can run us."""
-        name = name or self.manifest.runtime
-        runtime = RUNTIMES.get(name)
+        runtime = runtime_backend(name or self.manifest.runtime).runtime_class()
         if self.manifest.format not in runtime.formats:
-            able = [n for n in RUNTIMES if self.manifest.format in RUNTIMES.get(n).formats]
             raise UnsupportedError(
-                f"runtime '{name}' cannot run a {self.manifest.format} artifact; "
-                f"use one of: {', '.join(able)}"
+                f"runtime '{runtime.name}' cannot run a {self.manifest.format} artifact; "
+                f"use one of: {', '.join(runtimes_for(self.manifest.format))}"
             )
         runtime.require()
         return runtime()
 
-    def runtime_options(self, component: str | None = None, **overrides: Any) -> RuntimeOptions:
-        """The profile's runtime settings for a component, with every non-None override applied."""
-        options = RuntimeOptions.from_profile(self.manifest.profile, component)
-        known = {f.name for f in fields(RuntimeOptions)}
-        unknown = set(overrides) - known
-        if unknown:
-            raise TypeError(f"unknown runtime option(s): {', '.join(sorted(unknown))}")
-        return replace(options, **{k: v for k, v in overrides.items() if v is not None})
+    def runtime_options(
+        self, component: str | None = None, runtime: str | None = None, **overrides: Any
+    ) -> RuntimeOptions:
+        """The profile's runtime settings for a component on `runtime` (default: the built
+        one), with every non-None override applied (generic ones, or the runtime's own)."""
+        backend = BACKENDS.get(runtime or self.manifest.runtime)
+        options = RuntimeOptions.for_profile(self.manifest.profile, backend.settings, component)
+        return options.with_overrides(**overrides)
 
     def session(self, component: str, runtime: str | None = None, **overrides: Any) -> Session:
         if component not in self.manifest.components:
@@ -63,11 +56,15 @@ class Artifact:
             record.name,
             record.inputs,
             record.outputs,
-            self.runtime_options(component, **overrides),
+            self.runtime_options(component, runtime, **overrides),
         )
 
     def preprocessor(self) -> ImagePreprocessor:
         return ImagePreprocessor.from_dict(self.manifest.model_info["preprocessing"])
+
+    def pipeline_class(self) -> type[Pipeline]:
+        """The pipeline kiln.json names, from the artifact's family."""
+        return FAMILIES.get(self.manifest.family).pipeline_class(self.manifest.pipeline)
 
 
 def open_artifact(root: str | Path, *, verify: bool = False) -> Artifact:
@@ -88,22 +85,22 @@ def load(
     runtime: str | None = None,
     device: str | None = None,
     threads: int | None = None,
-    performance_hint: str | None = None,
     compute_precision: str | None = None,
     verify: bool = False,
+    **options: Any,
 ) -> Any:
-    """The pipeline (classification, embeddings, ...) of an artifact or bundle on a runtime.
+    """The pipeline (classification, embeddings, generation, ...) of an artifact or bundle.
 
     None means "as the profile says": the runtime that validated the build, its device,
-    threads, performance hint and compute precision.
+    threads and compute precision. `options` are the runtime's own settings (OpenVINO's
+    performance_hint, ...), as in its profile section.
     """
     artifact = open_artifact(root, verify=verify)
-    pipeline = PIPELINES.get(artifact.manifest.task)
-    return pipeline.from_artifact(
+    return artifact.pipeline_class().from_artifact(
         artifact,
         runtime=runtime,
         device=device,
         threads=threads,
-        performance_hint=performance_hint,
         compute_precision=compute_precision,
+        **options,
     )

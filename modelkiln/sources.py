@@ -16,6 +16,7 @@ from typing import Any
 from modelkiln.artifact import sha256_file
 from modelkiln.errors import SourceError, UnsupportedError, did_you_mean
 from modelkiln.jsonfile import read_json_object
+from modelkiln.records import SourceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,9 @@ class ResolvedSource:
             return None
         return read_json_object(path, SourceError)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "spec": self.spec,
-            "hub_id": self.hub_id,
-            "revision": self.revision,
-            "local_dir": str(self.local_dir),
-        }
+    def describe(self) -> SourceRecord:
+        """What kiln.json records of the source (the build adds the weights' hashes)."""
+        return SourceRecord(self.spec, self.hub_id, self.revision, str(self.local_dir))
 
 
 def resolve_source(

@@ -19,20 +19,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# marker -> (import name that must be present, why it skips otherwise)
-BACKEND_MARKERS = {
-    "torch": ("torch", "torch is not installed (pip install 'modelkiln[torch]')"),
-    "onnxruntime": (
-        "onnxruntime",
-        "onnxruntime is not installed (pip install 'modelkiln[onnxruntime]')",
-    ),
-    "openvino": ("openvino", "openvino is not installed (pip install 'modelkiln[openvino]')"),
-    "coreml": ("coremltools", "coremltools is not installed (pip install 'modelkiln[coreml]')"),
-    "tensorrt": (
-        "tensorrt",
-        "TensorRT is not installed (needs CUDA: pip install 'modelkiln[tensorrt]')",
-    ),
-}
+
+def _backend_markers() -> dict[str, tuple[str, str]]:
+    """marker -> (import name that must be present, why it skips otherwise): one per
+    registered backend, from its descriptor."""
+    from modelkiln.backends import backends
+
+    markers = {}
+    for backend in backends():
+        package = backend.packages[0]
+        needs = f"; running it needs {backend.needs}" if backend.needs else ""
+        reason = f"{package} is not installed (pip install 'modelkiln[{backend.name}]'){needs}"
+        markers[backend.name] = (package, reason)
+    return markers
+
+
+BACKEND_MARKERS = _backend_markers()
 
 
 def _has_cuda() -> bool:

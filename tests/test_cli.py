@@ -27,7 +27,8 @@ from modelkiln import load
 from modelkiln.cli import cli, main
 from modelkiln.env import CPU_FEATURES
 from modelkiln.errors import ArtifactError, InputError, ProfileError, UnsupportedError
-from modelkiln.profiles import bundled_profile_names, bundled_profiles_dir, load_profile
+from modelkiln.plan import load_profile
+from modelkiln.profiles import bundled_profile_names, bundled_profiles_dir
 
 pytestmark = pytest.mark.onnxruntime
 
@@ -170,7 +171,7 @@ def test_build_writes_the_artifact_and_honours_set(
     [
         (
             "validaton.atol=1e-3",
-            "unknown key 'validaton' (did you mean 'validation'?); known keys in the top level:",
+            "unknown key 'validaton' (did you mean 'validation'?); known sections: model, export,",
         ),
         (
             "validation.atl=1e-3",
@@ -230,6 +231,17 @@ def test_profiles_list_shows_every_bundled_profile() -> None:
     assert "bf16" in rows["vit-openvino-bf16"]
 
 
+def test_profiles_schemes_prints_the_registered_handlers() -> None:
+    result = invoke("profiles", "schemes")
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if "│" in line}
+    header = [cell.strip() for cell in result.stdout.splitlines()[1].split("┃")[1:-1]]
+    assert header == ["scheme", "onnx", "openvino", "coreml", "tensorrt", "torch", "what it does"]
+    cells = [cell.strip() for cell in rows["int8-hybrid"].split("│")[1:-1]]
+    assert cells[:6] == ["int8-hybrid", "—", "yes", "—", "—", "—"]
+    assert "palettize4-weights" in rows and "int8-dynamic" in rows
+
+
 def test_profiles_show_applies_set_and_round_trips(tmp_path: Path) -> None:
     result = invoke("profiles", "show", "vit-openvino-fp32", "--set", "runtime.threads=2")
     assert result.exit_code == 0, result.output
@@ -238,7 +250,7 @@ def test_profiles_show_applies_set_and_round_trips(tmp_path: Path) -> None:
     assert data["name"] == "vit-openvino-fp32"
     assert data["runtime"]["threads"] == 2
     assert data["export"]["format"] == "openvino"
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
     # Every default is written out, and the file reads back as the same profile.
     assert data["validation"]["batch_sizes"] == [1, 4]
     saved = tmp_path / "shown.toml"
@@ -460,7 +472,7 @@ def test_info_summarises_the_manifest(classifier: Path, source_dir: Callable[[st
     assert inputs == "pixel_values float32['batch', 3, 32, 32]"
     assert outputs == "logits float32['batch', 10]"
     assert re.fullmatch(
-        r"logits: max-abs \S+, cos 1\.0+(, SQNR \d+\.\d dB)?, top-1 1\.000", validation
+        r"logits: max-abs \S+, cosine 1\.0+(, SQNR \d+\.\d dB)?, top-1 1\.000", validation
     )
     assert "inference_precision f32" in used
 

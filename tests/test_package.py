@@ -20,11 +20,21 @@ import pytest
 from click.testing import CliRunner, Result
 
 from modelkiln import load, open_artifact
-from modelkiln.artifact import ComponentRecord, FileRecord, Manifest, record_files
+from modelkiln.artifact import record_files
 from modelkiln.cli import cli, main
 from modelkiln.errors import ArtifactError, UnsupportedError
-from modelkiln.packaging import TARGETS, cache_root, package, requirements, verify_bundle
+from modelkiln.models import FAMILIES
+from modelkiln.packaging import (
+    cache_root,
+    deployment_targets,
+    package,
+    requirements,
+    verify_bundle,
+)
 from modelkiln.packaging.contents import bundle_files
+from modelkiln.plan import load_profile
+from modelkiln.profiles import ExportSettings, Profile
+from modelkiln.records import BuildRecord, ComponentRecord, FileRecord, Manifest, SourceRecord
 
 pytestmark = [pytest.mark.torch, pytest.mark.onnxruntime]
 
@@ -371,16 +381,17 @@ def _listing(
     """A manifest of a format nothing here builds: its component entries and file list."""
     return Manifest(
         family=family,
+        pipeline=FAMILIES.get(family).pipeline_for(task),
         task=task,
         format=format,
         runtime=format,
-        source={},
-        profile={},
+        source=SourceRecord("listed"),
+        profile=Profile(name="listed", family=family, export=ExportSettings(format=format)),
         components={name: ComponentRecord(name, entry, {}, {}) for name, entry in entries.items()},
         files={name: FileRecord(1, "0" * 64) for name in files},
         model_info={},
         versions={},
-        build={},
+        build=BuildRecord("2026-01-01T00:00:00+00:00", 0.0, 0, {}),
         modelkiln_version="0",
     )
 
@@ -404,13 +415,20 @@ def test_coreml_bundles_take_the_whole_mlpackage() -> None:
     entries = {name: f"{name}/model.mlpackage" for name in ("unet", "text_encoder")}
     manifest = _listing("sd", "text-to-image", "coreml", entries, runtime_files | others)
     assert set(bundle_files(manifest)) == runtime_files
-    assert requirements("ios", "coreml") == ("iOS>=17",)
-    assert requirements("macos", "coreml") == ("macOS>=14",)
+    assert requirements("ios", "coreml", manifest.profile) == ("iOS>=17",)
+    assert requirements("macos", "coreml", manifest.profile) == ("macOS>=14",)
     # The OS release follows the deployment target the artifact was built for.
-    assert requirements("ios", "coreml", "iOS18") == ("iOS>=18",)
-    assert requirements("macos", "coreml", "iOS18") == ("macOS>=15",)
-    assert requirements("ios", "coreml", "macOS13") == ("iOS>=16",)
-    assert {t for t, formats in TARGETS.items() if "coreml" in formats} == {"ios", "macos"}
+    for target, ios, macos in (
+        ("iOS18", "iOS>=18", "macOS>=15"),
+        ("macOS13", "iOS>=16", "macOS>=13"),
+    ):
+        built_for = load_profile("sd-coreml-fp16", [f"coreml.target={target}"])
+        assert requirements("ios", "coreml", built_for) == (ios,)
+        assert requirements("macos", "coreml", built_for) == (macos,)
+    assert {t for t, formats in deployment_targets().items() if "coreml" in formats} == {
+        "ios",
+        "macos",
+    }
 
 
 def test_tensorrt_bundles_carry_the_engine_its_record_and_its_onnx() -> None:
@@ -428,8 +446,8 @@ def test_tensorrt_bundles_carry_the_engine_its_record_and_its_onnx() -> None:
         "vit", "image-classification", "tensorrt", entries, runtime_files | {"notes.txt"}
     )
     assert set(bundle_files(manifest)) == runtime_files
-    assert requirements("linux-x86_64", "tensorrt") == ("tensorrt>=10,<11",)
-    assert {t for t, formats in TARGETS.items() if "tensorrt" in formats} == {
+    assert requirements("linux-x86_64", "tensorrt", manifest.profile) == ("tensorrt>=10,<11",)
+    assert {t for t, formats in deployment_targets().items() if "tensorrt" in formats} == {
         "linux-x86_64",
         "linux-aarch64",
     }

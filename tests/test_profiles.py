@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from modelkiln.errors import ProfileError, UnsupportedError
-from modelkiln.profiles import Profile, bundled_profile_names, load_profile
+from modelkiln.plan import load_plan, load_profile
+from modelkiln.profiles import Profile, bundled_profile_names, read_profile
+from modelkiln.runtimes.openvino import OpenVINOSettings
 
 
 def test_bundles_the_required_profiles() -> None:
@@ -39,7 +41,7 @@ def _write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-BASE = 'schema_version = 1\nname = "t"\nfamily = "vit"\n'
+BASE = 'schema_version = 2\nname = "t"\nfamily = "vit"\n'
 
 
 def test_unknown_key_names_its_path_and_a_did_you_mean(tmp_path: Path) -> None:
@@ -66,9 +68,92 @@ def test_wrong_type_and_bad_choice(tmp_path: Path) -> None:
 
 
 def test_schema_version_is_checked(tmp_path: Path) -> None:
-    path = _write(tmp_path, 'schema_version = 2\nname = "t"\nfamily = "vit"\n')
-    with pytest.raises(ProfileError, match="schema_version 2 is not supported"):
+    path = _write(tmp_path, 'schema_version = 3\nname = "t"\nfamily = "vit"\n')
+    with pytest.raises(ProfileError, match="schema_version 3 is not supported"):
         load_profile(path)
+
+
+V1 = """schema_version = 1
+name = "old"
+family = "vit"
+
+[export]
+format = "openvino"
+via = "onnx"
+
+[runtime]
+name = "openvino"
+performance_hint = "throughput"
+graph_optimization = "all"
+
+[quantization]
+scheme = "int4-weights"
+group_size = 64
+ratio = 1.0
+method = "minmax"
+"""
+
+
+def test_a_schema_1_profile_is_upgraded_its_keys_moved_to_their_backend(tmp_path: Path) -> None:
+    profile = load_profile(_write(tmp_path, V1))
+    assert profile.schema_version == 2
+    assert profile.section("openvino") == {"via": "onnx", "performance_hint": "throughput"}
+    assert "onnxruntime" not in profile.sections  # its value was schema 1's default
+    assert dict(profile.quantization.options) == {
+        "group_size": 64,
+        "ratio": 1.0,
+        "symmetric": False,
+    }
+    assert read_profile(profile).to_toml() == profile.to_toml()
+
+
+def test_a_moved_key_names_its_new_place(tmp_path: Path) -> None:
+    with pytest.raises(
+        ProfileError,
+        match=r"unknown key 'runtime\.performance_hint'.*since schema_version 2 it is "
+        r"openvino\.performance_hint",
+    ):
+        load_profile("vit-openvino-fp32", ["runtime.performance_hint=throughput"])
+
+
+def test_a_section_of_a_backend_the_build_does_not_use_is_left_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A --set cannot remove a section: switching the format keeps the old backend's one.
+    profile = load_profile("vit-openvino-fp32", ["export.format=onnx", "runtime.name=auto"])
+    assert set(profile.sections) == {"onnxruntime"}
+    assert (
+        "ignoring [openvino]: it configures the openvino backend, and this profile builds onnx"
+        in caplog.text
+    )
+    with pytest.raises(ProfileError, match=r"tensorrt\.optimization_level must be 0-5, got 9"):
+        load_profile("vit-tensorrt-fp16", ["tensorrt.optimization_level=9"])
+    with pytest.raises(
+        ProfileError,
+        match=r"unknown key 'openvino\.hint'; known keys in \[openvino\]: via, performance_hint",
+    ):
+        load_profile("vit-openvino-fp32", ["openvino.hint=latency"])
+
+
+def test_quantization_keys_belong_to_a_scheme() -> None:
+    with pytest.raises(
+        ProfileError, match=r"unknown key 'quantization\.group_sise' \(did you mean 'group_size'"
+    ):
+        load_profile("vit-openvino-int4", ["quantization.group_sise=64"])
+    # Another scheme's key is left out (a --set cannot remove a key the file sets).
+    profile = load_profile("vit-openvino-int8", ["quantization.group_size=64"])
+    assert "group_size" not in profile.quantization.options
+    with pytest.raises(ProfileError, match=r"quantization\.ratio must be in \(0, 1\]"):
+        load_profile("vit-openvino-int4", ["quantization.ratio=1.5"])
+
+
+def test_the_plan_resolves_schemes_per_component() -> None:
+    plan = load_plan("sd-openvino-int8-hybrid")
+    assert plan.component("unet").scheme is not None
+    assert plan.component("unet").scheme.name == "int8-hybrid"
+    assert plan.component("unet").scheme.calibrated
+    assert plan.component("text_encoder").scheme.name == "int8-weights"
+    assert plan.calibrated(["text_encoder", "unet"]) == ["unet"]
 
 
 def test_missing_required_key(tmp_path: Path) -> None:
@@ -106,7 +191,6 @@ def test_unknown_bundled_name_suggests_one() -> None:
             r"export\.format = 'tflite' is unknown; known: onnx, openvino, coreml, tensorrt, torch",
         ),
         (["export.opset=13"], r"export\.opset 13 < 17"),
-        (["export.via=onnx"], r"export\.via = 'onnx' only applies to format 'openvino'"),
         (
             ["shapes.dynamic_batch=false", "shapes.batch_size=2"],
             r"every validation\.batch_sizes entry must equal shapes\.batch_size = 2",
@@ -130,14 +214,14 @@ def test_set_overrides_parse_toml_values() -> None:
             "validation.batch_sizes=[1]",
             "runtime.threads=2",
             "model.hidden_layers=[1, 2]",
-            "runtime.performance_hint=throughput",
+            "openvino.performance_hint=throughput",
         ],
     )
     assert profile.validation.atol == 1e-3
     assert profile.shapes.dynamic_batch is False
     assert profile.runtime.threads == 2
     assert profile.model.hidden_layers == (1, 2)
-    assert profile.runtime.performance_hint == "throughput"
+    assert OpenVINOSettings.of(profile).performance_hint == "throughput"
 
 
 def test_set_rejects_unknown_keys_and_malformed_items() -> None:
@@ -151,5 +235,5 @@ def test_set_rejects_unknown_keys_and_malformed_items() -> None:
 
 def test_runtime_name_auto_resolves_to_the_formats_runtime() -> None:
     profile = load_profile("vit-onnxruntime-fp32", ["runtime.name=auto"])
-    assert profile.runtime_name == "onnxruntime"
-    assert load_profile("vit-openvino-fp32", ["runtime.name=auto"]).runtime_name == "openvino"
+    assert profile.runtime.name == "onnxruntime"
+    assert load_profile("vit-openvino-fp32", ["runtime.name=auto"]).runtime.name == "openvino"

@@ -15,7 +15,7 @@ from modelkiln import build, open_artifact
 from modelkiln.datasets import image_set
 from modelkiln.errors import ProfileError, UnsupportedError, ValidationError
 from modelkiln.image_quality import psnr, ssim
-from modelkiln.profiles import load_profile
+from modelkiln.plan import load_plan, load_profile
 from modelkiln.progress import NullProgress
 
 
@@ -111,7 +111,7 @@ def test_a_calibrated_scheme_without_data_is_refused_before_loading(tmp_path: Pa
             tmp_path / "out",
             overrides=["quantization.scheme=int8-static"],
         )
-    sd = load_profile("sd-openvino-fp32", ["components.unet.scheme=int8-hybrid"])
+    sd = load_plan("sd-openvino-fp32", ["components.unet.scheme=int8-hybrid"])
     with pytest.raises(ProfileError, match="needs calibration prompts"):
         sd.require_calibration_data()
 
@@ -128,10 +128,11 @@ def test_end_to_end_gate_records_accuracy_and_fails_with_the_numbers(
         "validation.max_accuracy_drop=3.0",
     )
     record = open_artifact(artifact).manifest.end_to_end
-    assert record["images"] == 360 and record["data"] == "digits"
-    assert abs(record["accuracy_drop"]) <= 3.0
-    assert record["outputs"]["logits"]["top1_agreement"] >= 0.9
-    assert 20 < record["outputs"]["logits"]["sqnr_db"] < 80
+    assert record is not None and record.images == 360 and record.data == "digits"
+    assert record.accuracy_drop is not None and abs(record.accuracy_drop) <= 3.0
+    logits = record.outputs["logits"]
+    assert logits.top1_agreement is not None and logits.top1_agreement >= 0.9
+    assert logits.sqnr_db is not None and 20 < logits.sqnr_db < 80
 
     out = tmp_path / "artifact"
     shutil.copytree(artifact, out)
@@ -158,8 +159,8 @@ def test_end_to_end_gate_records_accuracy_and_fails_with_the_numbers(
 def test_diffusion_calibration_records_every_component_input(
     source_dir: Callable[[str], Path],
 ) -> None:
-    from modelkiln.calibration import collect
     from modelkiln.models import detect_family
+    from modelkiln.reference import pipeline_class
     from modelkiln.sources import resolve_source
 
     profile = load_profile(
@@ -173,7 +174,7 @@ def test_diffusion_calibration_records_every_component_input(
     resolved = resolve_source(source_dir("sd"))
     loaded = detect_family(resolved).load(resolved, profile)
     names = ["text_encoder", "unet", "vae_encoder", "vae_decoder"]
-    feeds = collect(loaded, profile, names, NullProgress())
+    feeds = pipeline_class(loaded).calibration_feeds(loaded, profile, names, NullProgress())
     # One per denoising step (the test scheduler, PNDM, adds a warm-up step to each run).
     assert len(feeds["unet"]) == 3 * 3
     assert feeds["unet"][0]["sample"].shape == (2, 4, 16, 16)  # CFG doubles the batch

@@ -20,6 +20,7 @@ from modelkiln.artifact import sha256_file
 from modelkiln.errors import KilnError, SourceError, UnsupportedError
 from modelkiln.models import detect_family
 from modelkiln.models.vit import ViTFamily
+from modelkiln.records import SourceRecord
 from modelkiln.sources import find_weights, resolve_source
 
 # The fastest profile: the torch "export" is a safetensors copy, validated by torch itself.
@@ -82,12 +83,7 @@ def test_local_dir_resolves_to_itself(
     assert resolved.hub_id is None
     assert resolved.revision is None
     assert resolved.allow_pickle is False
-    assert resolved.describe() == {
-        "spec": directory.name,
-        "hub_id": None,
-        "revision": None,
-        "local_dir": str(directory.resolve()),
-    }
+    assert resolved.describe() == SourceRecord(directory.name, None, None, str(directory.resolve()))
     assert resolve_source(directory, allow_pickle=True).allow_pickle is True
 
 
@@ -352,11 +348,11 @@ def test_pickle_weights_build_with_allow_pickle(
     """transformers 5 still loads a pytorch_model.bin when the user opts in."""
     artifact = build(pickle_source, FAST_PROFILE, tmp_path / "out", allow_pickle=True)
     manifest = open_artifact(artifact, verify=True).manifest
-    assert manifest.source["weights_sha256"] == {
+    assert manifest.source.weights_sha256 == {
         "pytorch_model.bin": sha256_file(pickle_source / "pytorch_model.bin")
     }
-    assert manifest.source["local_dir"] == str(pickle_source)
-    assert manifest.components["vision_model"].validation["passed"] is True
+    assert manifest.source.local_dir == str(pickle_source)
+    assert manifest.components["vision_model"].validation.passed is True
     # The pickle really was loaded: same logits as the artifact built from the safetensors
     # (a silently random-initialised model would differ).
     with load(artifact) as from_pickle, load(built("hf-classifier", FAST_PROFILE)) as from_safe:

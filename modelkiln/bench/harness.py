@@ -20,11 +20,12 @@ from typing import Any
 
 from modelkiln import errors
 from modelkiln.bench import references
-from modelkiln.bench.measure import DIFFUSION_TASKS, measure_artifact
+from modelkiln.bench.measure import measure_artifact
 from modelkiln.bench.schema import SCHEMA_NAME, SCHEMA_VERSION, validate_report
 from modelkiln.bench.settings import BenchSettings
 from modelkiln.errors import InputError, KilnError
 from modelkiln.loading import Artifact, open_artifact
+from modelkiln.models import FAMILIES
 from modelkiln.progress import NullProgress, Progress
 
 
@@ -81,7 +82,7 @@ def _check_distinct_keys(opened: list[Artifact], runtime: str | None) -> None:
         manifest = artifact.manifest
         key = (
             references.source_hash(manifest),
-            str(manifest.profile.get("name")),
+            manifest.profile.name,
             runtime or manifest.runtime,
         )
         if key in seen:
@@ -112,8 +113,8 @@ def _references(
     folders: dict[str, Path] = {}
     for artifact in opened:
         manifest = artifact.manifest
-        diffusion = manifest.task in DIFFUSION_TASKS
-        if not (settings.prompts if diffusion else settings.data):
+        kind = FAMILIES.get(manifest.family).real_data_key()
+        if not (settings.prompts if kind == "prompts" else settings.data):
             continue
         key = references.reference_key(manifest)
         if key in folders:

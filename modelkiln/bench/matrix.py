@@ -99,7 +99,7 @@ def build_matrix(matrix: Matrix, progress: Progress | None = None) -> list[Path]
     """Every (source, profile of its family) artifact, built unless up to date; their paths."""
     from modelkiln.builder import build
     from modelkiln.models import detect_family
-    from modelkiln.profiles import load_profile
+    from modelkiln.plan import load_profile
     from modelkiln.sources import resolve_source
 
     progress = progress or NullProgress()
@@ -142,10 +142,10 @@ def _up_to_date(target: Path, resolved: Any, profile: Any) -> bool:
     except KilnError:
         return False
     wanted = profile.to_dict()
-    built = dict(manifest.profile)
+    built = manifest.profile.to_dict()
     if wanted.get("model", {}).get("task") == "auto":  # the manifest records the resolved task
         wanted["model"] = {**wanted["model"], "task": built.get("model", {}).get("task")}
-    return bool(manifest.source.get("weights_sha256") == weights and built == wanted)
+    return bool(manifest.source.weights_sha256 == weights and built == wanted)
 
 
 def _slug(source: str) -> str:

@@ -11,29 +11,29 @@ import hashlib
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from modelkiln.artifact import Manifest
 from modelkiln.errors import KilnError, SourceError
+from modelkiln.evaluation.end_to_end import (
+    Outputs,
+    PromptData,
+    RealData,
+    load_outputs,
+    save_outputs,
+)
 from modelkiln.progress import Progress
-
-OUTPUTS = "outputs.npz"
-LABELS = "labels.npy"
-IMAGES = "image-{index}.png"
+from modelkiln.records import Manifest
 
 
 def source_hash(manifest: Manifest) -> str:
     """Which weights an artifact was built from: a digest of the recorded weight hashes."""
-    weights = manifest.source.get("weights_sha256") or {}
-    basis = json.dumps(sorted(weights.items()) or manifest.source.get("spec", ""))
+    weights = manifest.source.weights_sha256
+    basis = json.dumps(sorted(weights.items()) or manifest.source.spec)
     return hashlib.sha256(basis.encode()).hexdigest()[:16]
 
 
 def reference_key(manifest: Manifest) -> str:
     """Same weights and same export shapes: the same reference outputs."""
-    shapes = json.dumps(manifest.profile.get("shapes", {}), sort_keys=True)
+    shapes = json.dumps(manifest.profile.to_dict().get("shapes", {}), sort_keys=True)
     digest = hashlib.sha256(shapes.encode()).hexdigest()[:8]
     return f"{source_hash(manifest)}-{digest}"
 
@@ -51,19 +51,18 @@ def compute(
     """Run the artifact's source in torch fp32 on the benchmark data; write it to `folder`."""
     from modelkiln import quality
     from modelkiln.models import detect_family
-    from modelkiln.profiles import Profile
     from modelkiln.sources import resolve_source
 
-    spec = source or manifest.source.get("hub_id") or manifest.source["spec"]
+    spec = source or manifest.source.name
     try:
-        resolved = resolve_source(spec, revision=manifest.source.get("revision"))
+        resolved = resolve_source(spec, revision=manifest.source.revision)
         family = detect_family(resolved)
     except KilnError as error:
         raise SourceError(
             f"cannot load the torch reference of this artifact from {spec} ({error}); "
             "point --reference at a copy of the source model, or pass --no-reference"
         ) from error
-    profile = Profile.from_dict(manifest.profile)
+    profile = manifest.profile
     validation = replace(
         profile.validation,
         data=None if prompts else data,
@@ -75,42 +74,23 @@ def compute(
     profile = replace(profile, validation=validation)
     with progress.task(f"loading the torch reference {spec}"):
         loaded = family.load(resolved, profile)
-    recorded = manifest.source.get("weights_sha256")
+    recorded = manifest.source.weights_sha256
     if recorded and loaded.weights != recorded:
         raise SourceError(
             f"the reference {spec} has other weights than the artifact was built from "
             f"(sha256 {_short(loaded.weights)} vs {_short(recorded)}); point --reference "
             "at the source the artifact was built from"
         )
-    expected = quality.reference(loaded, profile, progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    if expected.generated is not None:
-        for index, image in enumerate(expected.generated):
-            image.save(folder / IMAGES.format(index=index))
-        return
-    assert expected.outputs is not None
-    names = list(expected.outputs[0])
-    stacked = {name: np.concatenate([batch[name] for batch in expected.outputs]) for name in names}
-    np.savez(folder / OUTPUTS, **stacked)  # type: ignore[arg-type]
+    save_outputs(quality.reference(loaded, profile, progress), folder)
 
 
-def read_outputs(folder: Path) -> dict[str, np.ndarray]:
-    with np.load(folder / OUTPUTS) as stored:
-        return {name: stored[name] for name in stored.files}
-
-
-def read_images(folder: Path, count: int) -> list[Any]:
-    from PIL import Image
-
-    images = []
-    for index in range(count):
-        with Image.open(folder / IMAGES.format(index=index)) as image:
-            images.append(image.convert("RGB"))
-    return images
+def read_outputs(folder: Path, data: RealData) -> Outputs:
+    """The reference's results on `data`, as compute() saved them."""
+    return load_outputs(folder, len(data.prompts) if isinstance(data, PromptData) else None)
 
 
 def _short(weights: dict[str, str]) -> str:
     return ",".join(digest[:12] for _, digest in sorted(weights.items()))
 
 
-__all__ = ["compute", "read_images", "read_outputs", "reference_key", "source_hash"]
+__all__ = ["compute", "read_outputs", "reference_key", "source_hash"]

@@ -1,19 +1,14 @@
-"""Exporters by on-disk format."""
+"""Exporters by on-disk format: each backend names the exporter of every format it writes."""
 
 from __future__ import annotations
 
+from modelkiln.backends import format_owner
 from modelkiln.exporters.base import Exporter
-from modelkiln.registry import Registry
 
-EXPORTERS: Registry[type[Exporter]] = Registry(
-    "format",
-    {
-        "onnx": "modelkiln.exporters.onnx:OnnxExporter",
-        "openvino": "modelkiln.exporters.openvino:OpenVINOExporter",
-        "coreml": "modelkiln.exporters.coreml:CoreMLExporter",
-        "tensorrt": "modelkiln.exporters.tensorrt:TensorRTExporter",
-        "torch": "modelkiln.exporters.torch:TorchExporter",
-    },
-)
 
-__all__ = ["EXPORTERS", "Exporter"]
+def exporter_for(format: str) -> type[Exporter]:
+    """The Exporter class of `format`; an unknown format raises with the known ones."""
+    return format_owner(format).exporter_class(format)
+
+
+__all__ = ["Exporter", "exporter_for"]

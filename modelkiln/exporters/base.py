@@ -23,16 +23,15 @@ RESOLUTION_DIMS = frozenset({"height", "width", "latent_height", "latent_width"}
 
 class Exporter(ABC):
     format: ClassVar[str]
-    default_runtime: ClassVar[str]
+    backend: ClassVar[str]  # the backend that writes the format (its pip extra)
     weight_precisions: ClassVar[frozenset[str]]
     packages: ClassVar[tuple[str, ...]]  # import names needed to export
-    extra: ClassVar[str]
 
     @classmethod
     def require(cls) -> None:
         for package in cls.packages:
             if importlib.util.find_spec(package) is None:
-                raise missing_backend(package, cls.extra)
+                raise missing_backend(package, cls.backend)
 
     def directory(self, spec: ComponentSpec, root: Path) -> Path:
         """Where this format keeps the component inside the artifact."""

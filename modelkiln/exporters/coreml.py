@@ -30,6 +30,7 @@ from modelkiln.exporters.base import (
     first_line,
 )
 from modelkiln.quiet import printing_into
+from modelkiln.runtimes.coreml import CoreMLSettings, import_coremltools
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -129,14 +130,13 @@ def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
 
 def convert(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
     """The component as an in-memory coremltools MLModel (not loaded for prediction)."""
-    from modelkiln.runtimes.coreml import import_coremltools
-
     ct = import_coremltools()
 
     program = exported_program(spec, module, profile)
     bounds = dim_bounds(spec, profile)
     flexible = [name for name, t in spec.inputs.items() if set(t.symbolic_dims) & set(bounds)]
-    enumerated = profile.coreml.flexible_shapes == "enumerated"
+    settings = CoreMLSettings.of(profile)
+    enumerated = settings.flexible_shapes == "enumerated"
     if enumerated and len(flexible) > 1:
         raise ExportError(
             f"{spec.name}: Core ML enumerates the shapes of one input, and {', '.join(flexible)} "
@@ -177,7 +177,7 @@ def convert(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
         inputs=inputs,
         outputs=[ct.TensorType(name=name) for name in spec.outputs],
         convert_to="mlprogram",
-        minimum_deployment_target=getattr(ct.target, profile.coreml.target),
+        minimum_deployment_target=getattr(ct.target, settings.target),
         compute_precision=precision,
         skip_model_load=True,
     )
@@ -185,11 +185,10 @@ def convert(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
 
 class CoreMLExporter(Exporter):
     format = "coreml"
-    default_runtime = "coreml"
+    backend = "coreml"
     # The program computes in the precision it stores (compute_precision at conversion).
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16"})
     packages = ("torch", "coremltools")
-    extra = "coreml"
 
     def export(
         self, spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, root: Path
@@ -205,7 +204,8 @@ class CoreMLExporter(Exporter):
                 model.short_description = f"{spec.name}, exported by modelkiln"
                 model.user_defined_metadata["modelkiln.component"] = spec.name
                 # What compression may use depends on it (quantize/coreml.py reads it back).
-                model.user_defined_metadata["modelkiln.target"] = profile.coreml.target
+                target = CoreMLSettings.of(profile).target
+                model.user_defined_metadata["modelkiln.target"] = target
                 model.save(str(path))
         except Exception as error:  # torch.export and coremltools raise many unrelated types
             logger.debug("coremltools output:\n%s", captured.getvalue())

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ExportError
 from modelkiln.exporters.base import Exporter, export_dims, export_signature, first_line
-from modelkiln.exporters.onnx_fusions import FUSED_OPS_KEY, fuse_for_onnxruntime, fusions_wanted
+from modelkiln.exporters.onnx_fusions import fuse_for_onnxruntime, fusions_wanted
 from modelkiln.quiet import printing_into
+from modelkiln.runtimes.onnxruntime import FUSED_OPS_KEY
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -197,10 +198,9 @@ def _strip_debug_metadata(model: Any) -> None:
 
 class OnnxExporter(Exporter):
     format = "onnx"
-    default_runtime = "onnxruntime"
+    backend = "onnxruntime"
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16"})
     packages = ("torch", "onnx", "onnxscript", "onnx_ir")
-    extra = "onnxruntime"
 
     def export(
         self, spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, root: Path

@@ -16,14 +16,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.backends import resolved_runtime
 from modelkiln.errors import ExportError
 from modelkiln.exporters.base import first_line
+from modelkiln.runtimes.onnxruntime import OnnxRuntimeSettings
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
-
-# Model metadata: the com.microsoft ops the fusions left in the graph, as JSON {op: count}.
-FUSED_OPS_KEY = "modelkiln.fused_ops"
 # The quantization schemes whose quantizer reaches inside a fused Attention (onnxruntime's
 # dynamic quantizer has QAttention); the others quantize MatMuls only and would leave the
 # attention's Q/K/V weights in fp32.
@@ -31,15 +30,15 @@ SCHEMES_THAT_QUANTIZE_ATTENTION = frozenset({"none", "int8-dynamic"})
 
 
 def fusions_wanted(profile: Profile) -> bool:
-    """Whether `export.fusions = "auto"` fuses this component's graph.
+    """Whether `[onnxruntime] fusions = "auto"` fuses this component's graph.
 
     The fused ops are ONNX Runtime's own (other runtimes of an ONNX file, TensorRT or OpenVINO's
     ONNX reader, would not know them), and its CPU Attention kernel is fp32 only.
     """
     return (
-        profile.export.fusions == "auto"
+        OnnxRuntimeSettings.of(profile).fusions == "auto"
         and profile.export.format == "onnx"
-        and profile.runtime_name == "onnxruntime"
+        and resolved_runtime(profile) == "onnxruntime"
         and profile.runtime.device == "cpu"
         and profile.precision.weights == "fp32"
         and profile.quantization.scheme in SCHEMES_THAT_QUANTIZE_ATTENTION
@@ -68,7 +67,7 @@ def fuse_for_onnxruntime(model: Any) -> dict[str, int]:
     except Exception as error:  # the rewriter raises many unrelated types
         raise ExportError(
             f"fusing ONNX Runtime's attention/GELU ops failed: {first_line(error)}; "
-            "set export.fusions = 'none' to keep the exporter's graph"
+            "set [onnxruntime] fusions = 'none' to keep the exporter's graph"
         ) from error
     return _fused_ops(model)
 

@@ -17,6 +17,7 @@ from modelkiln.errors import ExportError
 from modelkiln.exporters.base import Exporter, export_dims, first_line
 from modelkiln.exporters.onnx import onnx_from_torch
 from modelkiln.quiet import printing_into
+from modelkiln.runtimes.openvino import OpenVINOSettings
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -75,10 +76,9 @@ def ir_from_onnx(onnx_path: Path, xml_path: Path, compress_to_fp16: bool) -> Non
 
 class OpenVINOExporter(Exporter):
     format = "openvino"
-    default_runtime = "openvino"
+    backend = "openvino"
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16"})
     packages = ("torch", "openvino")
-    extra = "openvino"
 
     def export(
         self, spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, root: Path
@@ -95,7 +95,7 @@ class OpenVINOExporter(Exporter):
                 printing_into(captured),
                 tempfile.TemporaryDirectory(dir=root.parent) as scratch,
             ):
-                if profile.export.via == "onnx":
+                if OpenVINOSettings.of(profile).via == "onnx":
                     onnx_path = onnx_from_torch(
                         spec, load_module, profile, Path(scratch) / "model.onnx"
                     )

@@ -19,6 +19,7 @@ from modelkiln.tensorrt.build import ENGINE_FILE, engine_from_onnx, write_record
 from modelkiln.tensorrt.device import current_device, import_tensorrt, require_cuda
 from modelkiln.tensorrt.onnx_checks import check_onnx
 from modelkiln.tensorrt.recipe import recipe_for
+from modelkiln.tensorrt.settings import TensorRTSettings
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -29,11 +30,10 @@ logger = logging.getLogger(__name__)
 
 class TensorRTExporter(Exporter):
     format = "tensorrt"
-    default_runtime = "tensorrt"
+    backend = "tensorrt"
     # The ONNX source stays fp32; the compute precision picks the builder's flags.
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
     packages = ("torch", "onnx", "onnxscript", "onnx_ir", "tensorrt")
-    extra = "tensorrt"
 
     @classmethod
     def require(cls) -> None:
@@ -59,13 +59,14 @@ class TensorRTExporter(Exporter):
         logger.debug("%s: ONNX for TensorRT: %s", spec.name, found)
         device = current_device(import_tensorrt())
         engine = entry.with_name(ENGINE_FILE)
+        settings = TensorRTSettings.of(profile)
         record = engine_from_onnx(
             entry,
             engine,
             recipe,
             device,
-            engine_cache=profile.tensorrt.engine_cache,
-            timing_cache=profile.tensorrt.timing_cache,
+            engine_cache=settings.engine_cache,
+            timing_cache=settings.timing_cache,
         )
         write_record(engine.parent, record)
         return engine

@@ -22,10 +22,9 @@ if TYPE_CHECKING:
 
 class TorchExporter(Exporter):
     format = "torch"
-    default_runtime = "torch"
+    backend = "torch"
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
     packages = ("torch", "safetensors")
-    extra = "torch"
 
     def directory(self, spec: ComponentSpec, root: Path) -> Path:
         return root / (spec.reference_path if spec.reference_path is not None else spec.path)

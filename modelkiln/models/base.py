@@ -1,4 +1,5 @@
-"""What a model family provides: detection, loading into ComponentSpecs, reference reloading."""
+"""What a model family provides: detection, loading into ComponentSpecs, its pipelines, and
+what calibration, the end-to-end gate, benchmarks and bundles need to know of it."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from modelkiln.errors import ProfileError, UnsupportedError, did_you_mean
+from modelkiln.registry import load_object
 from modelkiln.specs import ComponentSpec
 
 if TYPE_CHECKING:
     import torch
 
+    from modelkiln.pipelines.base import Pipeline
     from modelkiln.profiles import Profile
     from modelkiln.sources import ResolvedSource
+
+IMAGES = "images"
+PROMPTS = "prompts"
 
 
 @dataclass
 class LoadedModel:
     family: str
     task: str  # resolved, never "auto"
+    pipeline: str  # the name of the family's pipeline that runs it (recorded in kiln.json)
     components: list[ComponentSpec]
     # Torch-free facts for the pipelines: preprocessing, labels, prefix tokens, sizes.
     model_info: dict[str, Any]
@@ -33,8 +41,21 @@ class LoadedModel:
 class ModelFamily(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]  # what it covers, for "unsupported model" errors
+    # The tasks a profile's model.task may name ("auto" lets load() decide).
+    tasks: ClassVar[tuple[str, ...]]
+    # Its pipelines by name ("module:Class", or the class); kiln.json records the one an
+    # artifact runs.
+    pipelines: ClassVar[Mapping[str, str | type[Pipeline]]]
     # What calibration and end-to-end validation feed it: image files, or text prompts.
-    real_inputs: ClassVar[str] = "images"
+    real_inputs: ClassVar[str] = IMAGES
+    # Ops its components contain that some converters cannot make flexible (Core ML's batch
+    # and group norm): backends' profile checks read them before anything loads.
+    notable_ops: ClassVar[frozenset[str]] = frozenset()
+    # Files besides the components' own that its pipelines (or optimum's classes) read: a
+    # bundle carries them (a trailing "/" takes the whole folder).
+    bundle_configs: ClassVar[tuple[str, ...]] = ()
+    # task -> the kiln command that runs an artifact of it ({bundle}: the bundle's file name).
+    usage: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     @abstractmethod
@@ -52,3 +73,42 @@ class ModelFamily(ABC):
         cls, model_dir: Path, component: str, settings: Mapping[str, Any]
     ) -> torch.nn.Module:
         """Rebuild one component's torch wrapper from weights saved by its save_reference."""
+
+    @classmethod
+    @abstractmethod
+    def pipeline_for(cls, task: str) -> str:
+        """The pipeline (a key of `pipelines`) that runs a model of `task`; also how an
+        artifact of manifest schema 1, which recorded no pipeline, finds its own."""
+
+    @classmethod
+    def pipeline_class(cls, name: str) -> type[Pipeline]:
+        if name not in cls.pipelines:
+            raise UnsupportedError(
+                f"the {cls.name} family has no pipeline '{name}'"
+                f"{did_you_mean(name, cls.pipelines)}; it has: {', '.join(cls.pipelines)}"
+            )
+        pipeline: type[Pipeline] = load_object(cls.pipelines[name])  # type: ignore[assignment]
+        return pipeline
+
+    @classmethod
+    def check_profile(cls, profile: Profile, origin: str) -> None:
+        """The family's rules for a profile: its tasks, and real data of the kind it takes."""
+        task = profile.model.task
+        if task != "auto" and task not in cls.tasks:
+            raise UnsupportedError(
+                f"{origin}: model.task = '{task}' does not apply to {cls.name} models"
+                f"{did_you_mean(task, cls.tasks)}; use one of: auto, {', '.join(cls.tasks)}"
+            )
+        key = "data" if cls.real_inputs == IMAGES else "prompts"
+        other = "prompts" if key == "data" else "data"
+        for name in ("calibration", "validation"):
+            if getattr(getattr(profile, name), other):
+                raise ProfileError(
+                    f"{origin}: {name}.{other} does not apply to {cls.name} models, which "
+                    f"take {cls.real_inputs}: use {name}.{key}"
+                )
+
+    @classmethod
+    def real_data_key(cls) -> str:
+        """The [calibration] / [validation] key that holds its real inputs."""
+        return "data" if cls.real_inputs == IMAGES else "prompts"

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ProfileError, SourceError, UnsupportedError
-from modelkiln.models.base import LoadedModel, ModelFamily
+from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
 from modelkiln.sources import ResolvedSource, find_weights, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
 
@@ -48,8 +48,22 @@ class StableDiffusionFamily(ModelFamily):
     summary: ClassVar[str] = (
         "diffusers StableDiffusionPipeline / Img2Img / Inpaint directories (SD 1.x, 2.x)"
     )
-    xl: ClassVar[bool] = False
-    real_inputs: ClassVar[str] = "prompts"
+    xl: ClassVar[bool] = False  # SDXL's second text encoder and added conditioning
+    tasks: ClassVar[tuple[str, ...]] = (TEXT_TO_IMAGE, INPAINTING)
+    pipelines: ClassVar[Mapping[str, str]] = {
+        "stable-diffusion": "modelkiln.pipelines.diffusion:SDPipeline"
+    }
+    real_inputs: ClassVar[str] = PROMPTS
+    notable_ops: ClassVar[frozenset[str]] = frozenset({"group_norm"})  # UNet and VAE
+    # The pipeline reads model_index.json, the scheduler config and the CLIP tokenizer.
+    bundle_configs: ClassVar[tuple[str, ...]] = ("model_index.json", "scheduler/", "tokenizer/")
+    usage: ClassVar[Mapping[str, str]] = {
+        TEXT_TO_IMAGE: 'kiln generate {bundle} --prompt "a lighthouse at dusk" -o image.png',
+        INPAINTING: (
+            'kiln generate {bundle} --prompt "a red door" --image IMAGE.png --mask MASK.png '
+            "-o image.png"
+        ),
+    }
 
     @classmethod
     def matches(cls, source: ResolvedSource) -> bool:
@@ -92,13 +106,14 @@ class StableDiffusionFamily(ModelFamily):
             _require_dir(root, "text_encoder_2", source.spec)
             _require_dir(root, "tokenizer_2", source.spec)
         latent_channels = vae_config.get("latent_channels", 4)
+        task = INPAINTING if inpainting else TEXT_TO_IMAGE
         return LoadedModel(
             family=cls.name,
-            task=INPAINTING if inpainting else TEXT_TO_IMAGE,
+            task=task,
+            pipeline=cls.pipeline_for(task),
             components=components,
             model_info={
                 "pipeline_class": index.get("_class_name"),
-                "xl": cls.xl,
                 "height": height,
                 "width": width,
                 "vae_scale_factor": factor,
@@ -164,6 +179,11 @@ class StableDiffusionFamily(ModelFamily):
 
         return modules.wrap(component, modules.load_component(model_dir, pickle=False), cls.xl)
 
+    @classmethod
+    def pipeline_for(cls, task: str) -> str:
+        (name,) = cls.pipelines  # text-to-image and inpainting share one pipeline
+        return name
+
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
     name: ClassVar[str] = "sdxl"
@@ -171,6 +191,13 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         "diffusers StableDiffusionXLPipeline / Img2Img / Inpaint directories (SDXL)"
     )
     xl: ClassVar[bool] = True
+    pipelines: ClassVar[Mapping[str, str]] = {
+        "stable-diffusion-xl": "modelkiln.pipelines.diffusion:SDXLPipeline"
+    }
+    bundle_configs: ClassVar[tuple[str, ...]] = (
+        *StableDiffusionFamily.bundle_configs,
+        "tokenizer_2/",
+    )
 
 
 def _signature(

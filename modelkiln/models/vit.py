@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ProfileError, UnsupportedError
 from modelkiln.models.base import LoadedModel, ModelFamily
@@ -45,6 +45,18 @@ class ViTFamily(ModelFamily):
         "transformers ViTForImageClassification / ViTModel, and timm VisionTransformer models "
         "(timm:NAME, hf-hub:timm/NAME or a local timm directory)"
     )
+    tasks = (CLASSIFICATION, FEATURES)
+    pipelines: ClassVar[Mapping[str, str]] = {
+        CLASSIFICATION: "modelkiln.pipelines.classification:ImageClassificationPipeline",
+        FEATURES: "modelkiln.pipelines.embedding:ImageEmbeddingPipeline",
+    }
+    # The pipelines read preprocessing and labels from kiln.json; config.json and
+    # preprocessor_config.json are what optimum's ORT/OV classes load.
+    bundle_configs = ("config.json", "preprocessor_config.json")
+    usage: ClassVar[Mapping[str, str]] = {
+        CLASSIFICATION: "kiln classify {bundle} IMAGE.png",
+        FEATURES: "kiln embed {bundle} IMAGE.png -o vectors.npy",
+    }
 
     @classmethod
     def matches(cls, source: ResolvedSource) -> bool:
@@ -85,6 +97,7 @@ class ViTFamily(ModelFamily):
         return LoadedModel(
             family=cls.name,
             task=task,
+            pipeline=cls.pipeline_for(task),
             components=[spec],
             model_info={**facts, "preprocessing": preprocessor.to_dict()},
             config_files=_config_files(source, library, facts["labels"], preprocessor),
@@ -108,6 +121,10 @@ class ViTFamily(ModelFamily):
             model, library = vit_modules.load_timm(model_dir), "timm"
         hidden_layers = tuple(settings.get("hidden_layers", ()))
         return vit_modules.wrap(model, library, settings["task"], hidden_layers)
+
+    @classmethod
+    def pipeline_for(cls, task: str) -> str:
+        return task  # one pipeline per task, named after it
 
 
 def _resolve_task(task: str, has_head: bool, spec: str) -> str:

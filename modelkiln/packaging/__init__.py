@@ -8,8 +8,7 @@ readme.py    the README.md a bundle carries
 pack.py      package(): artifact -> bundle
 unpack.py    verify_bundle(), and unpack_bundle() into the cache for load()
 
-Imported lazily, like the package's public API: the CLI reads TARGETS for `kiln --help`
-without importing numpy through the artifact code.
+Imported lazily, like the package's public API: loading an artifact imports only unpack.py.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ _EXPORTS = {
     "BundleManifest": "manifest",
     "Bundle": "pack",
     "package": "pack",
-    "TARGETS": "targets",
+    "deployment_targets": "targets",
     "requirements": "targets",
     "artifact_root": "unpack",
     "cache_root": "unpack",
@@ -35,11 +34,11 @@ _EXPORTS = {
 __all__ = [
     "BUNDLE_MANIFEST",
     "SUFFIXES",
-    "TARGETS",
     "Bundle",
     "BundleManifest",
     "artifact_root",
     "cache_root",
+    "deployment_targets",
     "is_bundle",
     "package",
     "requirements",
@@ -51,7 +50,7 @@ if TYPE_CHECKING:
     from modelkiln.packaging.archive import SUFFIXES, is_bundle
     from modelkiln.packaging.manifest import BUNDLE_MANIFEST, BundleManifest
     from modelkiln.packaging.pack import Bundle, package
-    from modelkiln.packaging.targets import TARGETS, requirements
+    from modelkiln.packaging.targets import deployment_targets, requirements
     from modelkiln.packaging.unpack import artifact_root, cache_root, unpack_bundle, verify_bundle
 
 

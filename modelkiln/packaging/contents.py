@@ -8,27 +8,10 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from modelkiln.artifact import Manifest
-from modelkiln.errors import ArtifactError, UnsupportedError
-
-# family -> configs read beside the models (a trailing "/" takes the whole folder).
-# ViT's own pipelines read preprocessing and labels from kiln.json; config.json and
-# preprocessor_config.json are what optimum's ORT/OV classes load. Diffusion reads
-# model_index.json, scheduler/scheduler_config.json and the CLIP tokenizer folders.
-FAMILY_CONFIGS: dict[str, tuple[str, ...]] = {
-    "vit": ("config.json", "preprocessor_config.json"),
-    "sd": ("model_index.json", "scheduler/", "tokenizer/"),
-    "sdxl": ("model_index.json", "scheduler/", "tokenizer/", "tokenizer_2/"),
-}
-
-# format -> files its runtime opens beside a component's entry ({stem}: the entry's stem).
-# A directory entry (a Core ML .mlpackage) brings everything under it instead.
-COMPANIONS: dict[str, tuple[str, ...]] = {
-    "onnx": ("{stem}.onnx_data",),  # external weights, optimum's naming
-    "openvino": ("{stem}.bin",),  # the IR's weights
-    # the engine's record, and the ONNX it rebuilds from on another GPU or TensorRT version
-    "tensorrt": ("engine.json", "model.onnx", "model.onnx_data"),
-}
+from modelkiln.backends import format_owner
+from modelkiln.errors import ArtifactError
+from modelkiln.models import FAMILIES
+from modelkiln.records import Manifest
 
 # Each component's config.json beside its model: the diffusion pipeline reads it.
 COMPONENT_CONFIG = "config.json"
@@ -36,13 +19,10 @@ COMPONENT_CONFIG = "config.json"
 
 def bundle_files(manifest: Manifest) -> list[str]:
     """The artifact-relative paths of the files a bundle of this artifact holds (not kiln.json)."""
-    configs = FAMILY_CONFIGS.get(manifest.family)
-    if configs is None:
-        raise UnsupportedError(
-            f"packaging does not know which configs a {manifest.family} artifact's pipeline "
-            f"reads; known families: {', '.join(FAMILY_CONFIGS)} "
-            "(add it to FAMILY_CONFIGS in modelkiln/packaging/contents.py)"
-        )
+    # What the family's pipeline reads beside the models, and what the format's runtime opens
+    # beside a component's entry (a directory entry, a Core ML .mlpackage, brings all of it).
+    configs = FAMILIES.get(manifest.family).bundle_configs
+    companion_patterns = format_owner(manifest.format).companions.get(manifest.format, ())
     listed = manifest.files
     selected: set[str] = set()
     for record in manifest.components.values():
@@ -53,7 +33,7 @@ def bundle_files(manifest: Manifest) -> list[str]:
                 f"kiln.json lists no file for component {record.name}'s entry {record.entry}; "
                 "rebuild the artifact"
             )
-        companions = [p.format(stem=entry.stem) for p in COMPANIONS.get(manifest.format, ())]
+        companions = [p.format(stem=entry.stem) for p in companion_patterns]
         beside = [entry, *(entry.parent / name for name in companions)]
         beside.append(entry.parent / COMPONENT_CONFIG)
         selected.update(inside)

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from modelkiln.artifact import MANIFEST_NAME, FileRecord, read_manifest, record_files, sha256_file
+from modelkiln.artifact import MANIFEST_NAME, read_manifest, record_files, sha256_file
 from modelkiln.errors import ArtifactError
 from modelkiln.jsonfile import read_json_object
+from modelkiln.records import FileRecord
 
 BUNDLE_MANIFEST = "bundle.json"
 SCHEMA = "modelkiln-bundle"

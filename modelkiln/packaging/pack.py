@@ -7,7 +7,7 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from modelkiln.artifact import MANIFEST_NAME, FileRecord, find_problems, read_manifest, sha256_file
+from modelkiln.artifact import MANIFEST_NAME, find_problems, read_manifest, sha256_file
 from modelkiln.errors import ArtifactError
 from modelkiln.packaging.archive import require_suffix, write_archive
 from modelkiln.packaging.contents import bundle_files
@@ -16,6 +16,7 @@ from modelkiln.packaging.readme import render_readme
 from modelkiln.packaging.targets import requirement_name, requirements
 from modelkiln.packaging.unpack import artifact_root
 from modelkiln.progress import NullProgress, Progress
+from modelkiln.records import FileRecord
 
 README = "README.md"
 
@@ -45,7 +46,7 @@ def package(
     require_suffix(output)
     root = artifact_root(artifact)
     manifest = read_manifest(root)
-    needs = requirements(target, manifest.format, manifest.profile.get("coreml", {}).get("target"))
+    needs = requirements(target, manifest.format, manifest.profile)
     selected = bundle_files(manifest)
     files = {name: manifest.files[name] for name in selected}
     with progress.task(f"checking {len(files)} files against {MANIFEST_NAME}"):
@@ -71,7 +72,7 @@ def package(
             runtime=manifest.runtime,
             family=manifest.family,
             task=manifest.task,
-            profile=manifest.profile["name"],
+            profile=manifest.profile.name,
             requirements=needs,
             validated_with=validated_with,
             modelkiln_version=manifest.modelkiln_version,

@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-from modelkiln.artifact import Manifest
+from modelkiln.models import FAMILIES
 from modelkiln.packaging.targets import requirement_name
-
-# task -> the kiln command that runs it ({bundle}: the bundle's file name)
-COMMANDS = {
-    "image-classification": "kiln classify {bundle} IMAGE.png",
-    "image-feature-extraction": "kiln embed {bundle} IMAGE.png -o vectors.npy",
-    "text-to-image": 'kiln generate {bundle} --prompt "a lighthouse at dusk" -o image.png',
-    "inpainting": (
-        'kiln generate {bundle} --prompt "a red door" --image IMAGE.png --mask MASK.png '
-        "-o image.png"
-    ),
-}
+from modelkiln.records import Manifest
 
 
 def render_readme(
@@ -24,7 +14,7 @@ def render_readme(
     validated_with: dict[str, str],
     bundle_name: str,
 ) -> str:
-    profile = artifact.profile["name"]
+    profile = artifact.profile.name
     needs = [
         f"- `{requirement}`"
         + (f" (validated with {name} {validated_with[name]})" if name in validated_with else "")
@@ -35,12 +25,13 @@ def render_readme(
         f"| {name} | `{record.entry}` | {', '.join(record.inputs)} | {', '.join(record.outputs)} |"
         for name, record in artifact.components.items()
     ]
-    command = COMMANDS.get(artifact.task, "kiln info {bundle}").format(bundle=bundle_name)
+    usage = FAMILIES.get(artifact.family).usage
+    command = usage.get(artifact.task, "kiln info {bundle}").format(bundle=bundle_name)
     lines = [
         f"# {profile} for {target}",
         "",
         f"A modelkiln bundle: the {artifact.family} {artifact.task} model from "
-        f"`{artifact.source.get('spec', '?')}`, as {artifact.format} files checked against the "
+        f"`{artifact.source.spec}`, as {artifact.format} files checked against the "
         f"torch model when it was built: only the files a runtime on {target} reads.",
         "",
         "## Requirements",

@@ -1,19 +1,109 @@
-"""What every image pipeline shares: chunked loading, preprocessing and fixed-batch padding."""
+"""What every pipeline is: Sessions in, a task's results out, the same class on every backend
+and on the torch reference (reference.py builds it over the source's modules).
+
+A family names its pipelines (ModelFamily.pipelines); kiln.json records which one an artifact
+runs. Besides its task's entry points, a pipeline answers what generic code asks of it:
+- `evaluate(data)`: its results on real data, scored against the reference's by
+  modelkiln.evaluation (the build's quality gate, `kiln bench`);
+- `calibration_feeds(...)`: real inputs of its components for calibrated schemes;
+- `bench_call(batch_size, steps)` and `stages`: what `kiln bench` times.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from typing import cast
+import json
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
 import numpy as np
 
+from modelkiln.datasets import image_set
 from modelkiln.errors import InputError
+from modelkiln.evaluation.end_to_end import ImageData, Outputs, RealData, TensorOutputs, stack
 from modelkiln.images import DEFAULT_MAX_PIXELS, ImageInput, load_images
 from modelkiln.preprocess import ImagePreprocessor
-from modelkiln.runtimes import Session
-from modelkiln.runtimes.base import Closeable
+from modelkiln.progress import NullProgress, Progress
+from modelkiln.runtimes.base import Closeable, Session
+
+if TYPE_CHECKING:
+    from modelkiln.loading import Artifact
+    from modelkiln.models.base import LoadedModel
+    from modelkiln.profiles import Profile
 
 PIXEL_VALUES = "pixel_values"
+# Images per call when a pipeline runs a whole data set (evaluation).
+EVALUATION_BATCH = 16
+Feeds = list[dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class PipelineParts:
+    """What a pipeline is built from, whether an artifact or the torch reference holds it."""
+
+    root: Path  # the configs beside the models (model_index.json, tokenizer/, ...)
+    sessions: dict[str, Session]
+    configs: dict[str, dict[str, Any]]  # component -> its config.json ({} where none)
+    info: Mapping[str, Any]  # the family's facts (kiln.json model_info)
+    task: str
+
+
+class Pipeline(Closeable):
+    # session name -> the stage `kiln bench` reports its calls as (default: the name).
+    stages: ClassVar[Mapping[str, str]] = {}
+
+    def __init__(self, sessions: Mapping[str, Session], task: str) -> None:
+        self.sessions = dict(sessions)
+        self.task = task
+
+    @classmethod
+    @abstractmethod
+    def from_parts(cls, parts: PipelineParts) -> Self:
+        """The pipeline over `parts`' sessions."""
+
+    @classmethod
+    def from_artifact(cls, artifact: Artifact, runtime: str | None = None, **options: Any) -> Self:
+        """Open every component of `artifact` (on `runtime`, with `options`)."""
+        sessions: dict[str, Session] = {}
+        configs: dict[str, dict[str, Any]] = {}
+        manifest = artifact.manifest
+        try:
+            for name, record in manifest.components.items():
+                sessions[name] = artifact.session(name, runtime, **options)
+                entry = artifact.root / record.entry
+                config = (entry if entry.is_dir() else entry.parent) / "config.json"
+                configs[name] = (
+                    json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+                )
+            info, task = manifest.model_info, manifest.task
+            return cls.from_parts(PipelineParts(artifact.root, sessions, configs, info, task))
+        except BaseException:
+            # Whatever failed (a session, a tokenizer), the opened sessions are let go.
+            for session in sessions.values():
+                session.close()
+            raise
+
+    @abstractmethod
+    def evaluate(self, data: RealData, progress: Progress | None = None) -> Outputs:
+        """What the pipeline produces on real data (the kind its family takes)."""
+
+    @classmethod
+    @abstractmethod
+    def calibration_feeds(
+        cls, loaded: LoadedModel, profile: Profile, components: list[str], progress: Progress
+    ) -> dict[str, Feeds]:
+        """Real inputs of each of `components` from the profile's [calibration] data."""
+
+    @abstractmethod
+    def bench_call(self, batch_size: int, steps: int) -> Callable[[], object]:
+        """One benchmark call of `batch_size` images (`steps` denoising steps where that
+        applies), ready to time."""
+
+    def close(self) -> None:
+        for session in self.sessions.values():
+            session.close()
 
 
 def as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[ImageInput], bool]:
@@ -25,10 +115,11 @@ def as_image_list(images: ImageInput | Sequence[ImageInput]) -> tuple[list[Image
     return [cast(ImageInput, images)], True
 
 
-class ImagePipeline(Closeable):
+class ImagePipeline(Pipeline):
     """Owns one vision Session and its preprocessing; subclasses interpret the outputs."""
 
-    def __init__(self, session: Session, preprocessor: ImagePreprocessor) -> None:
+    def __init__(self, session: Session, preprocessor: ImagePreprocessor, task: str) -> None:
+        super().__init__({session.name: session}, task)
         self.session = session
         self.preprocessor = preprocessor
         batch = session.input_specs[PIXEL_VALUES].shape[0]
@@ -56,5 +147,93 @@ class ImagePipeline(Closeable):
             results = self.session.run({PIXEL_VALUES: pixels}, outputs)
             yield {name: value[:count] for name, value in results.items()}
 
-    def close(self) -> None:
-        self.session.close()
+    def labels_for_evaluation(self) -> list[str] | None:
+        """The class names its logits score (None: it does not classify)."""
+        return None
+
+    def evaluate(self, data: RealData, progress: Progress | None = None) -> Outputs:
+        if not isinstance(data, ImageData):
+            raise InputError(f"a {self.task} model runs on images, not prompts")
+        names = list(self.session.output_specs)
+        logits = frozenset(n for n, spec in self.session.output_specs.items() if spec.is_logits)
+        progress = progress or NullProgress()
+        with progress.task(f"{len(data.images)} images of {data.source}"):
+            batches = list(self.batches(data.images.images, names, EVALUATION_BATCH))
+        return TensorOutputs(stack(batches), logits, self.labels_for_evaluation())
+
+    @classmethod
+    def calibration_feeds(
+        cls, loaded: LoadedModel, profile: Profile, components: list[str], progress: Progress
+    ) -> dict[str, Feeds]:
+        """Images from [calibration] data (a folder, or the digits set's training split),
+        preprocessed as the artifact will preprocess them, `batch_size` per feed (the
+        export's batch for a static one)."""
+        settings = profile.calibration
+        if settings.data is None:
+            raise InputError("calibration from images needs [calibration] data")
+        images = image_set(settings.data, "calibration.data", "train").subset(
+            settings.size, settings.seed
+        )
+        preprocess = ImagePreprocessor.from_dict(loaded.model_info["preprocessing"])
+        (spec,) = loaded.components
+        (input_name,) = spec.inputs
+        shapes = profile.shapes
+        batch = shapes.batch_size if not shapes.dynamic_batch else settings.batch_size
+        feeds: Feeds = []
+        with progress.task(f"preprocessing {len(images)} calibration images") as advance:
+            for start in range(0, len(images) - batch + 1, batch):
+                pixels = preprocess(load_images(images.images[start : start + batch]))
+                feeds.append({input_name: pixels})
+                advance(batch)
+        return {name: feeds for name in components}
+
+    def bench_call(self, batch_size: int, steps: int) -> Callable[[], object]:
+        from PIL import Image
+
+        fixed = self.fixed_batch
+        if fixed is not None and batch_size != fixed:
+            raise InputError(
+                f"this artifact was built for a fixed batch of {fixed} (profile [shapes]); "
+                f"bench it with --batch-size {fixed}, or rebuild it with a dynamic batch"
+            )
+        # A real preprocessed image, whatever size the profile's preprocessing makes.
+        noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        pixels = self.preprocessor([Image.fromarray(noise)])
+        feed = {PIXEL_VALUES: np.repeat(pixels, batch_size, axis=0)}
+        return lambda: self.session.run(feed)
+
+
+def one_session(parts: PipelineParts) -> Session:
+    """The only session of a one-component model."""
+    (session,) = parts.sessions.values()
+    return session
+
+
+def preprocessor_of(parts: PipelineParts) -> ImagePreprocessor:
+    return ImagePreprocessor.from_dict(parts.info["preprocessing"])
+
+
+def run_padded(session: Session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a session; a static batch axis gets the feed in chunks, the last one zero-padded."""
+    fixed = {
+        name: spec.shape[0]
+        for name, spec in session.input_specs.items()
+        if spec.shape and isinstance(spec.shape[0], int)
+    }
+    if not fixed:
+        return session.run(feeds)
+    size = next(iter(fixed.values()))
+    count = next(len(feeds[name]) for name in fixed)
+    parts = []
+    for start in range(0, count, size):
+        chunk = {}
+        for name, value in feeds.items():
+            if name in fixed:
+                piece = value[start : start + size]
+                padding = np.zeros((size - len(piece), *piece.shape[1:]), piece.dtype)
+                chunk[name] = np.concatenate([piece, padding]) if len(padding) else piece
+            else:
+                chunk[name] = value
+        taken = min(size, count - start)
+        parts.append({k: v[:taken] for k, v in session.run(chunk).items()})
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Self
 
 import numpy as np
 
 from modelkiln.errors import InputError
 from modelkiln.images import DEFAULT_MAX_PIXELS, ImageInput
-from modelkiln.pipelines.base import ImagePipeline, as_image_list
+from modelkiln.pipelines.base import (
+    ImagePipeline,
+    PipelineParts,
+    as_image_list,
+    one_session,
+    preprocessor_of,
+)
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.runtimes import Session
-
-if TYPE_CHECKING:
-    from modelkiln.loading import Artifact
-
-COMPONENT = "vision_model"
 
 
 @dataclass(frozen=True)
@@ -34,20 +35,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ImageClassificationPipeline(ImagePipeline):
-    task = "image-classification"
+    TASK = "image-classification"
 
     def __init__(
         self, session: Session, preprocessor: ImagePreprocessor, labels: Sequence[str]
     ) -> None:
-        super().__init__(session, preprocessor)
+        super().__init__(session, preprocessor, self.TASK)
         self.labels = list(labels)
 
     @classmethod
-    def from_artifact(
-        cls, artifact: Artifact, runtime: str | None = None, **options: Any
-    ) -> ImageClassificationPipeline:
-        session = artifact.session(COMPONENT, runtime, **options)
-        return cls(session, artifact.preprocessor(), artifact.manifest.model_info["labels"])
+    def from_parts(cls, parts: PipelineParts) -> Self:
+        return cls(one_session(parts), preprocessor_of(parts), parts.info["labels"])
+
+    def labels_for_evaluation(self) -> list[str] | None:
+        return self.labels
 
     def logits(
         self,

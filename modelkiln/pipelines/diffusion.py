@@ -1,4 +1,5 @@
-"""Text-to-image, image-to-image and inpainting for SD 1.x/2.x and SDXL on every backend.
+"""The sd and sdxl families' pipelines: text-to-image, image-to-image and inpainting for
+SD 1.x/2.x and SDXL on every backend.
 
 The denoising loops are diffusers' own pipelines (StableDiffusion[XL][Img2Img|Inpaint]
 Pipeline), driven by thin stand-ins for the torch models that run our Sessions: the same
@@ -15,21 +16,21 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 import torch
 
 from modelkiln.errors import InputError, UnsupportedError, did_you_mean
 from modelkiln.images import ImageInput, load_image
+from modelkiln.pipelines.base import PipelineParts, run_padded
+from modelkiln.pipelines.generation import ImageGenerator
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.quiet import quiet_libraries
-from modelkiln.runtimes.base import Closeable, Session
+from modelkiln.runtimes.base import Session
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from modelkiln.loading import Artifact
 
 logger = logging.getLogger(__name__)
 
@@ -74,32 +75,6 @@ class _SessionModule(torch.nn.Module):
         }
         outputs = run_padded(self.session, arrays)
         return {name: torch.from_numpy(value) for name, value in outputs.items()}
-
-
-def run_padded(session: Session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a session; a static batch axis gets the feed in chunks, the last one zero-padded."""
-    fixed = {
-        name: spec.shape[0]
-        for name, spec in session.input_specs.items()
-        if spec.shape and isinstance(spec.shape[0], int)
-    }
-    if not fixed:
-        return session.run(feeds)
-    size = next(iter(fixed.values()))
-    count = next(len(feeds[name]) for name in fixed)
-    parts = []
-    for start in range(0, count, size):
-        chunk = {}
-        for name, value in feeds.items():
-            if name in fixed:
-                piece = value[start : start + size]
-                padding = np.zeros((size - len(piece), *piece.shape[1:]), piece.dtype)
-                chunk[name] = np.concatenate([piece, padding]) if len(padding) else piece
-            else:
-                chunk[name] = value
-        taken = min(size, count - start)
-        parts.append({k: v[:taken] for k, v in session.run(chunk).items()})
-    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 class _TextEncoder(_SessionModule):
@@ -183,10 +158,18 @@ class _Vae(_SessionModule):
         return (self.run(latent_sample=latent_sample)["sample"],)
 
 
-class DiffusionPipeline(Closeable):
-    """One class, three entry points: text_to_image, image_to_image, inpaint."""
+class SDPipeline(ImageGenerator):
+    """SD 1.x/2.x: one class, three entry points (text_to_image, image_to_image, inpaint)."""
 
-    task = "text-to-image"
+    # diffusers' pipeline classes are this prefix + Pipeline / Img2ImgPipeline / InpaintPipeline
+    diffusers_prefix: ClassVar[str] = "StableDiffusion"
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    stages: ClassVar[Mapping[str, str]] = {
+        "unet": "unet_step",
+        "vae_encoder": "vae_encode",
+        "vae_decoder": "vae_decode",
+    }
 
     def __init__(
         self,
@@ -194,38 +177,27 @@ class DiffusionPipeline(Closeable):
         sessions: Mapping[str, Session],
         configs: Mapping[str, Mapping[str, Any]],
         model_info: Mapping[str, Any],
+        task: str = "text-to-image",
     ) -> None:
+        super().__init__(sessions, task)
         self.root = root
-        self.sessions = dict(sessions)
         self.model_info = dict(model_info)
-        self.xl = bool(model_info.get("xl"))
         self._text_encoders = [
-            _TextEncoder(sessions[name], configs[name])
-            for name in ("text_encoder", "text_encoder_2")
-            if name in sessions
+            _TextEncoder(sessions[name], configs[name]) for name in self.text_encoders
         ]
         self._unet = _UNet(sessions["unet"], configs["unet"])
         self._vae = _Vae(sessions["vae_decoder"], configs["vae_decoder"])
         self._vae.encoder_session = sessions.get("vae_encoder")
-        self._tokenizers = [self._tokenizer(folder) for folder in self._tokenizer_folders()]
-        self._index = json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+        self._tokenizers = [self._tokenizer(folder) for folder in self.tokenizers]
 
     @classmethod
-    def from_artifact(
-        cls, artifact: Artifact, runtime: str | None = None, **options: Any
-    ) -> DiffusionPipeline:
-        sessions, configs = {}, {}
-        for name, record in artifact.manifest.components.items():
-            sessions[name] = artifact.session(name, runtime, **options)
-            entry = artifact.root / record.entry
-            config_dir = entry if entry.is_dir() else entry.parent
-            configs[name] = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
-        return cls(artifact.root, sessions, configs, artifact.manifest.model_info)
+    def from_parts(cls, parts: PipelineParts) -> Self:
+        return cls(parts.root, parts.sessions, parts.configs, parts.info, parts.task)
 
     # --- the three entry points --------------------------------------------------------------
 
     def text_to_image(self, prompt: str | Sequence[str], **settings: Any) -> list[Image.Image]:
-        if self.inpainting_unet:
+        if self.inpainting_only:
             raise UnsupportedError(
                 "this artifact's UNet is an inpainting UNet (9 input channels): use inpaint "
                 "(kiln generate --image IMAGE --mask MASK)"
@@ -240,7 +212,7 @@ class DiffusionPipeline(Closeable):
         strength: float = 0.8,
         **settings: Any,
     ) -> list[Image.Image]:
-        if self.inpainting_unet:
+        if self.inpainting_only:
             raise UnsupportedError(
                 "this artifact's UNet is an inpainting UNet (9 input channels): use inpaint"
             )
@@ -261,8 +233,19 @@ class DiffusionPipeline(Closeable):
         )
 
     @property
-    def inpainting_unet(self) -> bool:
+    def inpainting_only(self) -> bool:
+        """A 9-channel inpainting UNet: it needs an image and a mask to run."""
         return int(self.model_info.get("unet_in_channels", 4)) == 9
+
+    def exercise(self, prompt: str, *, seed: int, steps: int) -> Image.Image:
+        """Generation never encodes: the VAE encoder gets the image generated."""
+        image = super().exercise(prompt, seed=seed, steps=steps)
+        encoder = self.sessions.get("vae_encoder")
+        if encoder is not None:
+            pixels = np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
+            (input_name,) = encoder.input_specs
+            run_padded(encoder, {input_name: pixels})
+        return image
 
     @property
     def size(self) -> tuple[int, int]:
@@ -338,34 +321,28 @@ class DiffusionPipeline(Closeable):
     def _diffusers_pipeline(self, mode: str, scheduler_name: str | None) -> Any:
         import diffusers
 
-        prefix = "StableDiffusionXL" if self.xl else "StableDiffusion"
         suffix = {"text": "Pipeline", "image": "Img2ImgPipeline", "inpaint": "InpaintPipeline"}
-        pipeline_class = getattr(diffusers, prefix + suffix[mode])
+        pipeline_class = getattr(diffusers, self.diffusers_prefix + suffix[mode])
         components: dict[str, Any] = {
             "vae": self._vae,
-            "text_encoder": self._text_encoders[0],
-            "tokenizer": self._tokenizers[0],
             "unet": self._unet,
             "scheduler": self._scheduler(scheduler_name),
+            **self._family_components(mode),
         }
-        if self.xl:
-            components["text_encoder_2"] = self._text_encoders[1]
-            components["tokenizer_2"] = self._tokenizers[1]
-            components["force_zeros_for_empty_prompt"] = bool(
-                self.model_info.get("force_zeros_for_empty_prompt", True)
-            )
-            if mode != "text":
-                components["requires_aesthetics_score"] = bool(
-                    self.model_info.get("requires_aesthetics_score", False)
-                )
-            components["add_watermarker"] = False
-        else:
-            components.update(safety_checker=None, feature_extractor=None)
-            components["requires_safety_checker"] = False
+        for index, (encoder, tokenizer) in enumerate(
+            zip(self._text_encoders, self._tokenizers, strict=True)
+        ):
+            suffix_name = f"_{index + 1}" if index else ""
+            components[f"text_encoder{suffix_name}"] = encoder
+            components[f"tokenizer{suffix_name}"] = tokenizer
         with quiet_libraries():
             pipeline = pipeline_class(**components)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
+
+    def _family_components(self, mode: str) -> dict[str, Any]:
+        """What the family's diffusers pipeline takes besides models and tokenizers."""
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
     def _scheduler(self, name: str | None) -> Any:
         import diffusers
@@ -399,9 +376,6 @@ class DiffusionPipeline(Closeable):
             )
         return height, width
 
-    def _tokenizer_folders(self) -> list[str]:
-        return ["tokenizer", "tokenizer_2"] if self.xl else ["tokenizer"]
-
     def _tokenizer(self, folder: str) -> Any:
         from transformers import CLIPTokenizer
 
@@ -421,15 +395,26 @@ class DiffusionPipeline(Closeable):
                     text[:60],
                 )
 
-    def close(self) -> None:
-        for session in self.sessions.values():
-            session.close()
 
+class SDXLPipeline(SDPipeline):
+    """SDXL: two text encoders and the added size / aesthetics conditioning."""
 
-class InpaintingPipeline(DiffusionPipeline):
-    """An artifact whose UNet is an inpainting UNet: the same class, its task named."""
+    diffusers_prefix: ClassVar[str] = "StableDiffusionXL"
+    text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
+    tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
 
-    task = "inpainting"
+    def _family_components(self, mode: str) -> dict[str, Any]:
+        components: dict[str, Any] = {
+            "force_zeros_for_empty_prompt": bool(
+                self.model_info.get("force_zeros_for_empty_prompt", True)
+            ),
+            "add_watermarker": False,
+        }
+        if mode != "text":
+            components["requires_aesthetics_score"] = bool(
+                self.model_info.get("requires_aesthetics_score", False)
+            )
+        return components
 
 
 def _check_prompt(prompt: Any, name: str, *, allow_empty: bool = False) -> list[str]:

@@ -3,40 +3,38 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Literal, Self
 
 import numpy as np
 
 from modelkiln.errors import InputError
 from modelkiln.images import DEFAULT_MAX_PIXELS, ImageInput
-from modelkiln.pipelines.base import ImagePipeline, as_image_list
+from modelkiln.pipelines.base import (
+    ImagePipeline,
+    PipelineParts,
+    as_image_list,
+    one_session,
+    preprocessor_of,
+)
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.runtimes import Session
 
-if TYPE_CHECKING:
-    from modelkiln.loading import Artifact
-
-COMPONENT = "vision_model"
 Pooling = Literal["auto", "cls", "mean", "pooled"]
 POOLINGS = ("auto", "cls", "mean", "pooled")
 
 
 class ImageEmbeddingPipeline(ImagePipeline):
-    task = "image-feature-extraction"
+    TASK = "image-feature-extraction"
 
     def __init__(
         self, session: Session, preprocessor: ImagePreprocessor, num_prefix_tokens: int
     ) -> None:
-        super().__init__(session, preprocessor)
+        super().__init__(session, preprocessor, self.TASK)
         self.num_prefix_tokens = num_prefix_tokens
 
     @classmethod
-    def from_artifact(
-        cls, artifact: Artifact, runtime: str | None = None, **options: Any
-    ) -> ImageEmbeddingPipeline:
-        session = artifact.session(COMPONENT, runtime, **options)
-        info = artifact.manifest.model_info
-        return cls(session, artifact.preprocessor(), int(info["num_prefix_tokens"]))
+    def from_parts(cls, parts: PipelineParts) -> Self:
+        return cls(one_session(parts), preprocessor_of(parts), int(parts.info["num_prefix_tokens"]))
 
     @property
     def layers(self) -> list[int]:

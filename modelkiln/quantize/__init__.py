@@ -1,130 +1,96 @@
-"""Post-export quantization with each format's own tooling, and the one support matrix.
+"""Quantization: typed scheme configs (schemes.py), the handlers each backend registers for
+its formats (handlers.py), and applying one to a component.
 
-A scheme runs on the exported component files in place (onnxruntime.quantization for ONNX,
-nncf for OpenVINO IR) and returns what it did: how many weights it quantized, the ops it
-used and the size before and after. The build validates the result against torch fp32 like
-any export, with the profile's (quantization-appropriate) tolerances.
+A handler returns what it did: how many weights it quantized, the ops it used and the size
+before and after. The build validates the result against torch fp32 like any export, with the
+profile's (quantization-appropriate) tolerances.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import QuantizationError, UnsupportedError
-from modelkiln.registry import Registry
+from modelkiln.errors import QuantizationError
+from modelkiln.quantize.handlers import (
+    Handler,
+    Stage,
+    handler_for,
+    handles,
+    known_schemes,
+    matrix_markdown,
+    support,
+    supported_schemes,
+)
+from modelkiln.quantize.schemes import SCHEMES, SchemeConfig
+from modelkiln.records import QuantizationRecord
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from modelkiln.profiles import QuantizationSettings
-
-NONE = "none"
 # Real inputs of one component, by input name (empty for schemes that need none).
 Calibration = Sequence[Mapping[str, "np.ndarray"]]
-Quantizer = Callable[[Path, "QuantizationSettings", Calibration], dict[str, Any]]
-# format -> scheme -> the function that applies it: the only place that says what exists.
-SUPPORT: dict[str, Registry[Quantizer]] = {
-    "onnx": Registry(
-        "onnx quantization scheme",
-        {
-            "int8-dynamic": "modelkiln.quantize.onnx:int8_dynamic",
-            "int8-static": "modelkiln.quantize.onnx:int8_static",
-            "int4-weights": "modelkiln.quantize.onnx:int4_weights",
-            "nf4-weights": "modelkiln.quantize.onnx:nf4_weights",
-        },
-    ),
-    "openvino": Registry(
-        "openvino quantization scheme",
-        {
-            "int8-weights": "modelkiln.quantize.openvino:compress_weights",
-            "int4-weights": "modelkiln.quantize.openvino:compress_weights",
-            "nf4-weights": "modelkiln.quantize.openvino:compress_weights",
-            "int8-static": "modelkiln.quantize.openvino:int8_static",
-            "int8-hybrid": "modelkiln.quantize.openvino:int8_hybrid",
-        },
-    ),
-    "coreml": Registry(
-        "coreml quantization scheme",
-        {
-            "int8-weights": "modelkiln.quantize.coreml:compress_weights",
-            "int4-weights": "modelkiln.quantize.coreml:compress_weights",
-            "nf4-weights": "modelkiln.quantize.coreml:compress_weights",
-            "palettize4-weights": "modelkiln.quantize.coreml:compress_weights",
-        },
-    ),
-    "tensorrt": Registry(
-        "tensorrt quantization scheme",
-        {
-            "int8-static": "modelkiln.quantize.tensorrt:int8_static",
-            "int4-weights": "modelkiln.quantize.tensorrt:int4_weights",
-        },
-    ),
-    "torch": Registry(
-        "torch quantization scheme",
-        {
-            "int8-weights": "modelkiln.quantize.torch:quantize_weights",
-            "int4-weights": "modelkiln.quantize.torch:quantize_weights",
-            "nf4-weights": "modelkiln.quantize.torch:quantize_weights",
-        },
-    ),
-}
-# Pairs that cannot exist, with the reason: the profile error says why, not only "no".
-REJECTED: dict[tuple[str, str], str] = {
-    ("tensorrt", "nf4-weights"): "TensorRT has no NF4 kernels, its 4-bit weights are INT4 "
-    "or FP4: use int4-weights",
-    ("tensorrt", "int8-dynamic"): "TensorRT takes int8 as explicit Q/DQ with calibrated "
-    "activation scales: use int8-static",
-    ("coreml", "int8-static"): "Core ML calibrates activations by running the model, which "
-    "needs macOS: use int8-weights",
-}
-# Schemes whose quantizer needs real inputs of the component (the [calibration] section).
-CALIBRATED = frozenset({"int8-static", "int8-hybrid"})
-SCHEMES = (NONE, *sorted({scheme for schemes in SUPPORT.values() for scheme in schemes}))
-
-
-def supported_schemes(format: str) -> list[str]:
-    return [NONE, *(SUPPORT[format].names() if format in SUPPORT else [])]
-
-
-def check_scheme(format: str, scheme: str, origin: str) -> None:
-    """Profile validation: the (format, scheme) pair must be in the matrix."""
-    if scheme in supported_schemes(format):
-        return
-    if scheme not in SCHEMES:
-        raise UnsupportedError(
-            f"{origin}: quantization.scheme '{scheme}' is unknown; known: {', '.join(SCHEMES)}"
-        )
-    formats = [name for name, schemes in SUPPORT.items() if scheme in schemes]
-    reason = REJECTED.get((format, scheme))
-    raise UnsupportedError(
-        f"{origin}: format '{format}' has no quantization scheme '{scheme}'"
-        f"{f' ({reason})' if reason else ''}; for {format}: "
-        f"{', '.join(supported_schemes(format))}; '{scheme}' is available for: "
-        f"{', '.join(formats)}"
-    )
 
 
 def quantize(
     entry: Path,
     format: str,
-    settings: QuantizationSettings,
+    config: SchemeConfig,
     component: str,
     calibration: Calibration = (),
-) -> dict[str, Any]:
-    """Quantize one exported component in place; returns the manifest's record of it."""
+) -> QuantizationRecord:
+    """Quantize an exported component of `format` in place with the scheme's registered
+    handler; the manifest's record of what it did."""
+    handler = handler_for(format, config.name, component)
+    if handler.stage is not Stage.AFTER_EXPORT:
+        raise QuantizationError(
+            f"{component}: {config.name} quantizes the torch module before {format} export, "
+            "not an exported file: build with it instead"
+        )
+    return quantize_exported(handler, entry, config, component, calibration)
+
+
+def quantize_exported(
+    handler: Handler,
+    entry: Path,
+    config: SchemeConfig,
+    component: str,
+    calibration: Calibration = (),
+) -> QuantizationRecord:
+    """Apply an after-export handler to one exported component in place; the manifest's
+    record of what it did."""
     try:
-        record = SUPPORT[format].get(settings.scheme)(entry, settings, calibration)
+        report: dict[str, Any] = handler.apply(entry, config, calibration)
     except QuantizationError as error:
         raise QuantizationError(f"{component}: {error}") from error
-    if not record.get("quantized_weights"):
+    return _checked(report, config, component)
+
+
+def quantize_module(
+    handler: Handler,
+    module: Any,
+    config: SchemeConfig,
+    component: str,
+    calibration: Calibration = (),
+) -> tuple[Any, QuantizationRecord]:
+    """Apply a before-export handler to a component's torch module; the module to export and
+    the manifest's record."""
+    try:
+        quantized, report = handler.apply(module, config, calibration)
+    except QuantizationError as error:
+        raise QuantizationError(f"{component}: {error}") from error
+    return quantized, _checked(report, config, component)
+
+
+def _checked(report: dict[str, Any], config: SchemeConfig, component: str) -> QuantizationRecord:
+    if not report.get("quantized_weights"):
         raise QuantizationError(
-            f"{component}: quantization.scheme '{settings.scheme}' quantized no weight (the "
+            f"{component}: quantization.scheme '{config.name}' quantized no weight (the "
             "component may be below the tool's size thresholds, or its layers unsupported); "
             "use scheme 'none' for it"
         )
-    return {"scheme": settings.scheme, **record}
+    return QuantizationRecord.of(config.name, report)
 
 
 def check_calibration(
@@ -139,7 +105,7 @@ def check_calibration(
     if not calibration:
         raise QuantizationError(
             f"{scheme} needs calibration data: set [calibration] data (images) or prompts "
-            f"(diffusion models) in the profile, or pick {alternative}"
+            f"(generative models) in the profile, or pick {alternative}"
         )
     for index, feed in enumerate(calibration):
         if set(feed) != set(inputs):
@@ -160,22 +126,20 @@ def check_calibration(
                 )
 
 
-def matrix_markdown() -> str:
-    """The README's support table, from SUPPORT."""
-    formats = list(SUPPORT)
-    lines = ["| scheme | " + " | ".join(formats) + " |", "| --- |" + " --- |" * len(formats)]
-    for scheme in SCHEMES[1:]:
-        cells = ["yes" if scheme in SUPPORT[f] else "—" for f in formats]
-        lines.append(f"| `{scheme}` | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 __all__ = [
     "SCHEMES",
-    "SUPPORT",
+    "Calibration",
+    "Handler",
+    "SchemeConfig",
+    "Stage",
     "check_calibration",
-    "check_scheme",
+    "handler_for",
+    "handles",
+    "known_schemes",
     "matrix_markdown",
     "quantize",
+    "quantize_exported",
+    "quantize_module",
+    "support",
     "supported_schemes",
 ]

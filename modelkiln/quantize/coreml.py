@@ -1,4 +1,5 @@
-"""Core ML weight compression with coremltools.optimize.coreml on the saved ML Program.
+"""The coreml format's scheme handlers: weight compression with coremltools.optimize.coreml on
+the saved ML Program.
 
 - int8-weights: linear, one scale per output channel (constexpr ops of iOS16+);
 - int4-weights: linear, one scale per block of `group_size` input channels (iOS18+);
@@ -21,12 +22,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from modelkiln.errors import QuantizationError
+from modelkiln.backends import ProfileContext
+from modelkiln.errors import QuantizationError, UnsupportedError
+from modelkiln.quantize.handlers import handles
+from modelkiln.quantize.schemes import Int4Weights, Int8Weights, NF4Weights, Palettize4Weights
 from modelkiln.quiet import printing_into
+from modelkiln.runtimes.coreml import CoreMLSettings, import_coremltools
 
 if TYPE_CHECKING:
-    from modelkiln.profiles import QuantizationSettings
     from modelkiln.quantize import Calibration
+
+CompressionScheme = Int8Weights | Int4Weights | NF4Weights | Palettize4Weights
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +70,27 @@ def nf4_table(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return table, indices.astype(np.uint8).reshape(weights.shape)
 
 
-def op_config(scheme: str, settings: QuantizationSettings, target: str) -> Any:
+def needs_ios18(config: Int4Weights | NF4Weights, context: ProfileContext) -> None:
+    """int4's per-block scales and NF4's per-group lookup tables are ops of iOS18 / macOS15."""
+    target = CoreMLSettings.of(context.profile).target
+    if target not in IOS18_TARGETS:
+        raise UnsupportedError(
+            f"{context.origin}: Core ML runs {config.name} from iOS18 / macOS15 "
+            f"(per-block int4 scales, per-group lookup tables), not {target}; "
+            "set coreml.target = 'iOS18' (or 'macOS15'), or use int8-weights or "
+            "palettize4-weights"
+        )
+
+
+def op_config(settings: CompressionScheme, target: str) -> Any:
     """The coremltools op config of a scheme (refused where the target lacks the ops)."""
     import coremltools.optimize.coreml as cto
 
     grouped = target in IOS18_TARGETS
-    mode = "linear_symmetric" if settings.symmetric else "linear"
-    if scheme == "int8-weights":
-        return cto.OpLinearQuantizerConfig(mode=mode, dtype="int8", granularity="per_channel")
-    if scheme == "int4-weights":
+    if isinstance(settings, Int8Weights | Int4Weights):
+        mode = "linear_symmetric" if settings.symmetric else "linear"
+        if isinstance(settings, Int8Weights):
+            return cto.OpLinearQuantizerConfig(mode=mode, dtype="int8", granularity="per_channel")
         return cto.OpLinearQuantizerConfig(
             mode=mode, dtype="int4", granularity="per_block", block_size=settings.group_size
         )
@@ -81,11 +99,9 @@ def op_config(scheme: str, settings: QuantizationSettings, target: str) -> Any:
         if grouped
         else {"granularity": "per_tensor"}
     )
-    if scheme == "palettize4-weights":
+    if isinstance(settings, Palettize4Weights):
         return cto.OpPalettizerConfig(mode=settings.palettization, nbits=4, **granularity)
-    if scheme == "nf4-weights":
-        return cto.OpPalettizerConfig(mode="custom", lut_function=nf4_table, **granularity)
-    raise QuantizationError(f"coreml has no quantization scheme '{scheme}'")  # SUPPORT's job
+    return cto.OpPalettizerConfig(mode="custom", lut_function=nf4_table, **granularity)
 
 
 def compressed_ops(model: Any) -> Counter[str]:
@@ -100,30 +116,32 @@ def package_bytes(package: Path) -> int:
     return sum(path.stat().st_size for path in package.rglob("*") if path.is_file())
 
 
+@handles(Int8Weights, "coreml")
+@handles(Palettize4Weights, "coreml")
+@handles(Int4Weights, "coreml", check=needs_ios18)
+@handles(NF4Weights, "coreml", check=needs_ios18)
 def compress_weights(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
+    entry: Path, settings: CompressionScheme, calibration: Calibration = ()
 ) -> dict[str, Any]:
     """Compress the weights of the .mlpackage at `entry` in place; the record says how."""
-    from modelkiln.runtimes.coreml import import_coremltools
-
     ct = import_coremltools()
     import coremltools.optimize.coreml as cto
 
     before = package_bytes(entry)
     model = ct.models.MLModel(str(entry), skip_model_load=True)
     target = model.user_defined_metadata.get("modelkiln.target", "iOS17")
-    config = cto.OptimizationConfig(global_config=op_config(settings.scheme, settings, target))
+    config = cto.OptimizationConfig(global_config=op_config(settings, target))
     captured = io.StringIO()
     try:
         with printing_into(captured, stderr=True):
-            if settings.scheme in ("int8-weights", "int4-weights"):
+            if isinstance(settings, Int8Weights | Int4Weights):
                 compressed = cto.linear_quantize_weights(model, config)
             else:
                 compressed = cto.palettize_weights(model, config)
     except (ValueError, NotImplementedError) as error:
         logger.debug("coremltools output:\n%s", captured.getvalue())
         raise QuantizationError(
-            f"coremltools refused {settings.scheme}: {str(error).strip().splitlines()[0]}"
+            f"coremltools refused {settings.name}: {str(error).strip().splitlines()[0]}"
         ) from error
     ops = {op: n for op, n in compressed_ops(compressed).items() if op in COMPRESSED_OPS}
     # Save beside, then swap: a failed save leaves the exported package as it was.
@@ -137,16 +155,18 @@ def compress_weights(
         "bytes_before": before,
         "bytes_after": package_bytes(entry),
     }
-    if settings.scheme in ("int8-weights", "int4-weights"):
+    if isinstance(settings, Int8Weights | Int4Weights):
         record["symmetric"] = settings.symmetric
-        record["granularity"] = "per_channel" if settings.scheme == "int8-weights" else "per_block"
-        if settings.scheme == "int4-weights":
+        record["granularity"] = "per_channel" if isinstance(settings, Int8Weights) else "per_block"
+        if isinstance(settings, Int4Weights):
             record["block_size"] = settings.group_size
     else:
         record["lookup_table"] = (
             f"per {LUT_CHANNEL_GROUP} output channels" if target in IOS18_TARGETS else "per tensor"
         )
-        record["mode"] = "nf4" if settings.scheme == "nf4-weights" else settings.palettization
+        record["mode"] = (
+            settings.palettization if isinstance(settings, Palettize4Weights) else "nf4"
+        )
     return record
 
 

@@ -1,4 +1,5 @@
-"""ONNX quantization with onnxruntime.quantization, and the fp16 conversion of exported models.
+"""The onnx format's scheme handlers (onnxruntime.quantization), and the fp16 conversion of
+exported models.
 
 Every function rewrites `model.onnx` in place, in the export's layout (one `<stem>.onnx_data`
 beside it when the export had one), and returns the manifest's record of what it did.
@@ -18,15 +19,28 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import ExportError, QuantizationError
+from modelkiln.backends import ProfileContext
+from modelkiln.errors import ExportError, ProfileError, QuantizationError, UnsupportedError
 from modelkiln.exporters.base import first_line
 from modelkiln.quantize import check_calibration
+from modelkiln.quantize.handlers import handles
+from modelkiln.quantize.onnx_calibration import (
+    STATIC_OPS,
+    calibrate,
+    calibration_method,
+    graph_inputs,
+)
+from modelkiln.quantize.schemes import (
+    Int4Weights,
+    Int8Dynamic,
+    Int8Static,
+    NF4Weights,
+    SchemeConfig,
+)
 
 if TYPE_CHECKING:
-    import numpy as np
     import onnx
 
-    from modelkiln.profiles import QuantizationSettings
     from modelkiln.quantize import Calibration
 
 INTEGER_TYPES = {2, 3}  # onnx.TensorProto.UINT8, INT8
@@ -34,38 +48,40 @@ FLOAT, FLOAT16 = 1, 10  # onnx.TensorProto.FLOAT, FLOAT16
 # MLAS's block-wise 4-bit quantizers (MatMulNBits and MatMulBnb4) take only these; any other
 # fails deep in C++ with an assertion message.
 BLOCK_SIZES = (16, 32, 64, 128, 256)
-# Only the layers with weights: quantizing every op (Add, LayerNorm, Softmax, ... outputs too)
-# took the tiny ViT's logits from 33 dB SQNR to 11 dB, for no speed-up.
-STATIC_OPS = ("MatMul", "Gemm", "Conv")
 # MatMulNBits accuracy_level 4: activations quantized to int8 at run time and int8 dot
 # products (VNNI/AMX). On one 4096x4096 layer at batch 1 it ran 1.7-1.9x faster than level 0
 # (fp32 compute) with the same SQNR; at 256 rows x 1024 it was 1.3x faster with group 128,
 # 15% slower with group 32.
 ACCURACY_LEVEL = 4
-# int8-static's activation ranges come from onnxruntime's own calibrators with these settings;
-# quantize_static forwards no histogram size, and its Entropy kept 128 bins for 128 quantized
-# bins: one KL candidate, the full range, MinMax's scales to the bit.
-# Entropy: ORT's histogram spans [-max|x|, max|x|] and the KL search clips down to
-# num_quantized_bins / num_bins of it. ORT searches in pure Python, quadratic in the bins: per
-# calibrated tensor about 0.15 s at 512 bins, 0.4 s at 1024, 1.2 s at 2048 (TensorRT's size;
-# the tiny test ViT's 36 tensors: 4-10 s, 12-26 s, 32-57 s over 6 seeds, 2 CPUs). At 512 one
-# seed's ViT got MinMax's scales again (the others moved 2 of 24); 1024 moved 12-17 of 24,
-# 2048 19-23. Logits' SQNR against MinMax's, calibrated on noise: +0.3 to -7.5 dB at 1024,
-# +0.2 to -8.2 dB at 2048. 1024: a real search (down to 1/8 of the range) at 1/3 the time.
-ENTROPY_BINS = 1024
-ENTROPY_QUANTIZED_BINS = 128
-# Percentile: ORT's defaults, a 2048-bin histogram of |x| cut at the 99.999th percentile.
-PERCENTILE = 99.999
-PERCENTILE_BINS = 2048
-
 # Below this much free space where the quantizers write, their errors name the disk too.
 LOW_DISK_BYTES = 1_000_000_000
 
 logger = logging.getLogger(__name__)
 
 
+def from_fp32(config: SchemeConfig, context: ProfileContext) -> None:
+    """onnxruntime's quantizers read fp32 graphs: the export they rewrite keeps fp32 weights."""
+    weights = context.profile.precision.weights
+    if weights != "fp32":
+        raise UnsupportedError(
+            f"{context.origin}: onnx quantization schemes start from fp32 weights, not "
+            f"{weights}; set precision.weights = 'fp32' with scheme {config.name}"
+        )
+
+
+def four_bit_blocks(config: Int4Weights | NF4Weights, context: ProfileContext) -> None:
+    """MLAS's block-wise 4-bit kernels take a few block sizes only."""
+    from_fp32(config, context)
+    if config.group_size not in BLOCK_SIZES:
+        raise ProfileError(
+            f"{context.origin}: onnxruntime's 4-bit kernels take quantization.group_size in "
+            f"{', '.join(map(str, BLOCK_SIZES))}, got {config.group_size}"
+        )
+
+
+@handles(Int8Dynamic, "onnx", check=from_fp32)
 def int8_dynamic(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
+    entry: Path, settings: Int8Dynamic, calibration: Calibration = ()
 ) -> dict[str, Any]:
     """int8 weights, activations quantized at run time (MatMulInteger / DynamicQuantizeLinear)."""
     import onnx
@@ -97,9 +113,8 @@ def int8_dynamic(
     }
 
 
-def int8_static(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
-) -> dict[str, Any]:
+@handles(Int8Static, "onnx", check=from_fp32)
+def int8_static(entry: Path, settings: Int8Static, calibration: Calibration = ()) -> dict[str, Any]:
     """int8 weights and activations in QDQ form, activation ranges from the calibration feeds;
     onnxruntime fuses each DequantizeLinear -> op -> QuantizeLinear into an integer kernel."""
     return int8_qdq(
@@ -119,7 +134,7 @@ def int8_static(
 
 def int8_qdq(
     entry: Path,
-    settings: QuantizationSettings,
+    settings: Int8Static,
     calibration: Calibration,
     *,
     activations: str,
@@ -192,8 +207,9 @@ def activation_matmuls(graph: onnx.GraphProto) -> list[str]:
     ]
 
 
+@handles(Int4Weights, "onnx", check=four_bit_blocks)
 def int4_weights(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
+    entry: Path, settings: Int4Weights, calibration: Calibration = ()
 ) -> dict[str, Any]:
     """Block-wise int4 weights of every MatMul with a constant 2-D weight (MatMulNBits);
     activations stay float. The Gemm/Conv layers and activation x activation MatMuls stay
@@ -234,9 +250,8 @@ def int4_weights(
     }
 
 
-def nf4_weights(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
-) -> dict[str, Any]:
+@handles(NF4Weights, "onnx", check=four_bit_blocks)
+def nf4_weights(entry: Path, settings: NF4Weights, calibration: Calibration = ()) -> dict[str, Any]:
     """NF4 (4-bit NormalFloat, absmax per block) weights of every MatMul with a constant 2-D
     weight (MatMulBnb4). ORT's CPU kernel runs it with outputs as close as int4's, but
     dequantizes the whole weight on every call: 4x slower than fp32 at batch 1 on a 4096x4096
@@ -405,74 +420,6 @@ class _PreprocessHint(logging.Filter):
             return True
         logger.debug("onnxruntime: %s", record.getMessage())
         return False
-
-
-def calibration_method(settings: QuantizationSettings) -> tuple[Any, dict[str, Any]]:
-    """onnxruntime's CalibrationMethod for `settings.method` and its calibrator's options."""
-    from onnxruntime.quantization import CalibrationMethod
-
-    options: dict[str, Any]
-    if settings.method == "entropy":
-        options = {"num_bins": ENTROPY_BINS, "num_quantized_bins": ENTROPY_QUANTIZED_BINS}
-        return CalibrationMethod.Entropy, options
-    if settings.method == "percentile":
-        # symmetric: the percentile of |x|, ORT's default for this method.
-        options = {"num_bins": PERCENTILE_BINS, "percentile": PERCENTILE, "symmetric": True}
-        return CalibrationMethod.Percentile, options
-    return CalibrationMethod.MinMax, {}
-
-
-def calibrate(
-    entry: Path,
-    calibration: Calibration,
-    method: Any,
-    options: dict[str, Any],
-    scratch: Path,
-    ranges: Path,
-) -> None:
-    """Run the calibration feeds through onnxruntime's calibrator (the inputs and outputs of
-    the STATIC_OPS layers) and save the tensor ranges it computes to `ranges`."""
-    from onnxruntime.quantization.calibrate import TensorsData, create_calibrator, save_tensors_data
-
-    calibrator = create_calibrator(
-        entry,
-        list(STATIC_OPS),
-        augmented_model_path=str(scratch / "augmented.onnx"),
-        calibrate_method=method,
-        use_external_data_format=external_data_path(entry).is_file(),
-        extra_options=options,
-    )
-    calibrator.collect_data(_reader(calibration))
-    tensors = calibrator.compute_data()
-    if not isinstance(tensors, TensorsData):
-        raise QuantizationError(f"onnxruntime's calibrator returned {type(tensors).__name__}")
-    save_tensors_data(tensors, ranges)
-
-
-def _reader(calibration: Calibration) -> Any:
-    """The feeds as onnxruntime's CalibrationDataReader (one feed per get_next, then None)."""
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class Feeds(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter(calibration)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            feed = next(self.feeds, None)
-            return None if feed is None else dict(feed)
-
-    return Feeds()
-
-
-def graph_inputs(graph: onnx.GraphProto) -> dict[str, tuple[list[int | None], str]]:
-    """The graph's inputs (not its initializers): dims, None where symbolic, and as shown."""
-    initializers = {tensor.name for tensor in graph.initializer}
-    inputs = {}
-    for value in graph.input:
-        if value.name not in initializers:
-            dims = [d.dim_value or None for d in value.type.tensor_type.shape.dim]
-            inputs[value.name] = (dims, str(["?" if d is None else d for d in dims]))
-    return inputs
 
 
 def _check_block_size(group_size: int, op: str) -> None:

@@ -1,6 +1,6 @@
-"""OpenVINO quantization with nncf: weight compression (int8, int4, nf4; activations stay
-floating point), full int8 (weights and activations, calibrated) and the hybrid int8 that
-optimum-intel uses for Stable Diffusion UNets."""
+"""The openvino format's scheme handlers, with nncf: weight compression (int8, int4, nf4;
+activations stay floating point), full int8 (weights and activations, calibrated) and the
+hybrid int8 that optimum-intel uses for Stable Diffusion UNets."""
 
 from __future__ import annotations
 
@@ -15,10 +15,13 @@ from typing import TYPE_CHECKING, Any
 from modelkiln.errors import QuantizationError
 from modelkiln.exporters.base import first_line
 from modelkiln.quantize import check_calibration
+from modelkiln.quantize.handlers import handles
+from modelkiln.quantize.schemes import Int4Weights, Int8Hybrid, Int8Static, Int8Weights, NF4Weights
 
 if TYPE_CHECKING:
-    from modelkiln.profiles import QuantizationSettings
     from modelkiln.quantize import Calibration
+
+WeightScheme = Int8Weights | Int4Weights | NF4Weights
 
 logger = logging.getLogger(__name__)
 LOW_PRECISION = {"i8", "u8", "i4", "u4", "nf4"}
@@ -26,15 +29,19 @@ LOW_PRECISION = {"i8", "u8", "i4", "u4", "nf4"}
 QUANTIZER_OPS = ("FakeQuantize", "FakeConvert")
 
 
-def _mode(settings: QuantizationSettings) -> str:
-    if settings.scheme == "nf4-weights":
+def _mode(settings: WeightScheme | Int8Hybrid) -> str:
+    """nncf's CompressWeightsMode name of a scheme's weights."""
+    if isinstance(settings, NF4Weights):
         return "NF4"
-    bits = "INT8" if settings.scheme in ("int8-weights", "int8-hybrid") else "INT4"
+    bits = "INT4" if isinstance(settings, Int4Weights) else "INT8"
     return f"{bits}_{'SYM' if settings.symmetric else 'ASYM'}"
 
 
+@handles(Int8Weights, "openvino")
+@handles(Int4Weights, "openvino")
+@handles(NF4Weights, "openvino")
 def compress_weights(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
+    entry: Path, settings: WeightScheme, calibration: Calibration = ()
 ) -> dict[str, Any]:
     """nncf.compress_weights on the IR; int4/nf4 use settings.group_size and ratio (the rest
     of the layers, and embeddings and the last layer, stay int8 as nncf decides)."""
@@ -46,7 +53,7 @@ def compress_weights(
     before = _low_precision_constants(model)
     mode = _mode(settings)
     options: dict[str, Any] = {}
-    if mode != "INT8_SYM" and mode != "INT8_ASYM":
+    if isinstance(settings, Int4Weights | NF4Weights):
         options = {"group_size": settings.group_size, "ratio": settings.ratio}
     try:
         with _quiet_nncf():
@@ -57,7 +64,7 @@ def compress_weights(
         hint = ""
         if "group size" in str(error):
             hint = (
-                f"; quantization.group_size = {settings.group_size} must divide the input "
+                f"; quantization.group_size = {options['group_size']} must divide the input "
                 "channels of every layer: pick a divisor of the model's hidden size (64, 32, ...)"
             )
         raise QuantizationError(
@@ -71,15 +78,14 @@ def compress_weights(
         "quantized_weights": sum(after.values()) - sum(before.values()),
         "nncf_mode": mode.lower(),
         "weight_types": dict(after),
-        **({"group_size": settings.group_size, "ratio": settings.ratio} if options else {}),
+        **options,
         "bytes_before": before_bytes,
         "bytes_after": _size(entry),
     }
 
 
-def int8_static(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
-) -> dict[str, Any]:
+@handles(Int8Static, "openvino")
+def int8_static(entry: Path, settings: Int8Static, calibration: Calibration = ()) -> dict[str, Any]:
     """nncf.quantize: int8 weights and int8 activations (FakeQuantize before each quantized
     op, ranges from the calibration feeds). The IR stores the weights as int8 constants."""
     import nncf
@@ -87,7 +93,7 @@ def int8_static(
 
     before_bytes = _size(entry)
     model = ov.Core().read_model(entry)
-    dataset = _dataset(model, calibration, settings.scheme)
+    dataset = _dataset(model, calibration, settings.name)
     before = _low_precision_constants(model)
     try:
         with _quiet_nncf():
@@ -102,9 +108,8 @@ def int8_static(
     return {**record, "bytes_before": before_bytes, "bytes_after": _size(entry)}
 
 
-def int8_hybrid(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
-) -> dict[str, Any]:
+@handles(Int8Hybrid, "openvino")
+def int8_hybrid(entry: Path, settings: Int8Hybrid, calibration: Calibration = ()) -> dict[str, Any]:
     """optimum-intel's hybrid mode for diffusion UNets: the weights of MatMuls and embeddings
     compressed to int8 (their activations stay floating point), then every other op,
     convolutions included, quantized in full (int8 weights and activations) by nncf.quantize."""
@@ -117,7 +122,7 @@ def int8_hybrid(
 
     before_bytes = _size(entry)
     model = ov.Core().read_model(entry)
-    dataset = _dataset(model, calibration, settings.scheme)
+    dataset = _dataset(model, calibration, settings.name)
     before = _low_precision_constants(model)
     weighted = _ops_with_weights(model)
     mode = _mode(settings)
@@ -157,7 +162,7 @@ def int8_hybrid(
     }
 
 
-def _quantize_options(settings: QuantizationSettings) -> dict[str, Any]:
+def _quantize_options(settings: Int8Static | Int8Hybrid) -> dict[str, Any]:
     import nncf
 
     transformer = settings.model_type == "transformer"
@@ -174,7 +179,7 @@ def _describe(
     quantized: Any,
     entry: Path,
     before: Counter[str],
-    settings: QuantizationSettings,
+    settings: Int8Static | Int8Hybrid,
     batches: int,
 ) -> tuple[dict[str, Any], Path]:
     """The manifest's record of a quantized model, and the model staged beside `entry`."""

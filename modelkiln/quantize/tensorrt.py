@@ -1,4 +1,5 @@
-"""TensorRT's explicit quantization, written into the ONNX the engine is built from.
+"""The tensorrt format's scheme handlers: TensorRT's explicit quantization, written into the
+ONNX the engine is built from.
 
 TensorRT quantizes symmetrically only: every zero point is 0, int8 weights span [-127, 127]
 and activations [-128, 127]. int8_static runs onnxruntime's calibration as the ONNX scheme does
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import QuantizationError
+from modelkiln.backends import ProfileContext
+from modelkiln.errors import ProfileError, QuantizationError
+from modelkiln.quantize.handlers import handles
 from modelkiln.quantize.onnx import (
     count_ops,
     external_data_path,
@@ -23,6 +26,7 @@ from modelkiln.quantize.onnx import (
     save_model,
     scratch_dir,
 )
+from modelkiln.quantize.schemes import Int4Weights, Int8Static
 from modelkiln.tensorrt.onnx_checks import INT4, INT4_BLOCK_SIZES
 
 INT4_OPSET, INT4_IR_VERSION = 21, 10
@@ -32,13 +36,19 @@ if TYPE_CHECKING:
 
     import onnx
 
-    from modelkiln.profiles import QuantizationSettings
     from modelkiln.quantize import Calibration
 
 
-def int8_static(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
-) -> dict[str, Any]:
+def int4_blocks(config: Int4Weights, context: ProfileContext) -> None:
+    if config.group_size not in INT4_BLOCK_SIZES:
+        raise ProfileError(
+            f"{context.origin}: TensorRT's int4 weights take quantization.group_size in "
+            f"{', '.join(map(str, INT4_BLOCK_SIZES))}, got {config.group_size}"
+        )
+
+
+@handles(Int8Static, "tensorrt")
+def int8_static(entry: Path, settings: Int8Static, calibration: Calibration = ()) -> dict[str, Any]:
     """int8 weights and activations as Q/DQ around the MatMul, Gemm and Conv layers, with
     activation ranges calibrated on the feeds; symmetric whatever quantization.symmetric says."""
     return int8_qdq(
@@ -58,8 +68,9 @@ def int8_static(
     )
 
 
+@handles(Int4Weights, "tensorrt", check=int4_blocks)
 def int4_weights(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
+    entry: Path, settings: Int4Weights, calibration: Calibration = ()
 ) -> dict[str, Any]:
     """Blockwise symmetric int4 weights (blocks along the input channels) of every MatMul with
     a constant 2-D weight whose input channels the block size divides; the rest stay float."""

@@ -25,53 +25,57 @@ from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import QuantizationError, missing_backend
 from modelkiln.exporters.base import first_line
+from modelkiln.quantize.handlers import handles
+from modelkiln.quantize.schemes import Int4Weights, Int8Weights, NF4Weights
 
 if TYPE_CHECKING:
     import torch
 
-    from modelkiln.profiles import QuantizationSettings
     from modelkiln.quantize import Calibration
+
+TorchScheme = Int8Weights | Int4Weights | NF4Weights
 
 logger = logging.getLogger(__name__)
 
 LIBRARY = "torchao"
 SCHEMES = ("int8-weights", "int4-weights", "nf4-weights")
-GROUPED = frozenset({"int4-weights", "nf4-weights"})
 # NF4 quantizes its per-block scales again to int8, in blocks of this many scales (torchao's
 # default); a layer whose block count it does not divide uses its largest divisor below it.
 NF4_SCALER_BLOCK = 256
 RECIPE_GLOB = "modelkiln_*.json"  # runtimes.torch.component_file
 
 
-def quantization_record(settings: QuantizationSettings) -> dict[str, Any]:
+def quantization_record(settings: TorchScheme) -> dict[str, Any]:
     """What the recipe json stores: the settings that change the weights, and torchao's version.
 
     int8 is per output channel (like nncf's INT8 and onnxruntime's per-channel weights), so
     group_size does not apply to it; nf4 has no zero point, so symmetric does not apply to it.
     """
-    scheme = settings.scheme
-    if scheme not in SCHEMES:
+    if settings.name not in SCHEMES:
         raise QuantizationError(
-            f"the torch format has no quantization scheme '{scheme}'; use one of "
+            f"the torch format has no quantization scheme '{settings.name}'; use one of "
             f"{', '.join(SCHEMES)}"
         )
-    grouped = scheme in GROUPED
-    if grouped and settings.group_size < 1:
+    group_size = settings.group_size if isinstance(settings, Int4Weights | NF4Weights) else None
+    if group_size is not None and group_size < 1:
         raise QuantizationError(
             f"quantization.group_size must be a positive number of weights, not "
-            f"{settings.group_size}; use e.g. 32, 64 or 128"
+            f"{group_size}; use e.g. 32, 64 or 128"
         )
     return {
-        "scheme": scheme,
-        "group_size": settings.group_size if grouped else None,
-        "symmetric": None if scheme == "nf4-weights" else settings.symmetric,
+        "scheme": settings.name,
+        "group_size": group_size,
+        "symmetric": None if isinstance(settings, NF4Weights) else settings.symmetric,
         "library": LIBRARY,
         "library_version": _torchao_version(),
     }
 
 
+@handles(Int8Weights, "torch")
+@handles(Int4Weights, "torch")
+@handles(NF4Weights, "torch")
 def quantize_weights(
-    entry: Path, settings: QuantizationSettings, calibration: Calibration = ()
+    entry: Path, settings: TorchScheme, calibration: Calibration = ()
 ) -> dict[str, Any]:
     """Record `settings` in the recipe of every not yet quantized component in `entry`.
 
@@ -102,7 +106,7 @@ def quantize_weights(
         del module, linears  # one component's weights in memory at a time
     if not totals["linear"]:
         raise QuantizationError(
-            f"{entry} has no Linear layer to quantize with {settings.scheme}; use scheme 'none'"
+            f"{entry} has no Linear layer to quantize with {settings.name}; use scheme 'none'"
         )
     if not totals["quantized"]:
         found = ", ".join(map(str, sorted(skipped_features))) or "none"

@@ -1,32 +1,28 @@
-"""Runtimes by name; the same name is the pip extra, the profile value and the pytest marker."""
+"""Runtimes: each backend's Session and Runtime live in runtimes/<backend>.py, beside its
+descriptor (modelkiln.backends); the backend's name is the runtime's name."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from modelkiln.registry import Registry
+from modelkiln.backends import resolved_runtime, runtime_backend
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
 
-RUNTIMES: Registry[type[Runtime]] = Registry(
-    "runtime",
-    {
-        "torch": "modelkiln.runtimes.torch:TorchRuntime",
-        "onnxruntime": "modelkiln.runtimes.onnxruntime:OnnxRuntime",
-        "openvino": "modelkiln.runtimes.openvino:OpenVINORuntime",
-        "coreml": "modelkiln.runtimes.coreml:CoreMLRuntime",
-        "tensorrt": "modelkiln.runtimes.tensorrt:TensorRTRuntime",
-    },
-)
+
+def runtime_named(name: str) -> type[Runtime]:
+    """The Runtime class of the backend called `name`; unknown names raise with the list."""
+    return runtime_backend(name).runtime_class()
 
 
 def runs_here(profile: Profile) -> bool:
     """Whether this machine can run the profile's artifacts (bench scripts pick by it)."""
-    runtime = RUNTIMES.get(profile.runtime_name)
-    options = RuntimeOptions.from_profile(profile.to_dict())
+    backend = runtime_backend(resolved_runtime(profile))
+    runtime = backend.runtime_class()
+    options = RuntimeOptions.for_profile(profile, backend.settings)
     return runtime.is_available() and runtime.unavailable_reason(options) is None
 
 
-__all__ = ["RUNTIMES", "Runtime", "RuntimeOptions", "Session", "runs_here"]
+__all__ = ["Runtime", "RuntimeOptions", "Session", "runs_here", "runtime_named"]

@@ -11,44 +11,71 @@ import importlib.util
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
+from modelkiln.backends import BackendSettings
 from modelkiln.errors import ArtifactError, InputError, missing_backend
 from modelkiln.specs import TensorSpec, check_feeds
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import Profile
+
+S = TypeVar("S", bound=BackendSettings)
 
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """How to run: the profile's [runtime] section plus its compute precision, overridable."""
+    """How to run: the profile's [runtime] section and compute precision, and the runtime
+    backend's own section (its settings); all overridable at load time."""
 
     device: str = "cpu"
     threads: int | None = None
-    performance_hint: str | None = None
-    graph_optimization: str = "all"
     compute_precision: str = "fp32"
-    compute_units: str = "all"  # coreml: all | cpu_and_ne | cpu_and_gpu | cpu_only
+    settings: BackendSettings | None = None
+
+    def backend(self, cls: type[S]) -> S:
+        """The runtime's own settings ([openvino], ...); defaults when the profile has none."""
+        return self.settings if isinstance(self.settings, cls) else cls()
 
     @classmethod
-    def from_profile(
-        cls, profile: Mapping[str, Any], component: str | None = None
+    def for_profile(
+        cls,
+        profile: Profile,
+        settings: type[BackendSettings] | None = None,
+        component: str | None = None,
     ) -> RuntimeOptions:
-        """From a profile's dict (as kiln.json keeps it); a component's compute override wins."""
-        runtime = profile.get("runtime", {})
-        compute = profile.get("precision", {}).get("compute", "fp32")
-        overrides = profile.get("components", {}).get(component, {}) if component else {}
+        """A component's options (its compute override wins) with `settings` parsed from the
+        profile's section of the runtime's backend."""
+        view = profile.for_component(component) if component else profile
         return cls(
-            device=runtime.get("device", "cpu"),
-            threads=runtime.get("threads"),
-            performance_hint=runtime.get("performance_hint"),
-            graph_optimization=runtime.get("graph_optimization", "all"),
-            compute_precision=overrides.get("compute") or compute,
-            compute_units=profile.get("coreml", {}).get("compute_units", "all"),
+            device=profile.runtime.device,
+            threads=profile.runtime.threads,
+            compute_precision=view.precision.compute,
+            settings=settings.of(profile) if settings is not None else None,
         )
+
+    def with_overrides(self, **overrides: Any) -> RuntimeOptions:
+        """Non-None overrides applied: generic fields by name, the rest to the settings."""
+        generic = {f.name for f in fields(self)} - {"settings"}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        own = {k: v for k, v in given.items() if k not in generic}
+        settings = self.settings
+        if own:
+            known = [f.name for f in fields(settings)] if settings is not None else []
+            unknown = sorted(set(own) - set(known))
+            if unknown:
+                raise TypeError(
+                    f"unknown runtime option(s): {', '.join(unknown)}; known: "
+                    f"{', '.join(sorted(generic | set(known)))}"
+                )
+            settings = replace(settings, **own)  # type: ignore[type-var]
+        mine = {k: v for k, v in given.items() if k in generic}
+        return replace(self, **mine, settings=settings)
 
 
 class Closeable:
@@ -118,7 +145,7 @@ class Session(Closeable, ABC):
 class Runtime(ABC):
     """Opens Sessions for one backend; class attributes feed the support matrix."""
 
-    name: ClassVar[str]
+    name: ClassVar[str]  # its backend's name (and pip extra)
     formats: ClassVar[frozenset[str]]  # on-disk formats it can run
     compute_precisions: ClassVar[frozenset[str]]
     # True when the runtime computes in the types the file stores (onnxruntime): the profile's
@@ -126,7 +153,6 @@ class Runtime(ABC):
     compute_follows_weights: ClassVar[bool] = False
     package: ClassVar[str]  # import name of the backend
     distribution: ClassVar[str]  # pip distribution, for versions
-    extra: ClassVar[str]  # the modelkiln extra that installs it
     # Opens a model file: (entry, name, inputs, outputs, options) -> Session.
     session_class: ClassVar[Callable[..., Session]]
 
@@ -137,7 +163,7 @@ class Runtime(ABC):
     @classmethod
     def require(cls) -> None:
         if not cls.is_available():
-            raise missing_backend(cls.distribution, cls.extra)
+            raise missing_backend(cls.distribution, cls.name)
 
     @classmethod
     def unavailable_reason(cls, options: RuntimeOptions) -> str | None:

@@ -1,4 +1,6 @@
-"""Core ML sessions: `coremltools.models.MLModel.predict` on macOS, a clear error elsewhere.
+"""The coreml backend: its descriptor and settings, and Core ML sessions
+(`coremltools.models.MLModel.predict` on macOS, a clear error elsewhere). It writes the
+`coreml` format (an ML Program, model.mlpackage).
 
 coremltools loads a package anywhere but predicts only on macOS (elsewhere `predict` raises a
 bare Exception); the session refuses before that, naming the requirement. The compute units
@@ -11,15 +13,20 @@ import logging
 import platform
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
+from modelkiln.backends import Backend, BackendSettings, ProfileContext
 from modelkiln.errors import ArtifactError, UnsupportedError
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
 from modelkiln.specs import TensorSpec
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import Profile
 
 # Our names -> coremltools.ComputeUnit members.
 COMPUTE_UNITS = {
@@ -29,6 +36,31 @@ COMPUTE_UNITS = {
     "cpu_only": "CPU_ONLY",
 }
 MIN_MACOS = (13, 0)  # ML Programs with the ops our exports use
+# A Core ML deployment target -> the (iOS, macOS) releases of that ML Program spec: a bundle's
+# target runs an ML Program on the OS its [coreml] target names, or later.
+COREML_OS = {
+    "iOS16": (16, 13),
+    "macOS13": (16, 13),
+    "iOS17": (17, 14),
+    "macOS14": (17, 14),
+    "iOS18": (18, 15),
+    "macOS15": (18, 15),
+}
+
+
+@dataclass(frozen=True)
+class CoreMLSettings(BackendSettings):
+    """[coreml]: the ML Program of format 'coreml'."""
+
+    section: ClassVar[str] = "coreml"
+    # The oldest OS the .mlpackage loads on; decides the ops compression may use (int4,
+    # per-block scales and grouped lookup tables need iOS18 / macOS15).
+    target: Literal["iOS16", "iOS17", "iOS18", "macOS13", "macOS14", "macOS15"] = "iOS17"
+    # Where Core ML may run it; not stored in the package, so the manifest carries it.
+    compute_units: Literal["all", "cpu_and_ne", "cpu_and_gpu", "cpu_only"] = "all"
+    # Flexible dims ([shapes] dynamic batch / resolution): a list of shapes Core ML compiles
+    # for each (what the Neural Engine runs), or any size within the bounds (CPU / GPU only).
+    flexible_shapes: Literal["enumerated", "range"] = "enumerated"
 
 
 def import_coremltools() -> ModuleType:
@@ -77,11 +109,11 @@ class CoreMLSession(Session):
         if problem is not None:
             raise UnsupportedError(f"{name}: {problem}")
         ct = import_coremltools()
-        self._compute_units = options.compute_units
+        self._compute_units = options.backend(CoreMLSettings).compute_units
         try:
             self._model = ct.models.MLModel(
                 str(entry),
-                compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[options.compute_units]),
+                compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[self._compute_units]),
             )
         except Exception as error:  # coremltools raises bare Exceptions and RuntimeErrors
             raise ArtifactError(
@@ -117,9 +149,47 @@ class CoreMLRuntime(Runtime):
     compute_follows_weights = True
     package = "coremltools"
     distribution = "coremltools"
-    extra = "coreml"
     session_class = CoreMLSession
 
     @classmethod
     def unavailable_reason(cls, options: RuntimeOptions) -> str | None:
         return platform_problem()
+
+
+class CoreMLBackend(Backend):
+    name = "coreml"
+    summary = "Core ML ML Programs (.mlpackage) for iOS and macOS; prediction needs macOS"
+    runtime = "modelkiln.runtimes.coreml:CoreMLRuntime"
+    exporters: ClassVar[Mapping[str, str]] = {"coreml": "modelkiln.exporters.coreml:CoreMLExporter"}
+    quantizers = "modelkiln.quantize.coreml"
+    settings = CoreMLSettings
+    packages = ("coremltools",)
+    needs = f"macOS {MIN_MACOS[0]}+ (converting works anywhere)"
+    libraries = ("coremltools",)
+    deploy: ClassVar[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
+        "coreml": {"ios": ("iOS>=17",), "macos": ("macOS>=14",)}  # the default target, iOS17
+    }
+    unsupported_schemes: ClassVar[Mapping[str, str]] = {
+        "int8-static": "Core ML calibrates activations by running the model, which needs "
+        "macOS: use int8-weights",
+    }
+
+    @classmethod
+    def check_profile(cls, context: ProfileContext) -> None:
+        profile = context.profile
+        # coremltools builds group norm's reshape from the batch size as a constant.
+        group_norm = "group_norm" in context.family.notable_ops
+        if context.format == "coreml" and profile.shapes.dynamic_batch and group_norm:
+            raise UnsupportedError(
+                f"{context.origin}: Core ML's converter cannot give the group-norm components "
+                f"of {context.family.name} models (UNet, VAE) a flexible batch; set "
+                "shapes.dynamic_batch = false and shapes.batch_size to the images per call"
+            )
+
+    @classmethod
+    def requirements(cls, format: str, target: str, profile: Profile) -> tuple[str, ...] | None:
+        """The OS release of the deployment target the artifact was built for."""
+        if format != "coreml" or target not in ("ios", "macos"):
+            return None
+        ios, macos = COREML_OS[CoreMLSettings.of(profile).target]
+        return (f"iOS>={ios}",) if target == "ios" else (f"macOS>={macos}",)

@@ -1,18 +1,39 @@
-"""ONNX Runtime sessions (CPU by default; CUDA when onnxruntime-gpu is installed)."""
+"""The onnxruntime backend: its descriptor and settings, and ONNX Runtime sessions (CPU by
+default; CUDA when onnxruntime-gpu is installed). It writes the `onnx` format."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from modelkiln.backends import Backend, BackendSettings
 from modelkiln.errors import ArtifactError, UnsupportedError
-from modelkiln.exporters.onnx_fusions import FUSED_OPS_KEY
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
 from modelkiln.specs import TensorSpec
+
+# What a bundle's target needs for an onnx artifact. ONNX Runtime 1.19: reads ONNX IR 10 at
+# opset 18 and the com.microsoft ops that our fusions and 4-bit quantization emit (Attention,
+# MatMulNBits); its mobile packages (Android AAR, iOS/macOS pods) come from the same line.
+ONNXRUNTIME = "onnxruntime>=1.19"
+# Model metadata: the com.microsoft ops the export's fusions left in the graph, as JSON
+# {op: count} (exporters/onnx_fusions.py writes it, the session reports it).
+FUSED_OPS_KEY = "modelkiln.fused_ops"
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeSettings(BackendSettings):
+    """[onnxruntime]: the ONNX export's fused ops, and how ONNX Runtime optimizes at load."""
+
+    section: ClassVar[str] = "onnxruntime"
+    graph_optimization: Literal["all", "extended", "basic", "disabled"] = "all"
+    # ONNX Runtime's fused Attention/Gelu ops in the exported graph (exporters/onnx_fusions.py)
+    fusions: Literal["auto", "none"] = "auto"
+
 
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -35,7 +56,7 @@ class OnnxRuntimeSession(Session):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }[options.graph_optimization]
+        }[options.backend(OnnxRuntimeSettings).graph_optimization]
         if options.threads:
             session_options.intra_op_num_threads = options.threads
         session_options.log_severity_level = 3  # the library never prints; errors still raise
@@ -55,7 +76,7 @@ class OnnxRuntimeSession(Session):
         )
         self._threads = options.threads
         self._precision = {"fp16": "f16", "bf16": "bf16"}.get(options.compute_precision, "f32")
-        self._graph_optimization = options.graph_optimization
+        self._graph_optimization = options.backend(OnnxRuntimeSettings).graph_optimization
         fused = self._session.get_modelmeta().custom_metadata_map.get(FUSED_OPS_KEY)
         self._fused_ops = json.loads(fused) if fused else {}
 
@@ -101,5 +122,24 @@ class OnnxRuntime(Runtime):
     compute_follows_weights = True
     package = "onnxruntime"
     distribution = "onnxruntime"
-    extra = "onnxruntime"
     session_class = OnnxRuntimeSession
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+    summary = "ONNX files in optimum's layout, run by ONNX Runtime (CPU; CUDA with -gpu)"
+    runtime = "modelkiln.runtimes.onnxruntime:OnnxRuntime"
+    exporters: ClassVar[Mapping[str, str]] = {"onnx": "modelkiln.exporters.onnx:OnnxExporter"}
+    quantizers = "modelkiln.quantize.onnx"
+    settings = OnnxRuntimeSettings
+    packages = ("onnxruntime",)
+    libraries = ("onnx", "onnxscript", "onnx-ir", "onnxruntime", "onnxruntime-gpu")
+    deploy: ClassVar[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
+        "onnx": {
+            target: (ONNXRUNTIME,)
+            for target in ("linux-x86_64", "linux-aarch64", "android", "macos")
+        }
+    }
+    companions: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "onnx": ("{stem}.onnx_data",)  # external weights, optimum's naming
+    }

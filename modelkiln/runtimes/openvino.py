@@ -1,4 +1,5 @@
-"""OpenVINO sessions: IR (and ONNX) compiled for a device with explicit precision hints.
+"""The openvino backend: its descriptor and settings, and OpenVINO sessions, IR (and ONNX)
+compiled for a device with explicit precision hints. It writes the `openvino` format.
 
 On CPUs with AMX or AVX512-BF16, OpenVINO runs fp32 models in bf16 unless told otherwise, so the
 inference precision is always set explicitly, and the precision the compiled model reports is
@@ -8,23 +9,40 @@ what the manifest and `kiln info` show.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from modelkiln.backends import Backend, BackendSettings
 from modelkiln.errors import ArtifactError, UnsupportedError
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
 from modelkiln.specs import TensorSpec
 
 # Our precision names -> OpenVINO's element type names for INFERENCE_PRECISION_HINT.
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+# What a bundle's target needs for an openvino artifact. 2024.4: the oldest our openvino extra
+# allows (pyproject.toml); it reads the IR v11 that ov.save_model writes with NNCF's
+# int8/int4/nf4-compressed weights.
+OPENVINO = "openvino>=2024.4"
+
+
+@dataclass(frozen=True)
+class OpenVINOSettings(BackendSettings):
+    """[openvino]: how the IR is made, and OpenVINO's performance hint at load."""
+
+    section: ClassVar[str] = "openvino"
+    # Convert the torch module (ov.convert_model) or our ONNX export of it.
+    via: Literal["torch", "onnx"] = "torch"
+    performance_hint: Literal["latency", "throughput"] | None = None
 
 
 def compile_config(options: RuntimeOptions) -> dict[str, str]:
     config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[options.compute_precision]}
-    if options.performance_hint:
-        config["PERFORMANCE_HINT"] = options.performance_hint.upper()
+    hint = options.backend(OpenVINOSettings).performance_hint
+    if hint:
+        config["PERFORMANCE_HINT"] = hint.upper()
     if options.threads:
         config["INFERENCE_NUM_THREADS"] = str(options.threads)
     return config
@@ -97,5 +115,21 @@ class OpenVINORuntime(Runtime):
     compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "fp16"})
     package = "openvino"
     distribution = "openvino"
-    extra = "openvino"
     session_class = OpenVINOSession
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    summary = "OpenVINO IR (openvino_model.xml/.bin), run by OpenVINO; it runs ONNX files too"
+    runtime = "modelkiln.runtimes.openvino:OpenVINORuntime"
+    exporters: ClassVar[Mapping[str, str]] = {
+        "openvino": "modelkiln.exporters.openvino:OpenVINOExporter"
+    }
+    quantizers = "modelkiln.quantize.openvino"
+    settings = OpenVINOSettings
+    packages = ("openvino",)
+    libraries = ("openvino", "nncf")
+    deploy: ClassVar[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
+        "openvino": {"linux-x86_64": (OPENVINO,), "linux-aarch64": (OPENVINO,)}
+    }
+    companions: ClassVar[Mapping[str, tuple[str, ...]]] = {"openvino": ("{stem}.bin",)}

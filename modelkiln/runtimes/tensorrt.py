@@ -1,4 +1,5 @@
-"""TensorRT sessions: a serialized engine run on a CUDA GPU, I/O through torch CUDA tensors.
+"""The tensorrt backend: its descriptor and settings, and TensorRT sessions, a serialized
+engine run on a CUDA GPU with I/O through torch CUDA tensors. It writes the `tensorrt` format.
 
 An engine runs only on the GPU model and TensorRT version it was built for; engine.json beside
 it says which. Elsewhere the session rebuilds the same recipe from the artifact's ONNX into
@@ -13,6 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from modelkiln.backends import Backend
 from modelkiln.errors import ArtifactError, InputError
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
 from modelkiln.specs import TensorSpec
@@ -24,6 +26,11 @@ from modelkiln.tensorrt.device import (
     require_cuda,
     trt_logger,
 )
+from modelkiln.tensorrt.settings import TensorRTSettings
+
+# What a bundle's target needs for a tensorrt artifact: TensorRT 10, what the engine recipe is
+# written for (pyproject's tensorrt extra).
+TENSORRT = "tensorrt>=10,<11"
 
 
 class TensorRTSession(Session):
@@ -123,5 +130,31 @@ class TensorRTRuntime(Runtime):
     compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16", "bf16"})
     package = "tensorrt"
     distribution = "tensorrt"
-    extra = "tensorrt"
     session_class = TensorRTSession
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    summary = "TensorRT engines built from our ONNX on this machine's NVIDIA GPU"
+    runtime = "modelkiln.runtimes.tensorrt:TensorRTRuntime"
+    exporters: ClassVar[Mapping[str, str]] = {
+        "tensorrt": "modelkiln.exporters.tensorrt:TensorRTExporter"
+    }
+    quantizers = "modelkiln.quantize.tensorrt"
+    settings = TensorRTSettings
+    packages = ("tensorrt",)
+    needs = "an NVIDIA CUDA GPU"
+    libraries = ("tensorrt",)
+    deploy: ClassVar[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
+        "tensorrt": {"linux-x86_64": (TENSORRT,), "linux-aarch64": (TENSORRT,)}
+    }
+    # The engine's record, and the ONNX it rebuilds from on another GPU or TensorRT version.
+    companions: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "tensorrt": ("engine.json", "model.onnx", "model.onnx_data")
+    }
+    unsupported_schemes: ClassVar[Mapping[str, str]] = {
+        "nf4-weights": "TensorRT has no NF4 kernels, its 4-bit weights are INT4 or FP4: use "
+        "int4-weights",
+        "int8-dynamic": "TensorRT takes int8 as explicit Q/DQ with calibrated activation "
+        "scales: use int8-static",
+    }

@@ -1,4 +1,5 @@
-"""The torch reference backend: the source module itself, behind the same Session interface.
+"""The torch backend: the source module itself, behind the same Session interface; its
+descriptor, and the `torch` format's runtime.
 
 The build validates every export against a `TorchModuleSession`; the `torch` format stores the
 reference weights so that the same session can be reopened from an artifact.
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from modelkiln.backends import Backend
 from modelkiln.errors import ArtifactError, UnsupportedError
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
 from modelkiln.specs import TensorSpec
@@ -89,7 +91,6 @@ class TorchRuntime(Runtime):
     compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16"})
     package = "torch"
     distribution = "torch"
-    extra = "torch"
     session_class = TorchModuleSession  # opened from an in-memory module; open() rebuilds it
 
     def open(
@@ -119,3 +120,13 @@ class TorchRuntime(Runtime):
 
             apply(module, recipe["quantization"])
         return TorchModuleSession(module, name, inputs, outputs, options)
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    summary = "the source's own torch modules (safetensors), the reference every format meets"
+    runtime = "modelkiln.runtimes.torch:TorchRuntime"
+    exporters: ClassVar[Mapping[str, str]] = {"torch": "modelkiln.exporters.torch:TorchExporter"}
+    quantizers = "modelkiln.quantize.torch"
+    packages = ("torch",)
+    libraries = ("torch", "torchao")

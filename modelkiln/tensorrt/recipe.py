@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkiln.errors import ArtifactError, ExportError, UnsupportedError
 from modelkiln.exporters.base import dim_ranges, export_dims, resolve_dim
+from modelkiln.tensorrt.settings import TensorRTSettings
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
@@ -97,7 +98,7 @@ class EngineRecipe:
 def recipe_for(spec: ComponentSpec, profile: Profile) -> EngineRecipe:
     """The recipe of one component's engine; `profile` is the component's own view of it."""
     flags, cleared = builder_flags(profile.precision.compute, profile.quantization.scheme)
-    settings = profile.tensorrt
+    settings = TensorRTSettings.of(profile)
     return EngineRecipe(
         compute=profile.precision.compute,
         scheme=profile.quantization.scheme,

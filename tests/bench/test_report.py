@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from reports import entry, latency, noisy, report
 
-from modelkiln.bench.report import latency_figure, markdown, write_report
+from modelkiln.bench.plots import latency_figure
+from modelkiln.bench.report import markdown, write_report
 from modelkiln.bench.schema import read_report
 from modelkiln.errors import BackendUnavailableError, ReportError
 

@@ -17,9 +17,10 @@ from click.testing import CliRunner
 from modelkiln import load, open_artifact
 from modelkiln.cli import cli
 from modelkiln.errors import UnsupportedError
-from modelkiln.profiles import load_profile
+from modelkiln.evaluation.components import load_reference
+from modelkiln.plan import load_profile
 from modelkiln.quantize.coreml import NF4_LEVELS, nf4_table
-from modelkiln.validate import load_reference
+from modelkiln.runtimes.coreml import CoreMLSettings
 
 pytestmark = [pytest.mark.torch, pytest.mark.coreml]
 
@@ -79,14 +80,14 @@ def test_vit_converts_with_a_flexible_batch_and_keeps_its_torch_reference(
     manifest = open_artifact(artifact).manifest
     record = manifest.components["vision_model"]
     assert record.entry == "model.mlpackage"
-    assert record.validation["passed"] is None
+    assert record.validation.passed is None
     if sys.platform != "darwin":
-        assert "needs macOS" in record.validation["not_run"]
+        assert "needs macOS" in record.validation.not_run
     # The torch outputs for the validation feeds travel with the artifact.
-    feeds, expected = load_reference(artifact / record.validation["reference"])
+    feeds, expected = load_reference(artifact / record.validation.reference)
     assert [f["pixel_values"].shape for f in feeds] == [(1, 3, 32, 32), (4, 3, 32, 32)]
     assert [e["logits"].shape for e in expected] == [(1, 10), (4, 10)]
-    assert record.validation["tolerance"]["atol"] == 5e-2
+    assert record.validation.tolerance.atol == 5e-2
     import torch
     from transformers import ViTForImageClassification
 
@@ -94,7 +95,7 @@ def test_vit_converts_with_a_flexible_batch_and_keeps_its_torch_reference(
     with torch.no_grad():
         logits = torch_model(torch.from_numpy(feeds[1]["pixel_values"])).logits.numpy()
     np.testing.assert_allclose(expected[1]["logits"], logits, atol=1e-5)
-    assert manifest.profile["coreml"] == {
+    assert manifest.profile.section("coreml") == {
         "target": "iOS17",
         "compute_units": "all",
         "flexible_shapes": "enumerated",
@@ -105,12 +106,12 @@ def test_vit_converts_with_a_flexible_batch_and_keeps_its_torch_reference(
 def test_deferred_validation_applies_the_build_tolerance(built: Callable[..., Path]) -> None:
     """What `kiln validate` does on a Mac, with a stand-in for the Core ML session."""
     from modelkiln.errors import ValidationError
+    from modelkiln.evaluation.components import check_pending
     from modelkiln.runtimes.base import Session
-    from modelkiln.validate import check_pending
 
     artifact = built("hf-classifier", "vit-coreml-fp16")
     record = open_artifact(artifact).manifest.components["vision_model"]
-    _, expected = load_reference(artifact / record.validation["reference"])
+    _, expected = load_reference(artifact / record.validation.reference)
 
     class Replay(Session):
         """Returns the torch outputs scaled and shifted, as a program that far off would."""
@@ -125,9 +126,9 @@ def test_deferred_validation_applies_the_build_tolerance(built: Callable[..., Pa
             return {name: reference[name] * self.scale + self.shift for name in names}
 
     result = check_pending(Replay(1.001, 0.0), record.validation, artifact)
-    assert result["passed"] is True
+    assert result.passed is True
     largest = max(float(np.abs(e["logits"]).max()) for e in expected)
-    assert result["outputs"]["logits"]["max_abs"] == pytest.approx(1e-3 * largest, rel=1e-3)
+    assert result.outputs["logits"].max_abs == pytest.approx(1e-3 * largest, rel=1e-3)
     with pytest.raises(ValidationError, match=r"max-abs diff 0\.06 > atol 0\.05"):
         check_pending(Replay(1.0, 0.06), record.validation, artifact)
 
@@ -153,7 +154,7 @@ def test_every_diffusion_component_converts(built: Callable[..., Path], source: 
     # The CFG pair at a fixed batch; the 0-d timestep as (1,).
     assert unet["sample"][0][0] == 2 and unet["timestep"][0] == [1]
     for record in manifest.components.values():
-        assert record.validation["passed"] is None and record.validation["reference"]
+        assert record.validation.passed is None and record.validation.reference
 
 
 @pytest.mark.slow
@@ -202,9 +203,9 @@ def test_compression_is_in_the_saved_program(
     # hidden 64: every linear weight (12 of them) is above coremltools' 2048-element threshold;
     # int4's block of 32 input channels does not divide the patch embedding's 3 channels.
     expected = 12 if profile == "vit-coreml-int4" else 13
-    assert ops.get(op) == expected == record["quantized_weights"]
-    assert record["ops"] == {op: expected}
-    assert record["bytes_after"] < smaller_than * record["bytes_before"]
+    assert record is not None and ops.get(op) == expected == record.quantized_weights
+    assert record.details["ops"] == {op: expected}
+    assert record.bytes_after < smaller_than * record.bytes_before
 
 
 def test_int4_weights_are_stored_in_four_bits(built: Callable[..., Path]) -> None:
@@ -320,4 +321,4 @@ def test_manifest_records_compute_units_for_the_runtime(built: Callable[..., Pat
     manifest = json.loads((artifact / "kiln.json").read_text())
     assert manifest["profile"]["coreml"]["compute_units"] == "cpu_and_ne"
     options = open_artifact(artifact).runtime_options("vision_model")
-    assert options.compute_units == "cpu_and_ne"
+    assert options.backend(CoreMLSettings).compute_units == "cpu_and_ne"

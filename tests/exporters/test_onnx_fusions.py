@@ -11,7 +11,7 @@ import pytest
 
 from modelkiln import load, open_artifact
 from modelkiln.exporters.onnx_fusions import fusions_wanted
-from modelkiln.profiles import load_profile
+from modelkiln.plan import load_profile
 
 pytestmark = [pytest.mark.torch, pytest.mark.onnxruntime]
 
@@ -38,7 +38,7 @@ def test_onnxruntime_exports_are_fused_and_match_the_unfused_graph(
     built: Callable[..., Path], source: str, fused: dict[str, int], rgb_images: list[np.ndarray]
 ) -> None:
     artifact = built(source, "vit-onnxruntime-fp32")
-    plain = built(source, "vit-onnxruntime-fp32", "export.fusions=none")
+    plain = built(source, "vit-onnxruntime-fp32", "onnxruntime.fusions=none")
 
     ops, plain_ops = _ops(artifact), _ops(plain)
     assert {op: ops[op] for op in fused} == fused
@@ -46,7 +46,7 @@ def test_onnxruntime_exports_are_fused_and_match_the_unfused_graph(
     assert all(plain_ops[op] for op in UNFUSED_OPS) and not any(plain_ops[op] for op in fused)
     (record,) = open_artifact(artifact).manifest.components.values()
     assert record.runtime["fused_ops"] == fused
-    assert record.validation["passed"]
+    assert record.validation.passed
     (plain_record,) = open_artifact(plain).manifest.components.values()
     assert plain_record.runtime["fused_ops"] == {}
 
@@ -65,12 +65,12 @@ def test_onnxruntime_exports_are_fused_and_match_the_unfused_graph(
     [
         ("vit-onnxruntime-fp32", (), True),
         ("vit-onnxruntime-int8", (), True),  # QAttention: int8 Q/K/V inside the attention
-        ("vit-onnxruntime-fp32", ("export.fusions=none",), False),
+        ("vit-onnxruntime-fp32", ("onnxruntime.fusions=none",), False),
         ("vit-onnxruntime-fp16", (), False),  # the fused CPU kernels are fp32
         ("vit-onnxruntime-int8-static", (), False),  # QDQ quantizes MatMuls, not Attention
         ("vit-onnxruntime-int4", (), False),
         ("vit-onnxruntime-nf4", (), False),
-        ("vit-openvino-fp32", ("export.via=onnx",), False),  # other readers lack the ops
+        ("vit-openvino-fp32", ("openvino.via=onnx",), False),  # other readers lack the ops
         ("vit-onnxruntime-fp32", ("runtime.device=cuda",), False),
     ],
 )
@@ -90,14 +90,16 @@ def test_a_failing_fusion_fails_the_build_and_names_the_way_out(
 
     monkeypatch.setattr(onnx_fusions, "_fusions", lambda: (broken,))
     target = tmp_path / "artifact"
-    with pytest.raises(ExportError, match=r"pattern matcher exploded.*export\.fusions = 'none'"):
+    with pytest.raises(
+        ExportError, match=r"pattern matcher exploded.*\[onnxruntime\] fusions = 'none'"
+    ):
         build(source_dir("hf-classifier"), "vit-onnxruntime-fp32", target)
     assert not target.exists()
     plain = build(
         source_dir("hf-classifier"),
         "vit-onnxruntime-fp32",
         target,
-        overrides=["export.fusions=none"],
+        overrides=["onnxruntime.fusions=none"],
     )
     (record,) = open_artifact(plain).manifest.components.values()
     assert record.runtime["fused_ops"] == {}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from modelkiln.models import detect_family
-from modelkiln.profiles import load_profile
+from modelkiln.plan import load_profile
 from modelkiln.sources import resolve_source
 
 pytestmark = [pytest.mark.torch, pytest.mark.onnxruntime]

@@ -24,7 +24,8 @@ from modelkiln.errors import (
     QuantizationError,
     UnsupportedError,
 )
-from modelkiln.profiles import QuantizationSettings, load_profile
+from modelkiln.plan import load_profile
+from modelkiln.quantize.schemes import Int4Weights, Int8Static
 from modelkiln.specs import ComponentSpec, TensorSpec
 from modelkiln.tensorrt.build import (
     ENGINE_FILE,
@@ -614,7 +615,7 @@ def test_int8_static_writes_symmetric_qdq_tensorrt_builds(vit_copy: Path) -> Non
     calibration = [
         {"pixel_values": rng.standard_normal((2, 3, 32, 32)).astype(np.float32)} for _ in range(4)
     ]
-    settings = QuantizationSettings(scheme="int8-static", per_channel=True, symmetric=False)
+    settings = Int8Static(per_channel=True, symmetric=False)
     record = int8_static(vit_copy, settings, calibration)
     # 2 blocks x 6 linears, the patch embedding (Conv) and the head (Gemm).
     assert record["quantized_weights"] == 14
@@ -649,7 +650,7 @@ def test_int4_weights_are_blockwise_symmetric_dequantize_linear(vit_copy: Path) 
     from modelkiln.tensorrt.onnx_checks import check_onnx
 
     reference = _ort_logits(vit_copy, PIXELS)
-    record = int4_weights(vit_copy, QuantizationSettings(scheme="int4-weights", group_size=64))
+    record = int4_weights(vit_copy, Int4Weights(group_size=64))
     # Only fc2 (64 input channels) fills whole blocks of 64; the 32-channel layers stay float.
     assert record["quantized_weights"] == 2
     assert record["float_layers"] == {"partial_blocks": 10, "Gemm": 1, "Conv": 1}
@@ -673,7 +674,7 @@ def test_int4_weights_are_blockwise_symmetric_dequantize_linear(vit_copy: Path) 
         QuantizationError,
         match="group_size 32 is not one of TensorRT's int4 block sizes: use 64 or 128",
     ):
-        int4_weights(vit_copy, QuantizationSettings(scheme="int4-weights", group_size=32))
+        int4_weights(vit_copy, Int4Weights(group_size=32))
 
 
 # --- profile validation and the errors without a GPU ----------------------------------------
@@ -771,6 +772,7 @@ def test_finish_and_session_without_a_gpu(vit_onnx: Path) -> None:
     from modelkiln.exporters.tensorrt import TensorRTExporter
     from modelkiln.runtimes.base import RuntimeOptions
     from modelkiln.runtimes.tensorrt import TensorRTSession
+    from modelkiln.tensorrt.settings import TensorRTSettings
 
     profile = load_profile("vit-tensorrt-fp16")
     with pytest.raises(
@@ -779,7 +781,7 @@ def test_finish_and_session_without_a_gpu(vit_onnx: Path) -> None:
     ):
         TensorRTExporter().finish(VIT, vit_onnx, profile)
     assert not (vit_onnx.parent / ENGINE_FILE).exists()
-    options = RuntimeOptions.from_profile(profile.to_dict())
+    options = RuntimeOptions.for_profile(profile, TensorRTSettings)
     with pytest.raises(
         UnsupportedError, match=r"vision_model \(runtime 'tensorrt'\): TensorRT engines"
     ):
@@ -812,7 +814,7 @@ def test_fp16_engine_matches_torch_and_rebuild_takes_the_cache(
     source = source_dir("hf-classifier")
     artifact = build(source, "vit-tensorrt-fp16", tmp_path / "a")
     (record,) = open_artifact(artifact, verify=True).manifest.components.values()
-    assert record.entry == ENGINE_FILE and record.validation["passed"]
+    assert record.entry == ENGINE_FILE and record.validation.passed
     assert record.runtime["inference_precision"] == "fp16"
     engine = read_record(artifact)
     assert not engine.from_cache and engine.recipe.flags == ("FP16",)
@@ -847,6 +849,6 @@ def test_int8_engine_builds_from_the_qdq_onnx(
         overrides=['calibration.data="digits"', "calibration.size=16", "calibration.batch_size=4"],
     )
     (record,) = open_artifact(artifact).manifest.components.values()
-    assert record.quantization["scheme"] == "int8-static"
-    assert record.validation["passed"]
+    assert record.quantization.scheme == "int8-static"
+    assert record.validation.passed
     assert read_record(artifact).recipe.flags == ("FP16", "INT8")

@@ -102,12 +102,12 @@ def test_artifact_has_optimums_layout_and_a_full_manifest(
     assert unet.inputs["timestep"].shape == ()
     assert unet.inputs["sample"].shape == ("batch", 4, 16, 16)
     assert unet.outputs["out_sample"].shape == ("batch", 4, 16, 16)
-    assert unet.validation["batch_sizes"] == [1]
+    assert unet.validation.batch_sizes == (1,)
     assert manifest.components["vae_encoder"].outputs["latent_parameters"].shape[1] == 8
     for record in manifest.components.values():
-        assert record.validation["passed"]
+        assert record.validation.passed
         assert record.runtime["inference_precision"] == "f32"
-    assert set(manifest.source["weights_sha256"]) == {
+    assert set(manifest.source.weights_sha256) == {
         "text_encoder/model.safetensors",
         "unet/diffusion_pytorch_model.safetensors",
         "vae/diffusion_pytorch_model.safetensors",

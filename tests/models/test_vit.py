@@ -36,7 +36,7 @@ ROUND_TRIPS = [
     pytest.param("vit-openvino-fp32", (), "openvino", marks=pytest.mark.openvino, id="ir-ov"),
     pytest.param(
         "vit-openvino-fp32",
-        ("export.via=onnx",),
+        ("openvino.via=onnx",),
         "openvino",
         marks=[pytest.mark.openvino, pytest.mark.onnxruntime],
         id="ir-via-onnx-ov",
@@ -135,25 +135,25 @@ def test_manifest_records_the_build(
     assert manifest.task == (
         "image-classification" if source in CLASSIFIERS else "image-feature-extraction"
     )
-    assert manifest.profile["name"] == profile
-    assert manifest.profile["model"]["task"] == manifest.task, "auto is resolved in the manifest"
+    assert manifest.profile.name == profile
+    assert manifest.profile.model.task == manifest.task, "auto is resolved in the manifest"
     weights = source_dir(source) / "model.safetensors"
-    assert manifest.source["weights_sha256"] == {"model.safetensors": sha256_file(weights)}
+    assert manifest.source.weights_sha256 == {"model.safetensors": sha256_file(weights)}
     for relative, record in manifest.files.items():
         assert record.size == (artifact / relative).stat().st_size
     component = manifest.components["vision_model"]
     assert component.inputs["pixel_values"].shape == ("batch", 3, 32, 32)
     validation = component.validation
-    assert validation["passed"] is True
-    assert validation["batch_sizes"] == [1, 4]
-    for metrics in validation["outputs"].values():
-        assert metrics["max_abs"] <= validation["tolerance"]["atol"]
-        assert metrics["min_cosine"] >= validation["tolerance"]["min_cosine"]
+    assert validation.passed is True and validation.tolerance is not None
+    assert validation.batch_sizes == (1, 4)
+    for metrics in validation.outputs.values():
+        assert metrics.max_abs <= validation.tolerance.atol
+        assert metrics.min_cosine >= validation.tolerance.min_cosine
     if source in CLASSIFIERS:
-        assert validation["outputs"]["logits"]["top1_agreement"] == 1.0
+        assert validation.outputs["logits"].top1_agreement == 1.0
     assert {"numpy", "torch"} <= set(manifest.versions)
-    assert manifest.build["seconds"] > 0
-    assert manifest.build["peak_rss_bytes"] > 10_000_000
+    assert manifest.build.seconds > 0
+    assert manifest.build.peak_rss_bytes > 10_000_000
     precision = component.runtime["inference_precision"]
     assert precision == ("bf16" if "bf16" in profile else "f32") or _cpu_lacks_bf16()
     assert manifest.model_info["preprocessing"]["mean"]

@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 
 from modelkiln.errors import QuantizationError
-from modelkiln.profiles import QuantizationSettings
 from modelkiln.quantize import onnx as schemes
+from modelkiln.quantize import onnx_calibration as calibration
+from modelkiln.quantize.schemes import (
+    Int4Weights,
+    Int8Dynamic,
+    Int8Static,
+    NF4Weights,
+    SchemeConfig,
+)
 
 pytestmark = [pytest.mark.torch, pytest.mark.onnxruntime]
 
@@ -41,7 +48,7 @@ def exported(built: Callable[..., Path], tmp_path_factory: pytest.TempPathFactor
     """The fp32 export's model.onnx (weights inline), exported once for the module, without
     ONNX Runtime's fusions: what the int8-static / int4 / nf4 profiles quantize."""
     folder = tmp_path_factory.mktemp("fp32")
-    plain = built("hf-classifier", "vit-onnxruntime-fp32", "export.fusions=none")
+    plain = built("hf-classifier", "vit-onnxruntime-fp32", "onnxruntime.fusions=none")
     shutil.copy(plain / "model.onnx", folder)
     return folder / "model.onnx"
 
@@ -55,7 +62,7 @@ def reference(exported: Path) -> np.ndarray:
 def minmax_scales(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The activation scales of int8-static's default: minmax, per-tensor, asymmetric."""
     path = Path(shutil.copy(exported, tmp_path_factory.mktemp("minmax") / "model.onnx"))
-    schemes.int8_static(path, QuantizationSettings(scheme="int8-static"), CALIBRATION)
+    schemes.int8_static(path, Int8Static(), CALIBRATION)
     return _activation_scales(path)
 
 
@@ -142,9 +149,7 @@ def test_int8_static_puts_weight_layers_in_qdq_and_stays_close(
     symmetric: bool,
     floor: tuple[float, float],
 ) -> None:
-    settings = QuantizationSettings(
-        scheme="int8-static", method=method, per_channel=per_channel, symmetric=symmetric
-    )
+    settings = Int8Static(method=method, per_channel=per_channel, symmetric=symmetric)
     record = schemes.int8_static(model, settings, CALIBRATION)
 
     graph = _graph(model)
@@ -184,7 +189,7 @@ def test_int8_static_puts_weight_layers_in_qdq_and_stays_close(
         record["calibrator"]
         == {
             "minmax": {},
-            "entropy": {"num_bins": schemes.ENTROPY_BINS, "num_quantized_bins": 128},
+            "entropy": {"num_bins": calibration.ENTROPY_BINS, "num_quantized_bins": 128},
             "percentile": {"num_bins": 2048, "percentile": 99.999, "symmetric": True},
         }[method]
     )
@@ -205,20 +210,20 @@ def test_int8_static_needs_calibration_data(model: Path) -> None:
     with pytest.raises(
         QuantizationError, match=r"int8-static needs calibration data: set \[calibration\]"
     ):
-        schemes.int8_static(model, QuantizationSettings(scheme="int8-static"), ())
+        schemes.int8_static(model, Int8Static(), ())
     assert model.read_bytes() == before
 
 
 def test_int8_static_rejects_feeds_of_another_model(model: Path) -> None:
     feeds = [{"input_ids": np.zeros((1, 8), dtype=np.int64)}]
     with pytest.raises(QuantizationError, match=r"calibration feed 0 has inputs \['input_ids'\]"):
-        schemes.int8_static(model, QuantizationSettings(scheme="int8-static"), feeds)
+        schemes.int8_static(model, Int8Static(), feeds)
     wrong_size = [{"pixel_values": np.zeros((2, 3, 16, 16), np.float32)}]
     with pytest.raises(
         QuantizationError,
         match=r"has shape \[2, 3, 16, 16\] but the model takes \['\?', 3, 32, 32\]",
     ):
-        schemes.int8_static(model, QuantizationSettings(scheme="int8-static"), wrong_size)
+        schemes.int8_static(model, Int8Static(), wrong_size)
 
 
 @pytest.mark.parametrize(
@@ -239,9 +244,7 @@ def test_int4_weights_puts_every_weight_matmul_in_matmulnbits(
     padded: int,
     floor: tuple[float, float],
 ) -> None:
-    settings = QuantizationSettings(
-        scheme="int4-weights", group_size=group_size, symmetric=symmetric
-    )
+    settings = Int4Weights(group_size=group_size, symmetric=symmetric)
     record = schemes.int4_weights(model, settings)
 
     graph = _graph(model)
@@ -266,7 +269,7 @@ def test_int4_weights_puts_every_weight_matmul_in_matmulnbits(
 def test_4bit_schemes_reject_a_group_size_onnxruntime_lacks(
     model: Path, quantizer: Callable[..., dict[str, Any]]
 ) -> None:
-    settings = QuantizationSettings(scheme="int4-weights", group_size=24)
+    settings = Int4Weights(group_size=24)
     with pytest.raises(
         QuantizationError, match=r"group_size 24 .* use one of 16, 32, 64, 128, 256"
     ):
@@ -276,7 +279,7 @@ def test_4bit_schemes_reject_a_group_size_onnxruntime_lacks(
 def test_nf4_weights_puts_every_weight_matmul_in_matmulbnb4(
     model: Path, reference: np.ndarray
 ) -> None:
-    record = schemes.nf4_weights(model, QuantizationSettings(scheme="nf4-weights", group_size=16))
+    record = schemes.nf4_weights(model, NF4Weights(group_size=16))
 
     ops = _ops(model)
     assert ops["MatMulBnb4"] == WEIGHT_MATMULS == record["quantized_weights"]
@@ -309,10 +312,10 @@ def test_to_fp16_keeps_fp32_inputs_and_outputs(model: Path, reference: np.ndarra
 @pytest.mark.parametrize(
     ("convert", "settings"),
     [
-        (schemes.int8_dynamic, QuantizationSettings(scheme="int8-dynamic")),
-        (schemes.int8_static, QuantizationSettings(scheme="int8-static")),
-        (schemes.int4_weights, QuantizationSettings(scheme="int4-weights", group_size=16)),
-        (schemes.nf4_weights, QuantizationSettings(scheme="nf4-weights", group_size=16)),
+        (schemes.int8_dynamic, Int8Dynamic()),
+        (schemes.int8_static, Int8Static()),
+        (schemes.int4_weights, Int4Weights(group_size=16)),
+        (schemes.nf4_weights, NF4Weights(group_size=16)),
         (None, None),
     ],
     ids=["int8-dynamic", "int8-static", "int4-weights", "nf4-weights", "fp16"],
@@ -321,7 +324,7 @@ def test_external_weights_stay_in_one_onnx_data_file(
     external_model: Path,
     reference: np.ndarray,
     convert: Callable[..., dict[str, Any]] | None,
-    settings: QuantizationSettings | None,
+    settings: SchemeConfig | None,
 ) -> None:
     import onnx
 
@@ -354,7 +357,7 @@ def test_a_failure_on_a_nearly_full_disk_names_the_disk(
     """A truncated temporary copy fails as an unrelated protobuf error: the message says why."""
     broken = tmp_path / "model.onnx"
     broken.write_bytes(b"\x0a\xff\xff\xff")  # what a copy cut short by a full disk looks like
-    settings = QuantizationSettings(scheme="int8-dynamic")
+    settings = Int8Dynamic()
     usage = shutil.disk_usage(tmp_path)
     for free, hint in ((50_000_000_000, False), (300_000_000, True)):
         monkeypatch.setattr(schemes.shutil, "disk_usage", lambda _, f=free: usage._replace(free=f))

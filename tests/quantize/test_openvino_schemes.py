@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from modelkiln.errors import QuantizationError
-from modelkiln.profiles import QuantizationSettings
 from modelkiln.quantize import quantize
 from modelkiln.quantize.openvino import int8_hybrid, int8_static
+from modelkiln.quantize.schemes import SCHEMES, Int8Hybrid, Int8Static
 
 pytestmark = [pytest.mark.torch, pytest.mark.openvino]
 
@@ -52,7 +52,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Quantiz
         key = (ir, scheme, symmetric)
         if key not in cache:
             entry = _copy(ir, tmp_path_factory.mktemp(scheme))
-            settings = QuantizationSettings(scheme=scheme, symmetric=symmetric)
+            settings = SCHEMES.get(scheme)(symmetric=symmetric)
             function = int8_static if scheme == "int8-static" else int8_hybrid
             cache[key] = entry, function(entry, settings, feeds)
         return cache[key]
@@ -106,7 +106,7 @@ def test_symmetric_hybrid_stores_signed_weights_and_prints_nothing(
     vit_ir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     entry = _copy(vit_ir, tmp_path)
-    settings = QuantizationSettings(scheme="int8-hybrid", symmetric=True)
+    settings = Int8Hybrid(symmetric=True)
     record = int8_hybrid(entry, settings, _feeds(vit_ir, 4, batch=2))
     assert capfd.readouterr().out == ""  # nncf's progress bars and tables went to the log
     assert _weight_types(entry) == {"i8": VIT_MATMULS + VIT_CONVS}  # no zero points
@@ -162,7 +162,7 @@ def test_calibrated_schemes_without_calibration_fail_and_leave_the_ir(
         QuantizationError,
         match=rf"^vision_model: {scheme} needs calibration data: set \[calibration\] data",
     ):
-        quantize(entry, "openvino", QuantizationSettings(scheme=scheme), "vision_model", [])
+        quantize(entry, "openvino", SCHEMES.get(scheme)(), "vision_model", [])
     assert entry.read_bytes() == before
 
 
@@ -173,7 +173,7 @@ def test_feeds_must_fit_the_ir_before_nncf_runs(vit_ir: Path, tmp_path: Path) ->
     static = ov.Core().read_model(entry)
     static.reshape({"pixel_values": [1, 3, 32, 32]})
     ov.save_model(static, str(tmp_path / "static.xml"), compress_to_fp16=False)
-    settings = QuantizationSettings(scheme="int8-static")
+    settings = Int8Static()
     with pytest.raises(
         QuantizationError,
         match=re.escape(

@@ -14,8 +14,9 @@ import pytest
 
 from modelkiln import build, load, open_artifact
 from modelkiln.errors import QuantizationError, UnsupportedError
-from modelkiln.profiles import bundled_profile_names, load_profile
-from modelkiln.quantize import SCHEMES, SUPPORT, matrix_markdown, supported_schemes
+from modelkiln.plan import load_profile
+from modelkiln.profiles import bundled_profile_names
+from modelkiln.quantize import known_schemes, matrix_markdown, support, supported_schemes
 
 pytestmark = pytest.mark.torch
 
@@ -88,20 +89,20 @@ def test_quantized_diffusion_build_passes_its_end_to_end_gate(
     settings = load_profile(profile)
     for name, record in manifest.components.items():
         scheme = settings.for_component(name).quantization.scheme
-        assert record.quantization["scheme"] == scheme
-        assert record.quantization["bytes_after"] < record.quantization["bytes_before"]
+        assert record.quantization.scheme == scheme
+        assert record.quantization.bytes_after < record.quantization.bytes_before
         model = ov.Core().read_model(artifact / record.entry)
         fake_quantize = sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
         # Hybrid: the UNet's activations are quantized too; weight-only leaves none.
         assert (fake_quantize > 0) == (scheme == "int8-hybrid")
         if scheme == "int8-hybrid":
-            assert record.validation["inputs"].endswith(" of the calibration feeds")
-            assert record.quantization["calibration_batches"] >= 2  # one per denoising step
+            assert record.validation.inputs.endswith(" of the calibration feeds")
+            assert record.quantization.details["calibration_batches"] >= 2  # one per denoising step
     end_to_end = manifest.end_to_end
-    assert end_to_end["prompts"] == ["a red fox in a forest"]
+    assert end_to_end is not None and end_to_end.prompts == ("a red fox in a forest",)
     # The images changed (not identical) but stay within the profile's bounds.
-    (psnr,) = end_to_end["psnr_db"]
-    (ssim,) = end_to_end["ssim"]
+    (psnr,) = end_to_end.psnr_db
+    (ssim,) = end_to_end.ssim
     assert psnr is not None and settings.validation.min_psnr_db <= psnr < 80
     assert settings.validation.min_ssim <= ssim < 1.0
 
@@ -118,15 +119,15 @@ def test_quantized_build_records_what_it_did_and_stays_close_to_torch(
     artifact = built("hf-classifier", profile, *overrides)
     (record,) = open_artifact(artifact, verify=True).manifest.components.values()
     quantization = record.quantization
-    assert quantization["scheme"] == scheme
+    assert quantization is not None and quantization.scheme == scheme
     # 2 blocks x 6 linears; ONNX Runtime's fused attention packs Q, K and V into one weight.
-    assert quantization["quantized_weights"] >= (8 if scheme == "int8-dynamic" else 12)
+    assert quantization.quantized_weights >= (8 if scheme == "int8-dynamic" else 12)
     # The torch format keeps fp32 files and quantizes when it opens: its memory shrinks.
     size = "memory_bytes" if profile.startswith("vit-torch") else "bytes"
-    assert quantization[f"{size}_after"] < quantization[f"{size}_before"]
-    assert record.validation["passed"]
+    assert getattr(quantization, f"{size}_after") < getattr(quantization, f"{size}_before")
+    assert record.validation.passed
     floor = COSINE_FLOOR[scheme.split("-")[0]]
-    assert record.validation["outputs"]["logits"]["min_cosine"] >= floor
+    assert record.validation.outputs["logits"].min_cosine >= floor
     with load(artifact) as quantized, load(built("hf-classifier", fp32_profile)) as reference:
         pixels = _real_pixels(reference)
         ours = quantized.session.run({"pixel_values": pixels})["logits"]
@@ -151,8 +152,8 @@ def test_onnx_int8_dynamic_uses_integer_kernels(built: Callable[..., Path]) -> N
     # and no float MatMul is left.
     assert ops["QAttention"] == 2 and ops["MatMul"] == 0
     (record,) = open_artifact(artifact).manifest.components.values()
-    assert record.quantization["ops"]["MatMulInteger"] == ops["MatMulInteger"]
-    assert record.quantization["ops"]["QAttention"] == 2
+    assert record.quantization.details["ops"]["MatMulInteger"] == ops["MatMulInteger"]
+    assert record.quantization.details["ops"]["QAttention"] == 2
 
 
 @pytest.mark.openvino
@@ -178,7 +179,7 @@ def test_openvino_ir_stores_low_precision_weights(
     )
     assert types[weight_type] >= 12
     (record,) = open_artifact(artifact).manifest.components.values()
-    assert record.quantization["weight_types"][weight_type] >= 12
+    assert record.quantization.details["weight_types"][weight_type] >= 12
 
 
 def test_support_matrix_is_the_one_place(tmp_path: Path) -> None:
@@ -198,7 +199,7 @@ def test_support_matrix_is_the_one_place(tmp_path: Path) -> None:
         "nf4-weights",
         "palettize4-weights",
     ]
-    assert set(SCHEMES) == {
+    assert set(known_schemes()) == {
         "none",
         "int8-dynamic",
         "int8-static",
@@ -209,9 +210,9 @@ def test_support_matrix_is_the_one_place(tmp_path: Path) -> None:
         "palettize4-weights",
     }
     table = matrix_markdown()
-    for scheme in SCHEMES[1:]:
+    for scheme in known_schemes()[1:]:
         row = next(line for line in table.splitlines() if f"`{scheme}`" in line)
-        assert row.count("yes") == sum(scheme in schemes for schemes in SUPPORT.values())
+        assert row.count("yes") == sum(scheme in schemes for schemes in support().values())
 
 
 @pytest.mark.parametrize(
@@ -239,7 +240,7 @@ def test_support_matrix_is_the_one_place(tmp_path: Path) -> None:
         (
             "vit-openvino-fp32",
             ["quantization.scheme=int3"],
-            "quantization.scheme 'int3' is unknown; known: none, int4-weights, int8-dynamic",
+            "quantization.scheme 'int3' is unknown; known: none, int8-weights, int8-dynamic,",
         ),
         (
             "vit-onnxruntime-fp16",

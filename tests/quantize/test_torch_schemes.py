@@ -11,6 +11,7 @@ import importlib.util
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,14 @@ import pytest
 from modelkiln import load, open_artifact
 from modelkiln.artifact import read_manifest, record_files, write_manifest
 from modelkiln.errors import QuantizationError
-from modelkiln.profiles import QuantizationSettings
+from modelkiln.quantize.schemes import (
+    SCHEMES,
+    Int4Weights,
+    Int8Dynamic,
+    Int8Weights,
+    NF4Weights,
+    SchemeConfig,
+)
 
 pytestmark = [
     pytest.mark.torch,
@@ -62,7 +70,7 @@ def test_scheme_quantizes_every_linear_and_stays_close_to_fp32(
     fp32_logits: np.ndarray,
     tmp_path: Path,
 ) -> None:
-    settings = QuantizationSettings(scheme=scheme, group_size=16, symmetric=symmetric)
+    settings = _config(scheme, group_size=16, symmetric=symmetric)
     artifact, record = _quantized_copy(fp32_artifact, tmp_path, settings)
 
     linears = _linear_in_features(fp32_artifact)
@@ -89,7 +97,7 @@ def test_fewer_bits_cost_more_accuracy(
     """The schemes really differ: int8 is far closer to fp32 than int4 and nf4."""
     errors = {}
     for scheme in ("int8-weights", "int4-weights", "nf4-weights"):
-        settings = QuantizationSettings(scheme=scheme, group_size=16)
+        settings = _config(scheme, group_size=16)
         artifact, _ = _quantized_copy(fp32_artifact, tmp_path / scheme, settings)
         with load(artifact) as pipeline:
             logits = pipeline.session.run({"pixel_values": _pixels()})["logits"]
@@ -100,7 +108,7 @@ def test_fewer_bits_cost_more_accuracy(
 def test_group_size_that_does_not_divide_a_layer_skips_it(
     fp32_artifact: Path, tmp_path: Path
 ) -> None:
-    settings = QuantizationSettings(scheme="int4-weights", group_size=64)
+    settings = Int4Weights(group_size=64)
     _, record = _quantized_copy(fp32_artifact, tmp_path, settings)
     linears = _linear_in_features(fp32_artifact)
     divisible = sum(features % 64 == 0 for features in linears)
@@ -115,7 +123,7 @@ def test_group_size_that_divides_no_layer_raises_and_leaves_the_recipe(
     artifact = tmp_path / "copy"
     shutil.copytree(fp32_artifact, artifact)
     before = (artifact / RECIPE).read_bytes()
-    settings = QuantizationSettings(scheme="nf4-weights", group_size=48)
+    settings = NF4Weights(group_size=48)
     message = (
         r"^no Linear layer has in_features divisible by quantization.group_size 48 "
         r"\(in_features found: 32, 64\); set group_size to a divisor of them, or use "
@@ -127,13 +135,11 @@ def test_group_size_that_divides_no_layer_raises_and_leaves_the_recipe(
 
 
 def test_quantizing_twice_or_an_unknown_scheme_raises(fp32_artifact: Path, tmp_path: Path) -> None:
-    artifact, _ = _quantized_copy(
-        fp32_artifact, tmp_path, QuantizationSettings(scheme="int8-weights")
-    )
+    artifact, _ = _quantized_copy(fp32_artifact, tmp_path, Int8Weights())
     with pytest.raises(QuantizationError, match=r"is already quantized \(int8-weights\)"):
-        _quantize(artifact, QuantizationSettings(scheme="int4-weights", group_size=16))
+        _quantize(artifact, Int4Weights(group_size=16))
     with pytest.raises(QuantizationError, match=r"no quantization scheme 'int8-dynamic'"):
-        _quantize(artifact, QuantizationSettings(scheme="int8-dynamic"))
+        _quantize(artifact, Int8Dynamic())
 
 
 def test_build_with_a_torch_scheme_records_it_and_matches_the_direct_call(
@@ -149,10 +155,10 @@ def test_build_with_a_torch_scheme_records_it_and_matches_the_direct_call(
         "validation.min_cosine=0.95",
     )
     (record,) = open_artifact(artifact, verify=True).manifest.components.values()
-    assert record.quantization["scheme"] == "int4-weights"
-    assert record.quantization["quantized_weights"] == 13
-    assert record.validation["passed"]
-    settings = QuantizationSettings(scheme="int4-weights", group_size=16)
+    assert record.quantization.scheme == "int4-weights"
+    assert record.quantization.quantized_weights == 13
+    assert record.validation.passed
+    settings = Int4Weights(group_size=16)
     direct, _ = _quantized_copy(fp32_artifact, tmp_path, settings)
     with load(artifact) as built_pipeline, load(direct) as direct_pipeline:
         ours = built_pipeline.session.run({"pixel_values": _pixels()})["logits"]
@@ -160,14 +166,20 @@ def test_build_with_a_torch_scheme_records_it_and_matches_the_direct_call(
     np.testing.assert_array_equal(ours, theirs)  # deterministic: re-quantized on every load
 
 
-def _quantize(artifact: Path, settings: QuantizationSettings) -> dict[str, Any]:
+def _config(scheme: str, **keys: Any) -> SchemeConfig:
+    """The scheme's config with those of `keys` it has (as a profile's [quantization] is read)."""
+    config = SCHEMES.get(scheme)
+    return config(**{k: v for k, v in keys.items() if k in {f.name for f in fields(config)}})
+
+
+def _quantize(artifact: Path, settings: SchemeConfig) -> dict[str, Any]:
     from modelkiln.quantize.torch import quantize_weights
 
     return quantize_weights(artifact, settings, ())
 
 
 def _quantized_copy(
-    artifact: Path, tmp_path: Path, settings: QuantizationSettings
+    artifact: Path, tmp_path: Path, settings: SchemeConfig
 ) -> tuple[Path, dict[str, Any]]:
     """Quantize a copy; re-record its files in kiln.json as the builder's last step does."""
     copy = tmp_path / "quantized"

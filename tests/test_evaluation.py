@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from modelkiln.errors import ValidationError
-from modelkiln.validate import OutputMetrics, Tolerance, verdict
+from modelkiln.evaluation.components import verdict
+from modelkiln.evaluation.metrics import OutputMetrics, Tolerance
 
 TOLERANCE = Tolerance(atol=1e-3, min_cosine=0.999, min_top1_agreement=1.0)
 
@@ -23,11 +24,11 @@ def test_metrics_and_a_passing_verdict() -> None:
     reference = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], np.float32)
     metrics = metrics_for(reference, reference + np.float32(5e-4), logits=True)
     record = verdict("unet", "onnxruntime", {"out_sample": metrics}, TOLERANCE)
-    assert record["passed"] is True
-    summary = record["outputs"]["out_sample"]
-    assert summary["max_abs"] == pytest.approx(5e-4, rel=1e-3)
-    assert summary["top1_agreement"] == 1.0
-    assert summary["min_cosine"] > 0.9999
+    assert record.passed is True
+    summary = record.outputs["out_sample"]
+    assert summary.max_abs == pytest.approx(5e-4, rel=1e-3)
+    assert summary.top1_agreement == 1.0
+    assert summary.min_cosine > 0.9999
 
 
 def test_a_miss_names_the_measured_value_and_the_bound() -> None:
@@ -46,7 +47,7 @@ def test_half_precision_overflow_says_so_and_how_to_keep_fp32() -> None:
     candidate = reference.copy()
     candidate[0, 0, 0, 0] = np.inf
     metrics = metrics_for(reference, candidate)
-    assert metrics.summary()["non_finite"] is True
+    assert metrics.non_finite is True
     with pytest.raises(ValidationError) as error:
         verdict("vae_decoder", "openvino bf16", {"sample": metrics}, TOLERANCE)
     message = str(error.value)

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Literal, TypeAlias, TypeGuard, cast, get_args
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,60 +43,42 @@ from modelkiln.errors import (
     did_you_mean,
 )
 from modelkiln.images import ImageInput, load_image
+from modelkiln.preprocess.checks import (
+    CROP_CONVENTIONS,
+    INTERPOLATIONS,
+    PIL_RESAMPLE,
+    RESIZE_MODES,
+    CropConvention,
+    Interpolation,
+    ResizeMode,
+    byte,
+    check_size,
+    choice,
+    finite_float,
+    hw,
+    positive_float,
+    triple,
+)
+from modelkiln.preprocess.configs import (
+    TIMM_DEFAULT_CROP_PCT,
+    TIMM_DEFAULT_MEAN,
+    TIMM_DEFAULT_STD,
+    hf_crop,
+    hf_flag,
+    hf_interpolation,
+    hf_processor_kind,
+    hf_rescale_factor,
+    hf_resize,
+    hf_stats,
+    hf_with_defaults,
+    reject_hf_extras,
+    timm_crop_pct,
+    timm_image_size,
+    timm_interpolation,
+    timm_resize,
+)
 
 logger = logging.getLogger(__name__)
-
-ResizeMode: TypeAlias = Literal["none", "exact", "shortest_edge", "cover", "contain"]
-Interpolation: TypeAlias = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
-CropConvention: TypeAlias = Literal["torchvision", "transformers"]
-
-_RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
-_INTERPOLATIONS: tuple[str, ...] = get_args(Interpolation)
-_CROP_CONVENTIONS: tuple[str, ...] = get_args(CropConvention)
-
-_PIL_RESAMPLE: dict[Interpolation, Image.Resampling] = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-# transformers stores PIL's integer codes in preprocessor_config.json.
-_RESAMPLE_FROM_CODE: dict[int, Interpolation] = {
-    int(code): name for name, code in _PIL_RESAMPLE.items()
-}
-
-# transformers' ViTImageProcessor defaults, used for keys a preprocessor_config.json leaves out.
-_HF_DEFAULT_SIZE = (224, 224)
-_HF_DEFAULT_MEAN_STD = (0.5, 0.5, 0.5)
-_OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Class defaults that differ from ViT's, for the processors this module is meant to read.
-_HF_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
-    "DeiTImageProcessor": {
-        "size": {"height": 256, "width": 256},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": 224, "width": 224},
-    },
-    "CLIPImageProcessor": {
-        "size": {"shortest_edge": 224},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": 224, "width": 224},
-        "image_mean": _OPENAI_CLIP_MEAN,
-        "image_std": _OPENAI_CLIP_STD,
-    },
-}
-# Processors whose integer "size" means the shortest edge (their class has default_to_square=False).
-_HF_INT_SIZE_IS_SHORTEST_EDGE = frozenset(
-    {"CLIPImageProcessor", "ChineseCLIPImageProcessor", "BitImageProcessor"}
-)
-# timm's defaults for keys a data config leaves out (timm.data.constants).
-_TIMM_DEFAULT_MEAN = (0.485, 0.456, 0.406)
-_TIMM_DEFAULT_STD = (0.229, 0.224, 0.225)
-_TIMM_DEFAULT_CROP_PCT = 0.875
 
 
 @dataclass(frozen=True)
@@ -120,15 +101,15 @@ class ImagePreprocessor:
 
     def __post_init__(self) -> None:
         normalised = {
-            "resize_mode": _choice("resize_mode", self.resize_mode, _RESIZE_MODES),
-            "size": _check_size(self.resize_mode, self.size),
-            "interpolation": _choice("interpolation", self.interpolation, _INTERPOLATIONS),
-            "crop_size": None if self.crop_size is None else _hw("crop_size", self.crop_size),
-            "rescale_factor": _positive_float("rescale_factor", self.rescale_factor),
-            "mean": _triple("mean", self.mean, _finite_float),
-            "std": _triple("std", self.std, _positive_float),
-            "crop_convention": _choice("crop_convention", self.crop_convention, _CROP_CONVENTIONS),
-            "pad_value": _triple("pad_value", self.pad_value, _byte),
+            "resize_mode": choice("resize_mode", self.resize_mode, RESIZE_MODES),
+            "size": check_size(self.resize_mode, self.size),
+            "interpolation": choice("interpolation", self.interpolation, INTERPOLATIONS),
+            "crop_size": None if self.crop_size is None else hw("crop_size", self.crop_size),
+            "rescale_factor": positive_float("rescale_factor", self.rescale_factor),
+            "mean": triple("mean", self.mean, finite_float),
+            "std": triple("std", self.std, positive_float),
+            "crop_convention": choice("crop_convention", self.crop_convention, CROP_CONVENTIONS),
+            "pad_value": triple("pad_value", self.pad_value, byte),
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)  # Frozen: store the normalised values.
@@ -194,21 +175,21 @@ class ImagePreprocessor:
             raise SourceError(
                 f"preprocessor_config.json must be a JSON object, got {type(config).__name__}"
             )
-        kind = _hf_processor_kind(config)
-        config = _hf_with_defaults(config, kind, default_image_size)
-        _reject_hf_extras(config)
-        mode, size = _hf_resize(config, kind)
-        do_rescale = _hf_flag(config, "do_rescale", True)
-        do_normalize = _hf_flag(config, "do_normalize", True)
+        kind = hf_processor_kind(config)
+        config = hf_with_defaults(config, kind, default_image_size)
+        reject_hf_extras(config)
+        mode, size = hf_resize(config, kind)
+        do_rescale = hf_flag(config, "do_rescale", True)
+        do_normalize = hf_flag(config, "do_normalize", True)
         try:
             return cls(
                 resize_mode=mode,
                 size=size,
-                interpolation=_hf_interpolation(config.get("resample", 2)),
-                crop_size=_hf_crop(config),
-                rescale_factor=_hf_rescale_factor(config) if do_rescale else 1.0,
-                mean=_hf_stats(config, "image_mean") if do_normalize else (0.0, 0.0, 0.0),
-                std=_hf_stats(config, "image_std") if do_normalize else (1.0, 1.0, 1.0),
+                interpolation=hf_interpolation(config.get("resample", 2)),
+                crop_size=hf_crop(config),
+                rescale_factor=hf_rescale_factor(config) if do_rescale else 1.0,
+                mean=hf_stats(config, "image_mean") if do_normalize else (0.0, 0.0, 0.0),
+                std=hf_stats(config, "image_std") if do_normalize else (1.0, 1.0, 1.0),
                 crop_convention="transformers",
             )
         except InputError as error:
@@ -261,7 +242,7 @@ class ImagePreprocessor:
             config["size"] = {"height": self.size[0], "width": self.size[1]}
         elif isinstance(self.size, int):
             config["size"] = {"shortest_edge": self.size}
-        config["resample"] = int(_PIL_RESAMPLE[self.interpolation])
+        config["resample"] = int(PIL_RESAMPLE[self.interpolation])
         config["do_center_crop"] = self.crop_size is not None
         if self.crop_size is not None:
             config["crop_size"] = {"height": self.crop_size[0], "width": self.crop_size[1]}
@@ -292,21 +273,21 @@ class ImagePreprocessor:
             )
         if data_config.get("crop_border_pixels"):
             raise UnsupportedError("timm's crop_border_pixels (TrimBorder) is not supported")
-        image_size = _timm_image_size(data_config.get("input_size", 224))
-        crop_pct = _timm_crop_pct(data_config.get("crop_pct") or _TIMM_DEFAULT_CROP_PCT)
+        image_size = timm_image_size(data_config.get("input_size", 224))
+        crop_pct = timm_crop_pct(data_config.get("crop_pct") or TIMM_DEFAULT_CROP_PCT)
         # Per dimension, exactly as timm's transforms_imagenet_eval computes it.
         scale = (math.floor(image_size[0] / crop_pct), math.floor(image_size[1] / crop_pct))
-        mean = data_config.get("mean", _TIMM_DEFAULT_MEAN)
+        mean = data_config.get("mean", TIMM_DEFAULT_MEAN)
         try:
-            mode, size, pad_value = _timm_resize(data_config.get("crop_mode"), scale, mean)
+            mode, size, pad_value = timm_resize(data_config.get("crop_mode"), scale, mean)
             return cls(
                 resize_mode=mode,
                 size=size,
-                interpolation=_timm_interpolation(data_config.get("interpolation", "bilinear")),
+                interpolation=timm_interpolation(data_config.get("interpolation", "bilinear")),
                 crop_size=image_size,
                 rescale_factor=1 / 255,
                 mean=mean,
-                std=data_config.get("std", _TIMM_DEFAULT_STD),
+                std=data_config.get("std", TIMM_DEFAULT_STD),
                 crop_convention="torchvision",
                 pad_value=pad_value,
             )
@@ -377,7 +358,7 @@ class ImagePreprocessor:
                 f"image {width}×{height} is too thin to resize with resize_mode "
                 f"'{self.resize_mode}' to {self.size}: a side would be 0 pixels"
             )
-        return image.resize((target[1], target[0]), _PIL_RESAMPLE[self.interpolation])
+        return image.resize((target[1], target[0]), PIL_RESAMPLE[self.interpolation])
 
 
 # --- geometry ----------------------------------------------------------------------------
@@ -435,229 +416,3 @@ def _as_batch(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
     if isinstance(images, np.ndarray):
         return list(images) if images.ndim == 4 else [images]
     return list(images)
-
-
-# --- validation (InputError; callers re-raise as their own kind) ---------------------------
-
-
-def _choice(name: str, value: object, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        hint = did_you_mean(value, choices) if isinstance(value, str) else ""
-        raise InputError(f"'{name}' must be one of {', '.join(choices)}, got {value!r}{hint}")
-    return value
-
-
-def _is_int(value: object) -> TypeGuard[int]:
-    """Integers, numpy's included; bools are not sizes."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _positive_int(name: str, value: object) -> int:
-    if not _is_int(value) or int(value) < 1:
-        raise InputError(f"'{name}' must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _hw(name: str, value: object) -> tuple[int, int]:
-    """(height, width) from a pair or a single int meaning a square."""
-    if _is_int(value):
-        side = _positive_int(name, value)
-        return side, side
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
-        raise InputError(f"'{name}' must be [height, width], got {value!r}")
-    return _positive_int(name, value[0]), _positive_int(name, value[1])
-
-
-def _check_size(mode: object, size: object) -> tuple[int, int] | int | None:
-    if mode == "none":
-        if size is not None:
-            raise InputError(f"'size' must be null when resize_mode is 'none', got {size!r}")
-        return None
-    if mode == "shortest_edge":
-        return _positive_int("size", size)
-    return _hw("size", size)
-
-
-def _finite_float(name: str, value: object) -> float:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise InputError(f"'{name}' must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _positive_float(name: str, value: object) -> float:
-    number = _finite_float(name, value)
-    if number <= 0:
-        raise InputError(f"'{name}' must be positive, got {value!r}")
-    return number
-
-
-def _byte(name: str, value: object) -> int:
-    if not _is_int(value) or not 0 <= int(value) <= 255:
-        raise InputError(f"'{name}' values must be integers in 0..255, got {value!r}")
-    return int(value)
-
-
-def _triple(name: str, value: object, check: Callable[[str, object], Any]) -> tuple[Any, Any, Any]:
-    """Three per-channel (R, G, B) values."""
-    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 3:
-        raise InputError(f"'{name}' must hold 3 values (R, G, B), got {value!r}")
-    return check(name, value[0]), check(name, value[1]), check(name, value[2])
-
-
-# --- transformers config parsing ---------------------------------------------------------
-
-
-def _reject_hf_extras(config: Mapping[str, Any]) -> None:
-    if config.get("crop_pct") is not None:
-        raise UnsupportedError(
-            "preprocessor_config.json sets 'crop_pct' (ConvNeXT-style resize then crop), "
-            "which is not supported"
-        )
-    if config.get("do_pad"):
-        raise UnsupportedError("preprocessor_config.json sets 'do_pad', which is not supported")
-
-
-def _hf_processor_kind(config: Mapping[str, Any]) -> str:
-    """The processor class name, without backend suffixes; legacy FeatureExtractor names mapped."""
-    kind = str(config.get("image_processor_type") or config.get("feature_extractor_type") or "")
-    for suffix in ("Fast", "Pil"):
-        kind = kind.removesuffix(suffix)
-    if kind.endswith("FeatureExtractor"):
-        kind = kind.removesuffix("FeatureExtractor") + "ImageProcessor"
-    return kind
-
-
-def _hf_with_defaults(
-    config: Mapping[str, Any], kind: str, default_image_size: tuple[int, int] | None
-) -> dict[str, Any]:
-    """The config over its class's defaults; transformers treats null values as absent too."""
-    given = {key: value for key, value in config.items() if value is not None}
-    if "size" not in given and default_image_size is not None:
-        given["size"] = {"height": default_image_size[0], "width": default_image_size[1]}
-    return {**_HF_CLASS_DEFAULTS.get(kind, {}), **given}
-
-
-def _hf_flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = config.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise SourceError(f"preprocessor_config.json '{key}' must be true or false, got {value!r}")
-    return value
-
-
-def _hf_resize(config: Mapping[str, Any], kind: str) -> tuple[ResizeMode, Any]:
-    """Resize mode and raw size value; the dataclass validates the value."""
-    if not _hf_flag(config, "do_resize", True):
-        return "none", None
-    size = config.get("size")
-    if size is None:
-        return "exact", _HF_DEFAULT_SIZE
-    if isinstance(size, int) and kind in _HF_INT_SIZE_IS_SHORTEST_EDGE:
-        return "shortest_edge", size
-    if isinstance(size, Mapping):
-        given = {key: value for key, value in size.items() if value is not None}
-        if set(given) == {"height", "width"}:
-            return "exact", (given["height"], given["width"])
-        if set(given) == {"shortest_edge"}:
-            return "shortest_edge", given["shortest_edge"]
-        raise UnsupportedError(
-            f"preprocessor_config.json 'size' {dict(size)} is not supported; expected "
-            '{"height": H, "width": W} or {"shortest_edge": N}'
-        )
-    if _is_int(size) or isinstance(size, Sequence):
-        return "exact", size
-    raise SourceError(f"preprocessor_config.json 'size' is malformed: {size!r}")
-
-
-def _hf_crop(config: Mapping[str, Any]) -> Any:
-    if not _hf_flag(config, "do_center_crop", False):
-        return None
-    crop = config.get("crop_size")
-    if crop is None:
-        raise SourceError("preprocessor_config.json sets 'do_center_crop' but has no 'crop_size'")
-    if isinstance(crop, Mapping):
-        if set(crop) != {"height", "width"}:
-            raise SourceError(
-                f"preprocessor_config.json 'crop_size' must have height and width, got {crop!r}"
-            )
-        return crop["height"], crop["width"]
-    return crop  # An int (square) or a pair; the dataclass validates it.
-
-
-def _hf_interpolation(resample: object) -> Interpolation:
-    if _is_int(resample) and int(resample) in _RESAMPLE_FROM_CODE:
-        return _RESAMPLE_FROM_CODE[int(resample)]
-    if isinstance(resample, str) and resample.lower() in _PIL_RESAMPLE:
-        return cast("Interpolation", resample.lower())
-    raise SourceError(
-        f"preprocessor_config.json 'resample' must be a PIL filter code 0-5, got {resample!r}"
-    )
-
-
-def _hf_rescale_factor(config: Mapping[str, Any]) -> Any:
-    value = config.get("rescale_factor")
-    return 1 / 255 if value is None else value
-
-
-def _hf_stats(config: Mapping[str, Any], key: str) -> Any:
-    value = config.get(key, _HF_DEFAULT_MEAN_STD)
-    if value is None:
-        return _HF_DEFAULT_MEAN_STD
-    return (value,) * 3 if isinstance(value, numbers.Real) else value
-
-
-# --- timm config parsing -----------------------------------------------------------------
-
-
-def _timm_crop_pct(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value) > 0:
-        raise SourceError(f"timm data config 'crop_pct' must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _timm_image_size(input_size: object) -> tuple[int, int]:
-    if _is_int(input_size):
-        return int(input_size), int(input_size)
-    if isinstance(input_size, str) or not isinstance(input_size, Sequence):
-        raise SourceError(f"timm data config 'input_size' is malformed: {input_size!r}")
-    if len(input_size) not in (2, 3):
-        raise SourceError(f"timm data config 'input_size' is malformed: {input_size!r}")
-    if len(input_size) == 3 and input_size[0] != 3:
-        raise UnsupportedError(
-            f"timm model takes {input_size[0]}-channel input {tuple(input_size)}; "
-            "only 3-channel RGB models are supported"
-        )
-    try:
-        return _hw("input_size", list(input_size[-2:]))
-    except InputError as error:
-        raise SourceError(f"timm data config {error}") from error
-
-
-def _timm_interpolation(name: object) -> Interpolation:
-    if not isinstance(name, str) or name not in _PIL_RESAMPLE:
-        raise SourceError(
-            f"timm data config 'interpolation' must be one of {', '.join(_PIL_RESAMPLE)}, "
-            f"got {name!r}"
-        )
-    return cast("Interpolation", name)
-
-
-def _timm_resize(
-    crop_mode: object, scale: tuple[int, int], mean: object
-) -> tuple[ResizeMode, tuple[int, int] | int, tuple[int, int, int]]:
-    """Resize mode, size and pad value of timm's eval transform for one crop mode."""
-    if crop_mode in (None, "center"):
-        # timm passes an int (shortest-edge Resize) only when the scale size is square.
-        if scale[0] == scale[1]:
-            return "shortest_edge", scale[0], (0, 0, 0)
-        return "cover", scale, (0, 0, 0)
-    if crop_mode == "squash":
-        return "exact", scale, (0, 0, 0)
-    if crop_mode == "border":
-        channels = _triple("mean", mean, _finite_float)
-        fill = (round(255 * channels[0]), round(255 * channels[1]), round(255 * channels[2]))
-        return "contain", scale, fill
-    raise UnsupportedError(
-        f"timm crop_mode {crop_mode!r} is not supported; supported: center, squash, border"
-    )

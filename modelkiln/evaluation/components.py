@@ -1,117 +1,22 @@
-"""Compare sessions on the same feeds: max-abs, cosine and top-1 agreement per output.
+"""One component against its torch reference, on the same feeds: the build's validation, and
+`kiln validate` of a component the build could not run (Core ML off macOS).
 
-The build runs every exported component against its torch reference with these functions and
-refuses an artifact that misses the profile's tolerance.
+The build runs every exported component with these functions and refuses an artifact that
+misses the profile's tolerance.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from modelkiln.errors import ArtifactError, ValidationError
+from modelkiln.evaluation.metrics import OutputMetrics, Tolerance
+from modelkiln.records import OutputScore, ValidationRecord
 from modelkiln.runtimes.base import Session
 from modelkiln.specs import TensorSpec
-
-
-@dataclass(frozen=True)
-class Tolerance:
-    atol: float
-    min_cosine: float
-    min_top1_agreement: float
-    min_sqnr_db: float | None = None  # None: not gated
-
-
-@dataclass
-class OutputMetrics:
-    """Accumulated over every validation feed of one output."""
-
-    max_abs: float = 0.0
-    sum_abs: float = 0.0
-    sum_signal: float = 0.0  # sum of squared reference values, for the SQNR
-    sum_noise: float = 0.0  # sum of squared differences
-    count: int = 0
-    min_cosine: float = 1.0
-    top1_agree: int = 0
-    top1_total: int = 0
-    non_finite: bool = False
-
-    def add(self, reference: np.ndarray, candidate: np.ndarray, is_logits: bool) -> None:
-        reference = reference.astype(np.float64)
-        candidate = candidate.astype(np.float64)
-        if reference.shape != candidate.shape:
-            raise ValidationError(
-                f"output shape {candidate.shape} differs from the reference {reference.shape}"
-            )
-        if not np.isfinite(reference).all():
-            raise ValidationError(
-                "the torch reference itself produced NaN or inf on random inputs: check the "
-                "source model's weights"
-            )
-        if not np.isfinite(candidate).all():
-            self.non_finite = True
-            return
-        diff = np.abs(reference - candidate)
-        self.max_abs = max(self.max_abs, float(diff.max(initial=0.0)))
-        self.sum_abs += float(diff.sum())
-        self.sum_signal += float((reference**2).sum())
-        self.sum_noise += float((diff**2).sum())
-        self.count += diff.size
-        self.min_cosine = min(self.min_cosine, _min_cosine(reference, candidate))
-        if is_logits:
-            self.top1_agree += int((reference.argmax(-1) == candidate.argmax(-1)).sum())
-            self.top1_total += int(reference.argmax(-1).size)
-
-    @property
-    def sqnr_db(self) -> float:
-        """Signal-to-quantization-noise ratio over every feed: 10 log10(sum ref² / sum err²)."""
-        if self.sum_noise == 0.0:
-            return float("inf")
-        return float(10 * np.log10(max(self.sum_signal, 1e-300) / self.sum_noise))
-
-    def summary(self) -> dict[str, Any]:
-        data: dict[str, Any] = {
-            "max_abs": self.max_abs,
-            "mean_abs": self.sum_abs / max(self.count, 1),
-            "min_cosine": self.min_cosine,
-            # JSON has no infinity: null means the outputs were identical.
-            "sqnr_db": None if self.sqnr_db == float("inf") else round(self.sqnr_db, 2),
-        }
-        if self.top1_total:
-            data["top1_agreement"] = self.top1_agree / self.top1_total
-        if self.non_finite:
-            data["non_finite"] = True
-        return data
-
-    def misses(self, tolerance: Tolerance) -> list[str]:
-        if self.non_finite:
-            return ["it produced NaN or inf"]
-        problems = []
-        if self.max_abs > tolerance.atol:
-            problems.append(f"max-abs diff {self.max_abs:.3g} > atol {tolerance.atol:.3g}")
-        if self.min_cosine < tolerance.min_cosine:
-            problems.append(f"cosine {self.min_cosine:.6f} < {tolerance.min_cosine}")
-        if tolerance.min_sqnr_db is not None and self.sqnr_db < tolerance.min_sqnr_db:
-            problems.append(f"SQNR {self.sqnr_db:.1f} dB < {tolerance.min_sqnr_db} dB")
-        if self.top1_total and self.top1_agree / self.top1_total < tolerance.min_top1_agreement:
-            agreement = self.top1_agree / self.top1_total
-            problems.append(f"top-1 agreement {agreement:.3f} < {tolerance.min_top1_agreement}")
-        return problems
-
-
-def _min_cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """The worst per-sample cosine similarity (axis 0 is the batch)."""
-    ref = reference.reshape(reference.shape[0], -1) if reference.ndim else reference.reshape(1, -1)
-    cand = candidate.reshape(ref.shape)
-    dot = (ref * cand).sum(axis=1)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
-    # Two all-zero vectors are identical; one zero vector against another is not.
-    cosine = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), np.all(ref == cand, axis=1))
-    return float(cosine.min())
 
 
 def reference_outputs(
@@ -164,7 +69,7 @@ def validation_feeds(
 
 def verdict(
     component: str, label: str, metrics: Mapping[str, OutputMetrics], tolerance: Tolerance
-) -> dict[str, Any]:
+) -> ValidationRecord:
     """The manifest's validation record; raises ValidationError when any output misses."""
     for name, output in metrics.items():
         problems = output.misses(tolerance)
@@ -182,11 +87,12 @@ def verdict(
                 f"[components.{component}] in the profile if this is expected (e.g. --set "
                 f"components.{component}.atol=...), otherwise the export is wrong"
             )
-    return {
-        "passed": True,
-        "tolerance": asdict(tolerance),
-        "outputs": {name: output.summary() for name, output in metrics.items()},
-    }
+    return ValidationRecord(
+        passed=True,
+        tolerance=tolerance,
+        outputs={name: OutputScore.of(output) for name, output in metrics.items()},
+        label=label,
+    )
 
 
 # Inside an artifact: the torch reference of a component nothing at build time could run.
@@ -229,9 +135,13 @@ def load_reference(path: Path) -> tuple[list[dict[str, np.ndarray]], list[dict[s
     return feeds, outputs
 
 
-def check_pending(candidate: Session, record: Mapping[str, Any], root: Path) -> dict[str, Any]:
+def check_pending(candidate: Session, record: ValidationRecord, root: Path) -> ValidationRecord:
     """Validate a component whose build could not run it, against its saved torch outputs;
     raises ValidationError on a miss, like the build would have."""
-    feeds, expected = load_reference(root / record["reference"])
+    if record.reference is None or record.tolerance is None:
+        raise ArtifactError(
+            f"{candidate.name} has no saved torch reference to validate against; rebuild it"
+        )
+    feeds, expected = load_reference(root / record.reference)
     metrics = compare_outputs(expected, candidate, feeds)
-    return verdict(candidate.name, record["label"], metrics, Tolerance(**record["tolerance"]))
+    return verdict(candidate.name, record.label, metrics, record.tolerance)

@@ -1,0 +1,126 @@
+"""`kiln build` and `kiln profiles`: making artifacts, and the profiles that say how."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from modelkiln.cli.console import cells, describe_scores, err, out, progress_display
+from modelkiln.errors import KilnError
+
+
+@click.command()
+@click.argument("source")
+@click.option("-p", "--profile", required=True, help="Bundled profile name or a .toml path.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile key."
+)
+@click.option("--revision", help="Hub revision (branch, tag or commit).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle checkpoints (.bin/.pth).")
+def build(
+    source: str,
+    profile: str,
+    output: Path | None,
+    overrides: tuple[str, ...],
+    revision: str | None,
+    allow_pickle: bool,
+) -> None:
+    """Export SOURCE (hub id, local dir, timm:NAME) with PROFILE, validate, write the artifact."""
+    from modelkiln.builder import build as build_artifact
+    from modelkiln.loading import open_artifact
+
+    with progress_display() as progress:
+        artifact = build_artifact(
+            source,
+            profile,
+            output,
+            overrides=overrides,
+            revision=revision,
+            allow_pickle=allow_pickle,
+            progress=progress,
+        )
+    manifest = open_artifact(artifact).manifest
+    for name, record in manifest.components.items():
+        if record.validation.not_run is not None:
+            not_run = record.validation.not_run
+            err.print(f"  {name}: validation not run: {not_run}", markup=False, highlight=False)
+            continue
+        metrics = describe_scores(record.validation.outputs)
+        precision = record.runtime.get("inference_precision", "?")
+        err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})", markup=False)
+    out.print(f"[green]built[/] {escape(str(artifact))}")
+
+
+@click.group()
+def profiles() -> None:
+    """List, show and validate deployment profiles."""
+
+
+@profiles.command("list")
+def profiles_list() -> None:
+    """The bundled profiles."""
+    from modelkiln.plan import load_profile
+    from modelkiln.profiles import bundled_profile_names
+
+    table = Table("name", "family", "format", "runtime", "compute", "weights", "description")
+    for name in bundled_profile_names():
+        profile = load_profile(name)
+        table.add_row(
+            *cells(
+                name,
+                profile.family,
+                profile.export.format,
+                profile.runtime.name,
+                profile.precision.compute,
+                profile.precision.weights,
+                profile.description.split(". ")[0],
+            )
+        )
+    out.print(table)
+
+
+@profiles.command("show")
+@click.argument("profile")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def profiles_show(profile: str, overrides: tuple[str, ...]) -> None:
+    """Print PROFILE as TOML, with every default filled in."""
+    from modelkiln.plan import load_profile
+
+    click.echo(load_profile(profile, overrides).to_toml(), nl=False)
+
+
+@profiles.command("validate")
+@click.argument("files", nargs=-1, required=True)
+def profiles_validate(files: tuple[str, ...]) -> None:
+    """Check profile FILES against the schema and the support matrix."""
+    from modelkiln.plan import load_profile
+
+    failed = 0
+    for file in files:
+        try:
+            load_profile(file)
+            out.print(f"[green]ok[/] {escape(file)}")
+        except KilnError as error:
+            failed += 1
+            err.print(f"[red]invalid[/] {escape(str(error))}")
+    if failed:
+        sys.exit(1)
+
+
+@profiles.command("schemes")
+def profiles_schemes() -> None:
+    """Which format has which quantization scheme (the registered handlers)."""
+    from modelkiln.quantize import SCHEMES, support
+
+    table = support()
+    formats = list(table)
+    grid = Table("scheme", *formats, "what it does")
+    for name in sorted({scheme for handlers in table.values() for scheme in handlers}):
+        marks = ["yes" if name in table[f] else "—" for f in formats]
+        grid.add_row(*cells(name, *marks, SCHEMES.get(name).summary))
+    out.print(grid)

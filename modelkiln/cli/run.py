@@ -1,0 +1,228 @@
+"""`kiln classify`, `kiln embed`, `kiln generate`: running an artifact's pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from modelkiln.cli.console import (
+    BATCH_OPTION,
+    DEVICE_OPTION,
+    MAX_PIXELS_OPTION,
+    RUNTIME_OPTION,
+    THREADS_OPTION,
+    cells,
+    expand_images,
+    out,
+    progress_display,
+)
+from modelkiln.errors import InputError
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("-k", "--top-k", default=5, show_default=True, type=int)
+@BATCH_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@RUNTIME_OPTION
+@THREADS_OPTION
+@DEVICE_OPTION
+@MAX_PIXELS_OPTION
+def classify(
+    artifact: Path,
+    images: tuple[str, ...],
+    top_k: int,
+    batch_size: int,
+    as_json: bool,
+    runtime: str | None,
+    threads: int | None,
+    device: str | None,
+    max_pixels: int,
+) -> None:
+    """Classify IMAGES (files or directories) with an image-classification ARTIFACT."""
+    from modelkiln.loading import load
+    from modelkiln.pipelines.classification import ImageClassificationPipeline
+
+    paths = expand_images(images)
+    with load(artifact, runtime=runtime, threads=threads, device=device) as pipeline:
+        _require_task(pipeline, ImageClassificationPipeline, "kiln embed")
+        results = pipeline(paths, top_k=top_k, batch_size=batch_size, max_pixels=max_pixels or None)
+    if as_json:
+        payload = [
+            {"image": path, "predictions": [p.__dict__ for p in predictions]}
+            for path, predictions in zip(paths, results, strict=True)
+        ]
+        click.echo(json.dumps(payload, indent=2))
+        return
+    table = Table("image", "rank", "label", "score")
+    for path, predictions in zip(paths, results, strict=True):
+        for rank, prediction in enumerate(predictions, 1):
+            table.add_row(
+                *cells(
+                    path if rank == 1 else "",
+                    str(rank),
+                    prediction.label,
+                    f"{prediction.score:.4f}",
+                )
+            )
+    out.print(table)
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="A .npy file.")
+@click.option(
+    "--pooling",
+    type=click.Choice(["auto", "cls", "mean", "pooled"]),
+    default="auto",
+    show_default=True,
+)
+@click.option("--layer", type=int, help="Embed the tokens of this transformer block (1-based).")
+@click.option("--no-normalize", is_flag=True, help="Keep raw vectors (default: L2-normalised).")
+@BATCH_OPTION
+@RUNTIME_OPTION
+@THREADS_OPTION
+@DEVICE_OPTION
+@MAX_PIXELS_OPTION
+def embed(
+    artifact: Path,
+    images: tuple[str, ...],
+    output: Path,
+    pooling: str,
+    layer: int | None,
+    no_normalize: bool,
+    batch_size: int,
+    runtime: str | None,
+    threads: int | None,
+    device: str | None,
+    max_pixels: int,
+) -> None:
+    """Embed IMAGES with an image-feature-extraction ARTIFACT into a (N, D) .npy file."""
+    import numpy as np
+
+    from modelkiln.loading import load
+    from modelkiln.pipelines.embedding import ImageEmbeddingPipeline
+
+    paths = expand_images(images)
+    with load(artifact, runtime=runtime, threads=threads, device=device) as pipeline:
+        _require_task(pipeline, ImageEmbeddingPipeline, "kiln classify")
+        vectors = pipeline(
+            paths,
+            pooling=pooling,
+            layer=layer,
+            normalize=not no_normalize,
+            batch_size=batch_size,
+            max_pixels=max_pixels or None,
+        )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.save(output, vectors)
+    out.print(
+        f"[green]wrote[/] {escape(str(output))}: {vectors.shape[0]} × {vectors.shape[1]} float32"
+    )
+
+
+def _require_task(pipeline: Any, expected: type, other_command: str) -> None:
+    if not isinstance(pipeline, expected):
+        task: str = expected.TASK  # type: ignore[attr-defined]
+        raise InputError(
+            f"this artifact was built for {pipeline.task}, not {task}; use "
+            f"`{other_command}`, or rebuild with --set model.task={task}"
+        )
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="What to draw.")
+@click.option("--negative-prompt", help="What to steer away from.")
+@click.option("--steps", default=25, show_default=True, type=int)
+@click.option("--guidance", default=7.5, show_default=True, type=float, help="1.0: no CFG pass.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same pixels.")
+@click.option("--width", type=int, help="Default: the size the artifact was built for.")
+@click.option("--height", type=int)
+@click.option("--num-images", default=1, show_default=True, type=int)
+@click.option("--scheduler", help="euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, ddim, ...")
+@click.option("--image", "init_image", help="Start from this image (image-to-image, inpaint).")
+@click.option(
+    "--strength", type=float, help="How much to change --image (default 0.8; 1.0 inpaint)."
+)
+@click.option("--mask", help="Inpaint where this mask is white (any size).")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.png")
+@RUNTIME_OPTION
+@THREADS_OPTION
+@DEVICE_OPTION
+def generate(
+    artifact: Path,
+    prompt: str,
+    negative_prompt: str | None,
+    steps: int,
+    guidance: float,
+    seed: int,
+    width: int | None,
+    height: int | None,
+    num_images: int,
+    scheduler: str | None,
+    init_image: str | None,
+    strength: float | None,
+    mask: str | None,
+    output: Path,
+    runtime: str | None,
+    threads: int | None,
+    device: str | None,
+) -> None:
+    """Text-to-image, image-to-image (--image) or inpainting (--image --mask) with ARTIFACT."""
+    from modelkiln.loading import load
+    from modelkiln.pipelines.generation import ImageGenerator
+
+    if mask is not None and init_image is None:
+        raise InputError("--mask needs --image: the image to inpaint")
+    if strength is not None and init_image is None:
+        raise InputError("--strength applies to --image (image-to-image or inpainting)")
+    settings: dict[str, Any] = {
+        "negative_prompt": negative_prompt,
+        "steps": steps,
+        "guidance": guidance,
+        "seed": seed,
+        "width": width,
+        "height": height,
+        "num_images": num_images,
+        "scheduler": scheduler,
+    }
+    with (
+        load(artifact, runtime=runtime, threads=threads, device=device) as pipeline,
+        progress_display() as progress,
+    ):
+        if not isinstance(pipeline, ImageGenerator):
+            raise InputError(
+                f"this artifact was built for {pipeline.task}, not image generation; use "
+                "`kiln classify` or `kiln embed`"
+            )
+        settings["progress"] = progress
+        if mask is not None and init_image is not None:
+            images = pipeline.inpaint(
+                prompt, init_image, mask, strength=1.0 if strength is None else strength, **settings
+            )
+        elif init_image is not None:
+            images = pipeline.image_to_image(
+                prompt, init_image, strength=0.8 if strength is None else strength, **settings
+            )
+        else:
+            images = pipeline.text_to_image(prompt, **settings)
+    for path in numbered_outputs(output, len(images)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    for image, path in zip(images, numbered_outputs(output, len(images)), strict=True):
+        image.save(path)
+        out.print(f"[green]wrote[/] {escape(str(path))} ({image.width}×{image.height})")
+
+
+def numbered_outputs(output: Path, count: int) -> list[Path]:
+    """OUT.png for one image; OUT-0.png, OUT-1.png, ... for several."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(count)]

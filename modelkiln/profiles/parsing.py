@@ -1,0 +1,152 @@
+"""Typed frozen dataclasses from TOML tables, and back: what the profile schema is made of.
+
+Backends and quantization schemes parse their own sections with `parse_section`, so that a
+mistake in any part of a profile reads the same: the key path, what was found, a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import MISSING, fields, is_dataclass
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin, get_type_hints
+
+from modelkiln.errors import ProfileError, did_you_mean
+from modelkiln.profiles.history import MOVED_IN_V2
+
+T = TypeVar("T")
+
+
+def parse_section(
+    cls: type[T],
+    data: Any,
+    *,
+    key_path: str,
+    origin: str,
+    exclude: frozenset[str] = frozenset(),
+) -> T:
+    """A frozen dataclass from a TOML table: unknown keys, wrong types and bad choices raise
+    ProfileError naming the key path. Backends and schemes parse their own sections with it;
+    `exclude`: fields the caller fills itself."""
+    section = f"[{key_path.rstrip('.')}]" if key_path else "the top level"
+    if not isinstance(data, Mapping):
+        raise ProfileError(f"{origin}: {section} must be a table, got {data!r}")
+    hints = get_type_hints(cls)
+    known = [f.name for f in fields(cast(Any, cls)) if f.init and f.name not in exclude]
+    for key in data:
+        if key not in known:
+            moved = MOVED_IN_V2.get(f"{key_path}{key}")
+            hint = f": since schema_version 2 it is {moved[0]}" if moved else ""
+            raise ProfileError(
+                f"{origin}: unknown key '{key_path}{key}'{did_you_mean(key, known)}{hint}; "
+                f"known keys in {section}: {', '.join(known)}"
+            )
+    kwargs = {
+        name: _coerce(hints[name], data[name], f"{key_path}{name}", origin)
+        for name in known
+        if name in data
+    }
+    missing = [
+        f.name
+        for f in fields(cast(Any, cls))
+        if f.name in known
+        and f.name not in kwargs
+        and f.default is MISSING
+        and f.default_factory is MISSING
+    ]
+    if missing:
+        raise ProfileError(f"{origin}: missing required key(s): {', '.join(missing)}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str, origin: str) -> Any:
+    origin_type = get_origin(hint)
+    if is_dataclass(hint):
+        return parse_section(cast(type, hint), value, key_path=f"{key}.", origin=origin)
+    if origin_type in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        return _coerce(options[0], value, key, origin)
+    if origin_type is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            shown = ", ".join(repr(c) for c in choices)
+            raise ProfileError(
+                f"{origin}: {key} = {value!r} is not one of {shown}"
+                f"{did_you_mean(str(value), map(str, choices))}"
+            )
+        return value
+    if origin_type is dict:
+        if not isinstance(value, Mapping):
+            raise ProfileError(f"{origin}: [{key}] must be a table, got {value!r}")
+        _, item_type = get_args(hint)
+        return {
+            name: _coerce(item_type, item, f"{key}.{name}", origin) for name, item in value.items()
+        }
+    if origin_type is tuple:
+        if not isinstance(value, list | tuple):
+            raise ProfileError(f"{origin}: {key} must be a list, got {value!r}")
+        (item_type, _) = get_args(hint)
+        return tuple(_coerce(item_type, item, key, origin) for item in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (str, int, float, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise ProfileError(
+                f"{origin}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
+            )
+        return value
+    raise TypeError(f"profile field {key} has an unsupported type {hint!r}")  # a bug, not input
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `--set dotted.key=value`; the value is parsed as TOML, else taken as a string."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ProfileError(f"--set expects key=value (e.g. validation.atol=1e-3), got '{item}'")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    *sections, leaf = key.split(".")
+    target = data
+    for section in sections:
+        child = target.setdefault(section, {})
+        if not isinstance(child, dict):
+            raise ProfileError(f"--set {key}: '{section}' is not a section of the profile")
+        target = child
+    target[leaf] = value
+
+
+def without_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: without_none(v) for k, v in data.items() if v is not None}
+    if isinstance(data, tuple):
+        return list(data)
+    return data
+
+
+def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    """Tables of scalars and flat lists, nested tables as [a.b] sections (empty ones omitted)."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for section, values in data.items():
+        if isinstance(values, dict) and values:
+            text = to_toml(values, f"{prefix}{section}.")
+            has_scalars = any(not isinstance(v, dict) for v in values.values())
+            header = [f"[{prefix}{section}]"] if has_scalars else []
+            lines += ["", *header, *text.rstrip("\n").splitlines()]
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")

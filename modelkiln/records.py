@@ -1,0 +1,360 @@
+"""kiln.json as typed records, and the one codec that writes and reads them.
+
+Everything an artifact records is a frozen dataclass here; nothing else reads kiln.json by key.
+Two parts stay free-form on purpose, each owned by one piece of code: `model_info` (the
+family's facts for its pipeline) and the backend's own reports (a session's `runtime` facts, a
+quantizer's `details`). Schema 1 manifests are upgraded on read (they recorded no pipeline,
+and their profile is in profile schema 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from modelkiln.errors import ArtifactError, ProfileError, UnsupportedError
+from modelkiln.evaluation.metrics import OutputMetrics, Tolerance
+from modelkiln.profiles import Profile
+from modelkiln.specs import TensorSpec
+
+MANIFEST_SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    spec: str  # what the user passed
+    hub_id: str | None = None
+    revision: str | None = None  # the commit a hub source resolved to
+    local_dir: str | None = None
+    weights_sha256: dict[str, str] = field(default_factory=dict)  # file -> sha256
+
+    @property
+    def name(self) -> str:
+        """The hub id, else what the user passed."""
+        return self.hub_id or self.spec
+
+
+@dataclass(frozen=True)
+class OutputScore:
+    """One output against its reference (evaluation.metrics.OutputMetrics, summarised)."""
+
+    max_abs: float
+    mean_abs: float
+    min_cosine: float
+    sqnr_db: float | None  # None: identical outputs (JSON has no infinity)
+    top1_agreement: float | None = None  # logits only
+    non_finite: bool = False
+
+    @classmethod
+    def of(cls, metrics: OutputMetrics) -> OutputScore:
+        sqnr = metrics.sqnr_db
+        return cls(
+            max_abs=metrics.max_abs,
+            mean_abs=metrics.sum_abs / max(metrics.count, 1),
+            min_cosine=metrics.min_cosine,
+            sqnr_db=None if sqnr == float("inf") else round(sqnr, 2),
+            top1_agreement=metrics.top1_agreement,
+            non_finite=metrics.non_finite,
+        )
+
+
+@dataclass(frozen=True)
+class ValidationRecord:
+    """A component against its torch reference, as the build (or `kiln validate`) ran it."""
+
+    passed: bool | None  # None: nothing here could run it (`not_run` says why)
+    tolerance: Tolerance | None = None
+    outputs: dict[str, OutputScore] = field(default_factory=dict)
+    label: str = ""  # format, runtime, precision and scheme it ran with
+    batch_sizes: tuple[int, ...] = ()  # seeded random feeds of these sizes ...
+    inputs: str | None = None  # ... or a description of the real feeds it ran on
+    not_run: str | None = None
+    reference: str | None = None  # artifact path of the saved torch outputs (not run)
+
+
+@dataclass(frozen=True)
+class QuantizationRecord:
+    """What a scheme's handler did to a component."""
+
+    scheme: str
+    quantized_weights: int
+    bytes_before: int
+    bytes_after: int
+    # In memory, where the files keep other weights than the runtime holds (torch).
+    memory_bytes_before: int | None = None
+    memory_bytes_after: int | None = None
+    # The handler's own report (its ops, modes, block sizes, ...).
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, scheme: str, report: Mapping[str, Any]) -> QuantizationRecord:
+        own = {f.name for f in fields(cls)} - {"scheme", "details"}
+        return cls(
+            scheme=scheme,
+            details={k: v for k, v in report.items() if k not in own},
+            **{k: v for k, v in report.items() if k in own},
+        )
+
+
+@dataclass(frozen=True)
+class EndToEndRecord:
+    """The artifact's pipeline against torch fp32 on real data ([validation] data/prompts)."""
+
+    not_run: str | None = None
+    # images
+    data: str | None = None
+    images: int | None = None
+    outputs: dict[str, OutputScore] = field(default_factory=dict)
+    reference_accuracy: float | None = None  # top-1, fractions
+    accuracy: float | None = None
+    accuracy_drop: float | None = None  # percentage points
+    # prompts
+    prompts: tuple[str, ...] = ()
+    steps: int | None = None
+    psnr_db: tuple[float | None, ...] = ()  # None: identical images
+    ssim: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    created: str  # ISO 8601, UTC
+    seconds: float
+    peak_rss_bytes: int
+    host: dict[str, Any]  # modelkiln.env.host_info()
+
+
+@dataclass(frozen=True)
+class ComponentRecord:
+    name: str
+    entry: str  # the file (or directory, for torch) a runtime opens, relative to the artifact
+    inputs: dict[str, TensorSpec]
+    outputs: dict[str, TensorSpec]
+    validation: ValidationRecord = field(default_factory=lambda: ValidationRecord(passed=None))
+    # What the runtime reported while validating, e.g. {"inference_precision": "f32"}.
+    runtime: dict[str, Any] = field(default_factory=dict)
+    quantization: QuantizationRecord | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    family: str
+    pipeline: str  # the family's pipeline that runs the artifact
+    task: str
+    format: str
+    runtime: str  # the runtime that validated the build and runs it by default
+    source: SourceRecord
+    profile: Profile
+    components: dict[str, ComponentRecord]
+    files: dict[str, FileRecord]
+    # Torch-free facts the family's pipelines need: preprocessing, labels, sizes, ...
+    model_info: dict[str, Any]
+    versions: dict[str, str]
+    build: BuildRecord
+    modelkiln_version: str
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    end_to_end: EndToEndRecord | None = None
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(record.size for record in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return encode_manifest(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], where: Path) -> Manifest:
+        return decode_manifest(data, where)
+
+
+# --- the codec ------------------------------------------------------------------------------
+
+
+def encode_manifest(manifest: Manifest) -> dict[str, Any]:
+    """kiln.json's document: the records' fields, None and empty values left out."""
+    return {
+        "schema_version": manifest.schema_version,
+        "family": manifest.family,
+        "pipeline": manifest.pipeline,
+        "task": manifest.task,
+        "format": manifest.format,
+        "runtime": manifest.runtime,
+        "source": asdict(manifest.source),
+        "profile": manifest.profile.to_dict(),
+        "components": {k: _component_json(v) for k, v in manifest.components.items()},
+        "files": {k: asdict(v) for k, v in manifest.files.items()},
+        "model_info": manifest.model_info,
+        "versions": manifest.versions,
+        "build": asdict(manifest.build),
+        "modelkiln_version": manifest.modelkiln_version,
+        "end_to_end": _end_to_end_json(manifest.end_to_end),
+    }
+
+
+def _end_to_end_json(record: EndToEndRecord | None) -> dict[str, Any]:
+    if record is None:
+        return {}
+    data = _compact(asdict(record))
+    if record.outputs:
+        data["outputs"] = _scores_json(record.outputs)
+    return data
+
+
+def _scores_json(scores: Mapping[str, OutputScore]) -> dict[str, Any]:
+    """Each output's score; sqnr_db None (identical outputs) kept, other absent values not."""
+    return {
+        name: {**_compact(asdict(score)), "sqnr_db": score.sqnr_db}
+        | ({"non_finite": True} if score.non_finite else {})
+        for name, score in scores.items()
+    }
+
+
+def decode_manifest(data: Mapping[str, Any], where: Path) -> Manifest:
+    """The records of a kiln.json document; a malformed one raises a "rebuild" error."""
+    version = data.get("schema_version")
+    if version == 1:
+        data = _upgrade_v1(data, where)
+    elif version != MANIFEST_SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{where} has manifest schema_version {version!r}; this modelkiln reads "
+            f"{MANIFEST_SCHEMA_VERSION} (and 1): rebuild the artifact or upgrade modelkiln"
+        )
+    try:
+        end_to_end = data.get("end_to_end") or {}
+        return Manifest(
+            family=data["family"],
+            pipeline=data["pipeline"],
+            task=data["task"],
+            format=data["format"],
+            runtime=data["runtime"],
+            source=_known(SourceRecord, data["source"]),
+            profile=Profile.from_dict(data["profile"], origin=f"{where}: its profile"),
+            components={k: _component(v) for k, v in data["components"].items()},
+            files={k: FileRecord(**v) for k, v in data["files"].items()},
+            model_info=dict(data["model_info"]),
+            versions=dict(data["versions"]),
+            build=BuildRecord(**data["build"]),
+            modelkiln_version=data["modelkiln_version"],
+            end_to_end=_end_to_end(end_to_end) if end_to_end else None,
+        )
+    except (KeyError, TypeError, AttributeError, ValueError, ProfileError) as error:
+        raise ArtifactError(
+            f"{where} is malformed ({type(error).__name__}: {error}); rebuild the artifact"
+        ) from error
+
+
+def _component_json(record: ComponentRecord) -> dict[str, Any]:
+    validation = _compact(asdict(record.validation))
+    validation["passed"] = record.validation.passed  # None is meaningful: not run
+    if record.validation.outputs:
+        validation["outputs"] = _scores_json(record.validation.outputs)
+    quantization: dict[str, Any] = {}
+    if record.quantization is not None:
+        quantization = _compact(asdict(record.quantization))
+        quantization.update(quantization.pop("details", {}))
+    return {
+        "name": record.name,
+        "entry": record.entry,
+        "inputs": {k: v.to_json() for k, v in record.inputs.items()},
+        "outputs": {k: v.to_json() for k, v in record.outputs.items()},
+        "validation": validation,
+        "runtime": record.runtime,
+        "quantization": quantization,
+    }
+
+
+def _component(data: Mapping[str, Any]) -> ComponentRecord:
+    validation = dict(data.get("validation") or {"passed": None})
+    tolerance = validation.get("tolerance")
+    quantization = data.get("quantization") or {}
+    return ComponentRecord(
+        name=data["name"],
+        entry=data["entry"],
+        inputs={k: TensorSpec.from_json(v) for k, v in data["inputs"].items()},
+        outputs={k: TensorSpec.from_json(v) for k, v in data["outputs"].items()},
+        validation=_known(
+            ValidationRecord,
+            {
+                **validation,
+                "tolerance": Tolerance(**tolerance) if tolerance else None,
+                "outputs": _scores(validation.get("outputs", {})),
+                "batch_sizes": tuple(validation.get("batch_sizes", ())),
+            },
+        ),
+        runtime=dict(data.get("runtime") or {}),
+        quantization=(
+            QuantizationRecord.of(
+                quantization["scheme"], {k: v for k, v in quantization.items() if k != "scheme"}
+            )
+            if quantization
+            else None
+        ),
+    )
+
+
+def _end_to_end(data: Mapping[str, Any]) -> EndToEndRecord:
+    return _known(
+        EndToEndRecord,
+        {
+            **data,
+            "outputs": _scores(data.get("outputs", {})),
+            "prompts": tuple(data.get("prompts", ())),
+            "psnr_db": tuple(data.get("psnr_db", ())),
+            "ssim": tuple(data.get("ssim", ())),
+        },
+    )
+
+
+def _scores(data: Mapping[str, Any]) -> dict[str, OutputScore]:
+    return {name: _known(OutputScore, score) for name, score in data.items()}
+
+
+def _known(cls: type[Any], data: Mapping[str, Any]) -> Any:
+    """A record from the keys its class knows (newer writers may add others)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _compact(data: dict[str, Any]) -> dict[str, Any]:
+    """Without None, False and empty values (kiln.json stays what a reader needs)."""
+    return {k: v for k, v in data.items() if not _absent(v)}
+
+
+def _absent(value: Any) -> bool:
+    empty = isinstance(value, str | tuple | list | dict) and not value
+    return value is None or value is False or empty
+
+
+def _upgrade_v1(data: Mapping[str, Any], where: Path) -> dict[str, Any]:
+    """A schema 1 manifest in schema 2's terms: it recorded no pipeline (the family's pipeline
+    for its task is the one that ran it) and its profile in profile schema 1."""
+    from modelkiln.models import FAMILIES
+
+    try:
+        pipeline = FAMILIES.get(data["family"]).pipeline_for(data["task"])
+    except (KeyError, UnsupportedError) as error:
+        raise ArtifactError(
+            f"{where} is malformed ({type(error).__name__}: {error}); rebuild the artifact"
+        ) from error
+    return {**data, "pipeline": pipeline, "schema_version": MANIFEST_SCHEMA_VERSION}
+
+
+__all__ = [
+    "MANIFEST_SCHEMA_VERSION",
+    "BuildRecord",
+    "ComponentRecord",
+    "EndToEndRecord",
+    "FileRecord",
+    "Manifest",
+    "OutputScore",
+    "QuantizationRecord",
+    "SourceRecord",
+    "ValidationRecord",
+]
