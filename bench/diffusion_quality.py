@@ -14,6 +14,7 @@ Writes WORK/diffusion_quality.md.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from modelkiln import build, open_artifact
@@ -55,15 +56,17 @@ def main() -> None:
             build(sources[profile.family], name, artifact, overrides=overrides)
         manifest = open_artifact(artifact).manifest
         schemes = ", ".join(
-            f"{n} {r.quantization.get('scheme', 'none')}" for n, r in manifest.components.items()
+            f"{n} {r.quantization.scheme if r.quantization else 'none'}"
+            for n, r in manifest.components.items()
         )
         sqnr = ", ".join(
-            f"{n} {min(o['sqnr_db'] for o in r.validation['outputs'].values()):.1f} dB"
+            f"{n} {min(o.sqnr_db or math.inf for o in r.validation.outputs.values()):.1f} dB"
             for n, r in manifest.components.items()
         )
         record = manifest.end_to_end
-        psnr = ", ".join(f"{p:.1f} dB" for p in record["psnr_db"])
-        ssim = ", ".join(f"{s:.3f}" for s in record["ssim"])
+        assert record is not None, f"{name} has no end-to-end record"
+        psnr = ", ".join("identical" if p is None else f"{p:.1f} dB" for p in record.psnr_db)
+        ssim = ", ".join(f"{s:.3f}" for s in record.ssim)
         lines.append(f"| `{name}` | {schemes} | {psnr} | {ssim} | {sqnr} |")
     table = "\n".join(lines) + "\n"
     (args.work / "diffusion_quality.md").write_text(table)

@@ -131,8 +131,7 @@ def build_sqnr(artifact: Path) -> float | None:
     from modelkiln import open_artifact
 
     (record,) = open_artifact(artifact).manifest.components.values()
-    value = record.validation["outputs"]["logits"].get("sqnr_db")
-    return None if value is None else float(value)
+    return record.validation.outputs["logits"].sqnr_db
 
 
 def size_mb(directory: Path) -> float:
