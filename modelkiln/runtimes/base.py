@@ -11,7 +11,7 @@ import importlib.util
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
@@ -20,6 +20,7 @@ import numpy as np
 
 from modelkiln.backends import BackendSettings
 from modelkiln.errors import ArtifactError, InputError, missing_backend
+from modelkiln.profiles import parse_section
 from modelkiln.specs import TensorSpec, check_feeds
 
 if TYPE_CHECKING:
@@ -73,7 +74,15 @@ class RuntimeOptions:
                     f"unknown runtime option(s): {', '.join(unknown)}; known: "
                     f"{', '.join(sorted(generic | set(known)))}"
                 )
-            settings = replace(settings, **own)  # type: ignore[type-var]
+            assert settings is not None  # a key it knows means it has settings
+            # Checked as its profile section is: a choice it does not have is refused.
+            values = {k: v for k, v in asdict(settings).items() if v is not None}
+            settings = parse_section(
+                type(settings),
+                {**values, **own},
+                key_path=f"{settings.section}.",
+                origin="load()",
+            )
         mine = {k: v for k, v in given.items() if k in generic}
         return replace(self, **mine, settings=settings)
 

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from modelkiln import ImageClassificationPipeline, ImageEmbeddingPipeline, load
-from modelkiln.errors import InputError
+from modelkiln.errors import InputError, ProfileError
 from modelkiln.images import load_images
 from modelkiln.pipelines.classification import Prediction, softmax
 
@@ -162,3 +162,8 @@ def test_load_overrides_reach_the_runtime(built: Callable[..., Path]) -> None:
     assert info["inference_precision"] == "f32"
     with load(artifact, compute_precision="bf16") as pipeline:
         assert pipeline.session.info["inference_precision"] in ("bf16", "f32")
+    # The runtime's own settings are checked like its profile section, and named when unknown.
+    with pytest.raises(ProfileError, match=r"openvino\.performance_hint = 'fast' is not one of"):
+        load(artifact, performance_hint="fast")
+    with pytest.raises(TypeError, match=r"unknown runtime option\(s\): graph_optimization; known:"):
+        load(artifact, graph_optimization="all")
