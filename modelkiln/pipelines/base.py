@@ -51,6 +51,9 @@ class PipelineParts:
 
 
 class Pipeline(Closeable):
+    """A pipeline is safe to share between threads, like its Sessions: what a call needs of
+    its own (a diffusion scheduler, tokenizers) it gets per call."""
+
     # session name -> the stage `kiln bench` reports its calls as (default: the name).
     stages: ClassVar[Mapping[str, str]] = {}
 

@@ -28,6 +28,7 @@ from modelkiln.pipelines.generation import ImageGenerator
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.quiet import quiet_libraries
 from modelkiln.runtimes.base import Session
+from modelkiln.runtimes.pool import Pool
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -46,6 +47,8 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 StepCallback = Callable[[int, float, np.ndarray], None]
+# Generations that run at once on one pipeline (each holds its own tokenizers).
+TOKENIZER_SETS = 8
 
 
 class _SessionModule(torch.nn.Module):
@@ -188,7 +191,11 @@ class SDPipeline(ImageGenerator):
         self._unet = _UNet(sessions["unet"], configs["unet"])
         self._vae = _Vae(sessions["vae_decoder"], configs["vae_decoder"])
         self._vae.encoder_session = sessions.get("vae_encoder")
-        self._tokenizers = [self._tokenizer(folder) for folder in self.tokenizers]
+        # A tokenizer keeps its padding and truncation settings between calls: one set per
+        # concurrent call.
+        self._tokenizer_sets = Pool(
+            lambda: [self._tokenizer(folder) for folder in self.tokenizers], size=TOKENIZER_SETS
+        )
 
     @classmethod
     def from_parts(cls, parts: PipelineParts) -> Self:
@@ -282,7 +289,6 @@ class SDPipeline(ImageGenerator):
             raise InputError(f"num_images must be >= 1, got {num_images}")
         if guidance < 0:
             raise InputError(f"guidance must be >= 0, got {guidance}")
-        self._warn_if_truncated(prompts)
         call: dict[str, Any] = {
             "prompt": prompts,
             "negative_prompt": negatives,
@@ -305,20 +311,25 @@ class SDPipeline(ImageGenerator):
             call["mask_image"] = load_image(options.pop("mask")).convert("L")
         if options:
             raise TypeError(f"unknown generation setting(s): {', '.join(sorted(options))}")
-        pipeline = self._diffusers_pipeline(mode, scheduler_name)
-        with progress.task(f"denoising ({mode}, {steps} steps)") as advance:
+        with self._tokenizer_sets.borrow() as tokenizers:
+            self._warn_if_truncated(tokenizers[0], prompts)
+            # A pipeline (and its scheduler, which keeps the steps' state) per call.
+            pipeline = self._diffusers_pipeline(mode, scheduler_name, tokenizers)
+            with progress.task(f"denoising ({mode}, {steps} steps)") as advance:
 
-            def on_step(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
-                advance(1)
-                if callback is not None:
-                    callback(index, float(timestep), tensors["latents"].numpy())
-                return tensors
+                def on_step(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+                    advance(1)
+                    if callback is not None:
+                        callback(index, float(timestep), tensors["latents"].numpy())
+                    return tensors
 
-            with torch.inference_mode(), quiet_libraries():
-                result = pipeline(**call, callback_on_step_end=on_step)
+                with torch.inference_mode(), quiet_libraries():
+                    result = pipeline(**call, callback_on_step_end=on_step)
         return list(result.images)
 
-    def _diffusers_pipeline(self, mode: str, scheduler_name: str | None) -> Any:
+    def _diffusers_pipeline(
+        self, mode: str, scheduler_name: str | None, tokenizers: list[Any]
+    ) -> Any:
         import diffusers
 
         suffix = {"text": "Pipeline", "image": "Img2ImgPipeline", "inpaint": "InpaintPipeline"}
@@ -330,7 +341,7 @@ class SDPipeline(ImageGenerator):
             **self._family_components(mode),
         }
         for index, (encoder, tokenizer) in enumerate(
-            zip(self._text_encoders, self._tokenizers, strict=True)
+            zip(self._text_encoders, tokenizers, strict=True)
         ):
             suffix_name = f"_{index + 1}" if index else ""
             components[f"text_encoder{suffix_name}"] = encoder
@@ -381,8 +392,7 @@ class SDPipeline(ImageGenerator):
 
         return CLIPTokenizer.from_pretrained(self.root / folder)
 
-    def _warn_if_truncated(self, prompts: list[str]) -> None:
-        tokenizer = self._tokenizers[0]
+    def _warn_if_truncated(self, tokenizer: Any, prompts: list[str]) -> None:
         limit = tokenizer.model_max_length
         for text in prompts:
             with quiet_libraries():

@@ -106,6 +106,10 @@ class Closeable:
 
 
 class Session(Closeable, ABC):
+    """One component on one backend. Safe to share between threads: `run` may be called
+    from several at once and each call gets its own outputs; a backend whose handle is not
+    thread-safe pools its handles (OpenVINO) or serialises its calls (Core ML, TensorRT)."""
+
     def __init__(
         self, name: str, inputs: Mapping[str, TensorSpec], outputs: Mapping[str, TensorSpec]
     ) -> None:

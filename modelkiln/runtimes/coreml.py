@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import platform
 import sys
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,7 @@ class CoreMLSession(Session):
                 f"Core ML cannot load {entry}: {str(error).strip().splitlines()[0]}; the package "
                 "may be corrupted: run `kiln verify` or rebuild"
             ) from error
+        self._lock = threading.Lock()
         description = self._model.get_spec().description
         self._check_backend_names(
             [feature.name for feature in description.input],
@@ -131,7 +133,11 @@ class CoreMLSession(Session):
         return {"runtime": "coreml", "device": "apple", "compute_units": self._compute_units}
 
     def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        results = self._model.predict({name: coreml_feed(array) for name, array in feeds.items()})
+        # coremltools documents no thread safety for MLModel.predict: one call at a time.
+        with self._lock:
+            results = self._model.predict(
+                {name: coreml_feed(array) for name, array in feeds.items()}
+            )
         return {
             name: np.asarray(results[name], dtype=self.output_specs[name].dtype)
             for name in output_names

@@ -18,6 +18,7 @@ import numpy as np
 from modelkiln.backends import Backend, BackendSettings
 from modelkiln.errors import ArtifactError, UnsupportedError
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
+from modelkiln.runtimes.pool import Pool
 from modelkiln.specs import TensorSpec
 
 # Our precision names -> OpenVINO's element type names for INFERENCE_PRECISION_HINT.
@@ -79,7 +80,10 @@ class OpenVINOSession(Session):
             [port.get_any_name() for port in self._compiled.inputs],
             [name for port in self._compiled.outputs for name in port.get_names()],
         )
-        self._request = self._compiled.create_infer_request()
+        # An infer request holds its tensors: one per concurrent call, as many as OpenVINO
+        # runs at once for this compiled model (1 under the latency hint on a CPU).
+        optimal = int(self._compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        self._requests = Pool(self._compiled.create_infer_request, max(1, optimal))
         self._output_ports = {
             name: port for port in self._compiled.outputs for name in port.get_names()
         }
@@ -97,15 +101,16 @@ class OpenVINOSession(Session):
         }
 
     def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        self._request.infer(feeds)
-        # copy: the request's output buffers are reused by the next inference
-        return {
-            name: self._request.get_tensor(self._output_ports[name]).data.copy()
-            for name in output_names
-        }
+        with self._requests.borrow() as request:
+            request.infer(feeds)
+            # copy: the request's output buffers are reused by its next inference
+            return {
+                name: request.get_tensor(self._output_ports[name]).data.copy()
+                for name in output_names
+            }
 
     def close(self) -> None:
-        self._request = None
+        self._requests.clear()
         self._compiled = None
 
 

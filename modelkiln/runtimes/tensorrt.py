@@ -8,6 +8,7 @@ the engine cache once, and loads that (modelkiln.tensorrt.build.engine_for_devic
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -60,6 +61,7 @@ class TensorRTSession(Session):
                     "corrupted: run `kiln verify` or rebuild"
                 )
             self._context = self._engine.create_execution_context()
+            self._lock = threading.Lock()
             self._stream = torch.cuda.Stream(self._device)
         engine = self._engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -88,7 +90,9 @@ class TensorRTSession(Session):
         import torch
 
         held = {}  # the device tensors stay alive until the stream is done with them
-        with torch.cuda.device(self._device), torch.cuda.stream(self._stream):
+        # An execution context holds its input shapes and tensor addresses: one call at a
+        # time (the GPU runs one engine call at a time on this stream anyway).
+        with self._lock, torch.cuda.device(self._device), torch.cuda.stream(self._stream):
             for name, array in feeds.items():
                 # np.require keeps 0-d arrays (the UNet's timestep); ascontiguousarray does not.
                 host = np.require(array, dtype=self._dtypes[name], requirements="C")
