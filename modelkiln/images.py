@@ -43,6 +43,8 @@ def load_image(image: ImageInput, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
     width×height of image files, checked from the header before decoding; None disables it.
     Raises InputError with a one-line message for anything unreadable or unsupported.
     """
+    if max_pixels is not None and max_pixels < 1:
+        raise InputError(f"max_pixels must be >= 1 (or None: no limit), got {max_pixels}")
     if isinstance(image, str | os.PathLike):
         return _load_file(image, max_pixels)
     if isinstance(image, Image.Image):

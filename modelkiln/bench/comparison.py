@@ -10,6 +10,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+from modelkiln.errors import InputError
+
 # Below this many samples on either side a rank test has too little to rank.
 MIN_SAMPLES = 3
 
@@ -47,10 +49,10 @@ class Bounds:
             "max_memory_growth",
         ):
             value = getattr(self, name)
-            if not value >= 0:  # also rejects NaN
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            if not 0 <= value < math.inf:  # also rejects NaN
+                raise InputError(f"{name} must be a finite number >= 0, got {value}")
         if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be between 0 and 1, got {self.alpha}")
+            raise InputError(f"alpha must be between 0 and 1, got {self.alpha}")
 
 
 @dataclass(frozen=True)

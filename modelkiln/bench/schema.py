@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,31 @@ def validate_report(report: Any, where: str = "report") -> None:
         raise ReportError(
             f"{where} does not match the bench report schema at {path}: {problem.message}"
         )
+    non_finite = _non_finite(report)
+    if non_finite is not None:
+        # Python's json reads NaN and Infinity, which no measurement can be: a gate fed NaN
+        # compares false both ways and would pass.
+        raise ReportError(
+            f"{where} has a number that is not finite at {non_finite}: measure again (kiln bench)"
+        )
+
+
+def _non_finite(value: Any, path: str = "") -> str | None:
+    """The path of the first NaN or infinity in a parsed JSON document, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "(top level)"
+    items: Any = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, item in items:
+        found = _non_finite(item, f"{path}/{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def read_report(path: str | Path) -> dict[str, Any]:

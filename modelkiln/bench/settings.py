@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelkiln.errors import InputError
+from modelkiln.profiles import MAX_BATCH, MAX_STEPS
+
+MAX_RUNS = 1_000_000
+MAX_DURATION_S = 86_400.0  # a day per batch size
 
 
 @dataclass(frozen=True)
@@ -31,20 +35,23 @@ class BenchSettings:
         # TOML and JSON give lists: keep the frozen dataclass hashable and comparable.
         object.__setattr__(self, "batch_sizes", tuple(self.batch_sizes))
         object.__setattr__(self, "prompts", tuple(self.prompts))
-        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
-            raise InputError(f"batch sizes must be >= 1, got {list(self.batch_sizes)}")
-        if self.warmup < 0:
-            raise InputError(f"warmup must be >= 0, got {self.warmup}")
+        if not self.batch_sizes or any(not 1 <= b <= MAX_BATCH for b in self.batch_sizes):
+            raise InputError(f"batch sizes must be in 1..{MAX_BATCH}, got {list(self.batch_sizes)}")
+        if not 0 <= self.warmup <= MAX_RUNS:
+            raise InputError(f"warmup must be in 0..{MAX_RUNS}, got {self.warmup}")
         if self.duration_s is not None:
-            if self.duration_s <= 0:
-                raise InputError(f"--duration must be > 0 seconds, got {self.duration_s}")
+            # NaN fails this too: a budget that never runs out would never end.
+            if not 0 < self.duration_s <= MAX_DURATION_S:
+                raise InputError(
+                    f"--duration must be in (0, {MAX_DURATION_S:g}] seconds, got {self.duration_s}"
+                )
             object.__setattr__(self, "runs", None)  # a budget replaces the run count
-        elif self.runs is None or self.runs < 1:
-            raise InputError(f"runs must be >= 1, got {self.runs}")
+        elif self.runs is None or not 1 <= self.runs <= MAX_RUNS:
+            raise InputError(f"runs must be in 1..{MAX_RUNS}, got {self.runs}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads}")
-        if self.steps < 1:
-            raise InputError(f"steps must be >= 1, got {self.steps}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {self.steps}")
         if self.data is not None:
             from modelkiln.datasets import DIGITS, image_set
 

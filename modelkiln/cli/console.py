@@ -25,14 +25,18 @@ out = Console()
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 RUNTIME_OPTION = click.option("--runtime", help="Run with this runtime instead of the built one.")
-THREADS_OPTION = click.option("--threads", type=int, help="Threads for the runtime.")
+THREADS_OPTION = click.option(
+    "--threads", type=click.IntRange(min=1), help="Threads for the runtime."
+)
 DEVICE_OPTION = click.option("--device", help="Device for the runtime (cpu, cuda, gpu, ...).")
-BATCH_OPTION = click.option("--batch-size", default=8, show_default=True, type=int)
+BATCH_OPTION = click.option(
+    "--batch-size", default=8, show_default=True, type=click.IntRange(min=1)
+)
 MAX_PIXELS_OPTION = click.option(
     "--max-pixels",
     default=100_000_000,
     show_default=True,
-    type=int,
+    type=click.IntRange(min=0),
     help="Refuse images with more pixels than this (0: no limit).",
 )
 

@@ -27,7 +27,7 @@ from modelkiln.errors import InputError
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("-k", "--top-k", default=5, show_default=True, type=int)
+@click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(min=1))
 @BATCH_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @RUNTIME_OPTION

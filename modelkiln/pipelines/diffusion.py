@@ -25,6 +25,7 @@ from modelkiln.errors import InputError, UnsupportedError, did_you_mean
 from modelkiln.images import ImageInput, load_image
 from modelkiln.pipelines.base import PipelineParts, run_padded
 from modelkiln.pipelines.generation import ImageGenerator
+from modelkiln.profiles import MAX_PIXELS_PER_SIDE, MAX_STEPS
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.quiet import quiet_libraries
 from modelkiln.runtimes.base import Session
@@ -49,6 +50,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 StepCallback = Callable[[int, float, np.ndarray], None]
 # Generations that run at once on one pipeline (each holds its own tokenizers).
 TOKENIZER_SETS = 8
+# Bounds of one call: past them it runs for hours or exhausts memory rather than fail.
+MAX_IMAGES = 64  # per prompt
+MAX_GUIDANCE = 100.0
 
 
 class _SessionModule(torch.nn.Module):
@@ -283,12 +287,12 @@ class SDPipeline(ImageGenerator):
                     f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one "
                     "per prompt"
                 )
-        if steps < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
-        if num_images < 1:
-            raise InputError(f"num_images must be >= 1, got {num_images}")
-        if guidance < 0:
-            raise InputError(f"guidance must be >= 0, got {guidance}")
+        if not 1 <= steps <= MAX_STEPS:
+            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
+        if not 1 <= num_images <= MAX_IMAGES:
+            raise InputError(f"num_images must be in 1..{MAX_IMAGES} per prompt, got {num_images}")
+        if not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails this too
+            raise InputError(f"guidance must be a number in 0..{MAX_GUIDANCE}, got {guidance}")
         call: dict[str, Any] = {
             "prompt": prompts,
             "negative_prompt": negatives,
@@ -377,8 +381,11 @@ class SDPipeline(ImageGenerator):
         built_height, built_width = self.size
         height, width = height or built_height, width or built_width
         for key, value in (("height", height), ("width", width)):
-            if value < 8 or value % 8:
-                raise InputError(f"{key} must be a positive multiple of 8, got {value}")
+            if value < 8 or value % 8 or value > MAX_PIXELS_PER_SIDE:
+                raise InputError(
+                    f"{key} must be a positive multiple of 8 up to {MAX_PIXELS_PER_SIDE}, "
+                    f"got {value}"
+                )
         if not self.model_info.get("dynamic_resolution") and (height, width) != self.size:
             raise InputError(
                 f"this artifact was built for {built_width}×{built_height} images only, not "

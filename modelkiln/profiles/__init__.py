@@ -33,6 +33,12 @@ from modelkiln.profiles.parsing import (
 )
 
 MIN_OPSET = 17
+# Upper bounds of what a profile may ask for: past them a build runs for hours or exhausts
+# memory rather than fail. Denoising steps: diffusers' schedulers train on 1,000 timesteps.
+MAX_STEPS = 1000
+MAX_BATCH = 4096
+MAX_PIXELS_PER_SIDE = 16384
+MAX_CALIBRATION = 100_000
 
 Precision = Literal["fp32", "bf16", "fp16"]
 NO_SCHEME = "none"
@@ -270,12 +276,22 @@ class Profile:
 
     def _check_shapes(self, origin: str) -> None:
         shapes, validation = self.shapes, self.validation
-        if shapes.batch_size < 1:
-            raise ProfileError(f"{origin}: shapes.batch_size must be >= 1, got {shapes.batch_size}")
-        if not validation.batch_sizes or min(validation.batch_sizes) < 1:
+        for key, value, low, high in (
+            ("shapes.batch_size", shapes.batch_size, 1, MAX_BATCH),
+            ("shapes.max_batch_size", shapes.max_batch_size, 1, MAX_BATCH),
+            ("validation.steps", validation.steps, 1, MAX_STEPS),
+            ("calibration.steps", self.calibration.steps, 1, MAX_STEPS),
+            ("calibration.size", self.calibration.size, 1, MAX_CALIBRATION),
+            ("calibration.batch_size", self.calibration.batch_size, 1, MAX_BATCH),
+            ("runtime.threads", self.runtime.threads, 1, 4096),
+        ):
+            if value is not None and not low <= value <= high:
+                raise ProfileError(f"{origin}: {key} must be in {low}..{high}, got {value}")
+        sizes = validation.batch_sizes
+        if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
             raise ProfileError(
-                f"{origin}: validation.batch_sizes must be a non-empty list of sizes >= 1, "
-                f"got {list(validation.batch_sizes)}"
+                f"{origin}: validation.batch_sizes must be a non-empty list of sizes in "
+                f"1..{MAX_BATCH}, got {list(sizes)}"
             )
         if not shapes.dynamic_batch and set(validation.batch_sizes) != {shapes.batch_size}:
             raise ProfileError(
@@ -290,19 +306,20 @@ class Profile:
             )
         for key in ("height", "width", "min_resolution", "max_resolution"):
             value = getattr(shapes, key)
-            if value is not None and (value < 8 or value % 8):
+            if value is not None and (value < 8 or value % 8 or value > MAX_PIXELS_PER_SIDE):
                 raise ProfileError(
-                    f"{origin}: shapes.{key} must be a positive multiple of 8, got {value}"
+                    f"{origin}: shapes.{key} must be a multiple of 8 in 8..{MAX_PIXELS_PER_SIDE}"
+                    f", got {value}"
                 )
         if shapes.dynamic_batch and max(validation.batch_sizes) > shapes.max_batch_size:
             raise ProfileError(
                 f"{origin}: validation.batch_sizes {list(validation.batch_sizes)} exceed "
                 f"shapes.max_batch_size = {shapes.max_batch_size}; raise it or validate smaller"
             )
-        low, high = shapes.min_resolution, shapes.max_resolution
-        if low is not None and high is not None and low > high:
+        least, most = shapes.min_resolution, shapes.max_resolution
+        if least is not None and most is not None and least > most:
             raise ProfileError(
-                f"{origin}: shapes.min_resolution ({low}) > shapes.max_resolution ({high})"
+                f"{origin}: shapes.min_resolution ({least}) > shapes.max_resolution ({most})"
             )
         if any(layer < 1 for layer in self.model.hidden_layers):
             raise ProfileError(
@@ -311,7 +328,7 @@ class Profile:
             )
 
     def _check_validation(self, origin: str) -> None:
-        validation, calibration = self.validation, self.calibration
+        validation = self.validation
         for key in ("min_cosine", "min_top1_agreement"):
             value = getattr(validation, key)
             if not 0.0 <= value <= 1.0:
@@ -321,8 +338,6 @@ class Profile:
         ]:
             if atol is not None and atol <= 0:
                 raise ProfileError(f"{origin}: {where}.atol must be > 0, got {atol}")
-        if calibration.size < 1 or calibration.batch_size < 1 or calibration.steps < 1:
-            raise ProfileError(f"{origin}: calibration.size, batch_size and steps must be >= 1")
         if validation.max_accuracy_drop is not None and validation.data is None:
             raise ProfileError(
                 f"{origin}: validation.max_accuracy_drop needs labelled images: set "
@@ -333,8 +348,6 @@ class Profile:
             raise ProfileError(
                 f"{origin}: validation.{gates[0]} needs validation.prompts to generate images from"
             )
-        if validation.steps < 1:
-            raise ProfileError(f"{origin}: validation.steps must be >= 1")
 
 
 # Parsed apart from the rest: [quantization] (open to its scheme) and the backend sections.

@@ -6,6 +6,7 @@ mistake in any part of a profile reads the same: the key path, what was found, a
 
 from __future__ import annotations
 
+import math
 import tomllib
 import types
 from collections.abc import Mapping
@@ -95,6 +96,9 @@ def _coerce(hint: Any, value: Any, key: str, origin: str) -> Any:
             raise ProfileError(
                 f"{origin}: {key} must be {hint.__name__}, got {type(value).__name__} {value!r}"
             )
+        if hint is float and not math.isfinite(value):
+            # TOML has nan and inf: neither is a bound, a tolerance or a ratio.
+            raise ProfileError(f"{origin}: {key} must be a finite number, got {value!r}")
         return value
     raise TypeError(f"profile field {key} has an unsupported type {hint!r}")  # a bug, not input
 

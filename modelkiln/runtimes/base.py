@@ -84,6 +84,9 @@ class RuntimeOptions:
                 origin="load()",
             )
         mine = {k: v for k, v in given.items() if k in generic}
+        threads = mine.get("threads")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a whole number >= 1, got {threads!r}")
         return replace(self, **mine, settings=settings)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from modelkiln.bench.compare import (
     compare_reports,
 )
 from modelkiln.cli import cli
-from modelkiln.errors import ReportError
+from modelkiln.errors import InputError, ReportError
 
 B1 = "a1b2c3d4e5f60718/vit-openvino-int8/openvino/b1"
 B8 = "a1b2c3d4e5f60718/vit-openvino-int8/openvino/b8"
@@ -239,7 +241,7 @@ def test_an_invalid_report_names_the_field() -> None:
 
 
 def test_bounds_reject_negative_values() -> None:
-    with pytest.raises(ValueError, match="max_memory_growth must be >= 0"):
+    with pytest.raises(ValueError, match="max_memory_growth must be a finite number >= 0"):
         Bounds(max_memory_growth=-0.1)
     with pytest.raises(ValueError, match="alpha must be between 0 and 1"):
         Bounds(alpha=0)
@@ -414,3 +416,22 @@ def test_cli_different_machine_needs_the_flag(tmp_path: Path) -> None:
     properties = {p.get("name"): p.get("value") for p in ET.parse(junit).iter("property")}
     assert properties["different_machine"] == "true"
     assert properties["current.fingerprint"] == "fedcba9876543210"
+
+
+def test_a_report_with_a_non_finite_measurement_is_unusable() -> None:
+    good = report([entry()])
+    bad = copy.deepcopy(good)
+    bad["entries"][0]["latency"]["p50_s"] = math.nan
+    bad["entries"][0]["latency"]["samples"] = [math.nan] * 20
+    with pytest.raises(
+        ReportError,
+        match=r"current report has a number that is not finite at "
+        r"entries/0/latency/",
+    ):
+        compare_reports(good, bad)
+
+
+@pytest.mark.parametrize("field", ["max_latency_regression", "max_accuracy_drop"])
+def test_a_nan_bound_is_refused(field: str) -> None:
+    with pytest.raises(InputError, match=rf"{field} must be a finite number >= 0, got nan"):
+        Bounds(**{field: math.nan})  # type: ignore[arg-type]

@@ -228,10 +228,10 @@ def test_a_reference_with_other_weights_is_refused(
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"batch_sizes": (0,)}, "batch sizes must be >= 1"),
-        ({"runs": 0}, "runs must be >= 1"),
-        ({"duration_s": -1.0}, "--duration must be > 0"),
-        ({"warmup": -1}, "warmup must be >= 0"),
+        ({"batch_sizes": (0,)}, "batch sizes must be in 1..4096"),
+        ({"runs": 0}, "runs must be in 1..1000000"),
+        ({"duration_s": -1.0}, r"--duration must be in \(0, 86400\] seconds"),
+        ({"warmup": -1}, "warmup must be in 0..1000000"),
         ({"data": "/no/such/folder"}, "is not a directory"),
     ],
 )
