@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from modelkiln.errors import ArtifactError
 from modelkiln.jsonfile import read_json_object
@@ -61,9 +62,21 @@ def read_manifest(root: Path) -> Manifest:
     return Manifest.from_json(data, path)
 
 
-def find_problems(root: Path, manifest: Manifest, *, hashes: bool) -> list[str]:
-    """Missing files, size mismatches and (with hashes) content changes; empty when intact."""
+def find_problems(
+    root: Path, manifest: Manifest, *, hashes: bool, remembered: bool = False
+) -> list[str]:
+    """Missing files, files reached through links out of the artifact, size mismatches and
+    (with hashes) content changes; empty when intact. `remembered`: a file whose inode, mtime
+    and size are those of its last good hash is not hashed again (integrity.py)."""
+    from modelkiln.integrity import Remembered
+
+    memory = Remembered.of(root) if hashes and remembered else None
     problems = []
+    real_root = root.resolve()
+    entries = {record.entry for record in manifest.components.values()}
+    for relative in sorted(set(manifest.files) | entries):
+        if not (root / relative).resolve().is_relative_to(real_root):
+            problems.append(f"{relative} leads outside the artifact (a link)")
     for relative, record in manifest.files.items():
         path = root / relative
         if not path.is_file():
@@ -72,13 +85,26 @@ def find_problems(root: Path, manifest: Manifest, *, hashes: bool) -> list[str]:
             problems.append(
                 f"{relative} has {path.stat().st_size} bytes, the manifest says {record.size}"
             )
-        elif hashes and sha256_file(path) != record.sha256:
+        elif hashes and not _same_content(path, relative, record.sha256, memory):
             problems.append(f"{relative} has changed (sha256 differs from the manifest)")
+    if memory is not None:
+        memory.save()
     return problems
 
 
-def check_intact(root: Path, manifest: Manifest, *, hashes: bool = False) -> None:
-    problems = find_problems(root, manifest, hashes=hashes)
+def _same_content(path: Path, relative: str, sha256: str, memory: Any) -> bool:
+    if memory is not None and memory.knows(relative, path, sha256):
+        return True
+    same = sha256_file(path) == sha256
+    if same and memory is not None:
+        memory.learn(relative, path, sha256)
+    return same
+
+
+def check_intact(
+    root: Path, manifest: Manifest, *, hashes: bool = False, remembered: bool = False
+) -> None:
+    problems = find_problems(root, manifest, hashes=hashes, remembered=remembered)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ArtifactError(

@@ -67,15 +67,17 @@ class Artifact:
         return FAMILIES.get(self.manifest.family).pipeline_class(self.manifest.pipeline)
 
 
-def open_artifact(root: str | Path, *, verify: bool = False) -> Artifact:
-    """Read kiln.json and check that every file is present with its recorded size.
+def open_artifact(root: str | Path, *, verify: bool = True) -> Artifact:
+    """Read kiln.json (refused if edited: it carries its own digest) and check every file.
 
     root is an artifact directory or a bundle (`kiln package`), which is unpacked into the
-    cache on first use. verify=True also re-hashes every file against the manifest's sha256.
+    cache on first use. verify=True (the default) checks every file's content against the
+    manifest's sha256, hashing only what changed since it last did on this machine
+    (modelkiln.integrity); verify=False checks presence and sizes only.
     """
     root = artifact_root(root)
     manifest = read_manifest(root)
-    check_intact(root, manifest, hashes=verify)
+    check_intact(root, manifest, hashes=verify, remembered=True)
     return Artifact(root, manifest)
 
 
@@ -86,14 +88,14 @@ def load(
     device: str | None = None,
     threads: int | None = None,
     compute_precision: str | None = None,
-    verify: bool = False,
+    verify: bool = True,
     **options: Any,
 ) -> Any:
     """The pipeline (classification, embeddings, generation, ...) of an artifact or bundle.
 
     None means "as the profile says": the runtime that validated the build, its device,
     threads and compute precision. `options` are the runtime's own settings (OpenVINO's
-    performance_hint, ...), as in its profile section.
+    performance_hint, ...), as in its profile section. `verify`: see open_artifact.
     """
     artifact = open_artifact(root, verify=verify)
     return artifact.pipeline_class().from_artifact(

@@ -9,9 +9,11 @@ and their profile is in profile schema 1).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from modelkiln.errors import ArtifactError, ProfileError, UnsupportedError
@@ -20,6 +22,9 @@ from modelkiln.profiles import Profile
 from modelkiln.specs import TensorSpec
 
 MANIFEST_SCHEMA_VERSION = 2
+# kiln.json's digest of itself: sha256 of its canonical JSON without this key. An edit (its
+# labels, its preprocessing, a file's hash) is refused on read; `kiln verify` covers the files.
+DIGEST_KEY = "manifest_sha256"
 
 
 @dataclass(frozen=True)
@@ -178,24 +183,39 @@ class Manifest:
 
 
 def encode_manifest(manifest: Manifest) -> dict[str, Any]:
-    """kiln.json's document: the records' fields, None and empty values left out."""
-    return {
-        "schema_version": manifest.schema_version,
-        "family": manifest.family,
-        "pipeline": manifest.pipeline,
-        "task": manifest.task,
-        "format": manifest.format,
-        "runtime": manifest.runtime,
-        "source": asdict(manifest.source),
-        "profile": manifest.profile.to_dict(),
-        "components": {k: _component_json(v) for k, v in manifest.components.items()},
-        "files": {k: asdict(v) for k, v in manifest.files.items()},
-        "model_info": manifest.model_info,
-        "versions": manifest.versions,
-        "build": asdict(manifest.build),
-        "modelkiln_version": manifest.modelkiln_version,
-        "end_to_end": _end_to_end_json(manifest.end_to_end),
-    }
+    """kiln.json's document: the records' fields, None and empty values left out, sealed
+    with its digest."""
+    return seal(
+        {
+            "schema_version": manifest.schema_version,
+            "family": manifest.family,
+            "pipeline": manifest.pipeline,
+            "task": manifest.task,
+            "format": manifest.format,
+            "runtime": manifest.runtime,
+            "source": asdict(manifest.source),
+            "profile": manifest.profile.to_dict(),
+            "components": {k: _component_json(v) for k, v in manifest.components.items()},
+            "files": {k: asdict(v) for k, v in manifest.files.items()},
+            "model_info": manifest.model_info,
+            "versions": manifest.versions,
+            "build": asdict(manifest.build),
+            "modelkiln_version": manifest.modelkiln_version,
+            "end_to_end": _end_to_end_json(manifest.end_to_end),
+        }
+    )
+
+
+def manifest_digest(document: Mapping[str, Any]) -> str:
+    """sha256 of the document's canonical JSON (sorted keys, no spaces), its digest left out."""
+    body = {key: value for key, value in document.items() if key != DIGEST_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def seal(document: dict[str, Any]) -> dict[str, Any]:
+    """The document with its digest (replaced in place, or added last)."""
+    return {**document, DIGEST_KEY: manifest_digest(document)}
 
 
 def _end_to_end_json(record: EndToEndRecord | None) -> dict[str, Any]:
@@ -219,6 +239,7 @@ def _scores_json(scores: Mapping[str, OutputScore]) -> dict[str, Any]:
 def decode_manifest(data: Mapping[str, Any], where: Path) -> Manifest:
     """The records of a kiln.json document; a malformed one raises a "rebuild" error."""
     version = data.get("schema_version")
+    _check_digest(data, where, required=version == MANIFEST_SCHEMA_VERSION)
     if version == 1:
         data = _upgrade_v1(data, where)
     elif version != MANIFEST_SCHEMA_VERSION:
@@ -236,8 +257,8 @@ def decode_manifest(data: Mapping[str, Any], where: Path) -> Manifest:
             runtime=data["runtime"],
             source=_known(SourceRecord, data["source"]),
             profile=Profile.from_dict(data["profile"], origin=f"{where}: its profile"),
-            components={k: _component(v) for k, v in data["components"].items()},
-            files={k: FileRecord(**v) for k, v in data["files"].items()},
+            components={k: _component(v, where) for k, v in data["components"].items()},
+            files={inside(k, "file", where): FileRecord(**v) for k, v in data["files"].items()},
             model_info=dict(data["model_info"]),
             versions=dict(data["versions"]),
             build=BuildRecord(**data["build"]),
@@ -248,6 +269,34 @@ def decode_manifest(data: Mapping[str, Any], where: Path) -> Manifest:
         raise ArtifactError(
             f"{where} is malformed ({type(error).__name__}: {error}); rebuild the artifact"
         ) from error
+
+
+def _check_digest(data: Mapping[str, Any], where: Path, *, required: bool) -> None:
+    recorded = data.get(DIGEST_KEY)
+    if recorded is None and not required:
+        return  # schema 1 wrote none
+    if recorded != manifest_digest(data):
+        problem = "has no digest" if recorded is None else "does not match its digest"
+        raise ArtifactError(
+            f"{where} {problem}: it was changed after the build (its labels, preprocessing "
+            "or file hashes can no longer be trusted); rebuild the artifact"
+        )
+
+
+def inside(relative: str, what: str, where: Path) -> str:
+    """`relative` if it names a path inside the artifact: not absolute, no '..', no drive."""
+    path = PurePosixPath(relative)
+    if (
+        path.is_absolute()
+        or ".." in path.parts
+        or "\\" in relative
+        or PureWindowsPath(relative).drive
+    ):
+        raise ArtifactError(
+            f"{where}: {what} '{relative}' points outside the artifact; refusing to open it "
+            "(rebuild the artifact)"
+        )
+    return relative
 
 
 def _component_json(record: ComponentRecord) -> dict[str, Any]:
@@ -270,13 +319,13 @@ def _component_json(record: ComponentRecord) -> dict[str, Any]:
     }
 
 
-def _component(data: Mapping[str, Any]) -> ComponentRecord:
+def _component(data: Mapping[str, Any], where: Path) -> ComponentRecord:
     validation = dict(data.get("validation") or {"passed": None})
     tolerance = validation.get("tolerance")
     quantization = data.get("quantization") or {}
     return ComponentRecord(
         name=data["name"],
-        entry=data["entry"],
+        entry=inside(data["entry"], f"component {data['name']}'s entry", where),
         inputs={k: TensorSpec.from_json(v) for k, v in data["inputs"].items()},
         outputs={k: TensorSpec.from_json(v) for k, v in data["outputs"].items()},
         validation=_known(

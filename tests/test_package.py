@@ -34,7 +34,14 @@ from modelkiln.packaging import (
 from modelkiln.packaging.contents import bundle_files
 from modelkiln.plan import load_profile
 from modelkiln.profiles import ExportSettings, Profile
-from modelkiln.records import BuildRecord, ComponentRecord, FileRecord, Manifest, SourceRecord
+from modelkiln.records import (
+    BuildRecord,
+    ComponentRecord,
+    FileRecord,
+    Manifest,
+    SourceRecord,
+    seal,
+)
 
 pytestmark = [pytest.mark.torch, pytest.mark.onnxruntime]
 
@@ -106,7 +113,9 @@ def write_members(path: Path, contents: Iterable[tuple[str, bytes]]) -> Path:
     if path.name.endswith(".zip"):
         with zipfile.ZipFile(path, "w") as archive:
             for name, data in contents:
-                archive.writestr(zipfile.ZipInfo(name), data)
+                info = zipfile.ZipInfo(name)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, data)
     else:
         with tarfile.open(path, "w:gz") as archive:
             for name, data in contents:
@@ -233,7 +242,7 @@ def test_only_what_the_runtime_reads(artifact: Path, tmp_path: Path) -> None:
     (copy / "notes.txt").write_text("how it was made")
     manifest = json.loads((copy / "kiln.json").read_text())
     manifest["files"] = {k: asdict(v) for k, v in record_files(copy).items()}
-    (copy / "kiln.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (copy / "kiln.json").write_text(json.dumps(seal(manifest), indent=2) + "\n")
 
     made = package(copy, "linux-x86_64", tmp_path / "vit.zip")
     assert made.left_out == ("notes.txt", "reference/model.safetensors")
@@ -278,6 +287,24 @@ def test_an_extra_member_is_refused(bundle: Path, tmp_path: Path) -> None:
     refused(
         altered(bundle, tmp_path, {"extra.txt": b"not from kiln package"}),
         "failed verification: extra.txt is not listed in bundle.json",
+    )
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_a_bundle_bomb_writes_no_more_than_bundle_json_declares(
+    artifact: Path, tmp_path: Path, suffix: str
+) -> None:
+    """64 MB of zeros compress to a few dozen KB: unlisted, or under a small declared size,
+    they are refused before they reach the disk."""
+    original = package(artifact, "linux-x86_64", tmp_path / f"vit{suffix}").path
+    zeros = bytes(64 << 20)
+    bomb = altered(original, tmp_path, {"padding.bin": zeros})
+    assert bomb.stat().st_size < 2 << 20
+    refused(bomb, "failed verification: padding.bin is not listed in bundle.json")
+    declared = len(members(original)["config.json"])
+    bomb = altered(original, tmp_path, {"config.json": zeros})
+    refused(
+        bomb, f"failed verification: config.json has {64 << 20} bytes, bundle.json says {declared}"
     )
 
 

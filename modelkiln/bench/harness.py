@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +30,10 @@ from modelkiln.errors import InputError, KilnError
 from modelkiln.loading import Artifact, open_artifact
 from modelkiln.models import FAMILIES
 from modelkiln.progress import NullProgress, Progress
+
+# The orchestrator's pid, handed to each isolated child so that it ends with it.
+PARENT_VARIABLE = "MODELKILN_BENCH_PARENT"
+PARENT_POLL_S = 0.2
 
 
 def run(
@@ -157,7 +164,8 @@ def _run_child(arguments: list[str], scratch: Path) -> dict[str, Any]:
     result_file = scratch / "child-result.json"
     result_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "modelkiln.bench.harness", str(result_file), *arguments]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    environment = {**os.environ, PARENT_VARIABLE: str(os.getpid())}
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
     if result_file.is_file():
         result: dict[str, Any] = json.loads(result_file.read_text(encoding="utf-8"))
         if "error" in result:
@@ -194,5 +202,19 @@ def _child(result_file: Path, action: str, arguments: list[str]) -> None:
     result_file.write_text(json.dumps(result), encoding="utf-8")
 
 
+def _die_with_parent(parent: int) -> None:
+    """End this child when its orchestrator is gone (killed, it cannot stop the child): a
+    measuring child left running would skew every later measurement on the machine."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 if __name__ == "__main__":
+    if PARENT_VARIABLE in os.environ:
+        _die_with_parent(int(os.environ[PARENT_VARIABLE]))
     _child(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])

@@ -8,6 +8,7 @@ and duplicate members before anything is written.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import secrets
 import shutil
@@ -15,7 +16,7 @@ import stat
 import tarfile
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
@@ -105,24 +106,69 @@ def _write_zip(raw: IO[bytes], members: Sequence[tuple[str, Path]]) -> None:
                 shutil.copyfileobj(source, target, _CHUNK)
 
 
-def extract_archive(bundle: Path, into: Path) -> None:
-    """Unpack every member of bundle under the existing directory into; trust no name."""
+# The index (bundle.json) is read whole before anything is written: at most this much.
+INDEX_LIMIT = 16 << 20
+# Members' sizes by name, from the index's bytes (raises ArtifactError when it is unreadable).
+Declared = Callable[[bytes], Mapping[str, int]]
+
+
+def extract_archive(bundle: Path, into: Path, index: str, declared: Declared) -> None:
+    """Unpack every member of bundle under the existing directory into; trust no name and no
+    size. The member `index` comes first and `declared(its bytes)` says every other member's
+    size: a member it does not list, or of another size, is refused before more than its
+    declared bytes are written, so a small archive cannot fill the disk."""
     suffix = require_suffix(bundle)
     if not bundle.is_file():
         raise ArtifactError(f"no bundle at {bundle}: the file does not exist")
     try:
         if suffix == ".zip":
-            _extract_zip(bundle, into)
+            _extract_zip(bundle, into, index, declared)
         else:
-            _extract_tar_gz(bundle, into)
+            _extract_tar_gz(bundle, into, index, declared)
     except (tarfile.TarError, zipfile.BadZipFile, gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise ArtifactError(
             f"bundle {bundle} is not a readable {suffix} archive ({error}); package it again"
         ) from error
 
 
-def _extract_tar_gz(bundle: Path, into: Path) -> None:
+class _Sizes:
+    """The declared size of every member, from the index; and the room to unpack them."""
+
+    def __init__(self, bundle: Path, into: Path, index: str, data: bytes, declared: Declared):
+        self.bundle = bundle
+        self.index = index
+        self.sizes = {**declared(data), index: len(data)}
+        needed, free = sum(self.sizes.values()), shutil.disk_usage(into).free
+        if needed > free:
+            raise ArtifactError(
+                f"bundle {bundle} unpacks to {needed / 1e6:.0f} MB and {into} has "
+                f"{free / 1e6:.0f} MB free; free some space, or point MODELKILN_CACHE at a "
+                "larger disk"
+            )
+
+    def of(self, name: str, size: int) -> int:
+        if name not in self.sizes:
+            raise ArtifactError(
+                f"bundle {self.bundle} failed verification: {name} is not listed in "
+                f"{self.index}; package the artifact again (`kiln package`)"
+            )
+        if size != self.sizes[name]:
+            raise ArtifactError(
+                f"bundle {self.bundle} failed verification: {name} has {size} bytes, "
+                f"{self.index} says {self.sizes[name]}; package the artifact again"
+            )
+        return size
+
+
+def _index_bytes(bundle: Path, source: IO[bytes], size: int) -> bytes:
+    if size > INDEX_LIMIT:
+        raise ArtifactError(f"bundle {bundle}'s index is {size} bytes; package it again")
+    return source.read(INDEX_LIMIT + 1)[:size]
+
+
+def _extract_tar_gz(bundle: Path, into: Path, index: str, declared: Declared) -> None:
     seen: set[str] = set()
+    sizes: _Sizes | None = None
     with tarfile.open(bundle, "r:gz") as archive:
         for member in archive:  # in order: one pass over the compressed stream
             name = _safe_name(bundle, member.name)
@@ -136,12 +182,32 @@ def _extract_tar_gz(bundle: Path, into: Path) -> None:
                     f"bundle {bundle} member '{member.name}' is a {kind}; "
                     "a bundle holds only regular files"
                 )
-            _extract(bundle, name, source, into, seen)
+            if sizes is None:
+                if name != index:
+                    raise ArtifactError(
+                        f"{bundle} is not a modelkiln bundle (it does not start with {index}); "
+                        "make one with `kiln package ARTIFACT --target TARGET -o BUNDLE`"
+                    )
+                data = _index_bytes(bundle, source, member.size)
+                sizes = _Sizes(bundle, into, index, data, declared)
+                source = io.BytesIO(data)
+            _extract(bundle, name, source, into, seen, sizes.of(name, member.size))
 
 
-def _extract_zip(bundle: Path, into: Path) -> None:
+def _extract_zip(bundle: Path, into: Path, index: str, declared: Declared) -> None:
     seen: set[str] = set()
     with zipfile.ZipFile(bundle) as archive:
+        try:
+            info = archive.getinfo(index)
+        except KeyError:
+            raise ArtifactError(
+                f"{bundle} is not a modelkiln bundle (no {index}); make one with "
+                "`kiln package ARTIFACT --target TARGET -o BUNDLE`"
+            ) from None
+        with archive.open(info) as source:
+            sizes = _Sizes(
+                bundle, into, index, _index_bytes(bundle, source, info.file_size), declared
+            )
         for info in archive.infolist():
             name = _safe_name(bundle, info.filename)
             if info.is_dir():
@@ -153,7 +219,7 @@ def _extract_zip(bundle: Path, into: Path) -> None:
                     "a bundle holds only regular files"
                 )
             with archive.open(info) as source:
-                _extract(bundle, name, source, into, seen)
+                _extract(bundle, name, source, into, seen, sizes.of(name, info.file_size))
 
 
 def _safe_name(bundle: Path, name: str) -> str:
@@ -167,7 +233,9 @@ def _safe_name(bundle: Path, name: str) -> str:
     return path.as_posix()
 
 
-def _extract(bundle: Path, name: str, source: IO[bytes], into: Path, seen: set[str]) -> None:
+def _extract(
+    bundle: Path, name: str, source: IO[bytes], into: Path, seen: set[str], size: int
+) -> None:
     if name == ".":
         raise ArtifactError(f"bundle {bundle} has a file member without a name; package it again")
     if name in seen:
@@ -177,7 +245,16 @@ def _extract(bundle: Path, name: str, source: IO[bytes], into: Path, seen: set[s
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with target.open("xb") as out:
-            shutil.copyfileobj(source, out, _CHUNK)
+            written = 0
+            # Never more than the declared size: a member whose header lies stops here.
+            while chunk := source.read(min(_CHUNK, size - written + 1)):
+                written += len(chunk)
+                if written > size:
+                    raise ArtifactError(
+                        f"bundle {bundle} member '{name}' holds more than its declared {size} "
+                        "bytes; refusing to unpack it"
+                    )
+                out.write(chunk)
     except (FileExistsError, NotADirectoryError, IsADirectoryError) as error:
         raise ArtifactError(
             f"bundle {bundle} member '{name}' collides with another member; package it again"

@@ -16,7 +16,7 @@ from modelkiln.packaging.readme import render_readme
 from modelkiln.packaging.targets import requirement_name, requirements
 from modelkiln.packaging.unpack import artifact_root
 from modelkiln.progress import NullProgress, Progress
-from modelkiln.records import FileRecord
+from modelkiln.records import FileRecord, seal
 
 README = "README.md"
 
@@ -99,4 +99,4 @@ def _write_narrowed_manifest(source: Path, selected: list[str], target: Path) ->
     kept = set(selected)
     # The build's order: an artifact packed whole keeps its kiln.json byte for byte.
     data["files"] = {name: record for name, record in data["files"].items() if name in kept}
-    target.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    target.write_text(json.dumps(seal(data), indent=2) + "\n", encoding="utf-8")

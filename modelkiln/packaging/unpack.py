@@ -7,6 +7,7 @@ bundle.json, then renamed into place.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -14,8 +15,14 @@ from pathlib import Path
 
 from modelkiln.artifact import sha256_file
 from modelkiln.errors import ArtifactError
+from modelkiln.integrity import Remembered
 from modelkiln.packaging.archive import extract_archive, is_bundle, require_suffix
-from modelkiln.packaging.manifest import BundleManifest, check_unpacked, read_bundle_manifest
+from modelkiln.packaging.manifest import (
+    BUNDLE_MANIFEST,
+    BundleManifest,
+    check_unpacked,
+    read_bundle_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ def verify_bundle(bundle: str | Path) -> BundleManifest:
     root.mkdir(parents=True, exist_ok=True)
     # Beside the cache, not in /tmp: a bundle needs as much room here as loading it will.
     with tempfile.TemporaryDirectory(prefix=".verifying-", dir=root) as scratch:
-        extract_archive(bundle, Path(scratch))
+        _extract(bundle, Path(scratch))
         return check_unpacked(Path(scratch), bundle)
 
 
@@ -54,7 +61,7 @@ def unpack_bundle(bundle: str | Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:16]}.unpacking-", dir=root))
     try:
-        extract_archive(bundle, staging)
+        _extract(bundle, staging)
         check_unpacked(staging, bundle)
         if target.exists():
             logger.warning("replacing the damaged unpacked copy of %s at %s", bundle, target)
@@ -72,6 +79,23 @@ def unpack_bundle(bundle: str | Path) -> Path:
     return target
 
 
+def _extract(bundle: Path, into: Path) -> None:
+    """Unpack bundle, every member capped at the size its bundle.json declares."""
+
+    def declared(data: bytes) -> dict[str, int]:
+        where = f"{BUNDLE_MANIFEST} of {bundle}"
+        try:
+            document = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ArtifactError(f"{where} is not valid JSON ({error}); package it again") from error
+        if not isinstance(document, dict):
+            raise ArtifactError(f"{where} must hold a JSON object; package it again")
+        manifest = BundleManifest.from_json(document, where)
+        return {name: record.size for name, record in manifest.files.items()}
+
+    extract_archive(bundle, into, BUNDLE_MANIFEST, declared)
+
+
 def _existing(bundle: str | Path) -> Path:
     bundle = Path(bundle)
     require_suffix(bundle)
@@ -81,12 +105,20 @@ def _existing(bundle: str | Path) -> Path:
 
 
 def _complete(root: Path) -> bool:
-    """An earlier unpack that is still whole: every file bundle.json lists, at its size."""
+    """An earlier unpack that is still whole: every file bundle.json lists, with its content
+    (hashed again only where a file changed since its last good check)."""
     try:
         manifest = read_bundle_manifest(root, root)
     except ArtifactError:
         return False
-    return all(
-        (root / name).is_file() and (root / name).stat().st_size == record.size
-        for name, record in manifest.files.items()
-    )
+    memory = Remembered.of(root)
+    for name, record in manifest.files.items():
+        path = root / name
+        if not path.is_file() or path.stat().st_size != record.size:
+            return False
+        if not memory.knows(name, path, record.sha256):
+            if sha256_file(path) != record.sha256:
+                return False
+            memory.learn(name, path, record.sha256)
+    memory.save()
+    return True

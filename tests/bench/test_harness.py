@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -319,3 +322,55 @@ def test_matrix_files_are_checked(tmp_path: Path) -> None:
     matrix.write_text('schema_version = 1\nsources = ["x"]\nprofiles = ["y"]\n[bench]\nrun = 3\n')
     with pytest.raises(ReportError, match="did you mean 'runs'"):
         read_matrix(matrix)
+
+
+def _children(parent: int, marker: str) -> list[int]:
+    """Processes whose parent is `parent` and whose command line holds `marker` (Linux)."""
+    found = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(
+                line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line
+            )
+            command = (status.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields.get("PPid", "0")) == parent and marker in command:
+            found.append(int(status.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in state  # a zombie has ended: only its exit code is left
+
+
+@pytest.mark.onnxruntime
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_an_isolated_child_ends_when_kiln_bench_is_killed(
+    built: Callable[..., Path], tmp_path: Path
+) -> None:
+    artifact = built("hf-classifier", "vit-onnxruntime-fp32")
+    command = [sys.executable, "-m", "modelkiln", "bench", str(artifact), "-o", str(tmp_path)]
+    parent = subprocess.Popen(
+        [*command, "--duration", "120", "--no-reference"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        children: list[int] = []
+        while not children and time.monotonic() < deadline and parent.poll() is None:
+            children = _children(parent.pid, "modelkiln.bench.harness")
+            time.sleep(0.2)
+        assert children, "the isolated child never started"
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(child) for child in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(child) for child in children), "the child outlived kiln bench"
