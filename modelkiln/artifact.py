@@ -1,22 +1,19 @@
 """The artifact directory: reading and writing kiln.json (records.py is its codec), file
-hashes, and the atomic commit of a build.
+hashes and the checks that its files are intact (outputs.py commits it atomically).
 
 Everything here is torch-free: loading an artifact reads the manifest and checks its files.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import ArtifactError
 from modelkiln.jsonfile import read_json_object
+from modelkiln.outputs import RETIRED, leftovers
 from modelkiln.records import FileRecord, Manifest
 
 MANIFEST_NAME = "kiln.json"
@@ -49,6 +46,11 @@ def write_manifest(root: Path, manifest: Manifest) -> None:
 def read_manifest(root: Path) -> Manifest:
     root = Path(root)
     if not root.exists():
+        if leftovers(root.absolute(), RETIRED):
+            raise ArtifactError(
+                f"no artifact at {root}: an interrupted build moved it aside; "
+                f"`kiln clean {root.parent}` puts it back"
+            )
         raise ArtifactError(f"no artifact at {root}: the directory does not exist")
     if not root.is_dir():
         raise ArtifactError(f"{root} is a file, not an artifact directory")
@@ -111,35 +113,3 @@ def check_intact(
             f"artifact {root} is incomplete or corrupted: {problems[0]}{more}; "
             "rebuild it (`kiln verify` lists every problem)"
         )
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of target; on success it replaces target, on error it vanishes.
-
-    A failed or interrupted build never leaves a half artifact and never destroys the
-    previous one: the old directory is only moved aside once the new one is complete.
-    """
-    target = Path(target).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists() and not target.is_dir():
-        raise ArtifactError(f"output {target} exists and is not a directory; choose another -o")
-    if target.is_dir() and any(target.iterdir()) and not (target / MANIFEST_NAME).is_file():
-        # Never replace a directory that is not one of ours: it may hold the user's files.
-        raise ArtifactError(
-            f"output {target} exists, is not empty and is not a modelkiln artifact; "
-            "choose another -o or remove it"
-        )
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.replace(retired / target.name)
-            staging.replace(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.replace(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

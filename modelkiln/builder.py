@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from modelkiln import __version__, quality
-from modelkiln.artifact import atomic_directory, record_files, write_manifest
+from modelkiln.artifact import MANIFEST_NAME, record_files, write_manifest
 from modelkiln.env import host_info, library_versions, peak_rss_bytes
 from modelkiln.errors import ProfileError
 from modelkiln.evaluation.components import (
@@ -29,6 +29,8 @@ from modelkiln.evaluation.components import (
 )
 from modelkiln.exporters.base import export_signature
 from modelkiln.models import detect_family
+from modelkiln.models.base import ModelFamily
+from modelkiln.outputs import atomic_directory, check_writable
 from modelkiln.plan import BuildPlan, ComponentPlan, load_plan
 from modelkiln.profiles import Profile
 from modelkiln.progress import NullProgress, Progress
@@ -44,7 +46,7 @@ from modelkiln.records import (
 from modelkiln.reference import pipeline_class
 from modelkiln.runtimes import Runtime
 from modelkiln.runtimes.torch import TorchModuleSession
-from modelkiln.sources import resolve_source
+from modelkiln.sources import ResolvedSource, resolve_source
 from modelkiln.specs import ComponentSpec
 
 logger = logging.getLogger(__name__)
@@ -83,9 +85,11 @@ def build(
     plan.require_calibration_data()
     exporter = plan.exporter()
     runtime = plan.runtime()
-    # Fail on a missing backend before spending minutes loading the model.
+    # Fail on a missing backend or an unwritable output before minutes of loading.
     exporter.require()
     runtime.require()
+    if output is not None:
+        check_writable(Path(output), folder=True)
 
     with progress.task(f"resolving {source}"):
         resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
@@ -96,6 +100,25 @@ def build(
             f"{source} is a {family.name} model; pick a {family.name}-* profile "
             "(`kiln profiles list`)"
         )
+    target = Path(output) if output is not None else default_output(resolved.spec, plan.profile)
+    # Claimed (locked, writable, not the user's own folder) before minutes of loading.
+    with atomic_directory(target, marker=MANIFEST_NAME) as staging:
+        _build_into(staging, resolved, family, plan, progress, started)
+    logger.info("built %s in %.1f s", target, time.perf_counter() - started)
+    return target
+
+
+def _build_into(
+    staging: Path,
+    resolved: ResolvedSource,
+    family: type[ModelFamily],
+    plan: BuildPlan,
+    progress: Progress,
+    started: float,
+) -> None:
+    """Load, export, quantize and validate every component into staging, then kiln.json."""
+    exporter = plan.exporter()
+    runtime = plan.runtime()
     with progress.task(f"loading {resolved.spec}"):
         loaded = family.load(resolved, plan.profile)
     names = [spec.name for spec in loaded.components]
@@ -103,7 +126,6 @@ def build(
     # The manifest records what was built, so "auto" is resolved.
     plan = plan.with_task(loaded.task)
     resolved_profile = plan.profile
-    target = Path(output) if output is not None else default_output(resolved.spec, resolved_profile)
     # Real data first, from the torch pipeline, before any export holds memory.
     calibrating = plan.calibrated(names)
     feeds = (
@@ -117,79 +139,75 @@ def build(
         if quality.wanted(resolved_profile) and not_run is None
         else None
     )
-
-    with atomic_directory(target) as staging:
-        records = {}
-        for spec in loaded.components:
-            component = plan.component(spec.name)
-            # One component's torch module in memory at a time (SD's UNet alone is 3.4 GB),
-            # loaded only when needed: a streamed ONNX export never loads it.
-            load_module = functools.cache(spec.module)
-            real_feeds = feeds.pop(spec.name, ())
-            export_module, quantization = _before_export(component, load_module, real_feeds)
-            # A module changed before the export is exported as it is, not streamed from
-            # the source's checkpoint.
-            exported = spec if quantization is None else replace(spec, meta_module=None)
-            with progress.task(f"exporting {spec.name} to {exporter.format}"):
-                entry = exporter.export(exported, export_module, component.profile, staging)
-            if component.handler is not None and component.handler.stage is Stage.AFTER_EXPORT:
-                assert component.scheme is not None
-                with progress.task(f"quantizing {spec.name} ({component.scheme.name})"):
-                    quantization = quantize_exported(
-                        component.handler, entry, component.scheme, spec.name, real_feeds
-                    )
-            entry = exporter.finish(spec, entry, component.profile)
-            if export_module is not load_module:
-                # The export's module was quantized in place: the reference is loaded again.
-                export_module.cache_clear()
-                load_module.cache_clear()
-            record = _validate(
-                spec,
-                load_module,
-                entry,
-                staging,
-                runtime,
-                plan,
-                component,
-                progress,
-                real_feeds=real_feeds,
-            )
-            records[spec.name] = replace(record, quantization=quantization)
-        # Last, so that the family's configs win over anything an exporter saved beside them.
-        for name, content in loaded.config_files.items():
-            (staging / name).parent.mkdir(parents=True, exist_ok=True)
-            (staging / name).write_bytes(content)
-        manifest = Manifest(
-            family=family.name,
-            pipeline=loaded.pipeline,
-            task=loaded.task,
-            format=exporter.format,
-            runtime=runtime.name,
-            source=replace(resolved.describe(), weights_sha256=loaded.weights),
-            profile=resolved_profile,
-            components=records,
-            files=record_files(staging),
-            model_info=loaded.model_info,
-            versions=library_versions(),
-            build=BuildRecord(
-                created=datetime.now(UTC).isoformat(timespec="seconds"),
-                seconds=round(time.perf_counter() - started, 2),
-                peak_rss_bytes=peak_rss_bytes(),
-                host=host_info(),
-            ),
-            modelkiln_version=__version__,
-            end_to_end=(
-                EndToEndRecord(not_run=not_run)
-                if not_run and quality.wanted(resolved_profile)
-                else None
-            ),
+    records = {}
+    for spec in loaded.components:
+        component = plan.component(spec.name)
+        # One component's torch module in memory at a time (SD's UNet alone is 3.4 GB),
+        # loaded only when needed: a streamed ONNX export never loads it.
+        load_module = functools.cache(spec.module)
+        real_feeds = feeds.pop(spec.name, ())
+        export_module, quantization = _before_export(component, load_module, real_feeds)
+        # A module changed before the export is exported as it is, not streamed from
+        # the source's checkpoint.
+        exported = spec if quantization is None else replace(spec, meta_module=None)
+        with progress.task(f"exporting {spec.name} to {exporter.format}"):
+            entry = exporter.export(exported, export_module, component.profile, staging)
+        if component.handler is not None and component.handler.stage is Stage.AFTER_EXPORT:
+            assert component.scheme is not None
+            with progress.task(f"quantizing {spec.name} ({component.scheme.name})"):
+                quantization = quantize_exported(
+                    component.handler, entry, component.scheme, spec.name, real_feeds
+                )
+        entry = exporter.finish(spec, entry, component.profile)
+        if export_module is not load_module:
+            # The export's module was quantized in place: the reference is loaded again.
+            export_module.cache_clear()
+            load_module.cache_clear()
+        record = _validate(
+            spec,
+            load_module,
+            entry,
+            staging,
+            runtime,
+            plan,
+            component,
+            progress,
+            real_feeds=real_feeds,
         )
-        write_manifest(staging, manifest)
-        if expected is not None:
-            end_to_end = quality.check(staging, expected, resolved_profile, progress)
-            write_manifest(staging, replace(manifest, end_to_end=end_to_end))
-    logger.info("built %s in %.1f s", target, time.perf_counter() - started)
-    return target
+        records[spec.name] = replace(record, quantization=quantization)
+    # Last, so that the family's configs win over anything an exporter saved beside them.
+    for name, content in loaded.config_files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes(content)
+    manifest = Manifest(
+        family=family.name,
+        pipeline=loaded.pipeline,
+        task=loaded.task,
+        format=exporter.format,
+        runtime=runtime.name,
+        source=replace(resolved.describe(), weights_sha256=loaded.weights),
+        profile=resolved_profile,
+        components=records,
+        files=record_files(staging),
+        model_info=loaded.model_info,
+        versions=library_versions(),
+        build=BuildRecord(
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            seconds=round(time.perf_counter() - started, 2),
+            peak_rss_bytes=peak_rss_bytes(),
+            host=host_info(),
+        ),
+        modelkiln_version=__version__,
+        end_to_end=(
+            EndToEndRecord(not_run=not_run)
+            if not_run and quality.wanted(resolved_profile)
+            else None
+        ),
+    )
+    write_manifest(staging, manifest)
+    if expected is not None:
+        end_to_end = quality.check(staging, expected, resolved_profile, progress)
+        write_manifest(staging, replace(manifest, end_to_end=end_to_end))
 
 
 def _before_export(

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from modelkiln.artifact import atomic_directory
 from modelkiln.errors import missing_backend
+from modelkiln.outputs import atomic_directory
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.progress import NullProgress, Progress
 
@@ -127,7 +127,7 @@ def trained_model(
     directory = (cache or cache_root()) / f"digits-vit-{recipe.key()}"
     if (directory / TRAINING_RECORD).is_file():
         return directory
-    with atomic_directory(directory) as staging:
+    with atomic_directory(directory, marker=TRAINING_RECORD) as staging:
         train(recipe, staging, progress=progress or NullProgress())
     return directory
 

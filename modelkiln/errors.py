@@ -8,7 +8,10 @@ was asked, what was found, and what to do instead; the CLI prints them on one li
 from __future__ import annotations
 
 import difflib
+import errno
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class KilnError(Exception):
@@ -43,6 +46,10 @@ class ArtifactError(KilnError, OSError):
     """An artifact directory is missing, incomplete or corrupted."""
 
 
+class StorageError(KilnError, OSError):
+    """A file or folder cannot be read or written: no space, no permission, not a folder, ..."""
+
+
 class BackendUnavailableError(KilnError, ImportError):
     """A backend's package is not installed (the message names the pip extra)."""
 
@@ -62,6 +69,46 @@ def missing_backend(package: str, extra: str) -> BackendUnavailableError:
     return BackendUnavailableError(
         f"{package} is not installed; install it with: pip install 'modelkiln[{extra}]'"
     )
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line (libraries' messages run to pages), or its type's name."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+_STORAGE_FIXES = {
+    errno.ENOSPC: "free some space or choose another location",
+    errno.EDQUOT: "free some space or choose another location",
+    errno.EACCES: "choose a location you can write to",
+    errno.EPERM: "choose a location you can write to",
+    errno.EROFS: "the file system is read-only; choose another location",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EEXIST: "a file is in the way; choose another path",
+    errno.EISDIR: "it is a folder; give a file name",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter name",
+}
+
+
+def storage_error(error: OSError, path: str | Path | None = None) -> StorageError:
+    """The one-line error for an OSError met while reading or writing `path`."""
+    where = error.filename if error.filename is not None else path
+    reason = (error.strerror or str(error) or type(error).__name__).lower()
+    fix = _STORAGE_FIXES.get(error.errno or 0, "check the path and the disk")
+    return StorageError(f"{where}: {reason}; {fix}")
+
+
+def require_utf8_path(path: Path, error: type[KilnError], fix: str) -> None:
+    """Refuse a path that is not UTF-8: the Rust and C++ libraries (safetensors, tokenizers,
+    ONNX Runtime) take UTF-8 paths only, and would fail deep inside a build."""
+    try:
+        str(path.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path.absolute()).decode("utf-8", "backslashreplace")
+        raise error(
+            f"the path {shown} is not valid UTF-8, which the model libraries cannot open; {fix}"
+        ) from None
 
 
 class ReportError(KilnError, ValueError):

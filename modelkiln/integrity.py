@@ -15,6 +15,8 @@ import logging
 import os
 from pathlib import Path
 
+from modelkiln.outputs import write_file_atomic
+
 logger = logging.getLogger(__name__)
 
 Fingerprint = list[int | str]  # inode, mtime_ns, size, sha256
@@ -30,7 +32,7 @@ class Remembered:
     def of(cls, root: Path) -> Remembered:
         from modelkiln.env import cache_home
 
-        key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:32]
+        key = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:32]
         path = cache_home() / "verified" / f"{key}.json"
         try:
             known = json.loads(path.read_text(encoding="utf-8"))
@@ -49,14 +51,10 @@ class Remembered:
     def save(self) -> None:
         if not self.changed:
             return
-        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(self.known), encoding="utf-8")
-            partial.replace(self.path)
-        except OSError as error:
+            write_file_atomic(self.path, json.dumps(self.known).encode("utf-8"))
+        except OSError as error:  # a read-only cache: verification just runs again next time
             logger.debug("cannot remember verified files in %s: %s", self.path, error)
-            partial.unlink(missing_ok=True)
 
 
 def _fingerprint(file: Path, sha256: str) -> Fingerprint:

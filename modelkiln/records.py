@@ -46,6 +46,15 @@ class SourceRecord:
         """The hub id, else what the user passed."""
         return self.hub_id or self.spec
 
+    def location(self) -> str:
+        """Where to load the source again from any working directory: the hub id, else the
+        absolute folder the build read (spec may be relative to the build's directory)."""
+        if self.hub_id:
+            return self.hub_id
+        if self.local_dir and Path(self.local_dir).is_dir():
+            return self.local_dir
+        return self.spec
+
 
 @dataclass(frozen=True)
 class OutputScore:

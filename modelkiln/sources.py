@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.artifact import sha256_file
-from modelkiln.errors import SourceError, UnsupportedError, did_you_mean
+from modelkiln.errors import (
+    SourceError,
+    UnsupportedError,
+    did_you_mean,
+    first_line,
+    require_utf8_path,
+)
 from modelkiln.jsonfile import read_json_object
 from modelkiln.records import SourceRecord
 
@@ -56,6 +62,7 @@ def resolve_source(
         return _from_hub(spec, spec.removeprefix("hf-hub:"), revision, allow_pickle)
     path = Path(spec).expanduser()
     if path.is_dir():
+        require_utf8_path(path, SourceError, "rename it (or a folder above it)")
         return ResolvedSource(spec, path.resolve(), allow_pickle=allow_pickle)
     if path.is_file():
         raise UnsupportedError(
@@ -76,6 +83,8 @@ def find_weights(directory: Path, *, allow_pickle: bool) -> list[Path]:
     """The weight files of a model directory: safetensors, or pickle files only when allowed."""
     safe = sorted(p for pattern in SAFE_WEIGHTS for p in directory.glob(pattern))
     if safe:
+        for path in safe:
+            _require_safetensors(path)
         return safe
     pickled = sorted(p for pattern in PICKLE_WEIGHTS for p in directory.glob(pattern))
     if pickled and not allow_pickle:
@@ -87,6 +96,20 @@ def find_weights(directory: Path, *, allow_pickle: bool) -> list[Path]:
     if not pickled:
         raise SourceError(f"no weights in {directory}: expected model.safetensors")
     return pickled
+
+
+def _require_safetensors(path: Path) -> None:
+    """Refuse a damaged weights file now, with its name, not deep inside a library's loader."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as weights:
+            weights.keys()
+    except Exception as error:  # safetensors' own error type is not an OSError
+        raise SourceError(
+            f"{path} is not a valid safetensors file ({first_line(error)}); "
+            "download or save the weights again"
+        ) from error
 
 
 def weights_digest(files: list[Path]) -> dict[str, str]:

@@ -13,11 +13,16 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # when the console is made (modelkiln.cli's, at import); the CLI tests set a width per call.
 os.environ.pop("COLUMNS", None)
 
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from cli_support import Outcome
 
 
 def _backend_markers() -> dict[str, tuple[str, str]]:
@@ -139,3 +144,59 @@ def image_files(tmp_path: Path, rgb_images: list[np.ndarray]) -> Iterator[list[P
         Image.fromarray(array).save(path)
         paths.append(path)
     yield paths
+
+
+@pytest.fixture
+def kiln_main(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Outcome]:
+    """kiln_main(*args) -> Outcome of modelkiln.cli.main, the real entry point, in-process."""
+    # main() setdefaults TRANSFORMERS_VERBOSITY; keep the process environment as it was.
+    monkeypatch.setenv("TRANSFORMERS_VERBOSITY", "error")
+    from cli_support import WIDE, Outcome
+
+    from modelkiln.cli import main
+
+    for key, value in WIDE.items():
+        monkeypatch.setenv(key, value)
+
+    def run(*args: object) -> Outcome:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            main([str(a) for a in args])
+        captured = capsys.readouterr()
+        code = exited.value.code
+        return Outcome(code if isinstance(code, int) else 1, captured.out, captured.err)
+
+    return run
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """small_disk("1m", read_only=False) -> a fresh tmpfs of that size mounted in tmp_path.
+
+    Skips where mounting is not allowed (not root, macOS, a container without the right).
+    """
+    mounted: list[Path] = []
+
+    def mount(size: str = "1m", *, read_only: bool = False) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        options = f"size={size}" + (",ro" if read_only else "")
+        try:
+            done = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+        except OSError as error:
+            pytest.skip(f"cannot mount a tmpfs here: {error}")
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)

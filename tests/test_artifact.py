@@ -7,7 +7,6 @@ import pytest
 
 from modelkiln.artifact import (
     MANIFEST_NAME,
-    atomic_directory,
     check_intact,
     find_problems,
     read_manifest,
@@ -251,38 +250,3 @@ def test_corrupted_and_newer_manifests_are_refused(tmp_path: Path) -> None:
     (root / MANIFEST_NAME).write_text(json.dumps({"schema_version": 1, "family": "vit"}))
     with pytest.raises(ArtifactError, match="is malformed"):
         read_manifest(root)
-
-
-def test_atomic_directory_commits_and_replaces(tmp_path: Path) -> None:
-    target = tmp_path / "out"
-    with atomic_directory(target) as staging:
-        (staging / MANIFEST_NAME).write_text("1")
-        assert not target.exists()
-    assert (target / MANIFEST_NAME).read_text() == "1"
-    with atomic_directory(target) as staging:
-        (staging / MANIFEST_NAME).write_text("2")
-    assert (target / MANIFEST_NAME).read_text() == "2"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no staging or retired dirs left"
-
-
-def test_failed_build_keeps_the_previous_artifact(tmp_path: Path) -> None:
-    target = tmp_path / "out"
-    with atomic_directory(target) as staging:
-        (staging / MANIFEST_NAME).write_text("good")
-    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
-        (staging / MANIFEST_NAME).write_text("half")
-        raise RuntimeError("export failed")
-    assert (target / MANIFEST_NAME).read_text() == "good"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-
-def test_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path: Path) -> None:
-    target = tmp_path / "home"
-    target.mkdir()
-    (target / "precious.txt").write_text("keep me")
-    with (
-        pytest.raises(ArtifactError, match="is not a modelkiln artifact; choose another -o"),
-        atomic_directory(target),
-    ):
-        pass
-    assert (target / "precious.txt").read_text() == "keep me"

@@ -72,22 +72,41 @@ def test_runtime_and_image_bounds(built: Callable[..., Path]) -> None:
 @pytest.mark.torch
 @pytest.mark.onnxruntime
 @pytest.mark.parametrize(
-    ("option", "message"),
+    ("option", "code", "message"),
     [
-        (["--steps", "100000000"], "steps must be in 1..1000, got 100000000"),
-        (["--guidance", "nan"], "guidance must be a number in 0..100.0, got nan"),
-        (["--num-images", "100000"], "num_images must be in 1..64 per prompt, got 100000"),
-        (["--width", "1048576"], "width must be a positive multiple of 8 up to 16384"),
+        # Counts are click ranges: a usage error before the artifact loads.
+        (["--steps", "100000000"], 2, "100000000 is not in the range 1<=x<=1000"),
+        (["--num-images", "100000"], 2, "100000 is not in the range 1<=x<=64"),
+        (["--guidance", "nan"], 1, "guidance must be a number in 0..100.0, got nan"),
+        (["--width", "1048576"], 1, "width must be a positive multiple of 8 up to 16384"),
+        (["-o", "out.xyz"], 1, "cannot write an image as 'out.xyz': unknown image type '.xyz'"),
     ],
 )
 def test_generation_bounds_fail_before_any_step(
-    built: Callable[..., Path], tmp_path: Path, option: list[str], message: str
+    built: Callable[..., Path], tmp_path: Path, option: list[str], code: int, message: str
 ) -> None:
     artifact = built("sd", "sd-onnxruntime-fp32")
     out = tmp_path / "out.png"
     result = CliRunner().invoke(
         cli, ["generate", str(artifact), "--prompt", "a", "-o", out, *option]
     )
-    assert result.exit_code == 1
-    assert message in str(result.exception)
-    assert not out.exists()
+    assert result.exit_code == code
+    assert message in (result.output if code == 2 else str(result.exception))
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.torch
+@pytest.mark.onnxruntime
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"steps": 100_000_000}, "steps must be in 1..1000, got 100000000"),
+        ({"num_images": 100_000}, "num_images must be in 1..64 per prompt, got 100000"),
+    ],
+)
+def test_the_pipeline_bounds_the_same_counts(
+    built: Callable[..., Path], settings: dict[str, int], message: str
+) -> None:
+    with load(built("sd", "sd-onnxruntime-fp32")) as pipeline, pytest.raises(InputError) as caught:
+        pipeline.text_to_image("a", **settings)
+    assert message in str(caught.value)

@@ -22,7 +22,7 @@ from click.testing import CliRunner, Result
 from modelkiln import load, open_artifact
 from modelkiln.artifact import record_files
 from modelkiln.cli import cli, main
-from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.errors import ArtifactError, StorageError, UnsupportedError
 from modelkiln.models import FAMILIES
 from modelkiln.packaging import (
     cache_root,
@@ -394,7 +394,7 @@ def test_a_failed_write_keeps_the_old_bundle(
 
     with monkeypatch.context() as patched:
         patched.setattr("modelkiln.packaging.archive._write_zip", full_disk)
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(StorageError, match=r"vit.zip: no space left on device; free some"):
             package(artifact, "linux-x86_64", output)
     assert output.read_bytes() == b"the previous bundle"
     assert [p.name for p in tmp_path.iterdir()] == ["vit.zip"], "no partial file left"

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from modelkiln import build, load, open_artifact
 from modelkiln.artifact import sha256_file
@@ -152,8 +153,9 @@ def test_unknown_timm_name_is_a_source_error(name: str, suggestion: str) -> None
 
 
 def test_find_weights_prefers_safetensors(tmp_path: Path) -> None:
-    for name in ("model.safetensors", "pytorch_model.bin", "b.safetensors"):
-        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    for name in ("model.safetensors", "b.safetensors"):
+        save_file({"w": np.zeros(2, dtype=np.float32)}, str(tmp_path / name))
     found = find_weights(tmp_path, allow_pickle=True)
     assert [p.name for p in found] == ["b.safetensors", "model.safetensors"]
     assert [p.name for p in find_weights(tmp_path, allow_pickle=False)] == [

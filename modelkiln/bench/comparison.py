@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelkiln.errors import InputError
+from modelkiln.outputs import atomic_file
 
 # Below this many samples on either side a rank test has too little to rank.
 MIN_SAMPLES = 3
@@ -328,8 +329,8 @@ class Comparison:
             elif row.status in (Status.NOT_COMPARABLE, Status.NEW, Status.MISSING):
                 ET.SubElement(case, "skipped", message=_summary(row))
         ET.indent(suite)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+        with atomic_file(path) as staged:
+            ET.ElementTree(suite).write(staged, encoding="utf-8", xml_declaration=True)
 
     def _skipped_rows(self) -> tuple[Row, ...]:
         skipped = (Status.NOT_COMPARABLE, Status.NEW, Status.MISSING)

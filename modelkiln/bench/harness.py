@@ -29,6 +29,7 @@ from modelkiln.bench.settings import BenchSettings
 from modelkiln.errors import InputError, KilnError
 from modelkiln.loading import Artifact, open_artifact
 from modelkiln.models import FAMILIES
+from modelkiln.outputs import check_writable
 from modelkiln.progress import NullProgress, Progress
 
 # The orchestrator's pid, handed to each isolated child so that it ends with it.
@@ -48,6 +49,8 @@ def run(
     progress = progress or NullProgress()
     if not artifacts:
         raise InputError("no artifacts to benchmark: give one or more artifact directories")
+    if output is not None:
+        check_writable(Path(output), folder=True)  # not after minutes of measuring
     opened = [open_artifact(path) for path in artifacts]
     _check_distinct_keys(opened, settings.runtime)
     entries: list[dict[str, Any]] = []

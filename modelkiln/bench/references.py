@@ -53,7 +53,7 @@ def compute(
     from modelkiln.models import detect_family
     from modelkiln.sources import resolve_source
 
-    spec = source or manifest.source.name
+    spec = source or manifest.source.location()
     try:
         resolved = resolve_source(spec, revision=manifest.source.revision)
         family = detect_family(resolved)

@@ -2,13 +2,12 @@
 
 report.json is the measurement; report.md and the plots are views of it that can always be
 regenerated. So report.json is written first, and every file goes to a temporary name in the
-output folder before `Path.replace` (os.replace) puts it in place: a crash never leaves half a file.
+output folder before it is renamed into place (outputs.py): a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,9 +42,10 @@ from modelkiln.bench.plots import (
     size_figure,
 )
 from modelkiln.bench.schema import validate_report
+from modelkiln.outputs import atomic_file, write_file_atomic
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+    pass
 
 JSON_NAME = "report.json"
 MARKDOWN_NAME = "report.md"
@@ -61,29 +61,11 @@ def write_report(report: dict[str, Any], outdir: Path) -> dict[str, Path]:
     """
     validate_report(report)
     outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     paths = {"json": outdir / JSON_NAME, "markdown": outdir / MARKDOWN_NAME}
-    _write_atomic(paths["json"], (json.dumps(report, indent=2) + "\n").encode())
-    _write_atomic(paths["markdown"], markdown(report).encode())
+    write_file_atomic(paths["json"], (json.dumps(report, indent=2) + "\n").encode())
+    write_file_atomic(paths["markdown"], markdown(report).encode())
     paths.update(_write_plots(report, outdir))
     return paths
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = _temporary(path)
-    try:
-        with temporary.open("wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        temporary.replace(path)  # os.replace: atomic within one file system
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _temporary(path: Path) -> Path:
-    # Same folder, so os.replace never crosses file systems; hidden, so a listing skips it.
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 def _write_plots(report: dict[str, Any], outdir: Path) -> dict[str, Path]:
@@ -99,18 +81,10 @@ def _write_plots(report: dict[str, Any], outdir: Path) -> dict[str, Path]:
             # A plot left over from an earlier run here would contradict this report.
             path.unlink(missing_ok=True)
             continue
-        _save_atomic(figure, path)
+        with atomic_file(path) as staged:
+            figure.savefig(staged, format="png", dpi=DPI, metadata={"Software": None})
         paths[kind] = path
     return paths
-
-
-def _save_atomic(figure: Figure, path: Path) -> None:
-    temporary = _temporary(path)
-    try:
-        figure.savefig(temporary, format="png", dpi=DPI, metadata={"Software": None})
-        temporary.replace(path)  # os.replace: atomic within one file system
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def markdown(report: dict[str, Any]) -> str:

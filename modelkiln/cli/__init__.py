@@ -1,9 +1,12 @@
 """`kiln`: parse, call the library, print. All output, progress and exit codes live here.
 
-Every KilnError becomes one red line on stderr and exit code 1 (a traceback only with -v);
-click's usage errors exit with 2. The commands live by verb group:
+Every error is one red line on stderr (a traceback only with -v). Exit codes:
+0 done; 1 an error the user can fix (a KilnError, or the disk, permissions, memory) or a
+failed gate (`kiln compare` regression, `kiln validate` miss); 2 a bad command line or, for
+`kiln compare`, an unusable report; 70 an internal error (a modelkiln bug: please report
+it); 130 interrupted. The commands live by verb group:
 build.py (build, profiles), run.py (classify, embed, generate), artifacts.py (info, verify,
-validate, package), measure.py (env, demo, bench, compare).
+validate, package, clean), measure.py (env, demo, bench, compare).
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from rich.markup import escape
 from modelkiln import __version__
 from modelkiln.cli import artifacts, build, measure, run
 from modelkiln.cli.console import err
-from modelkiln.errors import KilnError
+from modelkiln.errors import KilnError, storage_error
+
+USER_ERROR = 1
+INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE
+INTERRUPTED = 130
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,6 +56,7 @@ for command in (
     artifacts.verify,
     artifacts.validate,
     artifacts.package,
+    artifacts.clean,
     measure.env,
     measure.demo,
     measure.bench,
@@ -69,23 +77,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         cli.main(args=args, prog_name="kiln", standalone_mode=True)
     except KilnError as error:
-        if verbose:
-            err.print_exception()
-        err.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        sys.exit(1)
+        _fail(str(error), verbose)
+    except OSError as error:  # the disk, permissions or paths, never a bug of ours
+        _fail(str(storage_error(error)), verbose)
+    except MemoryError:
+        _fail(
+            "out of memory; free memory, use a smaller batch or image size, or a larger machine",
+            verbose,
+        )
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     except Exception as error:  # a bug: still one line, the traceback with -v
-        if verbose:
-            err.print_exception()
-        err.print(
-            f"[red]internal error:[/] {type(error).__name__}: {escape(str(error))} "
-            "(run with -v for the traceback and please report it)",
-            highlight=False,
-            soft_wrap=True,
+        _fail(
+            f"{type(error).__name__}: {error} (run with -v for the traceback and please report it)",
+            verbose,
+            label="internal error",
+            code=INTERNAL_ERROR,
         )
-        sys.exit(1)
+
+
+def _fail(message: str, verbose: bool, *, label: str = "error", code: int = USER_ERROR) -> None:
+    if verbose:
+        err.print_exception()
+    err.print(f"[red]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

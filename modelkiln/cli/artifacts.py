@@ -1,5 +1,5 @@
-"""`kiln info`, `kiln verify`, `kiln validate`, `kiln package`: what an artifact holds, whether
-it is intact and valid, and its bundles."""
+"""`kiln info`, `kiln verify`, `kiln validate`, `kiln package`, `kiln clean`: what an artifact
+holds, whether it is intact and valid, its bundles, and what killed builds left."""
 
 from __future__ import annotations
 
@@ -233,3 +233,31 @@ def package(artifact: Path, target: str, output: Path) -> None:
         f"[green]packaged[/] {escape(str(bundle.path))} for {target}: "
         f"{len(bundle.manifest.files)} files, {bundle.size / 1e6:.1f} MB"
     )
+
+
+@click.command()
+@click.argument("directories", nargs=-1, type=click.Path(path_type=Path, file_okay=False))
+def clean(directories: tuple[Path, ...]) -> None:
+    """Remove what killed builds left in DIRECTORIES (default: artifacts/ and the cache).
+
+    Staging folders of builds and unpacks that no live process owns are removed, and an
+    artifact that a kill left moved aside is put back. Runs in progress are left alone.
+    """
+    from modelkiln.builder import DEFAULT_OUTPUT_ROOT
+    from modelkiln.env import cache_home
+    from modelkiln.outputs import clean as clear_directory
+    from modelkiln.packaging.unpack import cache_root
+
+    chosen = directories or (DEFAULT_OUTPUT_ROOT, cache_home(), cache_root())
+    for directory in chosen:
+        if not directory.is_dir():
+            if directories:
+                err.print(f"[yellow]skipped[/] {escape(str(directory))}: no such folder")
+            continue
+        cleared = clear_directory(directory)
+        for path in cleared.restored:
+            out.print(f"[green]restored[/] {escape(str(path))}")
+        out.print(
+            f"{escape(str(directory))}: removed {len(cleared.removed)} leftover folder(s), "
+            f"{cleared.freed_bytes / 1e6:.1f} MB"
+        )

@@ -15,6 +15,7 @@ from rich.text import Text
 
 from modelkiln.cli.console import RUNTIME_OPTION, THREADS_OPTION, cells, err, out, progress_display
 from modelkiln.errors import InputError
+from modelkiln.outputs import check_writable, write_file_atomic
 
 
 @click.command()
@@ -374,6 +375,9 @@ def compare(
         max_memory_growth=max_memory_growth,
         alpha=alpha,
     )
+    for path in (junit, markdown):
+        if path is not None:
+            check_writable(path, folder=False)
     try:
         comparison = compare_files(
             baseline, current, bounds, allow_different_machine=allow_different_machine
@@ -403,10 +407,9 @@ def compare(
             out.print(Text.assemble((label, style), f": {key}"))
     for path, write in (
         (junit, comparison.write_junit),
-        (markdown, lambda p: p.write_text(comparison.to_markdown(), encoding="utf-8")),
+        (markdown, lambda p: write_file_atomic(p, comparison.to_markdown().encode("utf-8"))),
     ):
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
             write(path)
             out.print(f"[green]wrote[/] {escape(str(path))}")
     style = "bold red" if comparison.failed else "bold green"

@@ -22,6 +22,8 @@ from modelkiln.cli.console import (
     progress_display,
 )
 from modelkiln.errors import InputError
+from modelkiln.outputs import atomic_file, check_writable
+from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
 
 
 @click.command()
@@ -51,7 +53,7 @@ def classify(
 
     paths = expand_images(images)
     with load(artifact, runtime=runtime, threads=threads, device=device) as pipeline:
-        _require_task(pipeline, ImageClassificationPipeline, "kiln embed")
+        _require_task(pipeline, ImageClassificationPipeline)
         results = pipeline(paths, top_k=top_k, batch_size=batch_size, max_pixels=max_pixels or None)
     if as_json:
         payload = [
@@ -110,9 +112,13 @@ def embed(
     from modelkiln.loading import load
     from modelkiln.pipelines.embedding import ImageEmbeddingPipeline
 
+    # np.save's own rule: a name without .npy gets it; said below as the file written.
+    if output.suffix != ".npy":
+        output = output.with_name(output.name + ".npy")
+    check_writable(output, folder=False)
     paths = expand_images(images)
     with load(artifact, runtime=runtime, threads=threads, device=device) as pipeline:
-        _require_task(pipeline, ImageEmbeddingPipeline, "kiln classify")
+        _require_task(pipeline, ImageEmbeddingPipeline)
         vectors = pipeline(
             paths,
             pooling=pooling,
@@ -121,32 +127,49 @@ def embed(
             batch_size=batch_size,
             max_pixels=max_pixels or None,
         )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    np.save(output, vectors)
+    with atomic_file(output) as staged, staged.open("wb") as file:
+        np.save(file, vectors)
     out.print(
         f"[green]wrote[/] {escape(str(output))}: {vectors.shape[0]} × {vectors.shape[1]} float32"
     )
 
 
-def _require_task(pipeline: Any, expected: type, other_command: str) -> None:
-    if not isinstance(pipeline, expected):
-        task: str = expected.TASK  # type: ignore[attr-defined]
+# The command that runs each task's artifacts.
+COMMANDS = {
+    "image-classification": "kiln classify",
+    "image-feature-extraction": "kiln embed",
+}
+
+
+def _require_task(pipeline: Any, expected: type) -> None:
+    if isinstance(pipeline, expected):
+        return
+    from modelkiln.pipelines.generation import ImageGenerator
+
+    task: str = expected.TASK  # type: ignore[attr-defined]
+    if isinstance(pipeline, ImageGenerator):
+        # A diffusion model cannot be rebuilt for classification: no rebuild hint.
         raise InputError(
-            f"this artifact was built for {pipeline.task}, not {task}; use "
-            f"`{other_command}`, or rebuild with --set model.task={task}"
+            f"this artifact generates images ({pipeline.task}); it cannot do {task}: "
+            "use `kiln generate`"
         )
+    command = COMMANDS.get(pipeline.task, "modelkiln.load() in Python")
+    raise InputError(
+        f"this artifact was built for {pipeline.task}, not {task}; use `{command}`, "
+        f"or rebuild with --set model.task={task}"
+    )
 
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="What to draw.")
 @click.option("--negative-prompt", help="What to steer away from.")
-@click.option("--steps", default=25, show_default=True, type=int)
+@click.option("--steps", default=25, show_default=True, type=click.IntRange(1, MAX_STEPS))
 @click.option("--guidance", default=7.5, show_default=True, type=float, help="1.0: no CFG pass.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same pixels.")
 @click.option("--width", type=int, help="Default: the size the artifact was built for.")
 @click.option("--height", type=int)
-@click.option("--num-images", default=1, show_default=True, type=int)
+@click.option("--num-images", default=1, show_default=True, type=click.IntRange(1, MAX_IMAGES))
 @click.option("--scheduler", help="euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, ddim, ...")
 @click.option("--image", "init_image", help="Start from this image (image-to-image, inpaint).")
 @click.option(
@@ -184,6 +207,10 @@ def generate(
         raise InputError("--mask needs --image: the image to inpaint")
     if strength is not None and init_image is None:
         raise InputError("--strength applies to --image (image-to-image or inpainting)")
+    # Found now, not after minutes of denoising.
+    image_format(output)
+    for path in numbered_outputs(output, num_images):
+        check_writable(path, folder=False)
     settings: dict[str, Any] = {
         "negative_prompt": negative_prompt,
         "steps": steps,
@@ -199,9 +226,10 @@ def generate(
         progress_display() as progress,
     ):
         if not isinstance(pipeline, ImageGenerator):
+            command = COMMANDS.get(pipeline.task, "modelkiln.load() in Python")
             raise InputError(
-                f"this artifact was built for {pipeline.task}, not image generation; use "
-                "`kiln classify` or `kiln embed`"
+                f"this artifact was built for {pipeline.task}, not image generation; "
+                f"use `{command}`"
             )
         settings["progress"] = progress
         if mask is not None and init_image is not None:
@@ -214,11 +242,24 @@ def generate(
             )
         else:
             images = pipeline.text_to_image(prompt, **settings)
-    for path in numbered_outputs(output, len(images)):
-        path.parent.mkdir(parents=True, exist_ok=True)
     for image, path in zip(images, numbered_outputs(output, len(images)), strict=True):
-        image.save(path)
+        with atomic_file(path) as staged:
+            image.save(staged, format=image_format(path))
         out.print(f"[green]wrote[/] {escape(str(path))} ({image.width}×{image.height})")
+
+
+def image_format(path: Path) -> str:
+    """The PIL format that writes path's suffix, or a one-line error naming the usual ones."""
+    from PIL import Image
+
+    Image.init()
+    name = Image.registered_extensions().get(path.suffix.lower())
+    if name is None or name not in Image.SAVE:
+        raise InputError(
+            f"cannot write an image as {path.name!r}: unknown image type "
+            f"{path.suffix or '(no suffix)'!r}; name it .png, .jpg or .webp"
+        )
+    return name
 
 
 def numbered_outputs(output: Path, count: int) -> list[Path]:

@@ -125,8 +125,3 @@ def resolve_dim(dim: int | str, sizes: Mapping[str, int]) -> int | str:
         size, factor = sizes[parts[0]], int(parts[2])
         return size * factor if parts[1] == "*" else size // factor
     return sizes.get(dim, dim)
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

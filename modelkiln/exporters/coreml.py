@@ -21,13 +21,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from modelkiln.errors import ExportError
+from modelkiln.errors import ExportError, first_line
 from modelkiln.exporters.base import (
     DYNAMIC_EXAMPLE_SIZE,
     Exporter,
     dim_ranges,
     export_dims,
-    first_line,
 )
 from modelkiln.quiet import printing_into
 from modelkiln.runtimes.coreml import CoreMLSettings, import_coremltools

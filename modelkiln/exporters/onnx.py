@@ -19,8 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from modelkiln.errors import ExportError
-from modelkiln.exporters.base import Exporter, export_dims, export_signature, first_line
+from modelkiln.errors import ExportError, first_line
+from modelkiln.exporters.base import Exporter, export_dims, export_signature
 from modelkiln.exporters.onnx_fusions import fuse_for_onnxruntime, fusions_wanted
 from modelkiln.quiet import printing_into
 from modelkiln.runtimes.onnxruntime import FUSED_OPS_KEY

@@ -17,8 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.backends import resolved_runtime
-from modelkiln.errors import ExportError
-from modelkiln.exporters.base import first_line
+from modelkiln.errors import ExportError, first_line
 from modelkiln.runtimes.onnxruntime import OnnxRuntimeSettings
 
 if TYPE_CHECKING:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from modelkiln.errors import ExportError
-from modelkiln.exporters.base import Exporter, export_dims, first_line
+from modelkiln.errors import ExportError, first_line
+from modelkiln.exporters.base import Exporter, export_dims
 from modelkiln.exporters.onnx import onnx_from_torch
 from modelkiln.quiet import printing_into
 from modelkiln.runtimes.openvino import OpenVINOSettings
@@ -93,7 +93,8 @@ class OpenVINOExporter(Exporter):
         try:
             with (
                 printing_into(captured),
-                tempfile.TemporaryDirectory(dir=root.parent) as scratch,
+                # Inside the staging artifact: a killed build's scratch goes with it.
+                tempfile.TemporaryDirectory(prefix=".scratch-", dir=root) as scratch,
             ):
                 if OpenVINOSettings.of(profile).via == "onnx":
                     onnx_path = onnx_from_torch(

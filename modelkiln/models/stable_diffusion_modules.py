@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from modelkiln.errors import SourceError
-from modelkiln.exporters.base import first_line
+from modelkiln.errors import SourceError, first_line
 
 
 def component_class(directory: Path) -> Any:

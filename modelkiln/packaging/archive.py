@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
-import secrets
 import shutil
 import stat
 import tarfile
@@ -21,6 +19,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
 from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.outputs import atomic_file
 
 SUFFIXES = (".tar.gz", ".zip")
 # 1980-01-01, the earliest time a zip can record; the tar members carry it too.
@@ -60,21 +59,11 @@ def write_archive(output: Path, members: Sequence[tuple[str, Path]]) -> None:
     suffix = require_suffix(output)
     if output.is_dir():
         raise ArtifactError(f"bundle {output} is a directory; choose another -o")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.{secrets.token_hex(4)}.partial")
-    try:
-        # "xb", not mkstemp: the bundle gets the umask's permissions, not 0600.
-        with partial.open("xb") as raw:
-            if suffix == ".zip":
-                _write_zip(raw, members)
-            else:
-                _write_tar_gz(raw, members)
-            raw.flush()
-            os.fsync(raw.fileno())
-        partial.replace(output)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_file(output) as partial, partial.open("wb") as raw:
+        if suffix == ".zip":
+            _write_zip(raw, members)
+        else:
+            _write_tar_gz(raw, members)
 
 
 def _write_tar_gz(raw: IO[bytes], members: Sequence[tuple[str, Path]]) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from modelkiln.artifact import MANIFEST_NAME, find_problems, read_manifest, sha256_file
 from modelkiln.errors import ArtifactError
+from modelkiln.outputs import check_writable
 from modelkiln.packaging.archive import require_suffix, write_archive
 from modelkiln.packaging.contents import bundle_files
 from modelkiln.packaging.manifest import BUNDLE_MANIFEST, BundleManifest, write_bundle_manifest
@@ -44,6 +45,7 @@ def package(
     progress = progress or NullProgress()
     output = Path(output)
     require_suffix(output)
+    check_writable(output, folder=False)
     root = artifact_root(artifact)
     manifest = read_manifest(root)
     needs = requirements(target, manifest.format, manifest.profile)

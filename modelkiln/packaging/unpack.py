@@ -1,21 +1,21 @@
 """Opening a bundle: unpack it once into the cache, checked, and hand back the directory.
 
 The cache entry is named by the bundle's sha256, so a changed bundle never reuses an old
-entry, and it appears only complete: unpacked into a temporary sibling, checked against
-bundle.json, then renamed into place.
+entry, and it appears only complete: unpacked into a staging sibling, checked against
+bundle.json, then renamed into place (outputs.py), one process at a time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 
 from modelkiln.artifact import sha256_file
 from modelkiln.errors import ArtifactError
 from modelkiln.integrity import Remembered
+from modelkiln.outputs import output_lock, prepare_directory, replacing
 from modelkiln.packaging.archive import extract_archive, is_bundle, require_suffix
 from modelkiln.packaging.manifest import (
     BUNDLE_MANIFEST,
@@ -44,7 +44,7 @@ def verify_bundle(bundle: str | Path) -> BundleManifest:
     """Unpack bundle into scratch space and check every file against its bundle.json."""
     bundle = _existing(bundle)
     root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    prepare_directory(root)
     # Beside the cache, not in /tmp: a bundle needs as much room here as loading it will.
     with tempfile.TemporaryDirectory(prefix=".verifying-", dir=root) as scratch:
         _extract(bundle, Path(scratch))
@@ -58,23 +58,16 @@ def unpack_bundle(bundle: str | Path) -> Path:
     target = root / sha256_file(bundle)
     if _complete(target):
         return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name[:16]}.unpacking-", dir=root))
-    try:
-        _extract(bundle, staging)
-        check_unpacked(staging, bundle)
+    prepare_directory(root)
+    # One process unpacks a bundle; the others wait for it and then find the copy complete.
+    with output_lock(target):
+        if _complete(target):
+            return target
         if target.exists():
             logger.warning("replacing the damaged unpacked copy of %s at %s", bundle, target)
-            shutil.rmtree(target)
-        try:
-            staging.rename(target)
-        except OSError:
-            if not _complete(target):
-                raise
-            shutil.rmtree(staging)  # another process unpacked the same bundle first
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with replacing(target, marker=None) as staging:
+            _extract(bundle, staging)
+            check_unpacked(staging, bundle)
     logger.info("unpacked %s into %s", bundle, target)
     return target
 

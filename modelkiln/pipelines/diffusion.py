@@ -25,7 +25,7 @@ from modelkiln.errors import InputError, UnsupportedError, did_you_mean
 from modelkiln.images import ImageInput, load_image
 from modelkiln.pipelines.base import PipelineParts, run_padded
 from modelkiln.pipelines.generation import ImageGenerator
-from modelkiln.profiles import MAX_PIXELS_PER_SIDE, MAX_STEPS
+from modelkiln.profiles import MAX_IMAGES, MAX_PIXELS_PER_SIDE, MAX_STEPS
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.quiet import quiet_libraries
 from modelkiln.runtimes.base import Session
@@ -51,7 +51,6 @@ StepCallback = Callable[[int, float, np.ndarray], None]
 # Generations that run at once on one pipeline (each holds its own tokenizers).
 TOKENIZER_SETS = 8
 # Bounds of one call: past them it runs for hours or exhausts memory rather than fail.
-MAX_IMAGES = 64  # per prompt
 MAX_GUIDANCE = 100.0
 
 

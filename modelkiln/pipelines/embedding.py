@@ -27,14 +27,25 @@ class ImageEmbeddingPipeline(ImagePipeline):
     TASK = "image-feature-extraction"
 
     def __init__(
-        self, session: Session, preprocessor: ImagePreprocessor, num_prefix_tokens: int
+        self,
+        session: Session,
+        preprocessor: ImagePreprocessor,
+        num_prefix_tokens: int,
+        num_layers: int | None = None,
     ) -> None:
         super().__init__(session, preprocessor, self.TASK)
         self.num_prefix_tokens = num_prefix_tokens
+        self.num_layers = num_layers
 
     @classmethod
     def from_parts(cls, parts: PipelineParts) -> Self:
-        return cls(one_session(parts), preprocessor_of(parts), int(parts.info["num_prefix_tokens"]))
+        layers = parts.info.get("num_layers")
+        return cls(
+            one_session(parts),
+            preprocessor_of(parts),
+            int(parts.info["num_prefix_tokens"]),
+            int(layers) if layers is not None else None,
+        )
 
     @property
     def layers(self) -> list[int]:
@@ -81,9 +92,16 @@ class ImageEmbeddingPipeline(ImagePipeline):
                 )
             if layer not in self.layers:
                 exported = ", ".join(map(str, self.layers)) or "none"
+                blocks = self.num_layers
+                # Suggest a rebuild only for a layer the model has: the profile refuses others.
+                if layer >= 1 and (blocks is None or layer <= blocks):
+                    fix = f"rebuild with --set 'model.hidden_layers=[{layer}]'"
+                else:
+                    fix = f"layers are block numbers 1..{blocks or 'N'}"
+
                 raise InputError(
                     f"this artifact exports no hidden state for layer {layer} (exported: "
-                    f"{exported}); rebuild with --set 'model.hidden_layers=[{layer}]'"
+                    f"{exported}); {fix}"
                 )
             return f"hidden_state_{layer}", "cls" if pooling == "auto" else pooling
         if pooling == "pooled" and not has_pooler:

@@ -28,6 +28,7 @@ from modelkiln.profiles.history import MOVED_IN_V2, SCHEMA_VERSION, upgrade
 from modelkiln.profiles.parsing import (
     apply_override,
     parse_section,
+    require_values,
     to_toml,
     without_none,
 )
@@ -39,6 +40,7 @@ MAX_STEPS = 1000
 MAX_BATCH = 4096
 MAX_PIXELS_PER_SIDE = 16384
 MAX_CALIBRATION = 100_000
+MAX_IMAGES = 64  # generated per prompt in one call
 
 Precision = Literal["fp32", "bf16", "fp16"]
 NO_SCHEME = "none"
@@ -196,7 +198,10 @@ class Profile:
                 f"schema_version {SCHEMA_VERSION} (and upgrades 1)"
             )
         generic = {k: v for k, v in data.items() if k in _TOP_KEYS or not isinstance(v, Mapping)}
-        sections = {k: dict(v) for k, v in data.items() if k not in generic}
+        # An empty backend section says what its absence says.
+        sections = {k: dict(v) for k, v in data.items() if k not in generic and v}
+        for name, section in sections.items():
+            require_values(section, f"[{name}]", origin)
         quantization = generic.pop("quantization", None)
         profile = parse_section(cls, generic, key_path="", origin=origin, exclude=_OPEN_KEYS)
         profile = replace(
@@ -364,6 +369,7 @@ def _quantization(data: Any, origin: str) -> QuantizationSettings:
     scheme = options.pop("scheme", NO_SCHEME)
     if not isinstance(scheme, str):
         raise ProfileError(f"{origin}: quantization.scheme must be str, got {scheme!r}")
+    require_values(options, "[quantization]", origin)
     return QuantizationSettings(scheme=scheme, options=dict(sorted(options.items())))
 
 
@@ -412,6 +418,11 @@ def read_profile_file(path: Path) -> Profile:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as error:
         raise ProfileError(f"profile {path} is not valid TOML: {error}") from error
+    except UnicodeDecodeError as error:
+        raise ProfileError(
+            f"profile {path} is not text (byte {error.start} is not UTF-8); a profile is a "
+            "TOML file: start from `kiln profiles show NAME`"
+        ) from error
     except OSError as error:
         raise ProfileError(f"cannot read profile {path}: {error.strerror}") from error
     return Profile.from_dict(data, origin=f"profile {path}")

@@ -6,7 +6,9 @@ mistake in any part of a profile reads the same: the key path, what was found, a
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import tomllib
 import types
 from collections.abc import Mapping
@@ -123,6 +125,25 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     target[leaf] = value
 
 
+def require_values(table: Mapping[str, Any], where: str, origin: str) -> None:
+    """An open table (a backend's section, a scheme's options) holds values and lists of
+    values: every setting its reader takes is one, and a table there is a misplaced section.
+    Its numbers are finite, as everywhere in a profile."""
+
+    def problem(value: Any) -> str | None:
+        if isinstance(value, list | tuple):
+            return next((p for item in value if (p := problem(item)) is not None), None)
+        if isinstance(value, Mapping):
+            return "must be a value or a list of values, not a table"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        return None
+
+    for key, value in table.items():
+        if (found := problem(value)) is not None:
+            raise ProfileError(f"{origin}: {where} {key} {found}")
+
+
 def without_none(data: Any) -> Any:
     if isinstance(data, dict):
         return {k: without_none(v) for k, v in data.items() if v is not None}
@@ -132,15 +153,37 @@ def without_none(data: Any) -> Any:
 
 
 def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
-    """Tables of scalars and flat lists, nested tables as [a.b] sections (empty ones omitted)."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    """Tables of scalars and flat lists, nested tables as [a.b] sections.
+
+    What it writes reads back to the same data: keys that are not bare TOML keys (empty,
+    dotted, spaced) are quoted, strings escape what TOML does not allow raw, and an empty
+    nested table keeps its header ([components.vae] with nothing set). An empty top-level
+    table is left out: it means what its absence means.
+    """
+    lines = [
+        f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)
+    ]
     for section, values in data.items():
-        if isinstance(values, dict) and values:
-            text = to_toml(values, f"{prefix}{section}.")
-            has_scalars = any(not isinstance(v, dict) for v in values.values())
-            header = [f"[{prefix}{section}]"] if has_scalars else []
-            lines += ["", *header, *text.rstrip("\n").splitlines()]
+        if not isinstance(values, dict) or not (values or prefix):
+            continue
+        name = f"{prefix}{_toml_key(section)}"
+        text = to_toml(values, f"{name}.")
+        tables_only = values and all(isinstance(v, dict) for v in values.values())
+        header = [] if tables_only else [f"[{name}]"]
+        lines += ["", *header, *text.rstrip("\n").split("\n")]
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are a subset of TOML's basic-string escapes; TOML also bans raw DEL.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def _toml_value(value: Any) -> str:
@@ -149,8 +192,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
+        return _toml_string(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")

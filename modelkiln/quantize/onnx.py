@@ -20,8 +20,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.backends import ProfileContext
-from modelkiln.errors import ExportError, ProfileError, QuantizationError, UnsupportedError
-from modelkiln.exporters.base import first_line
+from modelkiln.errors import (
+    ExportError,
+    ProfileError,
+    QuantizationError,
+    UnsupportedError,
+    first_line,
+)
 from modelkiln.quantize import check_calibration
 from modelkiln.quantize.handlers import handles
 from modelkiln.quantize.onnx_calibration import (

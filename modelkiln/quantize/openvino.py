@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import QuantizationError
-from modelkiln.exporters.base import first_line
+from modelkiln.errors import QuantizationError, first_line
 from modelkiln.quantize import check_calibration
 from modelkiln.quantize.handlers import handles
 from modelkiln.quantize.schemes import Int4Weights, Int8Hybrid, Int8Static, Int8Weights, NF4Weights

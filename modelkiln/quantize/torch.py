@@ -23,8 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import QuantizationError, missing_backend
-from modelkiln.exporters.base import first_line
+from modelkiln.errors import QuantizationError, first_line, missing_backend
 from modelkiln.quantize.handlers import handles
 from modelkiln.quantize.schemes import Int4Weights, Int8Weights, NF4Weights
 

@@ -19,11 +19,11 @@ from typing import Any
 from modelkiln.artifact import sha256_file
 from modelkiln.errors import ArtifactError, ExportError
 from modelkiln.jsonfile import read_json_object
+from modelkiln.outputs import write_file_atomic
 from modelkiln.tensorrt.cache import (
     copy_atomic,
     engine_cache_path,
     timing_cache_path,
-    write_atomic,
 )
 from modelkiln.tensorrt.device import Device, import_tensorrt, trt_logger
 from modelkiln.tensorrt.recipe import EngineRecipe, cache_key, configure
@@ -129,9 +129,9 @@ def engine_from_onnx(
     else:
         timings = timing_cache_path(device.gpu, device.tensorrt) if timing_cache else None
         data = (build or serialized_engine)(onnx_path, recipe, timings)
-        write_atomic(engine_path, data)
+        write_file_atomic(engine_path, data)
         if engine_cache:
-            write_atomic(cached, data)
+            write_file_atomic(cached, data)
     return EngineRecord(
         onnx=onnx_path.name,
         onnx_sha256=digest,
@@ -172,7 +172,7 @@ def engine_for_device(
             device.tensorrt,
         )
         timings = timing_cache_path(device.gpu, device.tensorrt)
-        write_atomic(cached, (build or serialized_engine)(onnx_path, record.recipe, timings))
+        write_file_atomic(cached, (build or serialized_engine)(onnx_path, record.recipe, timings))
     rebuilt = EngineRecord(
         onnx=record.onnx,
         onnx_sha256=record.onnx_sha256,
@@ -215,7 +215,7 @@ def serialized_engine(onnx_path: Path, recipe: EngineRecipe, timing_cache: Path 
         )
     logger.info("%s: engine built in %.1f s", onnx_path, time.perf_counter() - started)
     if timing_cache is not None:
-        write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+        write_file_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     return bytes(serialized)
 
 

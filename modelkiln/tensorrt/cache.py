@@ -9,15 +9,12 @@ never sees half a file, and concurrent builds of the same key each write a whole
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from modelkiln.env import cache_home
+from modelkiln.outputs import atomic_file
 
 ENGINE_SUFFIX = ".engine"
 
@@ -36,25 +33,6 @@ def timing_cache_path(gpu_name: str, trt_version: str) -> Path:
     return cache_dir() / "timing" / f"{slug}-trt{trt_version}.cache"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    with _staged(path) as staged:
-        staged.write_bytes(data)
-
-
 def copy_atomic(source: Path, target: Path) -> None:
-    with _staged(target) as staged:
+    with atomic_file(target) as staged:
         shutil.copyfile(source, staged)
-
-
-@contextlib.contextmanager
-def _staged(path: Path) -> Iterator[Path]:
-    """A temporary sibling of `path` that replaces it when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(handle)
-    staged = Path(name)
-    try:
-        yield staged
-        staged.replace(path)
-    finally:
-        staged.unlink(missing_ok=True)

@@ -9,8 +9,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from modelkiln.errors import BackendUnavailableError, UnsupportedError, missing_backend
-from modelkiln.exporters.base import first_line
+from modelkiln.errors import BackendUnavailableError, UnsupportedError, first_line, missing_backend
 
 logger = logging.getLogger(__name__)
 
