@@ -192,14 +192,14 @@ def test_a_second_writer_waits_for_the_lock_then_commits(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "release"]
 
 
-def test_three_processes_committing_to_one_output_all_succeed(tmp_path: Path) -> None:
+def test_three_processes_committing_900_times_to_one_output_all_succeed(tmp_path: Path) -> None:
     target = tmp_path / "out"
     committers = [
-        subprocess.Popen([sys.executable, "-c", COMMITTER, str(target), "40"]) for _ in range(3)
+        subprocess.Popen([sys.executable, "-c", COMMITTER, str(target), "300"]) for _ in range(3)
     ]
     assert [committer.wait(timeout=120) for committer in committers] == [0, 0, 0]
     pid, index = (target / MANIFEST_NAME).read_text().split("-")
-    assert int(pid) in {committer.pid for committer in committers} and index == "39"
+    assert int(pid) in {committer.pid for committer in committers} and index == "299"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
