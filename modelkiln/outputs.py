@@ -10,7 +10,8 @@
   target is from a killed run, and clears it (restoring a target that a kill left moved
   aside, where the file system cannot swap in one rename).
 
-Torch-free, like everything a runtime imports.
+Torch-free, like everything a runtime imports. POSIX only (flock(2)), as are the deployment
+targets (Linux, Android, macOS, iOS).
 """
 
 from __future__ import annotations
