@@ -167,23 +167,27 @@ def _failure(error: Exception, path: Path) -> StorageError | None:
 
 
 @contextlib.contextmanager
-def output_lock(target: Path) -> Iterator[None]:
+def output_lock(target: Path, *, wait: bool = True) -> Iterator[bool]:
     """Hold `.NAME.lock` beside target: another writer of target waits until released.
+    Yields True once held; with wait=False, False at once when another process holds it.
 
     The lock file is removed on release, so none is left behind; a waiter that then holds
     a removed file's lock notices (its inode is not the path's) and locks the new one.
     """
     target = Path(target).absolute()
     lock_path = target.parent / f".{target.name}{LOCK_SUFFIX}"
-    handle = _acquire(lock_path, target)
+    handle = _acquire(lock_path, target, wait=wait)
+    if handle is None:
+        yield False
+        return
     try:
-        yield
+        yield True
     finally:
         lock_path.unlink(missing_ok=True)  # still holding it: nobody can hold this inode now
         os.close(handle)
 
 
-def _acquire(lock_path: Path, target: Path) -> int:
+def _acquire(lock_path: Path, target: Path, *, wait: bool) -> int | None:
     while True:
         try:
             handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -193,6 +197,9 @@ def _acquire(lock_path: Path, target: Path) -> int:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
+                if not wait:
+                    os.close(handle)
+                    return None
                 holder = os.pread(handle, 32, 0).decode("ascii", "replace").strip() or "?"
                 logger.warning(
                     "waiting for another kiln process (pid %s) to finish writing %s",
@@ -254,33 +261,14 @@ def clean(directory: Path) -> Cleared:
         if (name := _leftover_target(path.name)) is not None
     }
     for target in sorted(targets):
-        with _lock_if_free(target) as free:
-            if free:
+        # A live run holds its output's lock: its staging is not a leftover.
+        with output_lock(target, wait=False) as held:
+            if held:
                 found = clear_leftovers(target)
                 cleared.removed += found.removed
                 cleared.restored += found.restored
                 cleared.freed_bytes += found.freed_bytes
     return cleared
-
-
-@contextlib.contextmanager
-def _lock_if_free(target: Path) -> Iterator[bool]:
-    lock_path = target.parent / f".{target.name}{LOCK_SUFFIX}"
-    handle = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False  # a live run is writing it: its staging is not a leftover
-            return
-        free = _same_file(handle, lock_path)
-        try:
-            yield free
-        finally:
-            if free:
-                lock_path.unlink(missing_ok=True)
-    finally:
-        os.close(handle)
 
 
 def leftovers(target: Path, kind: str) -> list[Path]:
