@@ -47,7 +47,7 @@ from modelkiln.reference import pipeline_class
 from modelkiln.runtimes import Runtime
 from modelkiln.runtimes.torch import TorchModuleSession
 from modelkiln.sources import ResolvedSource, resolve_source
-from modelkiln.specs import ComponentSpec
+from modelkiln.specs import ComponentSpec, conform
 
 logger = logging.getLogger(__name__)
 
@@ -140,13 +140,20 @@ def _build_into(
         else None
     )
     records = {}
-    for spec in loaded.components:
+    for declared in loaded.components:
+        # The component as the format's own consumers call it (OpenVINO GenAI's UNet timestep).
+        spec = family.export_spec(declared, exporter.format)
         component = plan.component(spec.name)
         # One component's torch module in memory at a time (SD's UNet alone is 3.4 GB),
         # loaded only when needed: a streamed ONNX export never loads it.
         load_module = functools.cache(spec.module)
-        real_feeds = feeds.pop(spec.name, ())
-        export_module, quantization = _before_export(component, load_module, real_feeds)
+        recorded = feeds.pop(spec.name, ())
+        export_module, quantization = _before_export(component, load_module, recorded)
+        # What the exported files take: the torch pipeline's feeds in the export's dtypes.
+        real_feeds = [
+            {name: conform(value, spec.inputs[name]) for name, value in feed.items()}
+            for feed in recorded
+        ]
         # A module changed before the export is exported as it is, not streamed from
         # the source's checkpoint.
         exported = spec if quantization is None else replace(spec, meta_module=None)
@@ -179,6 +186,7 @@ def _build_into(
     for name, content in loaded.config_files.items():
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
         (staging / name).write_bytes(content)
+    exporter.complete(staging)
     manifest = Manifest(
         family=family.name,
         pipeline=loaded.pipeline,

@@ -146,7 +146,7 @@ def _from_hub(spec: str, hub_id: str, revision: str | None, allow_pickle: bool) 
     except ImportError as error:
         from modelkiln.errors import missing_backend
 
-        raise missing_backend("huggingface-hub", "torch") from error
+        raise missing_backend("huggingface-hub", "build") from error
     patterns = [*_CONFIGS, *SAFE_WEIGHTS, *(PICKLE_WEIGHTS if allow_pickle else ())]
     try:
         local = Path(snapshot_download(hub_id, revision=revision, allow_patterns=patterns))

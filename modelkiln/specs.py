@@ -122,6 +122,19 @@ def check_feeds(feeds: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> di
     return checked
 
 
+def conform(value: Any, spec: TensorSpec) -> np.ndarray:
+    """`value` in the dtype and rank `spec` asks for: a scalar and a one-element vector are the
+    same value (a timestep), and integers are rounded, not truncated."""
+    array = np.asarray(value)
+    target = np.dtype(spec.dtype)
+    if np.issubdtype(target, np.integer) and np.issubdtype(array.dtype, np.floating):
+        array = np.rint(array)
+    array = array.astype(target, copy=False)
+    if array.ndim != len(spec.shape) and array.size == 1 and all(d == 1 for d in spec.shape):
+        array = array.reshape((1,) * len(spec.shape))
+    return array
+
+
 def _shape_text(shape: tuple[Dim, ...]) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ")"
 

@@ -715,6 +715,37 @@ def test_runtime_not_installed(
     assert {r["name"]: r["available"] for r in report["runtimes"]}["onnxruntime"] is False
 
 
+@pytest.mark.parametrize(
+    ("profile", "package", "extra"),
+    [
+        ("vit-onnxruntime-fp32", "onnxscript", "onnx"),
+        pytest.param("vit-openvino-fp32", "openvino", "openvino-build", marks=pytest.mark.openvino),
+        ("vit-torch-fp32", "safetensors", "build"),
+    ],
+)
+def test_a_missing_build_package_names_the_build_extra(
+    profile: str,
+    package: str,
+    extra: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    kiln_main: Callable[..., Outcome],
+) -> None:
+    """Running needs the backend's extra; building needs more, and says which extra has it."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == package else find_spec(name, *a),
+    )
+    assert_one_line_error(
+        kiln_main("build", tmp_path, "--profile", profile, "-o", tmp_path / "out"),
+        f"{package} is not installed; install it with: pip install 'modelkiln[{extra}]'",
+    )
+
+
 # --- image modes ----------------------------------------------------------------------------
 
 

@@ -164,8 +164,17 @@ def _require_task(pipeline: Any, expected: type) -> None:
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt", required=True, help="What to draw.")
 @click.option("--negative-prompt", help="What to steer away from.")
-@click.option("--steps", default=25, show_default=True, type=click.IntRange(1, MAX_STEPS))
-@click.option("--guidance", default=7.5, show_default=True, type=float, help="1.0: no CFG pass.")
+@click.option(
+    "--steps",
+    type=click.IntRange(1, MAX_STEPS),
+    help="Denoising steps.  [default: diffusers' for the family: 50]",
+)
+@click.option(
+    "--guidance",
+    type=float,
+    help="1.0: no CFG pass.  [default: diffusers' for the family: SD 7.5; SDXL 5.0, "
+    "inpainting 7.5]",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same pixels.")
 @click.option("--width", type=int, help="Default: the size the artifact was built for.")
 @click.option("--height", type=int)
@@ -173,7 +182,10 @@ def _require_task(pipeline: Any, expected: type) -> None:
 @click.option("--scheduler", help="euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, ddim, ...")
 @click.option("--image", "init_image", help="Start from this image (image-to-image, inpaint).")
 @click.option(
-    "--strength", type=float, help="How much to change --image (default 0.8; 1.0 inpaint)."
+    "--strength",
+    type=float,
+    help="How much to change --image.  [default: diffusers' for the family: SD 0.8 and 1.0 "
+    "for inpainting, SDXL 0.3 and 0.9999]",
 )
 @click.option("--mask", help="Inpaint where this mask is white (any size).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.png")
@@ -184,8 +196,8 @@ def generate(
     artifact: Path,
     prompt: str,
     negative_prompt: str | None,
-    steps: int,
-    guidance: float,
+    steps: int | None,
+    guidance: float | None,
     seed: int,
     width: int | None,
     height: int | None,
@@ -233,13 +245,9 @@ def generate(
             )
         settings["progress"] = progress
         if mask is not None and init_image is not None:
-            images = pipeline.inpaint(
-                prompt, init_image, mask, strength=1.0 if strength is None else strength, **settings
-            )
+            images = pipeline.inpaint(prompt, init_image, mask, strength=strength, **settings)
         elif init_image is not None:
-            images = pipeline.image_to_image(
-                prompt, init_image, strength=0.8 if strength is None else strength, **settings
-            )
+            images = pipeline.image_to_image(prompt, init_image, strength=strength, **settings)
         else:
             images = pipeline.text_to_image(prompt, **settings)
     for image, path in zip(images, numbered_outputs(output, len(images)), strict=True):

@@ -23,15 +23,18 @@ RESOLUTION_DIMS = frozenset({"height", "width", "latent_height", "latent_width"}
 
 class Exporter(ABC):
     format: ClassVar[str]
-    backend: ClassVar[str]  # the backend that writes the format (its pip extra)
+    backend: ClassVar[str]  # the backend that writes the format
     weight_precisions: ClassVar[frozenset[str]]
     packages: ClassVar[tuple[str, ...]]  # import names needed to export
+    # The pip extra that installs them: building needs more than running (the backend's own
+    # extra) does.
+    extra: ClassVar[str] = "build"
 
     @classmethod
     def require(cls) -> None:
         for package in cls.packages:
             if importlib.util.find_spec(package) is None:
-                raise missing_backend(package, cls.backend)
+                raise missing_backend(package, cls.extra)
 
     def directory(self, spec: ComponentSpec, root: Path) -> Path:
         """Where this format keeps the component inside the artifact."""
@@ -43,6 +46,12 @@ class Exporter(ABC):
     ) -> Path:
         """Write the component under the artifact root; return the entry (file or directory) a
         runtime opens. `load_module()` gives its torch wrapper, loaded once on first call."""
+
+    def complete(self, root: Path) -> None:
+        """After every component and the family's configs are in `root`: what the format's
+        own consumers read besides the models (OpenVINO GenAI's tokenizer IRs). Most
+        formats need nothing more."""
+        return None
 
     def finish(self, spec: ComponentSpec, entry: Path, profile: Profile) -> Path:
         """After quantization of `entry`: compile what the runtime loads (a TensorRT engine);

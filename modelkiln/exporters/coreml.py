@@ -185,6 +185,7 @@ def convert(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
 class CoreMLExporter(Exporter):
     format = "coreml"
     backend = "coreml"
+    extra = "coreml-build"
     # The program computes in the precision it stores (compute_precision at conversion).
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16"})
     packages = ("torch", "coremltools")

@@ -199,6 +199,7 @@ def _strip_debug_metadata(model: Any) -> None:
 class OnnxExporter(Exporter):
     format = "onnx"
     backend = "onnxruntime"
+    extra = "onnx"
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16"})
     packages = ("torch", "onnx", "onnxscript", "onnx_ir")
 

@@ -77,6 +77,7 @@ def ir_from_onnx(onnx_path: Path, xml_path: Path, compress_to_fp16: bool) -> Non
 class OpenVINOExporter(Exporter):
     format = "openvino"
     backend = "openvino"
+    extra = "openvino-build"
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "fp16"})
     packages = ("torch", "openvino")
 
@@ -118,3 +119,34 @@ class OpenVINOExporter(Exporter):
         if spec.config_file is not None:
             (out_dir / "config.json").write_bytes(spec.config_file)
         return path
+
+    def complete(self, root: Path) -> None:
+        """OpenVINO GenAI reads tokenizers as IRs: every tokenizer folder of the artifact also
+        gets openvino_tokenizer.xml and openvino_detokenizer.xml (openvino-tokenizers)."""
+        folders = sorted(path.parent for path in root.glob("*/tokenizer_config.json"))
+        if not folders:
+            return
+        try:
+            from openvino_tokenizers import convert_tokenizer
+        except Exception as error:  # absent, or built for another OpenVINO release
+            logger.warning(
+                "no tokenizer IRs (%s): modelkiln runs this artifact, OpenVINO GenAI does not; "
+                "pip install 'modelkiln[openvino-build]' for both",
+                first_line(error),
+            )
+            return
+        import openvino as ov
+        from transformers import AutoTokenizer
+
+        for folder in folders:
+            captured = io.StringIO()
+            try:
+                with printing_into(captured):
+                    source = AutoTokenizer.from_pretrained(folder)
+                    tokenizer, detokenizer = convert_tokenizer(source, with_detokenizer=True)
+                    ov.save_model(tokenizer, str(folder / "openvino_tokenizer.xml"))
+                    ov.save_model(detokenizer, str(folder / "openvino_detokenizer.xml"))
+            except Exception as error:  # the converter raises many unrelated types
+                raise ExportError(
+                    f"converting {folder.name} for OpenVINO GenAI failed: {first_line(error)}"
+                ) from error

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 class TensorRTExporter(Exporter):
     format = "tensorrt"
     backend = "tensorrt"
+    extra = "tensorrt"
     # The ONNX source stays fp32; the compute precision picks the builder's flags.
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
     packages = ("torch", "onnx", "onnxscript", "onnx_ir", "tensorrt")

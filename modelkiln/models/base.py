@@ -91,6 +91,12 @@ class ModelFamily(ABC):
         return pipeline
 
     @classmethod
+    def export_spec(cls, spec: ComponentSpec, format: str) -> ComponentSpec:
+        """The component as `format`'s own consumers call it (e.g. OpenVINO GenAI); by
+        default as the family declares it."""
+        return spec
+
+    @classmethod
     def check_profile(cls, profile: Profile, origin: str) -> None:
         """The family's rules for a profile: its tasks, and real data of the kind it takes."""
         task = profile.model.task

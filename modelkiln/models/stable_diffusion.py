@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -64,6 +65,15 @@ class StableDiffusionFamily(ModelFamily):
             "-o image.png"
         ),
     }
+
+    @classmethod
+    def export_spec(cls, spec: ComponentSpec, format: str) -> ComponentSpec:
+        """OpenVINO GenAI (and optimum-intel) feed the UNet an int64 timestep of shape (1,):
+        an OpenVINO UNet takes that, so OpenVINO GenAI runs the artifact as it is."""
+        if format != "openvino" or spec.name != "unet":
+            return spec
+        timestep = TensorSpec("int64", (1,), value_range=TIMESTEPS)
+        return replace(spec, inputs={**spec.inputs, "timestep": timestep})
 
     @classmethod
     def matches(cls, source: ResolvedSource) -> bool:

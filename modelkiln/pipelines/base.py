@@ -217,11 +217,15 @@ def preprocessor_of(parts: PipelineParts) -> ImagePreprocessor:
 
 
 def run_padded(session: Session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a session; a static batch axis gets the feed in chunks, the last one zero-padded."""
+    """Run a session; a static batch axis gets the feed in chunks, the last one zero-padded.
+
+    The batch is the first axis of every input of rank 2 or more; a one-element vector (a UNet's
+    timestep, shape (1,)) is not batched.
+    """
     fixed = {
         name: spec.shape[0]
         for name, spec in session.input_specs.items()
-        if spec.shape and isinstance(spec.shape[0], int)
+        if len(spec.shape) >= 2 and isinstance(spec.shape[0], int)
     }
     if not fixed:
         return session.run(feeds)

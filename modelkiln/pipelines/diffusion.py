@@ -1,174 +1,52 @@
 """The sd and sdxl families' pipelines: text-to-image, image-to-image and inpainting for
-SD 1.x/2.x and SDXL on every backend.
+SD 1.x/2.x and SDXL on every backend, in numpy (modelkiln/diffusion/).
 
-The denoising loops are diffusers' own pipelines (StableDiffusion[XL][Img2Img|Inpaint]
-Pipeline), driven by thin stand-ins for the torch models that run our Sessions: the same
-prompt encoding, noise (a seeded torch.Generator: same seed, same pixels on every backend),
-schedulers, guidance and VAE handling as diffusers, with only the model calls swapped. This
-is how optimum's ORT/OV diffusion pipelines work too; what we add is one class over every
-runtime, validated inputs with one-line errors, and progress through a callback.
+They reproduce diffusers' StableDiffusion[XL][Img2Img|Inpaint]Pipeline: the same
+tokenization, prompt encoding, noise (a numpy copy of torch's CPU generator: the same seed
+gives diffusers' initial noise), schedulers, guidance, VAE scaling and defaults per family,
+without torch, diffusers or transformers. Safe to share between threads: each call has its
+own generator, scheduler and latents.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
-import torch
 
-from modelkiln.errors import InputError, UnsupportedError, did_you_mean
-from modelkiln.images import ImageInput, load_image
+from modelkiln.diffusion.denoise import (
+    Conditioning,
+    Inpainting,
+    Vae,
+    denoise,
+    start_timesteps,
+)
+from modelkiln.diffusion.images import image_to_pixels, mask_to_pixels, pixels_to_images
+from modelkiln.diffusion.noise import TorchGenerator
+from modelkiln.diffusion.request import Defaults, Request, check_latents, parse_request
+from modelkiln.diffusion.schedulers import Scheduler, scheduler_from_config
+from modelkiln.diffusion.tokenizer import ClipTokenizer
+from modelkiln.errors import ArtifactError, InputError, UnsupportedError
+from modelkiln.images import ImageInput
+from modelkiln.jsonfile import read_json_object
 from modelkiln.pipelines.base import PipelineParts, run_padded
 from modelkiln.pipelines.generation import ImageGenerator
-from modelkiln.profiles import MAX_IMAGES, MAX_PIXELS_PER_SIDE, MAX_STEPS
-from modelkiln.progress import NullProgress, Progress
-from modelkiln.quiet import quiet_libraries
+from modelkiln.profiles import MAX_PIXELS_PER_SIDE
 from modelkiln.runtimes.base import Session
-from modelkiln.runtimes.pool import Pool
 
 if TYPE_CHECKING:
     from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-# name -> (diffusers scheduler class, config overrides)
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
-StepCallback = Callable[[int, float, np.ndarray], None]
-# Generations that run at once on one pipeline (each holds its own tokenizers).
-TOKENIZER_SETS = 8
-# Bounds of one call: past them it runs for hours or exhausts memory rather than fail.
-MAX_GUIDANCE = 100.0
-
-
-class _SessionModule(torch.nn.Module):
-    """What diffusers' pipelines read from a model (config, dtype, device); forward runs a
-    Session. A torch Module, as diffusers looks among modules for the execution device."""
-
-    def __init__(self, session: Session, config: Mapping[str, Any]) -> None:
-        from diffusers.configuration_utils import FrozenDict
-
-        super().__init__()
-        self.session = session
-        self.config = FrozenDict(config)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    def run(self, **feeds: Any) -> dict[str, torch.Tensor]:
-        """torch or numpy in, torch out; static-batch exports get padded chunks."""
-        arrays = {
-            name: value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
-            for name, value in feeds.items()
-        }
-        outputs = run_padded(self.session, arrays)
-        return {name: torch.from_numpy(value) for name, value in outputs.items()}
-
-
-class _TextEncoder(_SessionModule):
-    def forward(self, input_ids: Any, attention_mask: Any = None, **unused: Any) -> Any:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-        from transformers.models.clip.modeling_clip import CLIPTextModelOutput
-
-        outputs = self.run(input_ids=input_ids.long())
-        hidden = (
-            tuple(
-                outputs[name]
-                for name in sorted(
-                    (n for n in outputs if n.startswith("hidden_states.")),
-                    key=lambda n: int(n.rsplit(".", 1)[1]),
-                )
-            )
-            or None
-        )
-        if "text_embeds" in outputs:
-            return CLIPTextModelOutput(
-                text_embeds=outputs["text_embeds"],
-                last_hidden_state=outputs["last_hidden_state"],
-                hidden_states=hidden,
-            )
-        return BaseModelOutputWithPooling(
-            last_hidden_state=outputs["last_hidden_state"],
-            pooler_output=outputs["pooler_output"],
-            hidden_states=hidden,
-        )
-
-
-class _UNet(_SessionModule):
-    def __init__(self, session: Session, config: Mapping[str, Any]) -> None:
-        super().__init__(session, config)
-        # SDXL checks the added-embedding width against this layer of the real UNet.
-        width = config.get("projection_class_embeddings_input_dim")
-        self.add_embedding = SimpleNamespace(linear_1=SimpleNamespace(in_features=width))
-
-    def forward(
-        self,
-        sample: Any,
-        timestep: Any,
-        encoder_hidden_states: Any,
-        added_cond_kwargs: Mapping[str, Any] | None = None,
-        return_dict: bool = True,
-        **unused: Any,
-    ) -> tuple[Any]:
-        step = torch.as_tensor(timestep).reshape(-1)[0]  # one step for the whole batch
-        feeds = {
-            "sample": sample,
-            "timestep": np.asarray(float(step), dtype=np.float32),
-            "encoder_hidden_states": encoder_hidden_states,
-        }
-        if added_cond_kwargs:
-            feeds["text_embeds"] = added_cond_kwargs["text_embeds"]
-            feeds["time_ids"] = added_cond_kwargs["time_ids"].float()
-        return (self.run(**feeds)["out_sample"],)
-
-
-class _Vae(_SessionModule):
-    """encode() through the vae_encoder session, decode() through the vae_decoder session."""
-
-    def __init__(self, session: Session, config: Mapping[str, Any]) -> None:
-        super().__init__(session, config)
-        self.encoder_session: Session | None = None
-
-    def encode(self, sample: Any, return_dict: bool = True) -> Any:
-        from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
-        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-
-        if self.encoder_session is None:
-            raise UnsupportedError("this artifact has no vae_encoder: rebuild it with one")
-        moments = run_padded(self.encoder_session, {"sample": sample.float().numpy()})
-        distribution = DiagonalGaussianDistribution(torch.from_numpy(moments["latent_parameters"]))
-        return AutoencoderKLOutput(latent_dist=distribution)
-
-    def forward(self, latent_sample: Any) -> tuple[Any]:
-        return self.decode(latent_sample)
-
-    def decode(self, latent_sample: Any, return_dict: bool = True, **unused: Any) -> tuple[Any]:
-        return (self.run(latent_sample=latent_sample)["sample"],)
-
 
 class SDPipeline(ImageGenerator):
     """SD 1.x/2.x: one class, three entry points (text_to_image, image_to_image, inpaint)."""
 
-    # diffusers' pipeline classes are this prefix + Pipeline / Img2ImgPipeline / InpaintPipeline
-    diffusers_prefix: ClassVar[str] = "StableDiffusion"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder",)
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     stages: ClassVar[Mapping[str, str]] = {
@@ -176,6 +54,11 @@ class SDPipeline(ImageGenerator):
         "vae_encoder": "vae_encode",
         "vae_decoder": "vae_decode",
     }
+    # diffusers' __call__ defaults for the family, per mode: the same call, the same image.
+    default_steps: ClassVar[int] = 50
+    default_guidance: ClassVar[Mapping[str, float]] = {"text": 7.5, "image": 7.5, "inpaint": 7.5}
+    default_image_strength: ClassVar[float] = 0.8
+    default_inpaint_strength: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -188,17 +71,14 @@ class SDPipeline(ImageGenerator):
         super().__init__(sessions, task)
         self.root = root
         self.model_info = dict(model_info)
-        self._text_encoders = [
-            _TextEncoder(sessions[name], configs[name]) for name in self.text_encoders
-        ]
-        self._unet = _UNet(sessions["unet"], configs["unet"])
-        self._vae = _Vae(sessions["vae_decoder"], configs["vae_decoder"])
-        self._vae.encoder_session = sessions.get("vae_encoder")
-        # A tokenizer keeps its padding and truncation settings between calls: one set per
-        # concurrent call.
-        self._tokenizer_sets = Pool(
-            lambda: [self._tokenizer(folder) for folder in self.tokenizers], size=TOKENIZER_SETS
-        )
+        if configs["unet"].get("time_cond_proj_dim") is not None:
+            raise UnsupportedError(
+                "this UNet is guidance-distilled (time_cond_proj_dim): modelkiln does not run "
+                "guidance embeddings yet"
+            )
+        self._tokenizers = [ClipTokenizer.from_folder(root / folder) for folder in self.tokenizers]
+        self._vae = self._make_vae(sessions, configs["vae_decoder"])
+        self._scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
 
     @classmethod
     def from_parts(cls, parts: PipelineParts) -> Self:
@@ -212,21 +92,23 @@ class SDPipeline(ImageGenerator):
                 "this artifact's UNet is an inpainting UNet (9 input channels): use inpaint "
                 "(kiln generate --image IMAGE --mask MASK)"
             )
-        return self._generate("text", prompt, settings)
+        return self._generate(self._request("text", prompt, settings))
 
     def image_to_image(
         self,
         prompt: str | Sequence[str],
         image: ImageInput,
         *,
-        strength: float = 0.8,
+        strength: float | None = None,
         **settings: Any,
     ) -> list[Image.Image]:
         if self.inpainting_only:
             raise UnsupportedError(
                 "this artifact's UNet is an inpainting UNet (9 input channels): use inpaint"
             )
-        return self._generate("image", prompt, {**settings, "image": image, "strength": strength})
+        strength = self.default_image_strength if strength is None else strength
+        request = self._request("image", prompt, {**settings, "image": image, "strength": strength})
+        return self._generate(request)
 
     def inpaint(
         self,
@@ -234,13 +116,13 @@ class SDPipeline(ImageGenerator):
         image: ImageInput,
         mask: ImageInput,
         *,
-        strength: float = 1.0,
+        strength: float | None = None,
         **settings: Any,
     ) -> list[Image.Image]:
         """Repaint where the mask is white; a 4-channel UNet blends the kept latents per step."""
-        return self._generate(
-            "inpaint", prompt, {**settings, "image": image, "mask": mask, "strength": strength}
-        )
+        strength = self.default_inpaint_strength if strength is None else strength
+        settings = {**settings, "image": image, "mask": mask, "strength": strength}
+        return self._generate(self._request("inpaint", prompt, settings))
 
     @property
     def inpainting_only(self) -> bool:
@@ -252,9 +134,7 @@ class SDPipeline(ImageGenerator):
         image = super().exercise(prompt, seed=seed, steps=steps)
         encoder = self.sessions.get("vae_encoder")
         if encoder is not None:
-            pixels = np.asarray(image, np.float32).transpose(2, 0, 1)[None] / 127.5 - 1.0
-            (input_name,) = encoder.input_specs
-            run_padded(encoder, {input_name: pixels})
+            run_padded(encoder, {"sample": image_to_pixels(image, image.height, image.width)})
         return image
 
     @property
@@ -262,119 +142,145 @@ class SDPipeline(ImageGenerator):
         """The (height, width) the artifact was built for."""
         return int(self.model_info["height"]), int(self.model_info["width"])
 
-    # --- shared ------------------------------------------------------------------------------
+    # --- one generation ----------------------------------------------------------------------
 
-    def _generate(
-        self, mode: str, prompt: str | Sequence[str], settings: Mapping[str, Any]
-    ) -> list[Image.Image]:
-        options = dict(settings)
-        steps = int(options.pop("steps", 25))
-        guidance = float(options.pop("guidance", 7.5))
-        seed = int(options.pop("seed", 0))
-        num_images = int(options.pop("num_images", 1))
-        height, width = self._check_size(options.pop("height", None), options.pop("width", None))
-        negative = options.pop("negative_prompt", None)
-        negatives = None
-        scheduler_name = options.pop("scheduler", None)
-        callback: StepCallback | None = options.pop("callback", None)
-        progress: Progress = options.pop("progress", None) or NullProgress()
-        prompts = _check_prompt(prompt, "prompt")
-        if negative is not None:
-            negatives = _check_prompt(negative, "negative_prompt", allow_empty=True)
-            if len(negatives) != len(prompts):
-                raise InputError(
-                    f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one "
-                    "per prompt"
-                )
-        if not 1 <= steps <= MAX_STEPS:
-            raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
-        if not 1 <= num_images <= MAX_IMAGES:
-            raise InputError(f"num_images must be in 1..{MAX_IMAGES} per prompt, got {num_images}")
-        if not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails this too
-            raise InputError(f"guidance must be a number in 0..{MAX_GUIDANCE}, got {guidance}")
-        call: dict[str, Any] = {
-            "prompt": prompts,
-            "negative_prompt": negatives,
-            "num_inference_steps": steps,
-            "guidance_scale": guidance,
-            "num_images_per_prompt": num_images,
-            "generator": torch.Generator().manual_seed(seed),
-            "height": height,
-            "width": width,
-            "output_type": "pil",
-        }
-        if mode in ("image", "inpaint"):
-            strength = float(options.pop("strength"))
-            if not 0.0 < strength <= 1.0:
-                raise InputError(f"strength must be in (0, 1], got {strength}")
-            call["strength"] = strength
-            call["image"] = load_image(options.pop("image")).resize((width, height))
-        if mode == "inpaint":
-            # Any size: diffusers' mask processor resizes it to the image and binarises it.
-            call["mask_image"] = load_image(options.pop("mask")).convert("L")
-        if options:
-            raise TypeError(f"unknown generation setting(s): {', '.join(sorted(options))}")
-        with self._tokenizer_sets.borrow() as tokenizers:
-            self._warn_if_truncated(tokenizers[0], prompts)
-            # A pipeline (and its scheduler, which keeps the steps' state) per call.
-            pipeline = self._diffusers_pipeline(mode, scheduler_name, tokenizers)
-            with progress.task(f"denoising ({mode}, {steps} steps)") as advance:
-
-                def on_step(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
-                    advance(1)
-                    if callback is not None:
-                        callback(index, float(timestep), tensors["latents"].numpy())
-                    return tensors
-
-                with torch.inference_mode(), quiet_libraries():
-                    result = pipeline(**call, callback_on_step_end=on_step)
-        return list(result.images)
-
-    def _diffusers_pipeline(
-        self, mode: str, scheduler_name: str | None, tokenizers: list[Any]
-    ) -> Any:
-        import diffusers
-
-        suffix = {"text": "Pipeline", "image": "Img2ImgPipeline", "inpaint": "InpaintPipeline"}
-        pipeline_class = getattr(diffusers, self.diffusers_prefix + suffix[mode])
-        components: dict[str, Any] = {
-            "vae": self._vae,
-            "unet": self._unet,
-            "scheduler": self._scheduler(scheduler_name),
-            **self._family_components(mode),
-        }
-        for index, (encoder, tokenizer) in enumerate(
-            zip(self._text_encoders, tokenizers, strict=True)
-        ):
-            suffix_name = f"_{index + 1}" if index else ""
-            components[f"text_encoder{suffix_name}"] = encoder
-            components[f"tokenizer{suffix_name}"] = tokenizer
-        with quiet_libraries():
-            pipeline = pipeline_class(**components)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def _family_components(self, mode: str) -> dict[str, Any]:
-        """What the family's diffusers pipeline takes besides models and tokenizers."""
-        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-
-    def _scheduler(self, name: str | None) -> Any:
-        import diffusers
-
-        config = json.loads(
-            (self.root / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8")
-        )
-        if name is None:
-            with quiet_libraries():
-                return getattr(diffusers, config["_class_name"]).from_config(config)
-        if name not in SCHEDULERS:
+    def _generate(self, request: Request) -> list[Image.Image]:
+        generator = TorchGenerator(request.seed)
+        scheduler = self._scheduler(request.scheduler)
+        for prompt in request.prompts:
+            self._warn_if_truncated(prompt)
+        conditioning = self._conditioning(request)
+        strength = 1.0 if request.mode == "text" else request.strength
+        timesteps = start_timesteps(scheduler, request.steps, strength)
+        if len(timesteps) == 0:
             raise InputError(
-                f"unknown scheduler '{name}'{did_you_mean(name, SCHEDULERS)}; "
-                f"available: {', '.join(SCHEDULERS)}"
+                f"strength {request.strength} with {request.steps} steps leaves no step to run; "
+                "raise the strength or the steps"
             )
-        class_name, overrides = SCHEDULERS[name]
-        with quiet_libraries():
-            return getattr(diffusers, class_name).from_config(config, **overrides)
+        latents, inpainting = self._start(request, scheduler, timesteps, generator)
+        description = f"denoising ({request.mode}, {len(timesteps)} steps)"
+        with request.progress.task(description, total=len(timesteps)) as advance:
+
+            def on_step(index: int, timestep: float, current: np.ndarray) -> None:
+                advance(1)
+                if request.callback is not None:
+                    request.callback(index, timestep, current)
+
+            latents = denoise(
+                self.sessions["unet"],
+                scheduler,
+                latents,
+                timesteps,
+                conditioning,
+                request.guidance,
+                generator,
+                inpainting=inpainting,
+                on_step=on_step,
+            )
+        return pixels_to_images(self._vae.decode(latents))
+
+    def _start(
+        self,
+        request: Request,
+        scheduler: Scheduler,
+        timesteps: np.ndarray,
+        generator: TorchGenerator,
+    ) -> tuple[np.ndarray, Inpainting | None]:
+        """The starting latents (and the inpainting state), drawing noise in diffusers' order."""
+        shape = self._latent_shape(request)
+        if request.mode == "text":
+            noise = request.latents if request.latents is not None else generator.randn(shape)
+            return (noise * scheduler.init_noise_sigma).astype(np.float32), None
+        assert request.image is not None
+        pixels = image_to_pixels(request.image, request.height, request.width)
+        first = np.repeat(timesteps[:1], request.batch)
+        if request.mode == "image":
+            image_latents = self._batched(self._vae.encode(pixels, generator), request.batch)
+            noise = generator.randn(shape)
+            return scheduler.add_noise(image_latents, noise, first), None
+        return self._start_inpainting(request, scheduler, pixels, first, generator)
+
+    def _start_inpainting(
+        self,
+        request: Request,
+        scheduler: Scheduler,
+        pixels: np.ndarray,
+        first: np.ndarray,
+        generator: TorchGenerator,
+    ) -> tuple[np.ndarray, Inpainting]:
+        assert request.mask is not None
+        full_strength = request.strength == 1.0
+        image_latents = None
+        if not self.inpainting_only or (request.latents is None and not full_strength):
+            image_latents = self._batched(self._vae.encode(pixels, generator), request.batch)
+        if request.latents is not None:
+            noise = request.latents
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            noise = generator.randn(self._latent_shape(request))
+            if full_strength:
+                latents = noise * scheduler.init_noise_sigma
+            else:
+                assert image_latents is not None
+                latents = scheduler.add_noise(image_latents, noise, first)
+        mask = mask_to_pixels(request.mask, request.height, request.width)
+        masked = self._vae.encode(pixels * (mask < 0.5), generator)
+        step = self._vae.pixels_per_latent
+        inpainting = Inpainting(
+            mask=self._batched(mask[:, :, ::step, ::step], request.batch),  # torch's "nearest"
+            masked_image_latents=self._batched(masked, request.batch),
+            image_latents=None if self.inpainting_only else image_latents,
+            noise=noise,
+        )
+        return latents.astype(np.float32), inpainting
+
+    def _latent_shape(self, request: Request) -> tuple[int, int, int, int]:
+        step = self._vae.pixels_per_latent
+        channels = self._vae.latent_channels
+        return (request.batch, channels, request.height // step, request.width // step)
+
+    @staticmethod
+    def _batched(array: np.ndarray, batch: int) -> np.ndarray:
+        return np.concatenate([array] * (batch // array.shape[0]))
+
+    # --- what differs between families -------------------------------------------------------
+
+    def _conditioning(self, request: Request) -> Conditioning:
+        """SD: the text encoder's last hidden state; the negative prompts' first when guided."""
+        positive = self._encode(self._tokenizers[0], "text_encoder", request.prompts)
+        positive = np.repeat(positive, request.num_images, axis=0)
+        if request.guidance <= 1.0:
+            return Conditioning(positive)
+        negatives = request.negatives or [""] * len(request.prompts)
+        negative = self._encode(self._tokenizers[0], "text_encoder", negatives)
+        negative = np.repeat(negative, request.num_images, axis=0)
+        return Conditioning(np.concatenate([negative, positive]))
+
+    def _encode(self, tokenizer: ClipTokenizer, encoder: str, prompts: list[str]) -> np.ndarray:
+        outputs = run_padded(self.sessions[encoder], {"input_ids": tokenizer(prompts)})
+        return outputs["last_hidden_state"]
+
+    def _make_vae(self, sessions: Mapping[str, Session], config: Mapping[str, Any]) -> Vae:
+        return Vae(
+            decoder=sessions["vae_decoder"],
+            encoder=sessions.get("vae_encoder"),
+            scaling_factor=float(config.get("scaling_factor", 0.18215)),
+            # diffusers' vae_scale_factor: the decoder upsamples once per block but the last.
+            pixels_per_latent=2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1),
+            latent_channels=int(config.get("latent_channels", 4)),
+        )
+
+    # --- settings ----------------------------------------------------------------------------
+
+    def _request(self, mode: str, prompt: Any, settings: Mapping[str, Any]) -> Request:
+        defaults = Defaults(self.default_steps, self.default_guidance)
+        request = parse_request(mode, prompt, settings, defaults, self._check_size)
+        if request.latents is not None:
+            check_latents(request, self._latent_shape(request))
+        return request
+
+    def _scheduler(self, name: str | None) -> Scheduler:
+        return scheduler_from_config(self._scheduler_config, name)
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         built_height, built_width = self.size
@@ -393,53 +299,103 @@ class SDPipeline(ImageGenerator):
             )
         return height, width
 
-    def _tokenizer(self, folder: str) -> Any:
-        from transformers import CLIPTokenizer
-
-        return CLIPTokenizer.from_pretrained(self.root / folder)
-
-    def _warn_if_truncated(self, tokenizer: Any, prompts: list[str]) -> None:
-        limit = tokenizer.model_max_length
-        for text in prompts:
-            with quiet_libraries():
-                count = len(tokenizer(text, truncation=False)["input_ids"])
-            if count > limit:
-                logger.warning(
-                    "prompt is %d tokens; the text encoder reads the first %d: %r...",
-                    count,
-                    limit,
-                    text[:60],
-                )
+    def _warn_if_truncated(self, prompt: str) -> None:
+        tokenizer = self._tokenizers[0]
+        count = tokenizer.count(prompt)
+        if count > tokenizer.model_max_length:
+            logger.warning(
+                "prompt is %d tokens; the text encoder reads the first %d: %r...",
+                count,
+                tokenizer.model_max_length,
+                prompt[:60],
+            )
 
 
 class SDXLPipeline(SDPipeline):
-    """SDXL: two text encoders and the added size / aesthetics conditioning."""
+    """SDXL: two text encoders (the penultimate hidden states, side by side), the second's
+    pooled embedding, and the size (or aesthetic score) ids the UNet is conditioned on."""
 
-    diffusers_prefix: ClassVar[str] = "StableDiffusionXL"
     text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+    # (diffusers' SDXL inpainting pipeline alone keeps SD's 7.5)
+    default_guidance: ClassVar[Mapping[str, float]] = {"text": 5.0, "image": 5.0, "inpaint": 7.5}
+    default_image_strength: ClassVar[float] = 0.3
+    default_inpaint_strength: ClassVar[float] = 0.9999
+    aesthetic_score: ClassVar[float] = 6.0
+    negative_aesthetic_score: ClassVar[float] = 2.5
 
-    def _family_components(self, mode: str) -> dict[str, Any]:
-        components: dict[str, Any] = {
-            "force_zeros_for_empty_prompt": bool(
-                self.model_info.get("force_zeros_for_empty_prompt", True)
-            ),
-            "add_watermarker": False,
-        }
-        if mode != "text":
-            components["requires_aesthetics_score"] = bool(
-                self.model_info.get("requires_aesthetics_score", False)
+    def _conditioning(self, request: Request) -> Conditioning:
+        hidden, pooled = self._encode_both(request.prompts)
+        time_ids, negative_time_ids = self._time_ids(request)
+        repeat = request.num_images
+        hidden, pooled = np.repeat(hidden, repeat, axis=0), np.repeat(pooled, repeat, axis=0)
+        batch = request.batch
+        if request.guidance <= 1.0:
+            return Conditioning(
+                hidden, {"text_embeds": pooled, "time_ids": np.repeat(time_ids, batch, axis=0)}
             )
-        return components
+        if request.negatives is None and self.model_info.get("force_zeros_for_empty_prompt", True):
+            negative_hidden, negative_pooled = np.zeros_like(hidden), np.zeros_like(pooled)
+        else:
+            negatives = request.negatives or [""] * len(request.prompts)
+            negative_hidden, negative_pooled = self._encode_both(negatives)
+            negative_hidden = np.repeat(negative_hidden, repeat, axis=0)
+            negative_pooled = np.repeat(negative_pooled, repeat, axis=0)
+        time_ids, negative_time_ids = (
+            np.repeat(time_ids, batch, axis=0),
+            np.repeat(negative_time_ids, batch, axis=0),
+        )
+        return Conditioning(
+            np.concatenate([negative_hidden, hidden]),
+            {
+                "text_embeds": np.concatenate([negative_pooled, pooled]),
+                "time_ids": np.concatenate([negative_time_ids, time_ids]),
+            },
+        )
+
+    def _encode_both(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Both encoders' penultimate hidden states side by side, and the pooled embedding of
+        the encoder that has one (diffusers: the first whose first output is 2-D)."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self._tokenizers, self.text_encoders, strict=True):
+            outputs = run_padded(self.sessions[encoder], {"input_ids": tokenizer(prompts)})
+            states = sorted(
+                (name for name in outputs if name.startswith("hidden_states.")),
+                key=lambda name: int(name.rsplit(".", 1)[1]),
+            )
+            hidden.append(outputs[states[-2]])
+            if pooled is None and "text_embeds" in outputs:
+                pooled = outputs["text_embeds"]
+        if pooled is None:
+            raise UnsupportedError("this SDXL artifact's text encoders export no text_embeds")
+        return np.concatenate(hidden, axis=-1), pooled
+
+    def _time_ids(self, request: Request) -> tuple[np.ndarray, np.ndarray]:
+        size = (request.height, request.width)
+        positive: tuple[float, ...] = (*size, 0, 0, *size)
+        negative = positive
+        if request.mode != "text" and self.model_info.get("requires_aesthetics_score"):
+            positive = (*size, 0, 0, self.aesthetic_score)
+            negative = (*size, 0, 0, self.negative_aesthetic_score)
+        return (
+            np.asarray([positive], dtype=np.float32),
+            np.asarray([negative], dtype=np.float32),
+        )
+
+    def _make_vae(self, sessions: Mapping[str, Session], config: Mapping[str, Any]) -> Vae:
+        vae = super()._make_vae(sessions, config)
+        mean, std = config.get("latents_mean"), config.get("latents_std")
+        if mean is None or std is None:
+            return vae
+        return replace(
+            vae,
+            latents_mean=np.asarray(mean, dtype=np.float32).reshape(1, -1, 1, 1),
+            latents_std=np.asarray(std, dtype=np.float32).reshape(1, -1, 1, 1),
+        )
 
 
-def _check_prompt(prompt: Any, name: str, *, allow_empty: bool = False) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list | tuple) or not prompts:
-        raise InputError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
-    for item in prompts:
-        if not isinstance(item, str):
-            raise InputError(f"{name} must be text, got {type(item).__name__} {item!r}")
-        if not allow_empty and not item.strip():
-            raise InputError(f"{name} is empty; describe the image to generate")
-    return list(prompts)
+def _read_json(path: Path) -> dict[str, Any]:
+    return read_json_object(path, ArtifactError, fix="; rebuild the artifact")
+
+
+__all__ = ["SDPipeline", "SDXLPipeline"]

@@ -40,10 +40,10 @@ class ImageGenerator(Pipeline):
         prompt: str | Sequence[str],
         image: ImageInput,
         *,
-        strength: float = 0.8,
+        strength: float | None = None,
         **settings: Any,
     ) -> list[Image.Image]:
-        """`image` changed towards the prompts, by `strength`."""
+        """`image` changed towards the prompts, by `strength` (default: the family's)."""
 
     @abstractmethod
     def inpaint(
@@ -52,10 +52,10 @@ class ImageGenerator(Pipeline):
         image: ImageInput,
         mask: ImageInput,
         *,
-        strength: float = 1.0,
+        strength: float | None = None,
         **settings: Any,
     ) -> list[Image.Image]:
-        """`image` repainted where `mask` is white."""
+        """`image` repainted where `mask` is white (strength: default the family's)."""
 
     @property
     @abstractmethod

@@ -56,8 +56,25 @@ def generate(pipeline: Any, mode: str, **settings: Any) -> Image.Image:
     return pipeline.inpaint(PROMPT, image, mask, **extra)[0]
 
 
-def diffusers_reference(source: Path, mode: str) -> Image.Image:
-    """diffusers' own pipeline on the source model, same seed and settings."""
+# kiln's scheduler names -> (diffusers class, config overrides): the same list the runtime has.
+DIFFUSERS_SCHEDULERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+def diffusers_reference(
+    source: Path, mode: str, scheduler: str | None = None, **arguments: Any
+) -> Image.Image:
+    """diffusers' own pipeline on the source model: the same seed, steps, size, image and
+    strength as generate(); guidance and everything else at diffusers' defaults, as ours."""
     import diffusers
     import torch
 
@@ -66,19 +83,23 @@ def diffusers_reference(source: Path, mode: str) -> Image.Image:
     suffix = {"text": "Pipeline", "image": "Img2ImgPipeline", "inpaint": "InpaintPipeline"}[mode]
     pipeline = getattr(diffusers, prefix + suffix).from_pretrained(source)
     pipeline.set_progress_bar_config(disable=True)
-    arguments: dict[str, Any] = {
+    if scheduler is not None:
+        class_name, overrides = DIFFUSERS_SCHEDULERS[scheduler]
+        scheduler_class = getattr(diffusers, class_name)
+        pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **overrides)
+    call: dict[str, Any] = {
         "num_inference_steps": STEPS,
-        "guidance_scale": 7.5,
         "generator": torch.Generator().manual_seed(0),
         "height": SIZE,
         "width": SIZE,
+        **arguments,
     }
     if mode in ("image", "inpaint"):
-        arguments["image"] = modes()[mode]["image"]
-        arguments["strength"] = modes()[mode]["strength"]
+        call["image"] = modes()[mode]["image"]
+        call["strength"] = modes()[mode]["strength"]
     if mode == "inpaint":
-        arguments["mask_image"] = half_mask()
-    return pipeline(PROMPT, **arguments).images[0]
+        call["mask_image"] = half_mask()
+    return pipeline(PROMPT, **call).images[0]
 
 
 def optimum_layout(artifact: Path, model_file: str, xl: bool) -> set[str]:

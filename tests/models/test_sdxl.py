@@ -12,7 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from diffusion_checks import SIZE, diffusers_reference, generate, optimum_layout, psnr
+from diffusion_checks import (
+    DIFFUSERS_SCHEDULERS,
+    SIZE,
+    diffusers_reference,
+    generate,
+    optimum_layout,
+    psnr,
+)
 
 from modelkiln import load, open_artifact
 
@@ -118,6 +125,17 @@ def test_bf16_profile_keeps_the_vae_decoder_in_fp32(built: Callable[..., Path]) 
 
     assert "f16" not in weight_types("vae_decoder")
     assert "f16" in weight_types("unet")
+
+
+@pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
+def test_every_scheduler_reproduces_diffusers(
+    scheduler: str, built: Callable[..., Path], source_dir: Callable[[str], Path]
+) -> None:
+    # 4 steps: SDXL's config has no skip_prk_steps, and PNDM's Runge-Kutta start needs 4.
+    with load(built("sdxl", "sdxl-torch-fp32")) as pipeline:
+        ours = generate(pipeline, "text", scheduler=scheduler, steps=4)
+    expected = diffusers_reference(source_dir("sdxl"), "text", scheduler, num_inference_steps=4)
+    assert psnr(ours, expected) >= 40
 
 
 def test_nine_channel_inpainting_unet_reproduces_diffusers(

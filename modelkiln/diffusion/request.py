@@ -1,0 +1,142 @@
+"""One generation call's settings, checked where they enter: prompts, counts, sizes, guidance,
+strength, images; the family's defaults fill what the caller left out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from modelkiln.diffusion.denoise import StepCallback
+from modelkiln.errors import InputError
+from modelkiln.images import load_image
+from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
+from modelkiln.progress import NullProgress, Progress
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Bounds of one call: past them it runs for hours or exhausts memory rather than fail.
+MAX_GUIDANCE = 100.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call's validated settings."""
+
+    mode: str  # text, image, inpaint
+    prompts: list[str]
+    negatives: list[str] | None
+    steps: int
+    guidance: float
+    seed: int
+    num_images: int
+    height: int
+    width: int
+    strength: float
+    scheduler: str | None
+    image: Image.Image | None
+    mask: Image.Image | None
+    latents: np.ndarray | None
+    callback: StepCallback | None
+    progress: Progress
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """A family's defaults for what a call leaves out (diffusers' __call__ defaults)."""
+
+    steps: int
+    guidance: Mapping[str, float]  # per mode: text, image, inpaint
+
+
+def parse_request(
+    mode: str,
+    prompt: Any,
+    settings: Mapping[str, Any],
+    defaults: Defaults,
+    check_size: Callable[[int | None, int | None], tuple[int, int]],
+) -> Request:
+    """A call's settings checked, with the family's defaults; TypeError on an unknown one."""
+    options = dict(settings)
+    steps_value = options.pop("steps", None)
+    steps = int(defaults.steps if steps_value is None else steps_value)
+    guidance_value = options.pop("guidance", None)
+    guidance = float(defaults.guidance[mode] if guidance_value is None else guidance_value)
+    num_images = int(options.pop("num_images", 1))
+    height, width = check_size(options.pop("height", None), options.pop("width", None))
+    prompts = check_prompt(prompt, "prompt")
+    negative = options.pop("negative_prompt", None)
+    negatives = None
+    if negative is not None:
+        negatives = check_prompt(negative, "negative_prompt", allow_empty=True)
+        if len(negatives) != len(prompts):
+            raise InputError(
+                f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one "
+                "per prompt"
+            )
+    if not 1 <= steps <= MAX_STEPS:
+        raise InputError(f"steps must be in 1..{MAX_STEPS}, got {steps}")
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise InputError(f"num_images must be in 1..{MAX_IMAGES} per prompt, got {num_images}")
+    if not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails this too
+        raise InputError(f"guidance must be a number in 0..{MAX_GUIDANCE}, got {guidance}")
+    strength = float(options.pop("strength", 1.0))
+    if not 0.0 < strength <= 1.0:  # NaN fails this too
+        raise InputError(f"strength must be in (0, 1], got {strength}")
+    image = options.pop("image", None)
+    mask = options.pop("mask", None)
+    request = Request(
+        mode=mode,
+        prompts=prompts,
+        negatives=negatives,
+        steps=steps,
+        guidance=guidance,
+        seed=int(options.pop("seed", 0)),
+        num_images=num_images,
+        height=height,
+        width=width,
+        strength=strength,
+        scheduler=options.pop("scheduler", None),
+        image=None if image is None else load_image(image),
+        mask=None if mask is None else load_image(mask),
+        latents=options.pop("latents", None),
+        callback=options.pop("callback", None),
+        progress=options.pop("progress", None) or NullProgress(),
+    )
+    if options:
+        raise TypeError(f"unknown generation setting(s): {', '.join(sorted(options))}")
+    return request
+
+
+def check_prompt(prompt: Any, name: str, *, allow_empty: bool = False) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list | tuple) or not prompts:
+        raise InputError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    for item in prompts:
+        if not isinstance(item, str):
+            raise InputError(f"{name} must be text, got {type(item).__name__} {item!r}")
+        if not allow_empty and not item.strip():
+            raise InputError(f"{name} is empty; describe the image to generate")
+    return list(prompts)
+
+
+def check_latents(request: Request, expected: tuple[int, ...]) -> None:
+    if request.mode == "image":
+        raise InputError("latents= applies to text_to_image and inpaint, not image_to_image")
+    latents = request.latents
+    if not isinstance(latents, np.ndarray) or latents.shape != expected:
+        shape = getattr(latents, "shape", type(latents).__name__)
+        raise InputError(
+            f"latents must be a float32 array of shape {expected} (prompts × images, latent "
+            f"channels, latent height, latent width), got {shape}"
+        )
+
+
+__all__ = ["MAX_GUIDANCE", "Defaults", "Request", "check_latents", "check_prompt", "parse_request"]
