@@ -881,3 +881,27 @@ def test_generate_says_once_that_a_long_prompt_was_truncated(
     warnings = [line for line in outcome.err_lines if "the text encoder reads the first 77" in line]
     assert len(warnings) == 1, outcome.err
     assert warnings[0].count("WARNING") == 1 and "modelkiln." not in warnings[0]
+
+
+def test_progress_counts_steps_with_an_eta_and_leaves_spinners_uncounted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Denoising shows "12/50" and the time left; a task without a count shows neither."""
+    import io
+
+    from rich.console import Console
+
+    from modelkiln.cli import console
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(console, "err", Console(file=buffer, force_terminal=True, width=120))
+    with console.progress_display() as progress:
+        with progress.task("denoising (text, 5 steps)", total=5) as advance:
+            for _ in range(5):
+                advance(1)
+        with progress.task("loading"):
+            pass
+    final = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buffer.getvalue()).splitlines()[-2:]
+    denoising, loading = (line for line in final if "denoising" in line or "loading" in line)
+    assert re.search(r"5/5 .*0:00:0\d .*0:00:00", denoising), denoising
+    assert "/" not in loading.split("loading")[1], loading

@@ -11,7 +11,16 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    ProgressColumn,
+    SpinnerColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.progress import Progress as RichProgressBar
 from rich.text import Text
 
@@ -46,6 +55,17 @@ def cells(*values: str | Text) -> list[Text]:
     return [value if isinstance(value, Text) else Text(value) for value in values]
 
 
+class _Counted(ProgressColumn):
+    """A column shown for tasks that count steps; spinner tasks leave it blank."""
+
+    def __init__(self, column: ProgressColumn) -> None:
+        super().__init__()
+        self.column = column
+
+    def render(self, task: Task) -> Any:
+        return self.column.render(task) if task.fields.get("counted") else Text("")
+
+
 class RichProgress:
     """The library's Progress protocol on a rich progress display (stderr)."""
 
@@ -54,7 +74,7 @@ class RichProgress:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Any]:
-        task_id = self.display.add_task(description, total=total)
+        task_id = self.display.add_task(description, total=total, counted=total is not None)
         try:
             yield lambda n=1: self.display.advance(task_id, n)
         except BaseException:
@@ -85,7 +105,9 @@ def progress_display() -> Iterator[RichProgress | LineProgress]:
         SpinnerColumn(finished_text="[green]✓[/]"),
         TextColumn("{task.description}"),
         BarColumn(),
+        _Counted(MofNCompleteColumn()),  # "12/50" denoising steps
         TimeElapsedColumn(),
+        _Counted(TimeRemainingColumn()),  # and their ETA
         console=err,
         transient=False,
     )

@@ -195,6 +195,20 @@ def test_same_seed_same_pixels(built: Callable[..., Path]) -> None:
         assert psnr(first, generate(pipeline, "text", seed=6)) < 30
 
 
+def test_latents_are_the_seeds_noise_as_in_diffusers(built: Callable[..., Path]) -> None:
+    """latents= is the starting noise: the seed's own noise gives the seed's image."""
+    from modelkiln.diffusion.noise import TorchGenerator
+
+    with load(built("sd", "sd-torch-fp32")) as pipeline:
+        noise = TorchGenerator(5).randn((1, 4, SIZE // 2, SIZE // 2))  # the tiny VAE halves once
+        given = generate(pipeline, "text", seed=0, latents=noise)
+        assert psnr(given, generate(pipeline, "text", seed=5)) == float("inf")
+        with pytest.raises(
+            InputError, match=r"latents must be a float32 array of shape \(1, 4, 16"
+        ):
+            generate(pipeline, "text", latents=np.zeros((1, 4, 8, 8), np.float32))
+
+
 @pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
 @pytest.mark.parametrize(("source", "mode"), [("sd", "text"), ("sd-v", "image"), ("sd", "inpaint")])
 def test_every_scheduler_reproduces_diffusers(
