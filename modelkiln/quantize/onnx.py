@@ -84,6 +84,53 @@ def four_bit_blocks(config: Int4Weights | NF4Weights, context: ProfileContext) -
         )
 
 
+def _attention_with_bias(entry: Path) -> list[str]:
+    """Fused Attentions whose attention_bias masks something (CLIP's causal mask): QAttention
+    has no such input and onnxruntime's quantizer drops it (a CLIP text encoder's cosine fell
+    to 0), so they stay fp32. ViT's bias, the exporter's all-zero mask, may go."""
+    import onnx
+
+    graph = onnx.load(str(entry), load_external_data=False).graph
+    return [
+        node.name
+        for node in graph.node
+        if node.op_type == "Attention"
+        and len(node.input) > 5
+        and node.input[5]
+        and not _is_zero_bias(graph, node.input[5], entry.parent)
+    ]
+
+
+def _is_zero_bias(graph: Any, name: str, folder: Path) -> bool:
+    """Where(all-true mask, 0, -inf), the mask expanded from a constant: what torch's SDPA
+    export makes of "no mask". Anything else may mask (conservatively: it does)."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    producers = {output: node for node in graph.node for output in node.output}
+    constants = {init.name: init for init in graph.initializer}
+
+    def constant(value: str) -> Any:
+        if value in constants:
+            tensor = constants[value]
+            if uses_external_data(tensor):  # read this one tensor, not the model's weights
+                load_external_data_for_tensor(tensor, str(folder))
+            return numpy_helper.to_array(tensor)
+        node = producers.get(value)
+        if node is not None and node.op_type == "Constant" and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+    where = producers.get(name)
+    if where is None or where.op_type != "Where":
+        return False
+    condition = where.input[0]
+    while (node := producers.get(condition)) is not None and node.op_type == "Expand":
+        condition = node.input[0]
+    mask, kept = constant(condition), constant(where.input[1])
+    return mask is not None and kept is not None and bool(mask.all()) and not kept.any()
+
+
 @handles(Int8Dynamic, "onnx", check=from_fp32)
 def int8_dynamic(
     entry: Path, settings: Int8Dynamic, calibration: Calibration = ()
@@ -102,6 +149,7 @@ def int8_dynamic(
             weight_type=QuantType.QInt8,
             per_channel=settings.per_channel,
             use_external_data_format=data.is_file(),
+            nodes_to_exclude=_attention_with_bias(entry),
         )
         model = onnx.load(str(output))
         save_model(model, entry, scratch)
