@@ -1,8 +1,5 @@
-"""Tiny models built from configs with random weights, saved the way the hub serves them.
-
-Shared by the tests, the demo and the benchmarks: the export, runtime and pipeline code paths
-are the same as for full-size models, without any download.
-"""
+"""Tiny SD and SDXL pipelines (and an SD-1.5-sized one for benchmarks) with random weights,
+saved in the diffusers layout, with a tiny CLIP tokenizer."""
 
 from __future__ import annotations
 
@@ -10,75 +7,6 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any
-
-TINY_IMAGE_SIZE = 32
-TINY_NUM_LABELS = 10
-
-
-def tiny_hf_vit(
-    directory: str | Path,
-    *,
-    classifier: bool = True,
-    num_labels: int = TINY_NUM_LABELS,
-    image_size: int = TINY_IMAGE_SIZE,
-    hidden_size: int = 32,
-    seed: int = 0,
-) -> Path:
-    """A 2-block ViT (hidden 32 unless asked) as a transformers model directory with its
-    image processor. hidden_size=64 puts every linear weight over coremltools' default
-    compression threshold (2048 elements)."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor, ViTModel
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    settings: dict[str, Any] = dict(
-        image_size=image_size,
-        patch_size=8,
-        hidden_size=hidden_size,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden_size,
-        num_labels=num_labels,
-        id2label={i: f"class_{i}" for i in range(num_labels)},
-        label2id={f"class_{i}": i for i in range(num_labels)},
-    )
-    config = ViTConfig(**settings)
-    model = ViTForImageClassification(config) if classifier else ViTModel(config)
-    model.eval().save_pretrained(directory)
-    processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
-    processor.save_pretrained(directory)
-    return directory
-
-
-def tiny_timm_vit(
-    directory: str | Path,
-    *,
-    num_classes: int = TINY_NUM_LABELS,
-    image_size: int = TINY_IMAGE_SIZE,
-    seed: int = 0,
-) -> Path:
-    """A 2-block timm ViT in the layout timm pushes to the hub (config.json + safetensors)."""
-    import timm
-    import torch
-    from timm.models import save_for_hf
-
-    directory = Path(directory)
-    torch.manual_seed(seed)
-    args: dict[str, Any] = {
-        "img_size": image_size,
-        "patch_size": 8,
-        "embed_dim": 32,
-        "depth": 2,
-        "num_heads": 2,
-        "num_classes": num_classes,
-    }
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
-    save_for_hf(model, str(directory), model_args=args, safe_serialization=True)
-    return directory
-
-
-# --- Stable Diffusion --------------------------------------------------------------------
 
 
 def _byte_level_alphabet() -> list[str]:
@@ -130,11 +58,13 @@ def write_tiny_clip_tokenizer(
     return directory
 
 
-def _tiny_clip_config(projection_dim: int = 32) -> Any:
+def _tiny_clip_config(
+    projection_dim: int = 32, *, hidden_size: int = 32, hidden_act: str = "quick_gelu"
+) -> Any:
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=2,
@@ -144,14 +74,15 @@ def _tiny_clip_config(projection_dim: int = 32) -> Any:
         bos_token_id=523,  # <|startoftext|> in the tiny vocabulary
         eos_token_id=524,
         pad_token_id=524,
-        hidden_act="quick_gelu",
+        hidden_act=hidden_act,
     )
 
 
-def _tiny_vae() -> Any:
+def _tiny_vae(**overrides: Any) -> Any:
+    """SD's 4-channel VAE, 2 blocks (images are 2x the latents); overrides change its config."""
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(
+    config: dict[str, Any] = dict(
         block_out_channels=(32, 64),
         in_channels=3,
         out_channels=3,
@@ -162,6 +93,7 @@ def _tiny_vae() -> Any:
         norm_num_groups=32,
         scaling_factor=0.18215,
     )
+    return AutoencoderKL(**(config | overrides))
 
 
 def _sd_scheduler(prediction_type: str = "epsilon") -> Any:
@@ -286,6 +218,9 @@ def tiny_sdxl(directory: str | Path, *, inpaint: bool = False, seed: int = 0) ->
     shutil.rmtree(first)
     shutil.rmtree(second)
     return directory
+
+
+# --- Flow matching: SD3 and Flux --------------------------------------------------------
 
 
 # runwayml/stable-diffusion-v1-5's component configs (what the benchmarks build, randomly).
