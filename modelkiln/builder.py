@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from modelkiln import __version__, quality
+from modelkiln import __version__, memory_budget, quality
 from modelkiln.artifact import MANIFEST_NAME, record_files, write_manifest
 from modelkiln.env import host_info, library_versions, peak_rss_bytes
 from modelkiln.errors import ProfileError
@@ -126,19 +126,20 @@ def _build_into(
     # The manifest records what was built, so "auto" is resolved.
     plan = plan.with_task(loaded.task)
     resolved_profile = plan.profile
-    # Real data first, from the torch pipeline, before any export holds memory.
     calibrating = plan.calibrated(names)
+    not_run = runtime.unavailable_reason(plan.runtime_options())
+    gated = quality.wanted(resolved_profile) and not_run is None
+    found = memory_budget.estimate(loaded.components, whole_pipeline=gated or bool(calibrating))
+    if found is not None:
+        budget = resolved_profile.build.max_memory_gb
+        memory_budget.check_fits(found, budget, f"profile '{resolved_profile.name}'")
+    # Real data first, from the torch pipeline, before any export holds memory.
     feeds = (
         pipeline_class(loaded).calibration_feeds(loaded, resolved_profile, calibrating, progress)
         if calibrating
         else {}
     )
-    not_run = runtime.unavailable_reason(plan.runtime_options())
-    expected = (
-        quality.reference(loaded, resolved_profile, progress)
-        if quality.wanted(resolved_profile) and not_run is None
-        else None
-    )
+    expected = quality.reference(loaded, resolved_profile, progress) if gated else None
     records = {}
     for declared in loaded.components:
         # The component as the format's own consumers call it (OpenVINO GenAI's UNet timestep).

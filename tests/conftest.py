@@ -79,6 +79,12 @@ SOURCES = {
     "sd-v": lambda d: _testing().tiny_sd(d, prediction_type="v_prediction"),
     "sdxl": lambda d: _testing().tiny_sdxl(d),
     "sdxl-inpaint": lambda d: _testing().tiny_sdxl(d, inpaint=True),
+    "sd3": lambda d: _testing().tiny_sd3(d),
+    "sd3-no-t5": lambda d: _testing().tiny_sd3(d, t5=False),
+    # SD 3.5's qk-norm and SD 3.5 Medium's dual attention
+    "sd3.5": lambda d: _testing().tiny_sd3(d, qk_norm="rms_norm", dual_attention_layers=(0,)),
+    "flux-dev": lambda d: _testing().tiny_flux(d, guidance=True),
+    "flux-schnell": lambda d: _testing().tiny_flux(d, guidance=False),
 }
 
 

@@ -1,16 +1,18 @@
-"""The denoising loop of Stable Diffusion's pipelines in numpy, over Sessions.
+"""The denoising loop of the diffusion pipelines in numpy, over Sessions.
 
-One loop serves text-to-image, image-to-image and inpainting, for SD 1.x/2.x and SDXL: what
-differs between families is only the conditioning (encoder_hidden_states, and SDXL's pooled
-text embeddings and size ids), which the caller prepares. The order of every noise draw is
-diffusers' (image latents, then the starting noise, then the masked image, then the steps),
-so that a generator reproducing torch's gives diffusers' pixels.
+One loop serves text-to-image, image-to-image and inpainting, for SD 1.x/2.x, SDXL, SD3 and
+Flux: what differs between families is the denoiser's call (a UNet's or a transformer's
+inputs) and the conditioning (text embeddings, SDXL's pooled embeddings and size ids, SD3's
+pooled projections, Flux's positions), which the caller prepares. The order of every noise
+draw is diffusers' (image latents, then the starting noise, then the masked image, then the
+steps), so that a generator reproducing torch's gives diffusers' pixels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -25,10 +27,16 @@ StepCallback = Callable[[int, float, np.ndarray], None]
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What the UNet reads besides latents and timestep: the negative half first when guided."""
+    """What the denoiser reads besides latents and timestep: the negative half first when
+    guided."""
 
     encoder_hidden_states: np.ndarray
-    extra: Mapping[str, np.ndarray] = field(default_factory=dict)  # SDXL: text_embeds, time_ids
+    # SDXL: text_embeds, time_ids; SD3: pooled_projections; Flux: those and positions.
+    extra: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+
+# One denoiser call: (latents, timestep, conditioning) -> the model's prediction.
+Denoiser = Callable[[np.ndarray, float, Conditioning], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ class Vae:
     # SDXL-style VAEs may normalise latents per channel (None: they do not).
     latents_mean: np.ndarray | None = None
     latents_std: np.ndarray | None = None
+    # SD3 and Flux VAEs shift latents before scaling them.
+    shift_factor: float = 0.0
 
     def encode(self, pixels: np.ndarray, generator: NoiseSource) -> np.ndarray:
         """Scaled latents sampled from the encoder's distribution (one noise draw)."""
@@ -57,13 +67,13 @@ class Vae:
             return ((latents - self.latents_mean) * self.scaling_factor / self.latents_std).astype(
                 np.float32
             )
-        return (self.scaling_factor * latents).astype(np.float32)
+        return ((latents - self.shift_factor) * self.scaling_factor).astype(np.float32)
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         if self.latents_mean is not None and self.latents_std is not None:
             latents = latents * self.latents_std / self.scaling_factor + self.latents_mean
         else:
-            latents = latents / self.scaling_factor
+            latents = latents / self.scaling_factor + self.shift_factor
         return run_padded(self.decoder, {"latent_sample": latents.astype(np.float32)})["sample"]
 
 
@@ -72,7 +82,7 @@ class Inpainting:
     """An inpainting run's mask and kept image, at latent resolution."""
 
     mask: np.ndarray  # (batch, 1, h, w): 1 where the image is repainted
-    masked_image_latents: np.ndarray  # (batch, 4, h, w)
+    masked_image_latents: np.ndarray  # (batch, latent channels, h, w)
     # A 4-channel UNet repaints everywhere: the kept region is put back after every step.
     # A 9-channel inpainting UNet reads the mask and the kept image instead (None here).
     image_latents: np.ndarray | None
@@ -83,18 +93,31 @@ class Inpainting:
         return self.image_latents is None
 
 
-def start_timesteps(scheduler: Scheduler, steps: int, strength: float) -> np.ndarray:
+def start_timesteps(
+    scheduler: Scheduler,
+    steps: int,
+    strength: float,
+    *,
+    round_kept: bool = True,
+    **schedule: Any,
+) -> np.ndarray:
     """The timesteps a run of `strength` goes through (all of them at strength 1), with the
-    scheduler told where it starts: diffusers' get_timesteps."""
-    scheduler.set_timesteps(steps)
-    kept = min(int(steps * strength), steps)
-    begin = max(steps - kept, 0) * scheduler.order
+    scheduler told where it starts: diffusers' get_timesteps. SD's pipelines round the steps
+    kept down (`round_kept`); SD3's and Flux's round the steps skipped down instead (4 steps
+    at strength 0.6: SD runs 2, SD3 and Flux 3). `schedule`: set_timesteps' own settings (a
+    flow-matching scheduler's mu and sigmas)."""
+    scheduler.set_timesteps(steps, **schedule)
+    if round_kept:
+        skipped = max(steps - min(int(steps * strength), steps), 0)
+    else:
+        skipped = int(max(steps - min(steps * strength, steps), 0))
+    begin = skipped * scheduler.order
     scheduler.set_begin_index(begin)
     return scheduler.timesteps[begin:]
 
 
 def denoise(
-    unet: Session,
+    model: Denoiser,
     scheduler: Scheduler,
     latents: np.ndarray,
     timesteps: np.ndarray,
@@ -105,7 +128,7 @@ def denoise(
     inpainting: Inpainting | None = None,
     on_step: StepCallback | None = None,
 ) -> np.ndarray:
-    """Run the UNet and the scheduler over `timesteps`; the final latents."""
+    """Run the denoiser and the scheduler over `timesteps`; the final latents."""
     guided = guidance > 1.0
     mask = masked = None
     if inpainting is not None and inpainting.unet_reads_mask:
@@ -117,7 +140,7 @@ def denoise(
         model_input = scheduler.scale_model_input(model_input, timestep)
         if mask is not None and masked is not None:
             model_input = np.concatenate([model_input, mask, masked], axis=1)
-        noise_prediction = _unet(unet, model_input, float(timestep), conditioning)
+        noise_prediction = model(model_input, float(timestep), conditioning)
         if guided:
             unconditional, text = np.split(noise_prediction, 2)
             noise_prediction = unconditional + guidance * (text - unconditional)
@@ -129,20 +152,29 @@ def denoise(
     return latents
 
 
-def _unet(
-    unet: Session, sample: np.ndarray, timestep: float, conditioning: Conditioning
-) -> np.ndarray:
-    feeds = {
-        "sample": sample,
-        "timestep": np.asarray(timestep),
-        "encoder_hidden_states": conditioning.encoder_hidden_states,
-        **conditioning.extra,
-    }
-    # In the UNet's own dtypes: an OpenVINO UNet takes GenAI's int64 timestep of shape (1,).
-    specs = unet.input_specs
-    return run_padded(unet, {name: conform(value, specs[name]) for name, value in feeds.items()})[
-        "out_sample"
-    ]
+def unet_denoiser(unet: Session) -> Denoiser:
+    """SD's and SDXL's UNet: sample, a scalar timestep, the conditioning -> out_sample."""
+
+    def predict(sample: np.ndarray, timestep: float, conditioning: Conditioning) -> np.ndarray:
+        feeds = {
+            "sample": sample,
+            "timestep": np.asarray(timestep),
+            "encoder_hidden_states": conditioning.encoder_hidden_states,
+            **conditioning.extra,
+        }
+        return run_conformed(unet, feeds)["out_sample"]
+
+    return predict
+
+
+def run_conformed(
+    session: Session, feeds: Mapping[str, Any], unbatched: frozenset[str] = frozenset()
+) -> dict[str, np.ndarray]:
+    """`feeds` in the session's own dtypes and ranks (an OpenVINO UNet takes GenAI's int64
+    timestep of shape (1,)), batched as the session allows (but `unbatched`: run_padded)."""
+    specs = session.input_specs
+    conformed = {name: conform(value, specs[name]) for name, value in feeds.items()}
+    return run_padded(session, conformed, unbatched)
 
 
 def _keep_unmasked(
@@ -160,4 +192,14 @@ def _keep_unmasked(
     return (1 - inpainting.mask) * kept + inpainting.mask * latents
 
 
-__all__ = ["Conditioning", "Inpainting", "StepCallback", "Vae", "denoise", "start_timesteps"]
+__all__ = [
+    "Conditioning",
+    "Denoiser",
+    "Inpainting",
+    "StepCallback",
+    "Vae",
+    "denoise",
+    "run_conformed",
+    "start_timesteps",
+    "unet_denoiser",
+]

@@ -52,8 +52,8 @@ class Request:
 class Defaults:
     """A family's defaults for what a call leaves out (diffusers' __call__ defaults)."""
 
-    steps: int
-    guidance: Mapping[str, float]  # per mode: text, image, inpaint
+    steps: Mapping[str, int]  # per mode: text, image, inpaint
+    guidance: Mapping[str, float]
 
 
 def parse_request(
@@ -66,7 +66,7 @@ def parse_request(
     """A call's settings checked, with the family's defaults; TypeError on an unknown one."""
     options = dict(settings)
     steps_value = options.pop("steps", None)
-    steps = int(defaults.steps if steps_value is None else steps_value)
+    steps = int(defaults.steps[mode] if steps_value is None else steps_value)
     guidance_value = options.pop("guidance", None)
     guidance = float(defaults.guidance[mode] if guidance_value is None else guidance_value)
     num_images = int(options.pop("num_images", 1))

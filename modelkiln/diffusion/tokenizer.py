@@ -275,3 +275,50 @@ def _token_id(tokenizer: Tokenizer, token: str, folder: Path) -> int:
     if found is None:
         raise ArtifactError(f"{folder}'s special token {token!r} has no id{FIX}")
     return found
+
+
+class T5Tokenizer:
+    """T5's tokenizer (SD3's tokenizer_3, Flux's tokenizer_2) from the folder's tokenizer.json,
+    on the `tokenizers` library: what diffusers' pipelines feed the T5 encoder,
+    ``tokenizer(prompt, padding="max_length", max_length=N, truncation=True).input_ids``.
+
+    tokenizer.json carries T5's whole pipeline (normalizer, Unigram model, the eos the
+    post-processor appends), so only padding and truncation are done here; the build writes
+    the file where a source folder holds only spiece.model. Stateless, like ClipTokenizer.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, pad_token_id: int) -> None:
+        self._tokenizer = tokenizer
+        self.pad_token_id = pad_token_id
+        self._specials = tokenizer.num_special_tokens_to_add(False)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> T5Tokenizer:
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing: the T5 tokenizer is incomplete{FIX}")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as error:  # the Rust library raises a bare Exception
+            raise ArtifactError(f"{path} is not a tokenizer.json ({error}){FIX}") from error
+        config = read_json_object(folder / "tokenizer_config.json", ArtifactError, fix=FIX)
+        pad = config.get("pad_token", "<pad>")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        return cls(tokenizer, _token_id(tokenizer, str(pad), folder))
+
+    def __call__(self, prompts: Sequence[str], length: int) -> np.ndarray:
+        """int64 ids, (len(prompts), length): the prompt's tokens (cut to fit), eos, pads."""
+        if isinstance(prompts, str):
+            raise TypeError("T5Tokenizer takes a list of prompts: pass [prompt]")
+        ids = np.full((len(prompts), length), self.pad_token_id, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            encoding = self._tokenizer.encode(prompt, add_special_tokens=False)
+            encoding.truncate(max(length - self._specials, 0))
+            tokens = self._tokenizer.post_process(encoding).ids
+            ids[row, : len(tokens)] = tokens[:length]
+        return ids
+
+    def count(self, prompt: str) -> int:
+        """The prompt's tokens with eos, before truncation."""
+        return len(self._tokenizer.encode(prompt).ids)

@@ -17,6 +17,8 @@ FAMILIES: Registry[type[ModelFamily]] = Registry(
         "vit": "modelkiln.models.vit:ViTFamily",
         "sd": "modelkiln.models.stable_diffusion:StableDiffusionFamily",
         "sdxl": "modelkiln.models.stable_diffusion:StableDiffusionXLFamily",
+        "sd3": "modelkiln.models.diffusion_transformers:StableDiffusion3Family",
+        "flux": "modelkiln.models.diffusion_transformers:FluxFamily",
     },
 )
 

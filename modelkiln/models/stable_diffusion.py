@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from modelkiln.errors import ProfileError, SourceError, UnsupportedError
+from modelkiln.errors import ProfileError, SourceError, first_line
 from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
 from modelkiln.sources import ResolvedSource, find_weights, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
@@ -35,13 +35,18 @@ PIPELINE_CLASSES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "StableDiffusion3InpaintPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
 }
 # Tolerances of an fp32 export against torch (optimum validates SD components with 1e-3).
 ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-3}
 VAE_ATOL = 1e-3
 TIMESTEPS = (0.0, 1000.0)
 # Root files the artifact copies so that it runs without the source: optimum's layout.
-SHARED_DIRS = ("scheduler", "tokenizer", "tokenizer_2")
+SHARED_DIRS = ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -50,6 +55,23 @@ class StableDiffusionFamily(ModelFamily):
         "diffusers StableDiffusionPipeline / Img2Img / Inpaint directories (SD 1.x, 2.x)"
     )
     xl: ClassVar[bool] = False  # SDXL's second text encoder and added conditioning
+    # The network that denoises (its folder and component name), and its batch per image
+    # batch: 2, as it runs the CFG-doubled batch.
+    denoiser: ClassVar[str] = "unet"
+    denoiser_batch_factor: ClassVar[int] = 2
+    # Text encoder -> the tokenizer folder that feeds it.
+    tokenizer_folders: ClassVar[Mapping[str, str]] = {"text_encoder": "tokenizer"}
+    required_folders: ClassVar[tuple[str, ...]] = (
+        "unet",
+        "vae",
+        "text_encoder",
+        "tokenizer",
+        "scheduler",
+    )
+    # The denoiser's sample_size when its config has none (diffusers' default_sample_size).
+    default_sample_size: ClassVar[int] = 64
+    # A denoiser of this many input channels reads the mask and the kept image: inpainting.
+    inpainting_channels: ClassVar[int] = 9
     tasks: ClassVar[tuple[str, ...]] = (TEXT_TO_IMAGE, INPAINTING)
     pipelines: ClassVar[Mapping[str, str]] = {
         "stable-diffusion": "modelkiln.pipelines.diffusion:SDPipeline"
@@ -84,39 +106,23 @@ class StableDiffusionFamily(ModelFamily):
     def load(cls, source: ResolvedSource, profile: Profile) -> LoadedModel:
         root = source.local_dir
         index = source.read_json("model_index.json") or {}
-        if profile.model.task not in ("auto", TEXT_TO_IMAGE, INPAINTING):
-            raise UnsupportedError(
-                f"model.task '{profile.model.task}' does not apply to Stable Diffusion models; "
-                "leave it 'auto'"
-            )
-        for folder in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-            _require_dir(root, folder, source.spec)
-        unet_config = _read_config(root / "unet")
+        for folder in cls.required_folders:
+            _require_dir(root, folder, source.spec, cls.required_folders)
+        denoiser_config = _read_config(root / cls.denoiser)
         vae_config = _read_config(root / "vae")
-        text_config = _read_config(root / "text_encoder")
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        height, width = _resolution(profile, unet_config, factor)
-        sequence = _tokenizer_length(root / "tokenizer")
-        inpainting = unet_config.get("in_channels", 4) == 9
-        dims = {
-            "height": height,
-            "width": width,
-            "latent_height": height // factor,
-            "latent_width": width // factor,
-        }
+        height, width = _resolution(profile, denoiser_config, factor, cls.default_sample_size)
+        dims = cls._dims(height, width, factor, denoiser_config)
+        sequences = cls._sequences(root)
         weights: dict[str, str] = {}
         components = []
-        for name, folder in cls._component_folders():
+        for name, folder in cls._component_folders(root):
             files = _weights(root / folder, source.allow_pickle)
             weights.update({f"{folder}/{k}": v for k, v in weights_digest(files).items()})
             components.append(
-                cls._component(name, root / folder, files, source.allow_pickle, dims, sequence)
+                cls._component(name, root / folder, files, source.allow_pickle, dims, sequences)
             )
-        if cls.xl:
-            _require_dir(root, "text_encoder_2", source.spec)
-            _require_dir(root, "tokenizer_2", source.spec)
-        latent_channels = vae_config.get("latent_channels", 4)
-        task = INPAINTING if inpainting else TEXT_TO_IMAGE
+        task = cls._task(denoiser_config)
         return LoadedModel(
             family=cls.name,
             task=task,
@@ -129,24 +135,61 @@ class StableDiffusionFamily(ModelFamily):
                 "vae_scale_factor": factor,
                 "scaling_factor": vae_config.get("scaling_factor", 0.18215),
                 "shift_factor": vae_config.get("shift_factor"),
-                "latent_channels": latent_channels,
-                "unet_in_channels": unet_config.get("in_channels", 4),
-                "sequence_length": sequence,
-                "text_hidden_layers": text_config.get("num_hidden_layers"),
-                "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
-                "requires_aesthetics_score": index.get("requires_aesthetics_score", False),
+                "latent_channels": vae_config.get("latent_channels", 4),
+                "sequence_length": sequences["text_encoder"],
                 "dynamic_resolution": profile.shapes.dynamic_resolution,
+                **cls._model_info(root, index, denoiser_config, sequences),
             },
             config_files=_shared_files(root, index),
             weights=weights,
         )
 
     @classmethod
-    def _component_folders(cls) -> list[tuple[str, str]]:
-        text = [("text_encoder", "text_encoder")]
-        if cls.xl:
-            text.append(("text_encoder_2", "text_encoder_2"))
-        return [*text, ("unet", "unet"), ("vae_encoder", "vae"), ("vae_decoder", "vae")]
+    def _task(cls, denoiser_config: Mapping[str, Any]) -> str:
+        inpainting = denoiser_config.get("in_channels", 4) == cls.inpainting_channels
+        return INPAINTING if inpainting else TEXT_TO_IMAGE
+
+    @classmethod
+    def _dims(
+        cls, height: int, width: int, factor: int, denoiser_config: Mapping[str, Any]
+    ) -> dict[str, int]:
+        return {
+            "height": height,
+            "width": width,
+            "latent_height": height // factor,
+            "latent_width": width // factor,
+        }
+
+    @classmethod
+    def _sequences(cls, root: Path) -> dict[str, int]:
+        """Each text encoder's token count: CLIP's from its tokenizer folder."""
+        return {
+            encoder: _tokenizer_length(root / tokenizer)
+            for encoder, tokenizer in cls.tokenizer_folders.items()
+        }
+
+    @classmethod
+    def _model_info(
+        cls,
+        root: Path,
+        index: Mapping[str, Any],
+        denoiser_config: Mapping[str, Any],
+        sequences: Mapping[str, int],
+    ) -> dict[str, Any]:
+        """What the family's pipeline reads besides the shared facts."""
+        text_config = _read_config(root / "text_encoder")
+        return {
+            "unet_in_channels": denoiser_config.get("in_channels", 4),
+            "text_hidden_layers": text_config.get("num_hidden_layers"),
+            "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True),
+            "requires_aesthetics_score": index.get("requires_aesthetics_score", False),
+        }
+
+    @classmethod
+    def _component_folders(cls, root: Path) -> list[tuple[str, str]]:
+        text = [(encoder, encoder) for encoder in cls.tokenizer_folders]
+        denoiser = (cls.denoiser, cls.denoiser)
+        return [*text, denoiser, ("vae_encoder", "vae"), ("vae_decoder", "vae")]
 
     @classmethod
     def _component(
@@ -156,19 +199,20 @@ class StableDiffusionFamily(ModelFamily):
         files: list[Path],
         pickle: bool,
         dims: Mapping[str, int],
-        sequence: int,
+        sequences: Mapping[str, int],
     ) -> ComponentSpec:
         from modelkiln.models import stable_diffusion_modules as modules
 
         config = _read_config(folder)
-        inputs, outputs = _signature(name, config, sequence, cls.xl, dims)
+        inputs, outputs = cls._signature(name, config, sequences, dims)
         safetensors = tuple(f for f in files if f.suffix == ".safetensors")
+        family, kind = cls.name, TEXT_ENCODERS[cls.name].get(name)
         return ComponentSpec(
             name=name,
             module=lambda: modules.wrap(
-                name, modules.load_component(folder, pickle=pickle), cls.xl
+                name, modules.load_component(folder, pickle=pickle), family, kind
             ),
-            meta_module=lambda: modules.wrap(name, modules.meta_component(folder), cls.xl),
+            meta_module=lambda: modules.wrap(name, modules.meta_component(folder), family, kind),
             checkpoint=safetensors,
             inputs=inputs,
             outputs=outputs,
@@ -176,10 +220,25 @@ class StableDiffusionFamily(ModelFamily):
             path=name,
             reference_path=folder.name,
             atol=ATOL.get(name, VAE_ATOL),
-            batch_factor=2 if name == "unet" else 1,
+            batch_factor=cls.denoiser_batch_factor if name == cls.denoiser else 1,
             default_dims=dict(dims),
-            config_file=_component_config(name, config, cls.xl),
+            config_file=_component_config(name, config, kind),
         )
+
+    @classmethod
+    def _signature(
+        cls,
+        name: str,
+        config: Mapping[str, Any],
+        sequences: Mapping[str, int],
+        dims: Mapping[str, int],
+    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        kind = TEXT_ENCODERS[cls.name].get(name)
+        if kind is not None:
+            return text_encoder_signature(kind, config, sequences[name])
+        if name == "unet":
+            return _unet_signature(config, sequences["text_encoder"], cls.xl)
+        return vae_signature(name, config)
 
     @classmethod
     def reference_module(
@@ -187,7 +246,8 @@ class StableDiffusionFamily(ModelFamily):
     ) -> torch.nn.Module:
         from modelkiln.models import stable_diffusion_modules as modules
 
-        return modules.wrap(component, modules.load_component(model_dir, pickle=False), cls.xl)
+        model = modules.load_component(model_dir, pickle=False)
+        return modules.wrap(component, model, cls.name, TEXT_ENCODERS[cls.name].get(component))
 
     @classmethod
     def pipeline_for(cls, task: str) -> str:
@@ -201,6 +261,15 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         "diffusers StableDiffusionXLPipeline / Img2Img / Inpaint directories (SDXL)"
     )
     xl: ClassVar[bool] = True
+    tokenizer_folders: ClassVar[Mapping[str, str]] = {
+        "text_encoder": "tokenizer",
+        "text_encoder_2": "tokenizer_2",
+    }
+    required_folders: ClassVar[tuple[str, ...]] = (
+        *StableDiffusionFamily.required_folders,
+        "text_encoder_2",
+        "tokenizer_2",
+    )
     pipelines: ClassVar[Mapping[str, str]] = {
         "stable-diffusion-xl": "modelkiln.pipelines.diffusion:SDXLPipeline"
     }
@@ -210,45 +279,73 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     )
 
 
-def _signature(
-    name: str, config: Mapping[str, Any], sequence: int, xl: bool, dims: Mapping[str, int]
+# Each family's text encoders and how they are exported: a CLIP's last hidden state and pooled
+# output (clip), with every hidden state (clip-hidden-states), with its projection and every
+# hidden state (clip-projection), or a T5 encoder's last hidden state (t5).
+TEXT_ENCODERS: dict[str, dict[str, str]] = {
+    "sd": {"text_encoder": "clip"},
+    "sdxl": {"text_encoder": "clip-hidden-states", "text_encoder_2": "clip-projection"},
+    "sd3": {
+        "text_encoder": "clip-projection",
+        "text_encoder_2": "clip-projection",
+        "text_encoder_3": "t5",
+    },
+    "flux": {"text_encoder": "clip", "text_encoder_2": "t5"},
+}
+# optimum's export_model_type for each kind, kept in the component's config.json.
+EXPORT_MODEL_TYPES = {
+    "clip": "clip-text",
+    "clip-hidden-states": "clip-text",
+    "clip-projection": "clip-text-with-projection",
+    "t5": "t5-encoder",
+}
+
+
+def text_encoder_signature(
+    kind: str, config: Mapping[str, Any], sequence: int
 ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-    """Inputs and outputs with optimum's names; output dims are expressions of input dims."""
-    if name.startswith("text_encoder"):
-        hidden = config["hidden_size"]
-        ids = TensorSpec("int64", ("batch", sequence), value_range=(0, config["vocab_size"]))
-        tokens = TensorSpec("float32", ("batch", sequence, hidden))
-        states = {f"hidden_states.{i}": tokens for i in range(config["num_hidden_layers"] + 1)}
-        if name == "text_encoder_2":
-            pooled = TensorSpec("float32", ("batch", config["projection_dim"]))
-            return {"input_ids": ids}, {
-                "text_embeds": pooled,
-                "last_hidden_state": tokens,
-                **states,
-            }
-        outputs = {
-            "last_hidden_state": tokens,
-            "pooler_output": TensorSpec("float32", ("batch", hidden)),
-        }
-        return {"input_ids": ids}, {**outputs, **(states if xl else {})}
-    if name == "unet":
-        latent = ("latent_height", "latent_width")
-        inputs = {
-            "sample": TensorSpec("float32", ("batch", config["in_channels"], *latent)),
-            "timestep": TensorSpec("float32", (), value_range=TIMESTEPS),
-            "encoder_hidden_states": TensorSpec(
-                "float32", ("batch", sequence, _cross_attention_dim(config))
-            ),
-        }
-        if xl:
-            pooled = (
-                config["projection_class_embeddings_input_dim"]
-                - 6 * config["addition_time_embed_dim"]
-            )
-            inputs["text_embeds"] = TensorSpec("float32", ("batch", pooled))
-            inputs["time_ids"] = TensorSpec("float32", ("batch", 6), value_range=(0, 1024))
-        outputs = {"out_sample": TensorSpec("float32", ("batch", config["out_channels"], *latent))}
-        return inputs, outputs
+    """A text encoder's inputs and outputs with optimum's names."""
+    hidden = config["d_model"] if kind == "t5" else config["hidden_size"]
+    ids = TensorSpec("int64", ("batch", sequence), value_range=(0, config["vocab_size"]))
+    tokens = TensorSpec("float32", ("batch", sequence, hidden))
+    if kind == "t5":
+        return {"input_ids": ids}, {"last_hidden_state": tokens}
+    states = {f"hidden_states.{i}": tokens for i in range(config["num_hidden_layers"] + 1)}
+    if kind == "clip-projection":
+        pooled = TensorSpec("float32", ("batch", config["projection_dim"]))
+        return {"input_ids": ids}, {"text_embeds": pooled, "last_hidden_state": tokens, **states}
+    outputs = {
+        "last_hidden_state": tokens,
+        "pooler_output": TensorSpec("float32", ("batch", hidden)),
+    }
+    return {"input_ids": ids}, {**outputs, **(states if kind == "clip-hidden-states" else {})}
+
+
+def _unet_signature(
+    config: Mapping[str, Any], sequence: int, xl: bool
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    latent = ("latent_height", "latent_width")
+    inputs = {
+        "sample": TensorSpec("float32", ("batch", config["in_channels"], *latent)),
+        "timestep": TensorSpec("float32", (), value_range=TIMESTEPS),
+        "encoder_hidden_states": TensorSpec(
+            "float32", ("batch", sequence, _cross_attention_dim(config))
+        ),
+    }
+    if xl:
+        pooled = (
+            config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        )
+        inputs["text_embeds"] = TensorSpec("float32", ("batch", pooled))
+        inputs["time_ids"] = TensorSpec("float32", ("batch", 6), value_range=(0, 1024))
+    outputs = {"out_sample": TensorSpec("float32", ("batch", config["out_channels"], *latent))}
+    return inputs, outputs
+
+
+def vae_signature(
+    name: str, config: Mapping[str, Any]
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """vae_encoder: pixels -> latent_parameters; vae_decoder: latent_sample -> sample."""
     factor = 2 ** (len(config["block_out_channels"]) - 1)
     channels = config.get("latent_channels", 4)
     if name == "vae_encoder":
@@ -269,20 +366,20 @@ def _cross_attention_dim(config: Mapping[str, Any]) -> int:
     return int(dim[0] if isinstance(dim, list | tuple) else dim)
 
 
-def _component_config(name: str, config: Mapping[str, Any], xl: bool) -> bytes:
+def _component_config(name: str, config: Mapping[str, Any], text_kind: str | None) -> bytes:
     """The config.json optimum keeps beside each exported component."""
     data = dict(config)
-    if name.startswith("text_encoder"):
-        data["export_model_type"] = (
-            "clip-text-with-projection" if name == "text_encoder_2" else "clip-text"
-        )
-        if xl:
+    if text_kind is not None:
+        data["export_model_type"] = EXPORT_MODEL_TYPES[text_kind]
+        if text_kind.startswith("clip-"):  # SDXL and SD3 read the hidden states
             data["output_hidden_states"] = True
     return (json.dumps(data, indent=2) + "\n").encode()
 
 
-def _resolution(profile: Profile, unet_config: Mapping[str, Any], factor: int) -> tuple[int, int]:
-    native = int(unet_config.get("sample_size", 64)) * factor
+def _resolution(
+    profile: Profile, denoiser_config: Mapping[str, Any], factor: int, default_sample_size: int
+) -> tuple[int, int]:
+    native = int(denoiser_config.get("sample_size") or default_sample_size) * factor
     height = profile.shapes.height or native
     width = profile.shapes.width or native
     for key, value in (("height", height), ("width", width)):
@@ -311,11 +408,11 @@ def _read_config(directory: Path) -> dict[str, Any]:
         raise SourceError(f"{path} is not valid JSON ({error})") from error
 
 
-def _require_dir(root: Path, folder: str, spec: str) -> None:
+def _require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) -> None:
     if not (root / folder).is_dir():
+        needed = ", ".join(f"{name}/" for name in required)
         raise SourceError(
-            f"{spec} has no {folder}/ folder: a diffusers pipeline directory needs unet/, vae/, "
-            "text_encoder/, tokenizer/ and scheduler/ (SDXL also text_encoder_2/, tokenizer_2/)"
+            f"{spec} has no {folder}/ folder: this diffusers pipeline directory needs {needed}"
         )
 
 
@@ -332,11 +429,28 @@ def _shared_files(root: Path, index: Mapping[str, Any]) -> dict[str, bytes]:
         for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
             if path.is_file():
                 files[f"{folder}/{path.name}"] = path.read_bytes()
+        if f"{folder}/spiece.model" in files and f"{folder}/tokenizer.json" not in files:
+            files[f"{folder}/tokenizer.json"] = _sentencepiece_tokenizer_json(root / folder)
         tokenizer_json = files.get(f"{folder}/tokenizer.json")
         if tokenizer_json is not None and f"{folder}/vocab.json" not in files:
             for name, content in _bpe_vocabulary_files(tokenizer_json).items():
                 files[f"{folder}/{name}"] = content
     return files
+
+
+def _sentencepiece_tokenizer_json(folder: Path) -> bytes:
+    """tokenizer.json for a T5 tokenizer saved as spiece.model alone: the runtime's
+    tokenizer (diffusion/tokenizer.py) reads only the former, and has no sentencepiece."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, ImportError) as error:
+        raise SourceError(
+            f"cannot read the tokenizer in {folder}: {first_line(error)} (a T5 tokenizer needs "
+            "tokenizer.json, or spiece.model with the sentencepiece package installed)"
+        ) from error
+    return str(tokenizer.backend_tokenizer.to_str()).encode()
 
 
 def _bpe_vocabulary_files(tokenizer_json: bytes) -> dict[str, bytes]:

@@ -36,6 +36,8 @@ def load_component(directory: Path, *, pickle: bool) -> Any:
     kwargs["torch_dtype" if model_class.__module__.startswith("diffusers") else "dtype"] = (
         torch.float32
     )
+    if _needs_eager_attention(model_class):
+        kwargs["attn_implementation"] = "eager"
     try:
         with quiet_libraries():
             model = model_class.from_pretrained(directory, **kwargs)
@@ -54,7 +56,16 @@ def meta_component(directory: Path) -> Any:
         if hasattr(model_class, "from_config"):  # diffusers
             return model_class.from_config(config).eval()
         config_class = model_class.config_class
-        return model_class(config_class.from_dict(config)).eval()
+        model_config = config_class.from_dict(config)
+        if _needs_eager_attention(model_class):
+            model_config._attn_implementation = "eager"
+        return model_class(model_config).eval()
+
+
+def _needs_eager_attention(model_class: Any) -> bool:
+    """T5's SDPA attention does not export (a view of its attention output fails in
+    torch.export, modeling_t5.py); its eager attention computes the same and does."""
+    return bool(model_class.__name__.startswith("T5"))
 
 
 class TextEncoder(nn.Module):
@@ -144,16 +155,90 @@ class VaeDecoder(nn.Module):
         return (self.model.decode(latent_sample, return_dict=False)[0],)
 
 
-def wrap(component: str, model: nn.Module, xl: bool) -> nn.Module:
-    """The export wrapper of one component."""
-    if component == "text_encoder":
-        return TextEncoder(model, hidden_states=xl).eval()
-    if component == "text_encoder_2":
+class T5Encoder(nn.Module):
+    """input_ids -> last_hidden_state (SD3's text_encoder_3, Flux's text_encoder_2)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.model(input_ids=input_ids).last_hidden_state,)
+
+
+class SD3Transformer(nn.Module):
+    """SD3's MMDiT: hidden_states (latents), timestep (one per batch item),
+    encoder_hidden_states (CLIP and T5 tokens), pooled_projections (both CLIPs' pooled
+    embeddings) -> out_hidden_states (the velocity), in optimum's order."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        result = self.model(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            return_dict=False,
+        )
+        return (result[0],)
+
+
+class FluxTransformer(nn.Module):
+    """Flux's transformer on packed latents (batch, image tokens, 64): the text and image
+    tokens' positions (txt_ids, img_ids) and, for guidance-distilled models (dev), the
+    guidance scale; timestep in [0, 1]. Optimum's order of inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor]:
+        result = self.model(
+            hidden_states=hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            pooled_projections=pooled_projections,
+            timestep=timestep,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )
+        return (result[0],)
+
+
+def wrap(component: str, model: nn.Module, family: str, text_kind: str | None) -> nn.Module:
+    """The export wrapper of one component of a `family` (sd, sdxl, sd3, flux) pipeline;
+    `text_kind`: how a text encoder exports (stable_diffusion.TEXT_ENCODERS), else None."""
+    if text_kind == "t5":
+        return T5Encoder(model).eval()
+    if text_kind == "clip-projection":
         return TextEncoderWithProjection(model).eval()
+    if text_kind is not None:
+        return TextEncoder(model, hidden_states=text_kind == "clip-hidden-states").eval()
     if component == "unet":
-        return (UNetXL(model) if xl else UNet(model)).eval()
+        return (UNetXL(model) if family == "sdxl" else UNet(model)).eval()
+    if component == "transformer":
+        return (FluxTransformer(model) if family == "flux" else SD3Transformer(model)).eval()
     if component == "vae_encoder":
         return VaeEncoder(model).eval()
     if component == "vae_decoder":
         return VaeDecoder(model).eval()
-    raise ValueError(f"no Stable Diffusion component '{component}'")  # a bug, not input
+    raise ValueError(f"no {family} component '{component}'")  # a bug, not input

@@ -216,16 +216,21 @@ def preprocessor_of(parts: PipelineParts) -> ImagePreprocessor:
     return ImagePreprocessor.from_dict(parts.info["preprocessing"])
 
 
-def run_padded(session: Session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def run_padded(
+    session: Session,
+    feeds: dict[str, np.ndarray],
+    unbatched: frozenset[str] = frozenset(),
+) -> dict[str, np.ndarray]:
     """Run a session; a static batch axis gets the feed in chunks, the last one zero-padded.
 
-    The batch is the first axis of every input of rank 2 or more; a one-element vector (a UNet's
-    timestep, shape (1,)) is not batched.
+    The batch is the first axis of every input of rank 2 or more but those in `unbatched`
+    (Flux's token positions); a one-element vector (a UNet's timestep, shape (1,)) is not
+    batched.
     """
     fixed = {
         name: spec.shape[0]
         for name, spec in session.input_specs.items()
-        if len(spec.shape) >= 2 and isinstance(spec.shape[0], int)
+        if len(spec.shape) >= 2 and isinstance(spec.shape[0], int) and name not in unbatched
     }
     if not fixed:
         return session.run(feeds)

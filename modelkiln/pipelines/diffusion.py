@@ -20,10 +20,12 @@ import numpy as np
 
 from modelkiln.diffusion.denoise import (
     Conditioning,
+    Denoiser,
     Inpainting,
     Vae,
     denoise,
     start_timesteps,
+    unet_denoiser,
 )
 from modelkiln.diffusion.images import image_to_pixels, mask_to_pixels, pixels_to_images
 from modelkiln.diffusion.noise import TorchGenerator
@@ -55,7 +57,7 @@ class SDPipeline(ImageGenerator):
         "vae_decoder": "vae_decode",
     }
     # diffusers' __call__ defaults for the family, per mode: the same call, the same image.
-    default_steps: ClassVar[int] = 50
+    default_steps: ClassVar[Mapping[str, int]] = {"text": 50, "image": 50, "inpaint": 50}
     default_guidance: ClassVar[Mapping[str, float]] = {"text": 7.5, "image": 7.5, "inpaint": 7.5}
     default_image_strength: ClassVar[float] = 0.8
     default_inpaint_strength: ClassVar[float] = 1.0
@@ -71,11 +73,7 @@ class SDPipeline(ImageGenerator):
         super().__init__(sessions, task)
         self.root = root
         self.model_info = dict(model_info)
-        if configs["unet"].get("time_cond_proj_dim") is not None:
-            raise UnsupportedError(
-                "this UNet is guidance-distilled (time_cond_proj_dim): modelkiln does not run "
-                "guidance embeddings yet"
-            )
+        self._check_denoiser(configs)
         self._tokenizers = [ClipTokenizer.from_folder(root / folder) for folder in self.tokenizers]
         self._vae = self._make_vae(sessions, configs["vae_decoder"])
         self._scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
@@ -150,8 +148,7 @@ class SDPipeline(ImageGenerator):
         for prompt in request.prompts:
             self._warn_if_truncated(prompt)
         conditioning = self._conditioning(request)
-        strength = 1.0 if request.mode == "text" else request.strength
-        timesteps = start_timesteps(scheduler, request.steps, strength)
+        timesteps = self._timesteps(request, scheduler)
         if len(timesteps) == 0:
             raise InputError(
                 f"strength {request.strength} with {request.steps} steps leaves no step to run; "
@@ -167,17 +164,17 @@ class SDPipeline(ImageGenerator):
                     request.callback(index, timestep, current)
 
             latents = denoise(
-                self.sessions["unet"],
+                self._denoiser(request),
                 scheduler,
                 latents,
                 timesteps,
                 conditioning,
-                request.guidance,
+                self._guidance_scale(request),
                 generator,
                 inpainting=inpainting,
                 on_step=on_step,
             )
-        return pixels_to_images(self._vae.decode(latents))
+        return pixels_to_images(self._vae.decode(self._unpacked(latents, request)))
 
     def _start(
         self,
@@ -245,6 +242,28 @@ class SDPipeline(ImageGenerator):
 
     # --- what differs between families -------------------------------------------------------
 
+    def _check_denoiser(self, configs: Mapping[str, Mapping[str, Any]]) -> None:
+        if configs["unet"].get("time_cond_proj_dim") is not None:
+            raise UnsupportedError(
+                "this UNet is guidance-distilled (time_cond_proj_dim): modelkiln does not run "
+                "guidance embeddings yet"
+            )
+
+    def _denoiser(self, request: Request) -> Denoiser:
+        return unet_denoiser(self.sessions["unet"])
+
+    def _guidance_scale(self, request: Request) -> float:
+        """Classifier-free guidance's scale (1: none)."""
+        return request.guidance
+
+    def _timesteps(self, request: Request, scheduler: Scheduler) -> np.ndarray:
+        strength = 1.0 if request.mode == "text" else request.strength
+        return start_timesteps(scheduler, request.steps, strength)
+
+    def _unpacked(self, latents: np.ndarray, request: Request) -> np.ndarray:
+        """The final latents as the VAE decodes them."""
+        return latents
+
     def _conditioning(self, request: Request) -> Conditioning:
         """SD: the text encoder's last hidden state; the negative prompts' first when guided."""
         positive = self._encode(self._tokenizers[0], "text_encoder", request.prompts)
@@ -265,6 +284,7 @@ class SDPipeline(ImageGenerator):
             decoder=sessions["vae_decoder"],
             encoder=sessions.get("vae_encoder"),
             scaling_factor=float(config.get("scaling_factor", 0.18215)),
+            shift_factor=float(config.get("shift_factor") or 0.0),
             # diffusers' vae_scale_factor: the decoder upsamples once per block but the last.
             pixels_per_latent=2 ** (len(config.get("block_out_channels", (0,) * 4)) - 1),
             latent_channels=int(config.get("latent_channels", 4)),

@@ -134,6 +134,15 @@ class CalibrationSettings:
 
 
 @dataclass(frozen=True)
+class BuildSettings:
+    """[build]: what a build may use of the machine it runs on."""
+
+    # GB of memory the build may hold; None: 90 % of the machine's. A build whose estimate is
+    # larger is refused before it exports anything (memory_budget.py).
+    max_memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
 class QuantizationSettings:
     """[quantization]: a scheme, applied to every component with the format's own tooling,
     and the scheme's own keys (group_size, symmetric, ...), which its config class parses."""
@@ -166,6 +175,7 @@ SECTIONS = (
     "quantization",
     "calibration",
     "components",
+    "build",
 )
 
 
@@ -184,6 +194,7 @@ class Profile:
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     components: dict[str, ComponentSettings] = field(default_factory=dict)
+    build: BuildSettings = field(default_factory=BuildSettings)
     # Backend name -> its own section as written ([openvino], [tensorrt], ...).
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -289,6 +300,7 @@ class Profile:
             ("calibration.size", self.calibration.size, 1, MAX_CALIBRATION),
             ("calibration.batch_size", self.calibration.batch_size, 1, MAX_BATCH),
             ("runtime.threads", self.runtime.threads, 1, 4096),
+            ("build.max_memory_gb", self.build.max_memory_gb, 0.001, 1e6),
         ):
             if value is not None and not low <= value <= high:
                 raise ProfileError(f"{origin}: {key} must be in {low}..{high}, got {value}")
@@ -432,6 +444,7 @@ __all__ = [
     "MOVED_IN_V2",
     "NO_SCHEME",
     "SCHEMA_VERSION",
+    "BuildSettings",
     "CalibrationSettings",
     "ComponentSettings",
     "ExportSettings",

@@ -278,6 +278,23 @@ def test_flow_match_matches_diffusers(case: str, steps: int) -> None:
     run_side_by_side(FlowMatchEulerDiscrete, config, steps, mu)
 
 
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("config", [FLUX, {**FLUX, "use_dynamic_shifting": False, "shift": 1.0}])
+def test_flow_match_with_fluxs_sigmas_matches_diffusers(config: dict[str, Any], steps: int) -> None:
+    """FluxPipeline's schedule: its own sigmas 1 .. 1/steps (float32), shifted by mu (also
+    passed to schnell's scheduler, which does not shift)."""
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    mine, reference = diffusers_pair(FlowMatchEulerDiscrete, config)
+    assert isinstance(mine, FlowMatchEulerDiscrete)
+    mine.set_timesteps(steps, sigmas=sigmas, mu=0.8)
+    reference.set_timesteps(steps, sigmas=sigmas, mu=0.8)
+    assert_schedules_match(mine, reference)
+    latents = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    denoise_side_by_side(mine, reference, latents)
+    with pytest.raises(InputError, match="got 2 sigmas for 3 steps"):
+        mine.set_timesteps(3, sigmas=[1.0, 0.5], mu=0.8)
+
+
 def test_unipc_bh1_reaches_a_zero_final_sigma() -> None:
     """diffusers' UniPC with bh1 returns NaN on its last step to sigma 0 (it multiplies
     B(h) = -inf by an empty correction, 0); ours returns the data prediction there."""

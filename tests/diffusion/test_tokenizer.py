@@ -349,3 +349,37 @@ def test_importing_and_tokenizing_loads_neither_torch_nor_transformers(
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert json.loads(result.stdout) == []
+
+
+@pytest.fixture(scope="module")
+def t5_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from modelkiln.testing import _tiny_t5_tokenizer
+
+    folder = tmp_path_factory.mktemp("t5") / "tokenizer_3"
+    _tiny_t5_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("length", [8, 256, 512])
+def test_t5_tokenizer_matches_transformers(t5_folder: Path, length: int) -> None:
+    """SD3's and Flux's T5 ids: padding="max_length", truncation, the closing eos."""
+    from modelkiln.diffusion.tokenizer import T5Tokenizer
+
+    reference = transformers.AutoTokenizer.from_pretrained(t5_folder)
+    ours = T5Tokenizer.from_folder(t5_folder)
+    expected = reference(PROMPTS, padding="max_length", max_length=length, truncation=True)
+    np.testing.assert_array_equal(ours(PROMPTS, length), np.asarray(expected.input_ids))
+    assert ours.count(LONG) == len(reference(LONG).input_ids)
+
+
+def test_t5_tokenizer_needs_its_tokenizer_json(t5_folder: Path, tmp_path: Path) -> None:
+    from modelkiln.diffusion.tokenizer import T5Tokenizer
+
+    (tmp_path / "tokenizer_config.json").write_bytes(
+        (t5_folder / "tokenizer_config.json").read_bytes()
+    )
+    with pytest.raises(ArtifactError, match=r"tokenizer\.json is missing: the T5 tokenizer"):
+        T5Tokenizer.from_folder(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match=r"is not a tokenizer\.json"):
+        T5Tokenizer.from_folder(tmp_path)

@@ -68,14 +68,28 @@ def _quantized(name: str) -> bool:
     return profile.quantization.scheme != "none" or bool(profile.schemes())
 
 
+# Families whose quantized profiles their own test files build and generate with.
+TESTED_BESIDE_THEIR_FAMILY = {
+    "sd3": "tests/models/test_sd3.py",
+    "flux": "tests/models/test_flux.py",
+}
+
+
 def test_every_quantized_bundled_profile_is_tested_here() -> None:
     # Core ML's run only on macOS: tests/exporters/test_coreml.py checks their programs.
     bundled = {
         n
         for n in bundled_profile_names()
-        if _quantized(n) and load_profile(n).export.format != "coreml"
+        if _quantized(n)
+        and load_profile(n).export.format != "coreml"
+        and load_profile(n).family not in TESTED_BESIDE_THEIR_FAMILY
     }
     assert bundled == {p.values[0] for p in QUANTIZED} | {p.values[1] for p in DIFFUSION}
+    for family, path in TESTED_BESIDE_THEIR_FAMILY.items():
+        text = (Path(__file__).parents[2] / path).read_text(encoding="utf-8")
+        for name in bundled_profile_names():
+            if name.startswith(f"{family}-") and _quantized(name):
+                assert f'"{name}"' in text, f"{name} is not tested in {path}"
 
 
 @pytest.mark.parametrize(("source", "profile"), DIFFUSION)

@@ -9,7 +9,7 @@ pipeline's mu, which grows with the image's token count (Flux); timesteps are 10
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -72,33 +72,49 @@ class FlowMatchEulerDiscrete(Scheduler):
         shift = float(self.config["shift"])
         return np.asarray(shift * sigmas / (1 + (shift - 1) * sigmas))
 
-    def set_timesteps(self, num_inference_steps: int, *, mu: float | None = None) -> None:
+    def set_timesteps(
+        self,
+        num_inference_steps: int,
+        *,
+        mu: float | None = None,
+        sigmas: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
         """The schedule of `num_inference_steps`; `mu` (the pipeline's, from the image's
-        token count) is required with use_dynamic_shifting, as in diffusers."""
+        token count) is required with use_dynamic_shifting, as in diffusers. `sigmas`: the
+        unshifted sigmas to start from (Flux's pipelines pass 1 .. 1/steps), in float32 as
+        diffusers takes them; default: sigma_max .. sigma_min in float64."""
         config, steps = self.config, int(num_inference_steps)
         if config["use_dynamic_shifting"] and mu is None:
             raise InputError(f"{self.diffusers_class}: use_dynamic_shifting needs mu")
         count = int(config["num_train_timesteps"])
-        # float64 from here to the float32 cast, as diffusers' numpy code is.
-        timesteps = np.linspace(self.sigma_max * count, self.sigma_min * count, steps)
-        sigmas = timesteps / count
+        schedule: np.ndarray
+        if sigmas is not None:
+            schedule = np.asarray(sigmas, dtype=np.float32)
+            if schedule.shape != (steps,):
+                raise InputError(
+                    f"{self.diffusers_class}: got {schedule.size} sigmas for {steps} steps"
+                )
+        else:
+            # float64 from here to the float32 cast, as diffusers' numpy code is.
+            timesteps = np.linspace(self.sigma_max * count, self.sigma_min * count, steps)
+            schedule = timesteps / count
         if config["use_dynamic_shifting"]:
             assert mu is not None
-            sigmas = self._time_shift(float(mu), sigmas)
+            schedule = self._time_shift(float(mu), schedule)
         else:
             # Applied again on top of the shifted sigma_min/sigma_max, as diffusers does.
-            sigmas = self._shifted(sigmas)
+            schedule = self._shifted(schedule)
         if config["shift_terminal"]:
             if steps < 2:  # diffusers divides by 1 - sigma_max = 0 and its step fails
                 raise InputError(f"{self.diffusers_class}: shift_terminal needs 2 or more steps")
-            one_minus = 1 - sigmas
+            one_minus = 1 - schedule
             scale = one_minus[-1] / (1 - config["shift_terminal"])
-            sigmas = 1 - (one_minus / scale)
+            schedule = 1 - (one_minus / scale)
         if config["use_karras_sigmas"]:
-            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
+            schedule = karras_sigmas(float(schedule[-1]), float(schedule[0]), steps)
         elif config["use_exponential_sigmas"]:
-            sigmas = exponential_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
-        sigmas32 = sigmas.astype(np.float32)
+            schedule = exponential_sigmas(float(schedule[-1]), float(schedule[0]), steps)
+        sigmas32 = schedule.astype(np.float32)
         final = np.float32(0.0)
         if config["invert_sigmas"]:  # Mochi: inverted sigmas, timesteps of the inverted ones
             sigmas32, final = np.float32(1.0) - sigmas32, np.float32(1.0)

@@ -1,0 +1,126 @@
+"""Whether a build fits the machine's memory, decided before it exports anything.
+
+A build holds, at its peak, one component's torch module in fp32 (validation runs it whole;
+the streamed ONNX export stays under that), or the whole fp32 torch pipeline when it runs the
+source pipeline end to end (the [validation] gate on real data, and calibration). Read from
+the checkpoints' headers, that is known before a byte of weight is loaded: a model larger
+than `[build] max_memory_gb` (default: 90 % of this machine's memory) is refused with the
+estimate and what would fit, instead of being killed an hour in.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from modelkiln.errors import UnsupportedError
+from modelkiln.specs import ComponentSpec
+
+GB = 1e9
+FP32_BYTES = 4
+# What the build holds besides weights: Python, torch, the exporter, the runtime.
+OVERHEAD_BYTES = int(1.5 * GB)
+# The share of the machine a build may plan to use by default.
+DEFAULT_SHARE = 0.9
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """fp32 bytes of each component's weights, and what the build holds at its peak."""
+
+    components: dict[str, int]
+    whole_pipeline: bool  # the fp32 torch pipeline is held whole (end-to-end gate, calibration)
+
+    @property
+    def largest(self) -> tuple[str, int]:
+        return max(self.components.items(), key=lambda item: item[1])
+
+    @property
+    def pipeline_bytes(self) -> int:
+        return sum(self.components.values())
+
+    def needed(self, whole_pipeline: bool | None = None) -> int:
+        whole = self.whole_pipeline if whole_pipeline is None else whole_pipeline
+        held = self.pipeline_bytes if whole else self.largest[1]
+        return held + OVERHEAD_BYTES
+
+
+def estimate(components: Sequence[ComponentSpec], whole_pipeline: bool) -> Estimate | None:
+    """The estimate from the components' safetensors checkpoints; None where a component has
+    none to read (then nothing is refused)."""
+    sizes: dict[str, int] = {}
+    seen: set[tuple[Path, ...]] = set()
+    for spec in components:
+        if not spec.checkpoint:
+            return None
+        files = tuple(sorted(spec.checkpoint))
+        # Two components from one checkpoint (the VAE's halves) are one module in the pipeline.
+        sizes[spec.name] = fp32_bytes(files) if files not in seen else 0
+        seen.add(files)
+    return Estimate(sizes, whole_pipeline) if sizes else None
+
+
+def fp32_bytes(files: Iterable[Path]) -> int:
+    """What the tensors in these safetensors files take in fp32, from their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="numpy") as checkpoint:
+            for key in checkpoint.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                count = 1
+                for size in checkpoint.get_slice(key).get_shape():
+                    count *= int(size)
+                total += count * FP32_BYTES
+    return total
+
+
+def machine_memory_bytes() -> int:
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def check_fits(estimate: Estimate, max_memory_gb: float | None, origin: str) -> None:
+    """Refuse a build whose estimate exceeds the budget, saying what would fit."""
+    limit = (
+        max_memory_gb * GB if max_memory_gb is not None else DEFAULT_SHARE * machine_memory_bytes()
+    )
+    needed = estimate.needed()
+    if needed <= limit:
+        return
+    name, largest = estimate.largest
+    where = (
+        "build.max_memory_gb"
+        if max_memory_gb is not None
+        else f"{DEFAULT_SHARE:.0%} of this machine's {machine_memory_bytes() / GB:.1f} GB; "
+        "build.max_memory_gb sets it"
+    )
+    if estimate.whole_pipeline:
+        held = (
+            f"the end-to-end gate and calibration run the whole fp32 torch pipeline "
+            f"({_listing(estimate)})"
+        )
+    else:
+        held = f"validation runs {name} whole in fp32 ({largest / GB:.1f} GB)"
+    advice = "use a machine with that much memory"
+    per_component = estimate.needed(whole_pipeline=False)
+    if estimate.whole_pipeline and per_component <= limit:
+        advice = (
+            "drop the end-to-end gate and calibration (--set validation.prompts=[] and a "
+            "scheme without calibration): validated one component at a time it needs "
+            f"{per_component / GB:.1f} GB; or " + advice
+        )
+    raise UnsupportedError(
+        f"{origin}: this build needs about {needed / GB:.1f} GB of memory and may use "
+        f"{limit / GB:.1f} GB ({where}): {held}; {advice}. Builds of components larger "
+        "than memory are not supported yet"
+    )
+
+
+def _listing(estimate: Estimate) -> str:
+    parts = [f"{n} {size / GB:.1f} GB" for n, size in estimate.components.items() if size]
+    return ", ".join(parts)
+
+
+__all__ = ["Estimate", "check_fits", "estimate", "fp32_bytes", "machine_memory_bytes"]

@@ -1,0 +1,225 @@
+"""Stable Diffusion 3 / 3.5 (family "sd3") and Flux.1 (family "flux"): diffusers pipelines whose
+denoiser is a transformer (MMDiT) trained for flow matching, conditioned by CLIP and T5.
+
+Components and IO follow optimum's exports of the same pipelines: SD3 has text_encoder and
+text_encoder_2 (CLIP-L and CLIP-G, with projection), text_encoder_3 (T5, optional: diffusers
+runs without it), transformer (hidden_states, timestep, encoder_hidden_states,
+pooled_projections -> out_hidden_states), vae_encoder, vae_decoder; Flux has text_encoder
+(CLIP-L, pooled), text_encoder_2 (T5), transformer (packed latents, positions and, for the
+guidance-distilled dev, the guidance scale) and the VAE halves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+from modelkiln.errors import ProfileError
+from modelkiln.models.stable_diffusion import (
+    TEXT_TO_IMAGE,
+    StableDiffusionFamily,
+    _tokenizer_length,
+)
+from modelkiln.specs import TensorSpec
+
+# Flow-matching timesteps: SD3's transformer takes 1000 * sigma, Flux's sigma itself.
+SD3_TIMESTEPS = (0.0, 1000.0)
+FLUX_TIMESTEPS = (0.0, 1.0)
+# Flux's positions of image tokens run over the latent grid; its text tokens all sit at 0.
+POSITIONS = (0.0, 64.0)
+GUIDANCE = (1.0, 10.0)  # the distilled guidance scales users pass (dev: 3.5 by default)
+IDS_COLUMNS = 3  # Flux's rotary positions: (unused, row, column)
+
+
+class StableDiffusion3Family(StableDiffusionFamily):
+    name: ClassVar[str] = "sd3"
+    summary: ClassVar[str] = (
+        "diffusers StableDiffusion3Pipeline / Img2Img / Inpaint directories (SD 3, 3.5 Medium "
+        "and Large; T5 optional)"
+    )
+    pipelines: ClassVar[Mapping[str, str]] = {
+        "stable-diffusion-3": "modelkiln.pipelines.flow_diffusion:SD3Pipeline"
+    }
+    denoiser: ClassVar[str] = "transformer"
+    tokenizer_folders: ClassVar[Mapping[str, str]] = {
+        "text_encoder": "tokenizer",
+        "text_encoder_2": "tokenizer_2",
+        "text_encoder_3": "tokenizer_3",
+    }
+    required_folders: ClassVar[tuple[str, ...]] = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    )
+    # diffusers' default_sample_size: 128 latents (1024 pixels with SD3's VAE).
+    default_sample_size: ClassVar[int] = 128
+    # The T5 encoder, and the tokens diffusers' pipelines encode (max_sequence_length).
+    t5_encoder: ClassVar[str] = "text_encoder_3"
+    t5_sequence_length: ClassVar[int] = 256
+    # A transformer that reads the mask and the kept image (16 + 1 + 16 channels).
+    inpainting_channels: ClassVar[int] = 33
+    bundle_configs: ClassVar[tuple[str, ...]] = (
+        "model_index.json",
+        "scheduler/",
+        "tokenizer/",
+        "tokenizer_2/",
+        "tokenizer_3/",
+    )
+
+    @classmethod
+    def _component_folders(cls, root: Path) -> list[tuple[str, str]]:
+        """T5 only where the pipeline has it: SD3 runs with zeros in its place."""
+        present = [encoder for encoder in cls.tokenizer_folders if (root / encoder).is_dir()]
+        text = [(encoder, encoder) for encoder in present]
+        return [*text, (cls.denoiser, cls.denoiser), ("vae_encoder", "vae"), ("vae_decoder", "vae")]
+
+    @classmethod
+    def _sequences(cls, root: Path) -> dict[str, int]:
+        sequences = {}
+        for encoder, tokenizer in cls.tokenizer_folders.items():
+            t5 = encoder == cls.t5_encoder
+            sequences[encoder] = (
+                cls.t5_sequence_length if t5 else _tokenizer_length(root / tokenizer)
+            )
+        return sequences
+
+    @classmethod
+    def _model_info(
+        cls,
+        root: Path,
+        index: Mapping[str, Any],
+        denoiser_config: Mapping[str, Any],
+        sequences: Mapping[str, int],
+    ) -> dict[str, Any]:
+        return {
+            "transformer_in_channels": denoiser_config["in_channels"],
+            "patch_size": denoiser_config.get("patch_size", 2),
+            "joint_attention_dim": denoiser_config["joint_attention_dim"],
+            "t5_sequence_length": sequences[cls.t5_encoder],
+            "has_t5": (root / cls.t5_encoder).is_dir(),
+        }
+
+    @classmethod
+    def _signature(
+        cls,
+        name: str,
+        config: Mapping[str, Any],
+        sequences: Mapping[str, int],
+        dims: Mapping[str, int],
+    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        if name != "transformer":
+            return super()._signature(name, config, sequences, dims)
+        latent = ("latent_height", "latent_width")
+        tokens = sequences["text_encoder"] + sequences[cls.t5_encoder]  # CLIP's, then T5's
+        inputs = {
+            "hidden_states": TensorSpec("float32", ("batch", config["in_channels"], *latent)),
+            "timestep": TensorSpec("float32", ("batch",), value_range=SD3_TIMESTEPS),
+            "encoder_hidden_states": TensorSpec(
+                "float32", ("batch", tokens, config["joint_attention_dim"])
+            ),
+            "pooled_projections": TensorSpec("float32", ("batch", config["pooled_projection_dim"])),
+        }
+        out = TensorSpec("float32", ("batch", config["out_channels"], *latent))
+        return inputs, {"out_hidden_states": out}
+
+
+class FluxFamily(StableDiffusion3Family):
+    name: ClassVar[str] = "flux"
+    summary: ClassVar[str] = "diffusers FluxPipeline / Img2Img directories (Flux.1 dev and schnell)"
+    pipelines: ClassVar[Mapping[str, str]] = {
+        "flux": "modelkiln.pipelines.flow_diffusion:FluxPipeline"
+    }
+    tokenizer_folders: ClassVar[Mapping[str, str]] = {
+        "text_encoder": "tokenizer",
+        "text_encoder_2": "tokenizer_2",
+    }
+    required_folders: ClassVar[tuple[str, ...]] = (
+        "transformer",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    )
+    t5_encoder: ClassVar[str] = "text_encoder_2"
+    t5_sequence_length: ClassVar[int] = 512  # FluxPipeline's max_sequence_length
+    # Flux runs without classifier-free guidance: one transformer call per image.
+    denoiser_batch_factor: ClassVar[int] = 1
+    inpainting_channels: ClassVar[int] = 0  # Flux Fill (384 channels) is not supported
+    bundle_configs: ClassVar[tuple[str, ...]] = (
+        "model_index.json",
+        "scheduler/",
+        "tokenizer/",
+        "tokenizer_2/",
+    )
+    usage: ClassVar[Mapping[str, str]] = {
+        TEXT_TO_IMAGE: 'kiln generate {bundle} --prompt "a lighthouse at dusk" -o image.png',
+    }
+
+    @classmethod
+    def _dims(
+        cls, height: int, width: int, factor: int, denoiser_config: Mapping[str, Any]
+    ) -> dict[str, int]:
+        """Flux packs 2×2 latent patches into one token: the image must be a multiple of
+        twice the VAE's factor (diffusers rounds it down; the profile check says so)."""
+        dims = super()._dims(height, width, factor, denoiser_config)
+        for key in ("height", "width"):
+            if dims[key] % (2 * factor):
+                raise ProfileError(
+                    f"shapes.{key} = {dims[key]} is not a multiple of {2 * factor}: Flux packs "
+                    f"2×2 latents of this VAE's {factor}×{factor} pixels into one token"
+                )
+        dims["image_tokens"] = (dims["latent_height"] // 2) * (dims["latent_width"] // 2)
+        return dims
+
+    @classmethod
+    def _model_info(
+        cls,
+        root: Path,
+        index: Mapping[str, Any],
+        denoiser_config: Mapping[str, Any],
+        sequences: Mapping[str, int],
+    ) -> dict[str, Any]:
+        return {
+            "transformer_in_channels": denoiser_config["in_channels"],
+            "joint_attention_dim": denoiser_config["joint_attention_dim"],
+            "t5_sequence_length": sequences[cls.t5_encoder],
+            "guidance_embeds": bool(denoiser_config.get("guidance_embeds", False)),
+        }
+
+    @classmethod
+    def _signature(
+        cls,
+        name: str,
+        config: Mapping[str, Any],
+        sequences: Mapping[str, int],
+        dims: Mapping[str, int],
+    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        if name != "transformer":
+            return super()._signature(name, config, sequences, dims)
+        text = sequences[cls.t5_encoder]
+        channels = config["in_channels"]
+        inputs = {
+            "hidden_states": TensorSpec("float32", ("batch", "image_tokens", channels)),
+            "encoder_hidden_states": TensorSpec(
+                "float32", ("batch", text, config["joint_attention_dim"])
+            ),
+            "pooled_projections": TensorSpec("float32", ("batch", config["pooled_projection_dim"])),
+            "timestep": TensorSpec("float32", ("batch",), value_range=FLUX_TIMESTEPS),
+            "img_ids": TensorSpec("float32", ("image_tokens", IDS_COLUMNS), value_range=POSITIONS),
+            "txt_ids": TensorSpec("float32", (text, IDS_COLUMNS), value_range=(0.0, 1.0)),
+        }
+        if config.get("guidance_embeds"):
+            inputs["guidance"] = TensorSpec("float32", ("batch",), value_range=GUIDANCE)
+        out_channels = config.get("out_channels") or channels
+        out = TensorSpec("float32", ("batch", "image_tokens", out_channels))
+        return inputs, {"out_hidden_states": out}
+
+
+__all__ = ["FluxFamily", "StableDiffusion3Family"]

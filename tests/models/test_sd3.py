@@ -1,0 +1,168 @@
+"""SD 3 / 3.5: two CLIPs and an optional T5, an MMDiT transformer, flow matching, a 16-channel
+VAE with a shift; text-to-image, image-to-image and inpainting on every format and runtime.
+
+The torch runtime reproduces diffusers' SD3 pipelines (PSNR >= 40 dB); ONNX Runtime and
+OpenVINO fp32 artifacts reproduce diffusers too (>= 35 dB); int8 profiles pass their build's
+end-to-end gate.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from diffusion_checks import PROMPT, SIZE, generate, psnr
+from flow_checks import NEGATIVE, diffusers_flow_reference
+
+from modelkiln import load, open_artifact
+from modelkiln.errors import InputError
+
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
+
+MODES = ("text", "image", "inpaint")
+FP32 = [
+    pytest.param("sd3-onnxruntime-fp32", "onnxruntime", marks=pytest.mark.onnxruntime, id="ort"),
+    pytest.param("sd3-openvino-fp32", "openvino", marks=pytest.mark.openvino, id="ov"),
+]
+
+
+@pytest.fixture(scope="module")
+def diffusers_images(source_dir: Callable[[str], Path]) -> dict[str, object]:
+    source = source_dir("sd3")
+    images = {mode: diffusers_flow_reference(source, mode) for mode in MODES}
+    images["negative"] = diffusers_flow_reference(source, "text", negative_prompt=NEGATIVE)
+    return images
+
+
+def generate_all(pipeline: object) -> dict[str, object]:
+    images = {mode: generate(pipeline, mode) for mode in MODES}
+    images["negative"] = generate(pipeline, "text", negative_prompt=NEGATIVE)
+    return images
+
+
+def test_torch_runtime_reproduces_diffusers(
+    built: Callable[..., Path], diffusers_images: dict[str, object]
+) -> None:
+    with load(built("sd3", "sd3-torch-fp32")) as pipeline:
+        ours = generate_all(pipeline)
+    for mode, expected in diffusers_images.items():
+        assert np.asarray(expected).std() > 10, "the reference must not be a flat image"
+        assert psnr(ours[mode], expected) >= 40, mode  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("profile", "runtime"), FP32)
+def test_fp32_backends_reproduce_diffusers(
+    profile: str, runtime: str, built: Callable[..., Path], diffusers_images: dict[str, object]
+) -> None:
+    with load(built("sd3", profile), runtime=runtime) as pipeline:
+        ours = generate_all(pipeline)
+    for mode, expected in diffusers_images.items():
+        assert ours[mode].size == (SIZE, SIZE)  # type: ignore[attr-defined]
+        assert psnr(ours[mode], expected) >= 35, mode  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("source", "profile"),
+    [
+        pytest.param("sd3-no-t5", "sd3-openvino-fp32", marks=pytest.mark.openvino, id="no-t5"),
+        pytest.param("sd3.5", "sd3-onnxruntime-fp32", marks=pytest.mark.onnxruntime, id="3.5"),
+    ],
+)
+def test_variants_reproduce_diffusers(
+    source: str, profile: str, built: Callable[..., Path], source_dir: Callable[[str], Path]
+) -> None:
+    """Without T5 (zeros in its place, as diffusers), and SD 3.5's qk-norm + dual attention."""
+    artifact = built(source, profile)
+    components = open_artifact(artifact).manifest.components
+    assert ("text_encoder_3" in components) == (source != "sd3-no-t5")
+    with load(artifact) as pipeline:
+        for mode in ("text", "image"):
+            expected = diffusers_flow_reference(source_dir(source), mode)
+            assert psnr(generate(pipeline, mode), expected) >= 35, mode
+
+
+@pytest.mark.parametrize(
+    ("profile", "runtime"),
+    [
+        pytest.param("sd3-openvino-int8", "openvino", marks=pytest.mark.openvino, id="ov-int8"),
+        pytest.param(
+            "sd3-onnxruntime-int8", "onnxruntime", marks=pytest.mark.onnxruntime, id="ort-int8"
+        ),
+        pytest.param("sd3-openvino-int4", "openvino", marks=pytest.mark.openvino, id="ov-int4"),
+    ],
+)
+def test_quantized_profiles_pass_the_gate_and_generate(
+    profile: str, runtime: str, built: Callable[..., Path], diffusers_images: dict[str, object]
+) -> None:
+    # The tiny model's widths take 4-bit groups of 16, but for its CLIPs' 37-wide MLPs.
+    small = (
+        "quantization.group_size=16",
+        "components.text_encoder.scheme=int8-weights",
+        "components.text_encoder_2.scheme=int8-weights",
+    )
+    artifact = built("sd3", profile, *(small if "int4" in profile else ()))
+    gate = json.loads((artifact / "kiln.json").read_text())["end_to_end"]
+    assert len(gate["psnr_db"]) == 2  # the build's gate ran the profile's two prompts
+    assert min(gate["psnr_db"]) >= 15 and min(gate["ssim"]) >= 0.5
+    with load(artifact, runtime=runtime) as pipeline:
+        image = generate(pipeline, "text")
+    assert psnr(image, diffusers_images["text"]) >= 15  # type: ignore[arg-type]
+
+
+@pytest.mark.onnxruntime
+def test_artifact_has_optimums_sd3_layout(built: Callable[..., Path]) -> None:
+    artifact = built("sd3", "sd3-onnxruntime-fp32")
+    components = open_artifact(artifact, verify=True).manifest.components
+    assert list(components) == [
+        "text_encoder",
+        "text_encoder_2",
+        "text_encoder_3",
+        "transformer",
+        "vae_encoder",
+        "vae_decoder",
+    ]
+    transformer = components["transformer"]
+    assert list(transformer.inputs) == [
+        "hidden_states",
+        "timestep",
+        "encoder_hidden_states",
+        "pooled_projections",
+    ]
+    assert list(transformer.outputs) == ["out_hidden_states"]
+    # CLIP's 77 tokens then T5's 256, at T5's width
+    assert transformer.inputs["encoder_hidden_states"].shape == ("batch", 77 + 256, 128)
+    for name in ("tokenizer_3/tokenizer.json", "text_encoder_3/model.onnx", "model_index.json"):
+        assert (artifact / name).is_file(), name
+    config = json.loads((artifact / "text_encoder_3" / "config.json").read_text())
+    assert config["export_model_type"] == "t5-encoder"
+
+
+def test_schedulers_other_than_flow_matching_are_refused(built: Callable[..., Path]) -> None:
+    with (
+        load(built("sd3", "sd3-torch-fp32")) as pipeline,
+        pytest.raises(InputError, match="trained for flow matching: use flow-match-euler"),
+    ):
+        pipeline.text_to_image(PROMPT, steps=2, scheduler="euler")
+
+
+@pytest.mark.openvino
+def test_kiln_generate_reproduces_diffusers(
+    built: Callable[..., Path],
+    diffusers_images: dict[str, object],
+    tmp_path: Path,
+    kiln_main: Callable[..., Any],
+) -> None:
+    """The command line's defaults are diffusers' (guidance 7.0), like the API's."""
+    from PIL import Image
+
+    out = tmp_path / "image.png"
+    artifact = built("sd3", "sd3-openvino-fp32")
+    outcome = kiln_main(
+        "generate", artifact, "--prompt", PROMPT, "--steps", 3, "--seed", 0, "-o", out
+    )
+    assert outcome.code == 0, outcome.err
+    assert psnr(Image.open(out), diffusers_images["text"]) >= 35  # type: ignore[arg-type]
