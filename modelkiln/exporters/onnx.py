@@ -47,6 +47,7 @@ def onnx_from_torch(
     program = _streamed_program(spec, profile)
     if program is None:
         program = _export(spec, load_module(), profile, meta=False)
+        _fold_weight_transposes(program.model)
         program.optimize()
     if fusions_wanted(profile):
         fused = fuse_for_onnxruntime(program.model)
@@ -104,9 +105,59 @@ def _streamed_program(spec: ComponentSpec, profile: Profile) -> Any | None:
             shape=declared.shape,
             name=name,
         )
+    transposed = _fold_weight_transposes(program.model)
+    logger.debug("%s: %d weight transposes folded lazily", spec.name, transposed)
     # Constant folding needs real values, so the optimizer runs once the weights are bound.
     program.optimize()
     return program
+
+
+def _fold_weight_transposes(model: Any) -> int:
+    """Fold Transpose(weight) into the weight itself, computed only when the model is saved.
+
+    The exporter writes a Linear as MatMul(x, Transpose(W)). onnxscript's optimizer folds such
+    Transposes whatever their size (`_DEFAULT_ALWAYS_FOLD_OPS`), reading each weight and keeping
+    its transpose in memory: +0.5 GB per block of SD3.5 Large, the whole transformer by the
+    end of a streamed export. Folded here, a transposed weight is a LazyTensor (read,
+    transposed and written one at a time) under the weight's own name, and the graph is the
+    one the optimizer would have made. Both export paths fold so, and write the same model.
+    """
+    import onnx_ir
+
+    count = 0
+    for node in list(model.graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        weight = node.inputs[0]
+        if (
+            weight is None
+            or not weight.is_initializer()
+            or weight.const_value is None
+            or len(weight.uses()) != 1
+            or weight in model.graph.outputs
+            or node.outputs[0] in model.graph.outputs
+        ):
+            continue
+        lazy = weight.const_value
+        attribute = node.attributes.get("perm")
+        rank = len(lazy.shape)
+        perm = tuple(attribute.as_ints()) if attribute is not None else tuple(reversed(range(rank)))
+        shape = onnx_ir.Shape([lazy.shape[axis] for axis in perm])
+        weight.const_value = onnx_ir.LazyTensor(
+            partial(_transposed, lazy, perm), dtype=lazy.dtype, shape=shape, name=weight.name
+        )
+        weight.shape = shape
+        node.outputs[0].replace_all_uses_with(weight)
+        model.graph.remove(node, safe=True)
+        count += 1
+    return count
+
+
+def _transposed(tensor: Any, perm: tuple[int, ...]) -> Any:
+    import numpy as np
+    import onnx_ir
+
+    return onnx_ir.Tensor(np.ascontiguousarray(tensor.numpy().transpose(perm)), name=tensor.name)
 
 
 def _export(spec: ComponentSpec, module: Any, profile: Profile, *, meta: bool) -> Any:

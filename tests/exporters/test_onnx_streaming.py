@@ -77,3 +77,29 @@ def _empty_checkpoint(directory: Path) -> Path:
     path = directory / "other.safetensors"
     save_file({"unrelated": np.zeros(2, np.float32)}, str(path))
     return path
+
+
+def test_a_streamed_transformer_keeps_its_weights_on_disk_until_saved(
+    source_dir: Callable[[str], Path],
+) -> None:
+    """The MatMuls' transposed weights are folded lazily: before saving, the program holds
+    no weight in memory (onnxscript's optimizer would have materialised every one)."""
+    import onnx_ir
+
+    from modelkiln.exporters.onnx import _streamed_program
+
+    profile = load_profile("sd3-onnxruntime-fp32")
+    source = resolve_source(source_dir("sd3"))
+    loaded = detect_family(source).load(source, profile)
+    spec = next(c for c in loaded.components if c.name == "transformer")
+    program = _streamed_program(spec, profile)
+    assert program is not None
+    values = [value.const_value for value in program.model.graph.initializers.values()]
+    lazy = sum(v.nbytes for v in values if isinstance(v, onnx_ir.LazyTensor))
+    held = sum(v.nbytes for v in values if v is not None and not isinstance(v, onnx_ir.LazyTensor))
+    assert lazy > 400_000 and held < 0.01 * lazy
+    initializers = set(program.model.graph.initializers.values())
+    transposed = [
+        n for n in program.model.graph if n.op_type == "Transpose" and n.inputs[0] in initializers
+    ]
+    assert transposed == []
