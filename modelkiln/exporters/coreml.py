@@ -122,9 +122,25 @@ def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
             args,
             dynamic_shapes=tuple(dynamic_shapes.values()) if symbols else None,
             strict=False,
-        ).run_decompositions({})
+        ).run_decompositions(_decompositions())
     remove_aliases(program)
     return program
+
+
+def _decompositions() -> dict[Any, Any]:
+    """Only what coremltools 9 lacks: where() with a Python scalar branch (T5's attention
+    masking) becomes where() of two tensors."""
+    import torch
+
+    aten = torch.ops.aten
+
+    def where_scalar_other(condition: Any, tensor: Any, other: float) -> Any:
+        return aten.where.self(condition, tensor, aten.full_like(tensor, other))
+
+    def where_scalar_self(condition: Any, value: float, tensor: Any) -> Any:
+        return aten.where.self(condition, aten.full_like(tensor, value), tensor)
+
+    return {aten.where.ScalarOther: where_scalar_other, aten.where.ScalarSelf: where_scalar_self}
 
 
 def convert(spec: ComponentSpec, module: Any, profile: Profile) -> Any:

@@ -157,6 +157,34 @@ def test_every_diffusion_component_converts(built: Callable[..., Path], source: 
         assert record.validation.passed is None and record.validation.reference
 
 
+FLOW = [
+    pytest.param("sd3", "sd3-coreml-fp16", (), id="sd3"),
+    pytest.param(
+        "flux-dev", "flux-coreml-fp16", ("shapes.height=32", "shapes.width=32"), id="flux"
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("source", "profile", "overrides"), FLOW)
+def test_every_flow_transformer_component_converts(
+    built: Callable[..., Path], source: str, profile: str, overrides: tuple[str, ...]
+) -> None:
+    """T5 too: its attention mask's where(cond, x, scalar) is rewritten for coremltools."""
+    artifact = built(source, profile, *overrides)
+    manifest = open_artifact(artifact).manifest
+    sd3 = source == "sd3"
+    t5, tokens = ("text_encoder_3", 256) if sd3 else ("text_encoder_2", 512)
+    ids = _inputs(_program(artifact, t5))["input_ids"]
+    assert ids[0] == [1, tokens] and ids[2] == INT32
+    transformer = _inputs(_program(artifact, "transformer"))
+    # SD3's transformer takes the CFG pair at its fixed batch; Flux runs without CFG.
+    assert transformer["hidden_states"][0][0] == (2 if sd3 else 1)
+    assert "guidance" in transformer or sd3
+    for record in manifest.components.values():
+        assert record.validation.passed is None and record.validation.reference
+
+
 @pytest.mark.slow
 def test_diffusion_resolution_can_be_flexible(built: Callable[..., Path]) -> None:
     artifact = built("sd", "sd-coreml-fp16", "shapes.dynamic_resolution=true")
@@ -307,10 +335,21 @@ def test_on_macos_the_program_matches_torch(built: Callable[..., Path], profile:
 
 @pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "darwin", reason="Core ML prediction needs macOS")
-def test_on_macos_the_diffusion_pipeline_runs_on_core_ml(built: Callable[..., Path]) -> None:
-    artifact = built("sd", "sd-coreml-fp16")
+@pytest.mark.parametrize(
+    ("source", "family", "overrides"),
+    [
+        ("sd", "sd", ()),
+        ("sd3", "sd3", ()),
+        ("flux-dev", "flux", ("shapes.height=32", "shapes.width=32")),
+    ],
+)
+def test_on_macos_the_diffusion_pipeline_runs_on_core_ml(
+    built: Callable[..., Path], source: str, family: str, overrides: tuple[str, ...]
+) -> None:
+    artifact = built(source, f"{family}-coreml-fp16", *overrides)
     images = load(artifact).text_to_image("a red fox", steps=2, seed=0)
-    reference = load(built("sd", "sd-torch-fp32")).text_to_image("a red fox", steps=2, seed=0)
+    torch_artifact = built(source, f"{family}-torch-fp32", *overrides)
+    reference = load(torch_artifact).text_to_image("a red fox", steps=2, seed=0)
     pixels, expected = (np.asarray(i[0], dtype=np.float64) for i in (images, reference))
     assert pixels.shape == expected.shape
     assert np.abs(pixels - expected).mean() < 8  # fp16 over two steps, in 0-255 levels

@@ -188,6 +188,29 @@ def test_tiny_sd_specs_give_consistent_ranges(source_dir: Callable[[str], Path])
     assert [u[0] for u in ranges["unet"]["sample"]] == [1, 2, 8]
 
 
+@pytest.mark.parametrize("source", ["sd3", "flux-dev"])
+def test_tiny_flow_transformers_give_batch_ranges_and_static_positions(
+    source_dir: Callable[[str], Path], source: str
+) -> None:
+    """SD3's transformer takes the CFG pair (1 .. 2 x 4); Flux's takes the images (1 .. 4)
+    and its token positions, which have no batch axis, stay static."""
+    from modelkiln.models import detect_family
+    from modelkiln.sources import resolve_source
+
+    family = "sd3" if source == "sd3" else "flux"
+    profile = load_profile(f"{family}-tensorrt-fp16", ["shapes.height=32", "shapes.width=32"])
+    resolved = resolve_source(source_dir(source))
+    loaded = detect_family(resolved).load(resolved, profile)
+    ranges = {spec.name: _ranges(recipe_for(spec, profile)) for spec in loaded.components}
+    transformer = ranges["transformer"]
+    assert [shape[0] for shape in transformer["hidden_states"]] == (
+        [1, 2, 8] if family == "sd3" else [1, 1, 4]
+    )
+    assert "img_ids" not in transformer and "txt_ids" not in transformer
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    assert ranges[t5]["input_ids"][2] == (4, 256 if family == "sd3" else 512)
+
+
 # --- recipe: precision and builder config -----------------------------------------------------
 
 
@@ -852,3 +875,26 @@ def test_int8_engine_builds_from_the_qdq_onnx(
     assert record.quantization.scheme == "int8-static"
     assert record.validation.passed
     assert read_record(artifact).recipe.flags == ("FP16", "INT8")
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("source", ["sd3.5", "flux-dev"])
+def test_flow_transformer_and_t5_exports_need_nothing_tensorrt_lacks(
+    source_dir: Callable[[str], Path], source: str, tmp_path: Path
+) -> None:
+    """The MMDiT (SD 3.5's qk-norm and dual attention, Flux's rotary positions) and T5 as
+    the TensorRT exporter writes them: only standard ops TensorRT imports."""
+    from modelkiln.exporters.tensorrt import TensorRTExporter
+    from modelkiln.models import detect_family
+    from modelkiln.sources import resolve_source
+    from modelkiln.tensorrt.onnx_checks import check_onnx
+
+    family = "flux" if source.startswith("flux") else "sd3"
+    profile = load_profile(f"{family}-tensorrt-fp16", ["shapes.height=32", "shapes.width=32"])
+    resolved = resolve_source(source_dir(source))
+    specs = {c.name: c for c in detect_family(resolved).load(resolved, profile).components}
+    t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
+    for name in ("transformer", t5):
+        path = TensorRTExporter().export(specs[name], specs[name].module, profile, tmp_path)
+        found = check_onnx(path)
+        assert found["opset"] == 18 and found["nodes"] > 50, name
