@@ -256,7 +256,7 @@ def _stages_section(report: dict[str, Any]) -> str:
         for entry in group
     ]
     note = (
-        f"p50 of one call of each stage; the UNet runs once per denoising step "
+        f"p50 of one call of each stage; the UNet or transformer runs once per denoising step "
         f"({report['settings']['steps']} steps per image)."
     )
     return f"## Diffusion stages\n\n{_table(header, rows)}\n\n{note}"

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # A dynamic axis is exported from an example of size 2: tracing with 1 would specialise it.
 DYNAMIC_EXAMPLE_SIZE = 2
 # Symbolic dims that follow the image resolution (shapes.dynamic_resolution).
-RESOLUTION_DIMS = frozenset({"height", "width", "latent_height", "latent_width"})
+RESOLUTION_DIMS = frozenset({"height", "width", "latent_height", "latent_width", "image_tokens"})
 
 
 class Exporter(ABC):
@@ -77,7 +77,8 @@ def dim_ranges(spec: ComponentSpec, profile: Profile) -> dict[str, tuple[int, in
     Batch: 1 / batch_size / max_batch_size images, times the component's batch factor (2 for
     the CFG-doubled UNet) except the min (a UNet without CFG runs 1). Resolution:
     min_resolution / the set resolution / max_resolution in pixels (None: half / twice it);
-    latent dims follow at the VAE's scale, read from the component's own dims.
+    latent dims follow at the VAE's scale, read from the component's own dims, and Flux's
+    image tokens (one per 2×2 latents) from those.
     """
     shapes = profile.shapes
     example, dynamic = export_dims(spec, profile)
@@ -88,6 +89,7 @@ def dim_ranges(spec: ComponentSpec, profile: Profile) -> dict[str, tuple[int, in
         ranges["batch"] = (1, shapes.batch_size * factor, shapes.max_batch_size * factor)
     if not shapes.dynamic_resolution:
         return ranges
+    latents: dict[str, tuple[int, int, int]] = {}
     for pixel in ("height", "width"):
         if pixel not in example:
             continue
@@ -103,9 +105,15 @@ def dim_ranges(spec: ComponentSpec, profile: Profile) -> dict[str, tuple[int, in
         if pixel in used:
             ranges[pixel] = (least, size, most)
         latent = f"latent_{pixel}"
-        if latent in example and latent in used:
+        if latent in example:
             scale = size // example[latent]  # the VAE's downsampling factor, 8 for SD
-            ranges[latent] = (max(1, -(-least // scale)), example[latent], most // scale)
+            latents[latent] = (max(1, -(-least // scale)), example[latent], most // scale)
+            if latent in used:
+                ranges[latent] = latents[latent]
+    if "image_tokens" in used and len(latents) == 2:
+        rows, columns = latents["latent_height"], latents["latent_width"]
+        tokens = [max(1, rows[i] // 2) * max(1, columns[i] // 2) for i in range(3)]
+        ranges["image_tokens"] = (tokens[0], tokens[1], tokens[2])
     return ranges
 
 

@@ -209,6 +209,14 @@ def test_tiny_flow_transformers_give_batch_ranges_and_static_positions(
     assert "img_ids" not in transformer and "txt_ids" not in transformer
     t5 = "text_encoder_3" if family == "sd3" else "text_encoder_2"
     assert ranges[t5]["input_ids"][2] == (4, 256 if family == "sd3" else 512)
+    if family == "flux":  # a flexible resolution: 16..64 px -> 4x4..16x16 latent tokens
+        flexible = load_profile(
+            "flux-tensorrt-fp16",
+            ["shapes.height=32", "shapes.width=32", "shapes.dynamic_resolution=true"],
+        )
+        specs = {s.name: s for s in detect_family(resolved).load(resolved, flexible).components}
+        tokens = _ranges(recipe_for(specs["transformer"], flexible))["hidden_states"]
+        assert [shape[1] for shape in tokens] == [4 * 4, 8 * 8, 16 * 16]
 
 
 # --- recipe: precision and builder config -----------------------------------------------------

@@ -140,3 +140,30 @@ def test_a_size_flux_cannot_pack_is_refused_before_loading() -> None:
     assert FluxFamily._dims(512, 528, 8, {})["image_tokens"] == 32 * 33
     with pytest.raises(ProfileError, match=r"shapes.height = 520 is not a multiple of 16: Flux"):
         FluxFamily._dims(520, 512, 8, {})
+
+
+@pytest.mark.onnxruntime
+def test_a_flexible_resolution_reproduces_diffusers_at_another_size(
+    built: Callable[..., Path], source_dir: Callable[[str], Path]
+) -> None:
+    """shapes.dynamic_resolution: the image tokens follow the size (48×32 is 12×8 tokens)."""
+    import diffusers
+    import numpy as np
+    import torch
+
+    artifact = built(
+        "flux-dev", "flux-onnxruntime-fp32", *AT_SIZE, "shapes.dynamic_resolution=true"
+    )
+    with load(artifact) as pipeline:
+        image = pipeline.text_to_image(PROMPT, steps=3, seed=1, height=48, width=32)[0]
+    reference = diffusers.FluxPipeline.from_pretrained(source_dir("flux-dev"))
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        PROMPT,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(1),
+        height=48,
+        width=32,
+    ).images[0]
+    assert image.size == expected.size == (32, 48)
+    assert psnr(np.asarray(image), np.asarray(expected)) >= 35

@@ -166,3 +166,26 @@ def test_kiln_generate_reproduces_diffusers(
     )
     assert outcome.code == 0, outcome.err
     assert psnr(Image.open(out), diffusers_images["text"]) >= 35  # type: ignore[arg-type]
+
+
+@pytest.mark.openvino
+def test_a_flexible_resolution_reproduces_diffusers_at_another_size(
+    built: Callable[..., Path], source_dir: Callable[[str], Path]
+) -> None:
+    import diffusers
+    import torch
+
+    artifact = built("sd3", "sd3-openvino-fp32", "shapes.dynamic_resolution=true")
+    with load(artifact) as pipeline:
+        image = pipeline.text_to_image(PROMPT, steps=3, seed=1, height=48, width=64)[0]
+    reference = diffusers.StableDiffusion3Pipeline.from_pretrained(source_dir("sd3"))
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        PROMPT,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(1),
+        height=48,
+        width=64,
+    ).images[0]
+    assert image.size == expected.size == (64, 48)
+    assert psnr(np.asarray(image), np.asarray(expected)) >= 35
