@@ -167,13 +167,15 @@ def _require_task(pipeline: Any, expected: type) -> None:
 @click.option(
     "--steps",
     type=click.IntRange(1, MAX_STEPS),
-    help="Denoising steps.  [default: diffusers' for the family: 50]",
+    help="Denoising steps.  [default: diffusers' for the family: SD, SDXL 50; SD3 28, "
+    "image and inpaint 50; Flux 28]",
 )
 @click.option(
     "--guidance",
     type=float,
-    help="1.0: no CFG pass.  [default: diffusers' for the family: SD 7.5; SDXL 5.0, "
-    "inpainting 7.5]",
+    help="Classifier-free guidance scale, 1.0: no CFG pass; Flux dev: the embedded guidance.  "
+    "[default: diffusers' for the family: SD 7.5; SDXL 5.0, inpainting 7.5; SD3 7.0; "
+    "Flux 3.5, image 7.0]",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same pixels.")
 @click.option("--width", type=int, help="Default: the size the artifact was built for.")
@@ -185,7 +187,7 @@ def _require_task(pipeline: Any, expected: type) -> None:
     "--strength",
     type=float,
     help="How much to change --image.  [default: diffusers' for the family: SD 0.8 and 1.0 "
-    "for inpainting, SDXL 0.3 and 0.9999]",
+    "for inpainting, SDXL 0.3 and 0.9999, SD3 and Flux 0.6]",
 )
 @click.option("--mask", help="Inpaint where this mask is white (any size).")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.png")
