@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from modelkiln.errors import ProfileError
+from modelkiln.errors import ProfileError, SourceError
 from modelkiln.models.stable_diffusion import (
     TEXT_TO_IMAGE,
     StableDiffusionFamily,
@@ -75,6 +75,13 @@ class StableDiffusion3Family(StableDiffusionFamily):
     def _component_folders(cls, root: Path) -> list[tuple[str, str]]:
         """T5 only where the pipeline has it: SD3 runs with zeros in its place."""
         present = [encoder for encoder in cls.tokenizer_folders if (root / encoder).is_dir()]
+        for encoder in present:
+            tokenizer = cls.tokenizer_folders[encoder]
+            if not (root / tokenizer).is_dir():
+                raise SourceError(
+                    f"{root} has {encoder}/ but no {tokenizer}/: the pipeline's text encoders "
+                    "need their tokenizers; save the pipeline with them"
+                )
         text = [(encoder, encoder) for encoder in present]
         return [*text, (cls.denoiser, cls.denoiser), ("vae_encoder", "vae"), ("vae_decoder", "vae")]
 
@@ -131,6 +138,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
 class FluxFamily(StableDiffusion3Family):
     name: ClassVar[str] = "flux"
     summary: ClassVar[str] = "diffusers FluxPipeline / Img2Img directories (Flux.1 dev and schnell)"
+    tasks: ClassVar[tuple[str, ...]] = (TEXT_TO_IMAGE,)  # Flux Fill is not supported
     pipelines: ClassVar[Mapping[str, str]] = {
         "flux": "modelkiln.pipelines.flow_diffusion:FluxPipeline"
     }

@@ -34,7 +34,7 @@ class FlowPipeline(SDPipeline):
     """What SD3 and Flux share: a transformer, a flow-matching scheduler, T5, and diffusers'
     rounding of the steps an image-to-image run skips."""
 
-    # The T5 encoder and its tokenizer folder (None: the artifact was built without T5).
+    # The T5 encoder's session and its tokenizer folder (an SD3 artifact may have neither).
     t5_encoder: ClassVar[str]
     t5_tokenizer: ClassVar[str]
     stages: ClassVar[Mapping[str, str]] = {
@@ -63,7 +63,8 @@ class FlowPipeline(SDPipeline):
         )
 
     def _check_denoiser(self, configs: Mapping[str, Mapping[str, Any]]) -> None:
-        """Flow-matching transformers only run with a flow-matching scheduler."""
+        """Nothing to refuse up front (SD's check is of a UNet's config); the scheduler is
+        checked per call (_scheduler)."""
 
     def _scheduler(self, name: str | None) -> Scheduler:
         scheduler = super()._scheduler(name)

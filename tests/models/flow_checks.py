@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,12 @@ NEGATIVE = "blurry"  # SD3 takes negative prompts; Flux does not
 
 def diffusers_flow_reference(source: Path, mode: str, **arguments: Any) -> Image.Image:
     """diffusers' SD3 / Flux pipeline on `source` with generate()'s seed, steps, size, image
-    and strength, everything else at diffusers' defaults (as ours)."""
+    and strength, everything else at diffusers' defaults (as ours); made once per call."""
+    return _reference(source, mode, tuple(sorted(arguments.items())))
+
+
+@functools.cache
+def _reference(source: Path, mode: str, arguments: tuple[tuple[str, Any], ...]) -> Image.Image:
     import diffusers
     import torch
 
@@ -32,7 +38,7 @@ def diffusers_flow_reference(source: Path, mode: str, **arguments: Any) -> Image
         "generator": torch.Generator().manual_seed(0),
         "height": SIZE,
         "width": SIZE,
-        **arguments,
+        **dict(arguments),
     }
     if mode in ("image", "inpaint"):
         call["image"] = modes()[mode]["image"]

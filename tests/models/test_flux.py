@@ -42,8 +42,6 @@ def test_reproduces_diffusers(
     built: Callable[..., Path],
     source_dir: Callable[[str], Path],
 ) -> None:
-    if source == "flux-schnell" and runtime != "torch":
-        pytest.skip("schnell differs from dev only in the transformer's guidance input")
     with load(built(source, profile, *AT_SIZE), runtime=runtime) as pipeline:
         for mode in MODES:
             expected = diffusers_flow_reference(source_dir(source), mode)

@@ -189,3 +189,19 @@ def test_a_flexible_resolution_reproduces_diffusers_at_another_size(
     ).images[0]
     assert image.size == expected.size == (64, 48)
     assert psnr(np.asarray(image), np.asarray(expected)) >= 35
+
+
+def test_a_text_encoder_without_its_tokenizer_is_refused(
+    source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from modelkiln import build
+    from modelkiln.errors import SourceError
+
+    source = tmp_path / "sd3"
+    shutil.copytree(source_dir("sd3"), source)
+    shutil.rmtree(source / "tokenizer_3")
+    with pytest.raises(SourceError, match=r"has text_encoder_3/ but no tokenizer_3/"):
+        build(source, "sd3-torch-fp32", tmp_path / "art")
+    assert not (tmp_path / "art").exists()
