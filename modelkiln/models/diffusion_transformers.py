@@ -15,11 +15,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from modelkiln.errors import ProfileError, SourceError
+from modelkiln.errors import ProfileError
 from modelkiln.models.stable_diffusion import (
     TEXT_TO_IMAGE,
     StableDiffusionFamily,
-    _tokenizer_length,
 )
 from modelkiln.specs import TensorSpec
 
@@ -58,7 +57,6 @@ class StableDiffusion3Family(StableDiffusionFamily):
     )
     # diffusers' default_sample_size: 128 latents (1024 pixels with SD3's VAE).
     default_sample_size: ClassVar[int] = 128
-    # The T5 encoder, and the tokens diffusers' pipelines encode (max_sequence_length).
     t5_encoder: ClassVar[str] = "text_encoder_3"
     t5_sequence_length: ClassVar[int] = 256
     # A transformer that reads the mask and the kept image (16 + 1 + 16 channels).
@@ -70,30 +68,6 @@ class StableDiffusion3Family(StableDiffusionFamily):
         "tokenizer_2/",
         "tokenizer_3/",
     )
-
-    @classmethod
-    def _component_folders(cls, root: Path) -> list[tuple[str, str]]:
-        """T5 only where the pipeline has it: SD3 runs with zeros in its place."""
-        present = [encoder for encoder in cls.tokenizer_folders if (root / encoder).is_dir()]
-        for encoder in present:
-            tokenizer = cls.tokenizer_folders[encoder]
-            if not (root / tokenizer).is_dir():
-                raise SourceError(
-                    f"{root} has {encoder}/ but no {tokenizer}/: the pipeline's text encoders "
-                    "need their tokenizers; save the pipeline with them"
-                )
-        text = [(encoder, encoder) for encoder in present]
-        return [*text, (cls.denoiser, cls.denoiser), ("vae_encoder", "vae"), ("vae_decoder", "vae")]
-
-    @classmethod
-    def _sequences(cls, root: Path) -> dict[str, int]:
-        sequences = {}
-        for encoder, tokenizer in cls.tokenizer_folders.items():
-            t5 = encoder == cls.t5_encoder
-            sequences[encoder] = (
-                cls.t5_sequence_length if t5 else _tokenizer_length(root / tokenizer)
-            )
-        return sequences
 
     @classmethod
     def _model_info(
@@ -194,12 +168,8 @@ class FluxFamily(StableDiffusion3Family):
         denoiser_config: Mapping[str, Any],
         sequences: Mapping[str, int],
     ) -> dict[str, Any]:
-        return {
-            "transformer_in_channels": denoiser_config["in_channels"],
-            "joint_attention_dim": denoiser_config["joint_attention_dim"],
-            "t5_sequence_length": sequences[cls.t5_encoder],
-            "guidance_embeds": bool(denoiser_config.get("guidance_embeds", False)),
-        }
+        info = super()._model_info(root, index, denoiser_config, sequences)
+        return {**info, "guidance_embeds": bool(denoiser_config.get("guidance_embeds", False))}
 
     @classmethod
     def _signature(

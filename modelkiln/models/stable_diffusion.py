@@ -72,6 +72,9 @@ class StableDiffusionFamily(ModelFamily):
     default_sample_size: ClassVar[int] = 64
     # A denoiser of this many input channels reads the mask and the kept image: inpainting.
     inpainting_channels: ClassVar[int] = 9
+    # The T5 text encoder (SD3, Flux), and the tokens diffusers' pipelines feed it.
+    t5_encoder: ClassVar[str] = ""  # "": none
+    t5_sequence_length: ClassVar[int] = 0
     tasks: ClassVar[tuple[str, ...]] = (TEXT_TO_IMAGE, INPAINTING)
     pipelines: ClassVar[Mapping[str, str]] = {
         "stable-diffusion": "modelkiln.pipelines.diffusion:SDPipeline"
@@ -162,9 +165,14 @@ class StableDiffusionFamily(ModelFamily):
 
     @classmethod
     def _sequences(cls, root: Path) -> dict[str, int]:
-        """Each text encoder's token count: CLIP's from its tokenizer folder."""
+        """Each text encoder's token count: CLIP's from its tokenizer folder, T5's what the
+        family's diffusers pipelines encode."""
         return {
-            encoder: _tokenizer_length(root / tokenizer)
+            encoder: (
+                cls.t5_sequence_length
+                if encoder == cls.t5_encoder
+                else _tokenizer_length(root / tokenizer)
+            )
             for encoder, tokenizer in cls.tokenizer_folders.items()
         }
 
@@ -187,7 +195,17 @@ class StableDiffusionFamily(ModelFamily):
 
     @classmethod
     def _component_folders(cls, root: Path) -> list[tuple[str, str]]:
-        text = [(encoder, encoder) for encoder in cls.tokenizer_folders]
+        """The text encoders the pipeline has (SD3 may lack T5, and runs with zeros in its
+        place; the required ones were checked), each with its tokenizer, then the rest."""
+        present = [encoder for encoder in cls.tokenizer_folders if (root / encoder).is_dir()]
+        for encoder in present:
+            tokenizer = cls.tokenizer_folders[encoder]
+            if not (root / tokenizer).is_dir():
+                raise SourceError(
+                    f"{root} has {encoder}/ but no {tokenizer}/: the pipeline's text encoders "
+                    "need their tokenizers; save the pipeline with them"
+                )
+        text = [(encoder, encoder) for encoder in present]
         denoiser = (cls.denoiser, cls.denoiser)
         return [*text, denoiser, ("vae_encoder", "vae"), ("vae_decoder", "vae")]
 

@@ -379,11 +379,7 @@ class SDXLPipeline(SDPipeline):
         hidden, pooled = [], None
         for tokenizer, encoder in zip(self._tokenizers, self.text_encoders, strict=True):
             outputs = run_padded(self.sessions[encoder], {"input_ids": tokenizer(prompts)})
-            states = sorted(
-                (name for name in outputs if name.startswith("hidden_states.")),
-                key=lambda name: int(name.rsplit(".", 1)[1]),
-            )
-            hidden.append(outputs[states[-2]])
+            hidden.append(penultimate_hidden_state(outputs))
             if pooled is None and "text_embeds" in outputs:
                 pooled = outputs["text_embeds"]
         if pooled is None:
@@ -414,8 +410,18 @@ class SDXLPipeline(SDPipeline):
         )
 
 
+def penultimate_hidden_state(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """A CLIP encoder's hidden_states.N output before the last: what SDXL and SD3 condition
+    on (diffusers' hidden_states[-2], clip_skip None)."""
+    states = sorted(
+        (name for name in outputs if name.startswith("hidden_states.")),
+        key=lambda name: int(name.rsplit(".", 1)[1]),
+    )
+    return outputs[states[-2]]
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     return read_json_object(path, ArtifactError, fix="; rebuild the artifact")
 
 
-__all__ = ["SDPipeline", "SDXLPipeline"]
+__all__ = ["SDPipeline", "SDXLPipeline", "penultimate_hidden_state"]

@@ -23,7 +23,7 @@ from modelkiln.diffusion.schedulers.flow_match import FlowMatchEulerDiscrete
 from modelkiln.diffusion.tokenizer import T5Tokenizer
 from modelkiln.errors import InputError, UnsupportedError
 from modelkiln.pipelines.base import run_padded
-from modelkiln.pipelines.diffusion import SDPipeline
+from modelkiln.pipelines.diffusion import SDPipeline, penultimate_hidden_state
 from modelkiln.runtimes.base import Session
 
 # Flux's token positions: one row per token, shared by every image of a batch.
@@ -55,7 +55,6 @@ class FlowPipeline(SDPipeline):
         task: str = "text-to-image",
     ) -> None:
         super().__init__(root, sessions, configs, model_info, task)
-        self._transformer_config = dict(configs["transformer"])
         self._t5 = (
             T5Tokenizer.from_folder(root / self.t5_tokenizer)
             if self.t5_encoder in sessions
@@ -93,7 +92,7 @@ class FlowPipeline(SDPipeline):
         return {"mu": self._mu(self._image_tokens(request))}
 
     def _image_tokens(self, request: Request) -> int:
-        patch = int(self._transformer_config.get("patch_size", 2))
+        patch = int(self.model_info.get("patch_size", 2))
         step = self._vae.pixels_per_latent
         return (request.height // step // patch) * (request.width // step // patch)
 
@@ -164,11 +163,7 @@ class SD3Pipeline(FlowPipeline):
         states, pooled = [], []
         for index in range(len(self.text_encoders)):
             outputs = self._clip(index, prompts)
-            layers = sorted(
-                (name for name in outputs if name.startswith("hidden_states.")),
-                key=lambda name: int(name.rsplit(".", 1)[1]),
-            )
-            states.append(outputs[layers[-2]])  # the penultimate layer (clip_skip None)
+            states.append(penultimate_hidden_state(outputs))
             pooled.append(outputs["text_embeds"])
         clip = np.repeat(np.concatenate(states, axis=-1), count, axis=0)
         t5 = self._t5_states(prompts, count)

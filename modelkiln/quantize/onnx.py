@@ -91,24 +91,25 @@ def _attention_with_bias(entry: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(entry), load_external_data=False).graph
+    producers = {output: node for node in graph.node for output in node.output}
+    constants = {init.name: init for init in graph.initializer}
     return [
         node.name
         for node in graph.node
         if node.op_type == "Attention"
         and len(node.input) > 5
         and node.input[5]
-        and not _is_zero_bias(graph, node.input[5], entry.parent)
+        and not _is_zero_bias(node.input[5], producers, constants, entry.parent)
     ]
 
 
-def _is_zero_bias(graph: Any, name: str, folder: Path) -> bool:
+def _is_zero_bias(
+    name: str, producers: dict[str, Any], constants: dict[str, Any], folder: Path
+) -> bool:
     """Where(all-true mask, 0, -inf), the mask expanded from a constant: what torch's SDPA
     export makes of "no mask". Anything else may mask (conservatively: it does)."""
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-    producers = {output: node for node in graph.node for output in node.output}
-    constants = {init.name: init for init in graph.initializer}
 
     def constant(value: str) -> Any:
         if value in constants:

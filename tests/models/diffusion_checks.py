@@ -76,7 +76,6 @@ def diffusers_reference(
     """diffusers' own pipeline on the source model: the same seed, steps, size, image and
     strength as generate(); guidance and everything else at diffusers' defaults, as ours."""
     import diffusers
-    import torch
 
     index = json.loads((source / "model_index.json").read_text())
     prefix = "StableDiffusionXL" if "XL" in index["_class_name"] else "StableDiffusion"
@@ -87,6 +86,14 @@ def diffusers_reference(
         class_name, overrides = DIFFUSERS_SCHEDULERS[scheduler]
         scheduler_class = getattr(diffusers, class_name)
         pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config, **overrides)
+    return pipeline(PROMPT, **diffusers_call(mode, arguments)).images[0]
+
+
+def diffusers_call(mode: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers pipeline call's arguments as generate() makes its own: seed 0, STEPS, SIZE,
+    and the mode's image, strength and mask."""
+    import torch
+
     call: dict[str, Any] = {
         "num_inference_steps": STEPS,
         "generator": torch.Generator().manual_seed(0),
@@ -99,7 +106,7 @@ def diffusers_reference(
         call["strength"] = modes()[mode]["strength"]
     if mode == "inpaint":
         call["mask_image"] = half_mask()
-    return pipeline(PROMPT, **call).images[0]
+    return call
 
 
 def optimum_layout(artifact: Path, model_file: str, xl: bool) -> set[str]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from diffusion_checks import PROMPT, SIZE, STEPS, half_mask, modes
+from diffusion_checks import PROMPT, diffusers_call
 from PIL import Image
 
 NEGATIVE = "blurry"  # SD3 takes negative prompts; Flux does not
@@ -15,7 +15,8 @@ NEGATIVE = "blurry"  # SD3 takes negative prompts; Flux does not
 
 def diffusers_flow_reference(source: Path, mode: str, **arguments: Any) -> Image.Image:
     """diffusers' SD3 / Flux pipeline on `source` with generate()'s seed, steps, size, image
-    and strength, everything else at diffusers' defaults (as ours); made once per call."""
+    and strength, everything else at diffusers' defaults (as ours); made once per source,
+    mode and settings."""
     return _reference(source, mode, tuple(sorted(arguments.items())))
 
 
@@ -33,21 +34,11 @@ def _reference(source: Path, mode: str, arguments: tuple[tuple[str, Any], ...]) 
         loading = {"text_encoder_3": None, "tokenizer_3": None}  # saved without T5
     pipeline = getattr(diffusers, prefix + suffix).from_pretrained(source, **loading)
     pipeline.set_progress_bar_config(disable=True)
-    call: dict[str, Any] = {
-        "num_inference_steps": STEPS,
-        "generator": torch.Generator().manual_seed(0),
-        "height": SIZE,
-        "width": SIZE,
-        **dict(arguments),
-    }
-    if mode in ("image", "inpaint"):
-        call["image"] = modes()[mode]["image"]
-        call["strength"] = modes()[mode]["strength"]
+    call = diffusers_call(mode, dict(arguments))
     if mode != "inpaint":
         return pipeline(PROMPT, **call).images[0]
     # diffusers' SD3 inpainting decodes without the VAE's shift_factor, unlike its
     # text-to-image and image-to-image pipelines (and ours): decode its latents as they do.
-    call["mask_image"] = half_mask()
     latents = pipeline(PROMPT, **call, output_type="latent").images
     vae = pipeline.vae.config
     with torch.no_grad():
