@@ -17,6 +17,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ProfileError, SourceError, first_line
 from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
+from modelkiln.models.diffusion_signatures import (
+    TEXT_ENCODERS,
+    TIMESTEPS,
+    component_config,
+    text_encoder_signature,
+    unet_signature,
+    vae_signature,
+)
 from modelkiln.sources import ResolvedSource, find_weights, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
 
@@ -44,7 +52,6 @@ PIPELINE_CLASSES = {
 # Tolerances of an fp32 export against torch (optimum validates SD components with 1e-3).
 ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-3}
 VAE_ATOL = 1e-3
-TIMESTEPS = (0.0, 1000.0)
 # Root files the artifact copies so that it runs without the source: optimum's layout.
 SHARED_DIRS = ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -240,7 +247,7 @@ class StableDiffusionFamily(ModelFamily):
             atol=ATOL.get(name, VAE_ATOL),
             batch_factor=cls.denoiser_batch_factor if name == cls.denoiser else 1,
             default_dims=dict(dims),
-            config_file=_component_config(name, config, kind),
+            config_file=component_config(name, config, kind),
         )
 
     @classmethod
@@ -255,7 +262,7 @@ class StableDiffusionFamily(ModelFamily):
         if kind is not None:
             return text_encoder_signature(kind, config, sequences[name])
         if name == "unet":
-            return _unet_signature(config, sequences["text_encoder"], cls.xl)
+            return unet_signature(config, sequences["text_encoder"], cls.xl)
         return vae_signature(name, config)
 
     @classmethod
@@ -295,103 +302,6 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         *StableDiffusionFamily.bundle_configs,
         "tokenizer_2/",
     )
-
-
-# Each family's text encoders and how they are exported: a CLIP's last hidden state and pooled
-# output (clip), with every hidden state (clip-hidden-states), with its projection and every
-# hidden state (clip-projection), or a T5 encoder's last hidden state (t5).
-TEXT_ENCODERS: dict[str, dict[str, str]] = {
-    "sd": {"text_encoder": "clip"},
-    "sdxl": {"text_encoder": "clip-hidden-states", "text_encoder_2": "clip-projection"},
-    "sd3": {
-        "text_encoder": "clip-projection",
-        "text_encoder_2": "clip-projection",
-        "text_encoder_3": "t5",
-    },
-    "flux": {"text_encoder": "clip", "text_encoder_2": "t5"},
-}
-# optimum's export_model_type for each kind, kept in the component's config.json.
-EXPORT_MODEL_TYPES = {
-    "clip": "clip-text",
-    "clip-hidden-states": "clip-text",
-    "clip-projection": "clip-text-with-projection",
-    "t5": "t5-encoder",
-}
-
-
-def text_encoder_signature(
-    kind: str, config: Mapping[str, Any], sequence: int
-) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-    """A text encoder's inputs and outputs with optimum's names."""
-    hidden = config["d_model"] if kind == "t5" else config["hidden_size"]
-    ids = TensorSpec("int64", ("batch", sequence), value_range=(0, config["vocab_size"]))
-    tokens = TensorSpec("float32", ("batch", sequence, hidden))
-    if kind == "t5":
-        return {"input_ids": ids}, {"last_hidden_state": tokens}
-    states = {f"hidden_states.{i}": tokens for i in range(config["num_hidden_layers"] + 1)}
-    if kind == "clip-projection":
-        pooled = TensorSpec("float32", ("batch", config["projection_dim"]))
-        return {"input_ids": ids}, {"text_embeds": pooled, "last_hidden_state": tokens, **states}
-    outputs = {
-        "last_hidden_state": tokens,
-        "pooler_output": TensorSpec("float32", ("batch", hidden)),
-    }
-    return {"input_ids": ids}, {**outputs, **(states if kind == "clip-hidden-states" else {})}
-
-
-def _unet_signature(
-    config: Mapping[str, Any], sequence: int, xl: bool
-) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-    latent = ("latent_height", "latent_width")
-    inputs = {
-        "sample": TensorSpec("float32", ("batch", config["in_channels"], *latent)),
-        "timestep": TensorSpec("float32", (), value_range=TIMESTEPS),
-        "encoder_hidden_states": TensorSpec(
-            "float32", ("batch", sequence, _cross_attention_dim(config))
-        ),
-    }
-    if xl:
-        pooled = (
-            config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        )
-        inputs["text_embeds"] = TensorSpec("float32", ("batch", pooled))
-        inputs["time_ids"] = TensorSpec("float32", ("batch", 6), value_range=(0, 1024))
-    outputs = {"out_sample": TensorSpec("float32", ("batch", config["out_channels"], *latent))}
-    return inputs, outputs
-
-
-def vae_signature(
-    name: str, config: Mapping[str, Any]
-) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-    """vae_encoder: pixels -> latent_parameters; vae_decoder: latent_sample -> sample."""
-    factor = 2 ** (len(config["block_out_channels"]) - 1)
-    channels = config.get("latent_channels", 4)
-    if name == "vae_encoder":
-        pixels = TensorSpec("float32", ("batch", 3, "height", "width"), value_range=(-1.0, 1.0))
-        moments = TensorSpec(
-            "float32", ("batch", 2 * channels, f"height / {factor}", f"width / {factor}")
-        )
-        return {"sample": pixels}, {"latent_parameters": moments}
-    latents = TensorSpec("float32", ("batch", channels, "latent_height", "latent_width"))
-    image = TensorSpec(
-        "float32", ("batch", 3, f"latent_height * {factor}", f"latent_width * {factor}")
-    )
-    return {"latent_sample": latents}, {"sample": image}
-
-
-def _cross_attention_dim(config: Mapping[str, Any]) -> int:
-    dim = config["cross_attention_dim"]
-    return int(dim[0] if isinstance(dim, list | tuple) else dim)
-
-
-def _component_config(name: str, config: Mapping[str, Any], text_kind: str | None) -> bytes:
-    """The config.json optimum keeps beside each exported component."""
-    data = dict(config)
-    if text_kind is not None:
-        data["export_model_type"] = EXPORT_MODEL_TYPES[text_kind]
-        if text_kind.startswith("clip-"):  # SDXL and SD3 read the hidden states
-            data["output_hidden_states"] = True
-    return (json.dumps(data, indent=2) + "\n").encode()
 
 
 def _resolution(

@@ -226,7 +226,7 @@ class FluxTransformer(nn.Module):
 
 def wrap(component: str, model: nn.Module, family: str, text_kind: str | None) -> nn.Module:
     """The export wrapper of one component of a `family` (sd, sdxl, sd3, flux) pipeline;
-    `text_kind`: how a text encoder exports (stable_diffusion.TEXT_ENCODERS), else None."""
+    `text_kind`: how a text encoder exports (diffusion_signatures.TEXT_ENCODERS), else None."""
     if text_kind == "t5":
         return T5Encoder(model).eval()
     if text_kind == "clip-projection":
