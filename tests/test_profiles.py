@@ -224,6 +224,21 @@ def test_set_overrides_parse_toml_values() -> None:
     assert OpenVINOSettings.of(profile).performance_hint == "throughput"
 
 
+def test_an_empty_set_value_restores_the_default() -> None:
+    """How a user drops a bundled profile's end-to-end gate: its prompts and its thresholds."""
+    gated = load_profile("sd3-openvino-int8")
+    assert gated.validation.prompts and gated.validation.min_psnr_db is not None
+    with pytest.raises(ProfileError, match=r"validation\.min_psnr_db needs validation\.prompts"):
+        load_profile("sd3-openvino-int8", ["validation.prompts=[]"])
+    dropped = load_profile(
+        "sd3-openvino-int8",
+        ["validation.prompts=[]", "validation.min_psnr_db=", "validation.min_ssim= "],
+    )
+    assert dropped.validation.prompts == ()
+    assert dropped.validation.min_psnr_db is None and dropped.validation.min_ssim is None
+    assert load_profile("sd3-openvino-int8", ["runtime.threads="]).runtime.threads is None
+
+
 def test_set_rejects_unknown_keys_and_malformed_items() -> None:
     with pytest.raises(
         ProfileError, match=r"unknown key 'validation\.atl' \(did you mean 'atol'\?\)"

@@ -106,11 +106,20 @@ def _coerce(hint: Any, value: Any, key: str, origin: str) -> Any:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one `--set dotted.key=value`; the value is parsed as TOML, else taken as a string."""
+    """Apply one `--set dotted.key=value`; the value is parsed as TOML, else taken as a string.
+    An empty value (`--set validation.min_psnr_db=`) removes the key: its default applies."""
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
         raise ProfileError(f"--set expects key=value (e.g. validation.atol=1e-3), got '{item}'")
+    if not raw.strip():
+        *sections, leaf = key.split(".")
+        table: Any = data
+        for section in sections:
+            table = table.get(section) if isinstance(table, dict) else None
+        if isinstance(table, dict):
+            table.pop(leaf, None)
+        return
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:
