@@ -17,8 +17,8 @@ import numpy as np
 
 from modelkiln import __version__, memory_budget, quality
 from modelkiln.artifact import MANIFEST_NAME, record_files, write_manifest
-from modelkiln.env import host_info, library_versions, peak_rss_bytes
-from modelkiln.errors import ProfileError
+from modelkiln.env import host_info, library_versions, peak_rss_bytes, release_memory
+from modelkiln.errors import ProfileError, ValidationError
 from modelkiln.evaluation.components import (
     Tolerance,
     compare_outputs,
@@ -27,6 +27,7 @@ from modelkiln.evaluation.components import (
     validation_feeds,
     verdict,
 )
+from modelkiln.exporters import by_block
 from modelkiln.exporters.base import export_signature
 from modelkiln.models import detect_family
 from modelkiln.models.base import ModelFamily
@@ -130,8 +131,10 @@ def _build_into(
     not_run = runtime.unavailable_reason(plan.runtime_options())
     gated = quality.wanted(resolved_profile) and not_run is None
     found = memory_budget.estimate(loaded.components, whole_pipeline=gated or bool(calibrating))
+    budget = resolved_profile.build.max_memory_gb
+    specs = [family.export_spec(declared, exporter.format) for declared in loaded.components]
+    blockwise, found = by_block.choose(specs, plan, found, memory_budget.limit_bytes(budget))
     if found is not None:
-        budget = resolved_profile.build.max_memory_gb
         memory_budget.check_fits(found, budget, f"profile '{resolved_profile.name}'")
     # Real data first, from the torch pipeline, before any export holds memory.
     feeds = (
@@ -141,10 +144,13 @@ def _build_into(
     )
     expected = quality.reference(loaded, resolved_profile, progress) if gated else None
     records = {}
-    for declared in loaded.components:
-        # The component as the format's own consumers call it (OpenVINO GenAI's UNet timestep).
-        spec = family.export_spec(declared, exporter.format)
+    # The components as the format's own consumers call them (OpenVINO GenAI's UNet timestep).
+    for spec in specs:
         component = plan.component(spec.name)
+        if spec.name in blockwise:
+            records[spec.name] = _build_by_block(spec, staging, runtime, plan, component, progress)
+            release_memory()
+            continue
         # One component's torch module in memory at a time (SD's UNet alone is 3.4 GB),
         # loaded only when needed: a streamed ONNX export never loads it.
         load_module = functools.cache(spec.module)
@@ -183,6 +189,7 @@ def _build_into(
             real_feeds=real_feeds,
         )
         records[spec.name] = replace(record, quantization=quantization)
+        release_memory()  # one component's gigabytes gone before the next one loads
     # Last, so that the family's configs win over anything an exporter saved beside them.
     for name, content in loaded.config_files.items():
         (staging / name).parent.mkdir(parents=True, exist_ok=True)
@@ -254,8 +261,10 @@ def _validate(
     component: ComponentPlan,
     progress: Progress,
     real_feeds: Sequence[dict[str, np.ndarray]] = (),
+    expected: list[dict[str, np.ndarray]] | None = None,
 ) -> ComponentRecord:
-    """Run the exported component against its torch module on several seeded feeds.
+    """Run the exported component against its torch module on several seeded feeds (or
+    against `expected`, its outputs on those feeds computed already).
 
     A component calibrated on real inputs is validated on (up to VALIDATION_FEEDS of) those:
     its activation ranges come from them, and random inputs far outside them would measure
@@ -280,12 +289,7 @@ def _validate(
         min_top1_agreement=settings.min_top1_agreement,
         min_sqnr_db=settings.min_sqnr_db,
     )
-    batches = tuple(size * spec.batch_factor for size in settings.batch_sizes)
-    if real_feeds:
-        step = max(1, len(real_feeds) // VALIDATION_FEEDS)
-        feeds = list(real_feeds[::step][:VALIDATION_FEEDS])
-    else:
-        feeds = validation_feeds(inputs, batches, settings.seed, spec.default_dims)
+    feeds = _feeds(spec, profile, real_feeds)
     label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
     if component.scheme is not None:
         label += f", {component.scheme.name}"
@@ -296,11 +300,14 @@ def _validate(
         else f"torch reference of {spec.name} for a later `kiln validate`"
     )
     with progress.task(task, total=2 * len(feeds)) as advance:
-        reference = TorchModuleSession(load_module(), f"{spec.name} (torch)", inputs, outputs)
-        expected = reference_outputs(reference, feeds, advance)
-        del reference
-        load_module.cache_clear()
-        gc.collect()
+        if expected is None:
+            reference = TorchModuleSession(load_module(), f"{spec.name} (torch)", inputs, outputs)
+            expected = reference_outputs(reference, feeds, advance)
+            del reference
+            load_module.cache_clear()
+            gc.collect()
+        else:
+            advance(len(feeds))
         if not_run is not None:
             # Core ML off macOS: nothing here runs the program. The manifest says so, and the
             # torch outputs travel in the artifact for `kiln validate` where it runs.
@@ -319,6 +326,69 @@ def _validate(
     else:
         validation = replace(validation, batch_sizes=tuple(settings.batch_sizes))
     return replace(record, validation=validation, runtime=runtime_info)
+
+
+def _feeds(
+    spec: ComponentSpec, profile: Profile, real_feeds: Sequence[dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """What validation runs: up to VALIDATION_FEEDS of the calibration feeds, else one seeded
+    random feed per validation batch size."""
+    if real_feeds:
+        step = max(1, len(real_feeds) // VALIDATION_FEEDS)
+        return list(real_feeds[::step][:VALIDATION_FEEDS])
+    settings = profile.validation
+    inputs, _ = export_signature(spec, profile)
+    batches = tuple(size * spec.batch_factor for size in settings.batch_sizes)
+    return validation_feeds(inputs, batches, settings.seed, spec.default_dims)
+
+
+def _build_by_block(
+    spec: ComponentSpec,
+    staging: Path,
+    runtime: Runtime,
+    plan: BuildPlan,
+    component: ComponentPlan,
+    progress: Progress,
+) -> ComponentRecord:
+    """A component too large for memory: exported, compressed and checked one block at a
+    time, then validated whole against the torch outputs the blocks computed."""
+    feeds = _feeds(spec, component.profile, ())
+    options = plan.runtime_options(spec.name)
+    made = by_block.export(spec, component, options, staging, feeds, progress)
+    try:
+        record = _validate(
+            spec,
+            _no_module,
+            made.entry,
+            staging,
+            runtime,
+            plan,
+            component,
+            progress,
+            expected=made.expected,
+        )
+    except ValidationError as error:
+        # Where the error entered: the block that moved its output most.
+        name, score = min(made.blocks.items(), key=lambda item: item[1].min_cosine)
+        raise ValidationError(
+            f"{error} (block by block, the worst alone was {name}: cosine "
+            f"{score.min_cosine:.6f} against torch)"
+        ) from error
+    validation = replace(record.validation, by_block=made.blocks)
+    return replace(record, validation=validation, quantization=made.quantization)
+
+
+class _NoModule:
+    """The CachedLoader of a component whose torch reference was computed block by block."""
+
+    def __call__(self) -> Any:
+        raise AssertionError("a component built block by block is never loaded whole")
+
+    def cache_clear(self) -> None:
+        return None
+
+
+_no_module = _NoModule()
 
 
 def default_output(source: str, profile: Profile) -> Path:

@@ -2,17 +2,19 @@
 
 A build holds, at its peak, one component's torch module in fp32 (validation runs it whole;
 the streamed ONNX export stays under that), or the whole fp32 torch pipeline when it runs the
-source pipeline end to end (the [validation] gate on real data, and calibration). Read from
-the checkpoints' headers, that is known before a byte of weight is loaded: a model larger
-than `[build] max_memory_gb` (default: 90 % of this machine's memory) is refused with the
-estimate and what would fit, instead of being killed an hour in.
+source pipeline end to end (the [validation] gate on real data, and calibration). A component
+built block by block (exporters/by_block.py) holds its compressed blocks and one block in
+fp32 instead. Read from the checkpoints' headers and meta-device models, that is known before
+a byte of weight is loaded: a build larger than `[build] max_memory_gb` (default: 90 % of this
+machine's memory) is refused with the estimate and what would fit, instead of being killed
+an hour in.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelkiln.errors import UnsupportedError
@@ -32,6 +34,13 @@ class Estimate:
 
     components: dict[str, int]
     whole_pipeline: bool  # the fp32 torch pipeline is held whole (end-to-end gate, calibration)
+    # Components built block by block: what they hold instead of their fp32 module.
+    by_block: dict[str, int] = field(default_factory=dict)
+    # Components too large whole that cannot be built block by block, and why.
+    not_by_block: dict[str, str] = field(default_factory=dict)
+
+    def held(self, name: str) -> int:
+        return self.by_block.get(name, self.components[name])
 
     @property
     def largest(self) -> tuple[str, int]:
@@ -43,8 +52,12 @@ class Estimate:
 
     def needed(self, whole_pipeline: bool | None = None) -> int:
         whole = self.whole_pipeline if whole_pipeline is None else whole_pipeline
-        held = self.pipeline_bytes if whole else self.largest[1]
+        held = self.pipeline_bytes if whole else max(map(self.held, self.components))
         return held + OVERHEAD_BYTES
+
+    def fits_whole(self, name: str, limit: float) -> bool:
+        """Whether the component fits built whole (its fp32 module and the overhead)."""
+        return self.components[name] + OVERHEAD_BYTES <= limit
 
 
 def estimate(components: Sequence[ComponentSpec], whole_pipeline: bool) -> Estimate | None:
@@ -81,15 +94,19 @@ def machine_memory_bytes() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def check_fits(estimate: Estimate, max_memory_gb: float | None, origin: str) -> None:
-    """Refuse a build whose estimate exceeds the budget, saying what would fit."""
-    limit = (
+def limit_bytes(max_memory_gb: float | None) -> float:
+    """The budget: build.max_memory_gb, else a safe share of this machine."""
+    return (
         max_memory_gb * GB if max_memory_gb is not None else DEFAULT_SHARE * machine_memory_bytes()
     )
+
+
+def check_fits(estimate: Estimate, max_memory_gb: float | None, origin: str) -> None:
+    """Refuse a build whose estimate exceeds the budget, saying what would fit."""
+    limit = limit_bytes(max_memory_gb)
     needed = estimate.needed()
     if needed <= limit:
         return
-    name, largest = estimate.largest
     where = (
         "build.max_memory_gb"
         if max_memory_gb is not None
@@ -102,19 +119,29 @@ def check_fits(estimate: Estimate, max_memory_gb: float | None, origin: str) -> 
             f"({_listing(estimate)})"
         )
     else:
-        held = f"validation runs {name} whole in fp32 ({largest / GB:.1f} GB)"
+        name = max(estimate.components, key=estimate.held)
+        if name in estimate.by_block:
+            held = (
+                f"{name} built block by block holds {estimate.by_block[name] / GB:.1f} GB "
+                "(its compressed blocks and one block in fp32); a 4-bit scheme holds less"
+            )
+        else:
+            largest = estimate.components[name]
+            held = f"validation runs {name} whole in fp32 ({largest / GB:.1f} GB)"
+            if name in estimate.not_by_block:
+                held += f", and it cannot be built block by block: {estimate.not_by_block[name]}"
     advice = "use a machine with that much memory"
     per_component = estimate.needed(whole_pipeline=False)
     if estimate.whole_pipeline and per_component <= limit:
         advice = (
-            "drop the end-to-end gate and calibration (--set validation.prompts=[] and a "
-            "scheme without calibration): validated one component at a time it needs "
+            "drop the end-to-end gate and calibration (--set validation.prompts=[] "
+            "--set validation.min_psnr_db= --set validation.min_ssim= and a scheme without "
+            "calibration): validated one component at a time it needs "
             f"{per_component / GB:.1f} GB; or " + advice
         )
     raise UnsupportedError(
         f"{origin}: this build needs about {needed / GB:.1f} GB of memory and may use "
-        f"{limit / GB:.1f} GB ({where}): {held}; {advice}. Builds of components larger "
-        "than memory are not supported yet"
+        f"{limit / GB:.1f} GB ({where}): {held}; {advice}"
     )
 
 
@@ -123,4 +150,11 @@ def _listing(estimate: Estimate) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["Estimate", "check_fits", "estimate", "fp32_bytes", "machine_memory_bytes"]
+__all__ = [
+    "Estimate",
+    "check_fits",
+    "estimate",
+    "fp32_bytes",
+    "limit_bytes",
+    "machine_memory_bytes",
+]

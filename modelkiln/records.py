@@ -92,6 +92,9 @@ class ValidationRecord:
     inputs: str | None = None  # ... or a description of the real feeds it ran on
     not_run: str | None = None
     reference: str | None = None  # artifact path of the saved torch outputs (not run)
+    # Built block by block: the torch reference ran one block at a time, and each block (its
+    # worst output) was also checked alone on the same inputs.
+    by_block: dict[str, OutputScore] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,8 @@ def _component_json(record: ComponentRecord) -> dict[str, Any]:
     validation["passed"] = record.validation.passed  # None is meaningful: not run
     if record.validation.outputs:
         validation["outputs"] = _scores_json(record.validation.outputs)
+    if record.validation.by_block:
+        validation["by_block"] = _scores_json(record.validation.by_block)
     quantization: dict[str, Any] = {}
     if record.quantization is not None:
         quantization = _compact(asdict(record.quantization))
@@ -343,6 +348,7 @@ def _component(data: Mapping[str, Any], where: Path) -> ComponentRecord:
                 **validation,
                 "tolerance": Tolerance(**tolerance) if tolerance else None,
                 "outputs": _scores(validation.get("outputs", {})),
+                "by_block": _scores(validation.get("by_block", {})),
                 "batch_sizes": tuple(validation.get("batch_sizes", ())),
             },
         ),

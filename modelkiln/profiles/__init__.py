@@ -140,6 +140,9 @@ class BuildSettings:
     # GB of memory the build may hold; None: 90 % of the machine's. A build whose estimate is
     # larger is refused before it exports anything (memory_budget.py).
     max_memory_gb: float | None = None
+    # Components larger than that built one block at a time (exporters/by_block.py): "auto"
+    # where the whole component would not fit, "always" wherever it can, "never".
+    by_block: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ LOW_PRECISION = {"i8", "u8", "i4", "u4", "nf4"}
 QUANTIZER_OPS = ("FakeQuantize", "FakeConvert")
 
 
-def _mode(settings: WeightScheme | Int8Hybrid) -> str:
+def nncf_mode(settings: WeightScheme | Int8Hybrid) -> str:
     """nncf's CompressWeightsMode name of a scheme's weights."""
     if isinstance(settings, NF4Weights):
         return "NF4"
@@ -44,20 +44,45 @@ def compress_weights(
 ) -> dict[str, Any]:
     """nncf.compress_weights on the IR; int4/nf4 use settings.group_size and ratio (the rest
     of the layers, and embeddings and the last layer, stay int8 as nncf decides)."""
-    import nncf
     import openvino as ov
 
     before_bytes = _size(entry)
     model = ov.Core().read_model(entry)
-    before = _low_precision_constants(model)
-    mode = _mode(settings)
+    before = low_precision_constants(model)
+    compressed, options = compress_model(model, settings)
+    after = low_precision_constants(compressed)
+    staged = _stage(compressed, entry)
+    del model, compressed
+    _swap(staged, entry)
+    return {
+        "quantized_weights": sum(after.values()) - sum(before.values()),
+        "nncf_mode": nncf_mode(settings).lower(),
+        "weight_types": dict(after),
+        **options,
+        "bytes_before": before_bytes,
+        "bytes_after": _size(entry),
+    }
+
+
+def compress_model(
+    model: Any, settings: WeightScheme, *, all_layers: bool | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """nncf.compress_weights on an in-memory IR: the compressed model, and the nncf options
+    the manifest records. `all_layers`: int4 for the last MatMul and embeddings too (nncf's
+    default keeps them int8), for a block cut from the middle of a model."""
+    import nncf
+
+    mode = nncf_mode(settings)
     options: dict[str, Any] = {}
     if isinstance(settings, Int4Weights | NF4Weights):
         options = {"group_size": settings.group_size, "ratio": settings.ratio}
     try:
         with _quiet_nncf():
             compressed = nncf.compress_weights(
-                model, mode=getattr(nncf.CompressWeightsMode, mode), **options
+                model,
+                mode=getattr(nncf.CompressWeightsMode, mode),
+                **options,
+                **({"all_layers": all_layers} if all_layers is not None and options else {}),
             )
     except Exception as error:  # nncf raises many unrelated types
         hint = ""
@@ -69,18 +94,7 @@ def compress_weights(
         raise QuantizationError(
             f"nncf {mode.lower()} weight compression failed: {first_line(error)}{hint}"
         ) from error
-    after = _low_precision_constants(compressed)
-    staged = _stage(compressed, entry)
-    del model, compressed
-    _swap(staged, entry)
-    return {
-        "quantized_weights": sum(after.values()) - sum(before.values()),
-        "nncf_mode": mode.lower(),
-        "weight_types": dict(after),
-        **options,
-        "bytes_before": before_bytes,
-        "bytes_after": _size(entry),
-    }
+    return compressed, options
 
 
 @handles(Int8Static, "openvino")
@@ -93,7 +107,7 @@ def int8_static(entry: Path, settings: Int8Static, calibration: Calibration = ()
     before_bytes = _size(entry)
     model = ov.Core().read_model(entry)
     dataset = _dataset(model, calibration, settings.name)
-    before = _low_precision_constants(model)
+    before = low_precision_constants(model)
     try:
         with _quiet_nncf():
             quantized = nncf.quantize(
@@ -122,9 +136,9 @@ def int8_hybrid(entry: Path, settings: Int8Hybrid, calibration: Calibration = ()
     before_bytes = _size(entry)
     model = ov.Core().read_model(entry)
     dataset = _dataset(model, calibration, settings.name)
-    before = _low_precision_constants(model)
+    before = low_precision_constants(model)
     weighted = _ops_with_weights(model)
-    mode = _mode(settings)
+    mode = nncf_mode(settings)
     # Convolutions keep float weights here so that nncf.quantize quantizes them in full.
     convolutions = any(op.get_type_name() == "Convolution" for op in model.get_ops())
     try:
@@ -182,7 +196,7 @@ def _describe(
     batches: int,
 ) -> tuple[dict[str, Any], Path]:
     """The manifest's record of a quantized model, and the model staged beside `entry`."""
-    after = _low_precision_constants(quantized)
+    after = low_precision_constants(quantized)
     ops = Counter(op.get_type_name() for op in quantized.get_ops())
     record = {
         "quantized_weights": sum(after.values()) - sum(before.values()),
@@ -273,7 +287,7 @@ def _size(entry: Path) -> int:
     return entry.stat().st_size + entry.with_suffix(".bin").stat().st_size
 
 
-def _low_precision_constants(model: Any) -> Counter[str]:
+def low_precision_constants(model: Any) -> Counter[str]:
     """Weight constants stored in an integer or 4-bit type, by type. Zero points share the
     type and can have the shape of a 1x1 convolution's weights: told apart by where they go
     (the subtrahend of the decompression's Subtract), not by shape."""

@@ -1,0 +1,254 @@
+"""Components built one block at a time (exporters/by_block.py): what a build of a model larger
+than memory does for SD 3.5 Large's transformer and T5-XXL, run here on the tiny SD3 and Flux
+pipelines with `build.by_block = "always"`.
+
+The blocks run in order compute exactly what the whole component computes; artifacts built so
+reproduce diffusers' images like whole builds; the manifest records every block's score; the
+plan picks by-block only where a component does not fit, and says why one cannot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from diffusion_checks import SIZE, generate, psnr
+from flow_checks import diffusers_flow_reference
+
+from modelkiln import load, memory_budget
+from modelkiln.errors import ExportError, ProfileError
+from modelkiln.exporters import by_block
+from modelkiln.models import detect_family
+from modelkiln.plan import load_plan
+from modelkiln.sources import resolve_source
+
+pytestmark = [pytest.mark.torch]
+
+ALWAYS = "build.by_block=always"
+AT_SIZE = (f"shapes.height={SIZE}", f"shapes.width={SIZE}")
+
+
+def _specs(source: Path, profile: str, *overrides: str) -> tuple[list, object]:  # type: ignore[type-arg]
+    plan = load_plan(profile, overrides)
+    resolved = resolve_source(source)
+    family = detect_family(resolved)
+    loaded = family.load(resolved, plan.profile)
+    specs = [family.export_spec(spec, plan.format) for spec in loaded.components]
+    return specs, plan
+
+
+@pytest.mark.parametrize(
+    ("source", "profile", "component"),
+    [
+        ("sd3.5", "sd3-openvino-fp32", "transformer"),
+        ("flux-dev", "flux-openvino-fp32", "transformer"),
+        ("sd3", "sd3-openvino-fp32", "text_encoder_3"),
+    ],
+)
+def test_the_blocks_in_order_compute_exactly_what_the_component_computes(
+    source: str, profile: str, component: str, source_dir: Callable[[str], Path]
+) -> None:
+    import torch
+
+    from modelkiln.models.blocks import run_in_order, segments
+
+    specs, _ = _specs(source_dir(source), profile, *AT_SIZE)
+    spec = next(s for s in specs if s.name == component)
+    wrapper = spec.module()
+    feed = {k: torch.from_numpy(v) for k, v in spec.dummy_inputs({"batch": 2}, seed=3).items()}
+    pieces = segments(wrapper, tuple(spec.outputs))
+    assert pieces is not None and len(pieces) >= 4
+    with torch.no_grad():
+        whole = wrapper(*feed.values())
+        values = run_in_order(pieces, dict(feed))
+    for name, expected in zip(spec.outputs, whole, strict=True):
+        assert torch.equal(values[name], expected), name
+
+
+@pytest.mark.openvino
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("source", "profile", "overrides"),
+    [("sd3.5", "sd3-openvino-fp32", ()), ("flux-dev", "flux-openvino-fp32", AT_SIZE)],
+)
+def test_an_artifact_built_by_block_reproduces_diffusers(
+    source: str,
+    profile: str,
+    overrides: tuple[str, ...],
+    built: Callable[..., Path],
+    source_dir: Callable[[str], Path],
+) -> None:
+    artifact = built(source, profile, ALWAYS, *overrides)
+    components = json.loads((artifact / "kiln.json").read_text())["components"]
+    transformer = components["transformer"]["validation"]
+    blocks = list(transformer["by_block"])
+    assert blocks[0] == "embed" and blocks[-1] == "out"
+    assert blocks[1] == "transformer_blocks.0"
+    assert all(score["min_cosine"] > 0.9999 for score in transformer["by_block"].values())
+    assert transformer["passed"] and transformer["outputs"]["out_hidden_states"]["max_abs"] < 1e-3
+    t5 = "text_encoder_2" if source.startswith("flux") else "text_encoder_3"
+    assert list(components[t5]["validation"]["by_block"])[-1] == "final_layer_norm"
+    assert "by_block" not in components["text_encoder"]["validation"]  # CLIP is built whole
+    with load(artifact) as pipeline:
+        image = generate(pipeline, "text")
+    assert psnr(image, diffusers_flow_reference(source_dir(source), "text")) >= 35
+
+
+@pytest.mark.openvino
+@pytest.mark.slow
+def test_int8_weights_by_block_pass_the_end_to_end_gate(built: Callable[..., Path]) -> None:
+    artifact = built("sd3", "sd3-openvino-int8", ALWAYS)
+    manifest = json.loads((artifact / "kiln.json").read_text())
+    quantization = manifest["components"]["transformer"]["quantization"]
+    assert quantization["scheme"] == "int8-weights" and quantization["nncf_mode"] == "int8_asym"
+    assert quantization["blocks"] == 4  # embed, two blocks, out
+    assert quantization["weight_types"] == {"u8": quantization["quantized_weights"]}
+    assert quantization["quantized_weights"] > 20
+    assert min(manifest["end_to_end"]["psnr_db"]) >= 15  # the profile's own gate
+
+
+def test_auto_cuts_only_what_does_not_fit_and_says_why_others_cannot(
+    source_dir: Callable[[str], Path],
+) -> None:
+    specs, plan = _specs(source_dir("sd3"), "sd3-openvino-int8")
+    found = memory_budget.estimate(specs, whole_pipeline=False)
+    assert found is not None
+    sizes = found.components
+    # A budget the transformer and T5 do not fit whole (the tiny VAE does not either).
+    limit = memory_budget.OVERHEAD_BYTES + min(sizes["transformer"], sizes["text_encoder_3"]) - 1
+    chosen, planned = by_block.choose(specs, plan, found, limit)  # type: ignore[arg-type]
+    assert chosen == {"transformer", "text_encoder_3"}
+    assert planned is not None
+    assert planned.held("transformer") == planned.by_block["transformer"] > 0
+    assert planned.not_by_block["vae_encoder"].startswith("modelkiln cuts only ")
+    assert "T5EncoderModel" in planned.not_by_block["vae_encoder"]
+    assert "text_encoder" not in planned.not_by_block  # it fits whole
+    never, _ = by_block.choose(
+        specs, load_plan("sd3-openvino-int8", ["build.by_block=never"]), found, limit
+    )
+    assert never == set()
+
+
+def test_a_format_without_block_builds_is_refused_with_the_reason(
+    source_dir: Callable[[str], Path],
+) -> None:
+    specs, plan = _specs(source_dir("sd3"), "sd3-onnxruntime-fp32", ALWAYS)
+    with pytest.raises(ProfileError) as refused:
+        by_block.choose(specs, plan, None, 0)  # type: ignore[arg-type]
+    message = str(refused.value)
+    assert "build.by_block = 'always' but no component can be built block by block" in message
+    assert "transformer: block-by-block builds write OpenVINO IR, not onnx" in message
+    specs, plan = _specs(source_dir("sd3"), "sd3-onnxruntime-int8")
+    found = memory_budget.estimate(specs, whole_pipeline=False)
+    _, planned = by_block.choose(specs, plan, found, 1.0)  # type: ignore[arg-type]
+    assert planned is not None and "not onnx" in planned.not_by_block["transformer"]
+
+
+def test_the_budget_error_names_what_a_block_build_holds() -> None:
+    from modelkiln.errors import UnsupportedError
+
+    gb = int(memory_budget.GB)
+    found = memory_budget.Estimate(
+        {"transformer": 32 * gb, "text_encoder_3": 19 * gb, "vae_encoder": gb // 3},
+        whole_pipeline=False,
+        by_block={"transformer": 11 * gb, "text_encoder_3": 7 * gb},
+    )
+    assert found.needed() == 11 * gb + memory_budget.OVERHEAD_BYTES
+    with pytest.raises(UnsupportedError) as refused:
+        memory_budget.check_fits(found, 8.0, "profile 'sd3-openvino-int8'")
+    message = str(refused.value)
+    assert message.startswith(
+        "profile 'sd3-openvino-int8': this build needs about 12.5 GB of memory and may use "
+        "8.0 GB (build.max_memory_gb): transformer built block by block holds 11.0 GB"
+    )
+    assert "\n" not in message
+    memory_budget.check_fits(found, 12.6, "profile")
+
+
+def test_a_weight_missing_from_the_checkpoint_is_named(
+    source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "sd3"
+    shutil.copytree(source_dir("sd3"), folder)
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["proj_out.weight"]
+    save_file(tensors, weights)
+    specs, _ = _specs(folder, "sd3-openvino-fp32")
+    spec = next(s for s in specs if s.name == "transformer")
+    wrapper = spec.meta_module()
+    from modelkiln.models.blocks import segments
+
+    pieces = segments(wrapper, tuple(spec.outputs))
+    assert pieces is not None
+    weights_reader = by_block.BlockWeights(wrapper, spec.checkpoint)
+    with (
+        pytest.raises(
+            ExportError, match=r"block out: its weight 'weight' is not in the checkpoint"
+        ),
+        weights_reader.loaded(pieces[-1]),
+    ):
+        pass
+    # The meta tensors are back: nothing of a failed block stays in memory.
+    assert all(p.is_meta for p in pieces[-1].module.parameters())
+
+
+def test_random_shards_load_with_from_pretrained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from modelkiln.testing import large
+
+    config = {**large.SD35_LARGE_TRANSFORMER, "num_layers": 1, "num_attention_heads": 2}
+    config |= {"caption_projection_dim": 128, "joint_attention_dim": 64, "pos_embed_max_size": 8}
+    config |= {"pooled_projection_dim": 32, "sample_size": 8}
+    with torch.device("meta"):
+        meta = SD3Transformer2DModel(**config)
+    real = SD3Transformer2DModel(**config)
+    monkeypatch.setattr(large, "SHARD_BYTES", 200_000)
+    count = large.write_random_shards(
+        meta,
+        tmp_path,
+        weights_name="diffusion_pytorch_model.safetensors",
+        buffers=lambda name: real.pos_embed.pos_embed if name == "pos_embed.pos_embed" else None,
+    )
+    meta.save_config(tmp_path)
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and shards[0].name.endswith(f"-00001-of-{len(shards):05d}.safetensors")
+    loaded = SD3Transformer2DModel.from_pretrained(tmp_path)
+    assert count == sum(p.numel() for p in real.parameters())
+    # torch's default spread for a Linear: 1 / sqrt(3 * fan_in)
+    assert loaded.norm_out.linear.weight.std().item() == pytest.approx((3 * 128) ** -0.5, rel=0.05)
+    assert torch.equal(loaded.pos_embed.pos_embed, real.pos_embed.pos_embed)  # as given
+    assert torch.all(loaded.transformer_blocks[0].attn.norm_q.weight == 1.0)
+
+
+def test_sd35_large_by_block_plans_a_third_of_its_fp32_weights() -> None:
+    """Read from the meta-device model of SD 3.5 Large's real config: 8.2 B parameters,
+    32.9 GB in fp32; int8 by block holds the int8 weights and one 0.85 GB block three times."""
+    import torch
+    from diffusers import SD3Transformer2DModel
+
+    from modelkiln.models.blocks import segments
+    from modelkiln.models.stable_diffusion_modules import SD3Transformer
+    from modelkiln.testing.large import SD35_LARGE_TRANSFORMER
+
+    with torch.device("meta"):
+        wrapper = SD3Transformer(SD3Transformer2DModel(**SD35_LARGE_TRANSFORMER))
+    pieces = segments(wrapper, ("out_hidden_states",))
+    assert pieces is not None and len(pieces) == 40
+    total = sum(piece.weight_bytes() for piece in pieces)
+    assert 32e9 < total < 33e9
+    plan = load_plan("sd3-openvino-int8")
+    int8 = by_block.needed_bytes(pieces, plan.component("transformer"))
+    assert 10e9 < int8 < 12e9
+    int4 = by_block.needed_bytes(pieces, load_plan("sd3-openvino-int4").component("transformer"))
+    assert int4 < int8
