@@ -19,20 +19,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# stabilityai/stable-diffusion-3.5-large transformer/config.json, but for num_layers.
-SD35_LARGE = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "attention_head_dim": 64,
-    "num_attention_heads": 38,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 2432,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 192,
-    "qk_norm": "rms_norm",
-}
+from modelkiln.testing.large import SD35_LARGE_TRANSFORMER
+
 STEP = """
 import json, sys
 from pathlib import Path
@@ -80,7 +68,7 @@ def source(work: Path, blocks: int) -> tuple[Path, int]:
         from diffusers import SD3Transformer2DModel
 
         torch.manual_seed(0)
-        model = SD3Transformer2DModel(**SD35_LARGE, num_layers=blocks)
+        model = SD3Transformer2DModel(**{**SD35_LARGE_TRANSFORMER, "num_layers": blocks})
         model.save_pretrained(folder, safe_serialization=True)
         del model
     from modelkiln.memory_budget import fp32_bytes
