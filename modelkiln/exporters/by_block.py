@@ -40,7 +40,7 @@ from modelkiln.errors import (
 )
 from modelkiln.evaluation.metrics import OutputMetrics
 from modelkiln.exporters.base import export_dims
-from modelkiln.exporters.onnx import WRAPPER_PREFIX, _checkpoint_index
+from modelkiln.exporters.onnx import WRAPPER_PREFIX, checkpoint_index
 from modelkiln.exporters.openvino import MODEL_FILE
 from modelkiln.models.blocks import SEGMENTERS, segments
 from modelkiln.progress import Progress
@@ -159,7 +159,7 @@ class BlockWeights:
     the meta tensors back afterwards (the memory goes with them)."""
 
     def __init__(self, wrapper: torch.nn.Module, checkpoint: tuple[Path, ...]) -> None:
-        self.index = _checkpoint_index(checkpoint)
+        self.index = checkpoint_index(checkpoint)
         self.keys: dict[int, str] = {}
         # Tied weights (T5's shared embedding) are one tensor under several names.
         named = [

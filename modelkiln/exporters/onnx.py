@@ -84,7 +84,7 @@ def _streamed_program(spec: ComponentSpec, profile: Profile) -> Any | None:
     except ExportError as error:
         logger.info("%s: no meta-device export (%s); exporting from memory", spec.name, error)
         return None
-    index = _checkpoint_index(spec.checkpoint)
+    index = checkpoint_index(spec.checkpoint)
     initializers = program.model.graph.initializers
     missing = [n for n in initializers if n.removeprefix(WRAPPER_PREFIX) not in index]
     if missing:
@@ -199,7 +199,7 @@ def _export(spec: ComponentSpec, module: Any, profile: Profile, *, meta: bool) -
     return program
 
 
-def _checkpoint_index(files: tuple[Path, ...]) -> dict[str, tuple[Path, str]]:
+def checkpoint_index(files: tuple[Path, ...]) -> dict[str, tuple[Path, str]]:
     """Checkpoint key -> (file, key) over every shard, reading headers only."""
     from safetensors import safe_open
 
