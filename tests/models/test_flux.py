@@ -63,12 +63,11 @@ def test_reproduces_diffusers(
             marks=pytest.mark.onnxruntime,
             id="ort-int8",
         ),
-        # The tiny model's widths are 32..128 (groups of 16 divide them) but for its CLIP's
-        # 37-wide MLP: that encoder keeps int8 weights here.
+        # The tiny transformer's widths are 32..128: groups of 16 divide them.
         pytest.param(
             "flux-dev",
             "flux-openvino-int4",
-            ("quantization.group_size=16", "components.text_encoder.scheme=int8-weights"),
+            ("quantization.group_size=16",),
             marks=pytest.mark.openvino,
             id="ov-int4",
         ),
