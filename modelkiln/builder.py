@@ -17,7 +17,13 @@ import numpy as np
 
 from modelkiln import __version__, memory_budget, quality
 from modelkiln.artifact import MANIFEST_NAME, record_files, write_manifest
-from modelkiln.env import host_info, library_versions, peak_rss_bytes, release_memory
+from modelkiln.env import (
+    host_info,
+    library_versions,
+    peak_rss_bytes,
+    release_memory,
+    resident_bytes,
+)
 from modelkiln.errors import ProfileError, ValidationError
 from modelkiln.evaluation.components import (
     Tolerance,
@@ -283,16 +289,9 @@ def _validate(
         outputs=outputs,
     )
     settings = profile.validation
-    tolerance = Tolerance(
-        atol=settings.atol if settings.atol is not None else spec.atol,
-        min_cosine=settings.min_cosine,
-        min_top1_agreement=settings.min_top1_agreement,
-        min_sqnr_db=settings.min_sqnr_db,
-    )
+    tolerance = _tolerance(spec, profile)
     feeds = _feeds(spec, profile, real_feeds)
-    label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
-    if component.scheme is not None:
-        label += f", {component.scheme.name}"
+    label = _label(runtime, component)
     not_run = runtime.unavailable_reason(options)
     task = (
         f"validating {spec.name} ({label})"
@@ -328,6 +327,23 @@ def _validate(
     return replace(record, validation=validation, runtime=runtime_info)
 
 
+def _tolerance(spec: ComponentSpec, profile: Profile) -> Tolerance:
+    settings = profile.validation
+    return Tolerance(
+        atol=settings.atol if settings.atol is not None else spec.atol,
+        min_cosine=settings.min_cosine,
+        min_top1_agreement=settings.min_top1_agreement,
+        min_sqnr_db=settings.min_sqnr_db,
+    )
+
+
+def _label(runtime: Runtime, component: ComponentPlan) -> str:
+    """What a validation ran: format, runtime, precision and scheme."""
+    profile = component.profile
+    label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
+    return label if component.scheme is None else f"{label}, {component.scheme.name}"
+
+
 def _feeds(
     spec: ComponentSpec, profile: Profile, real_feeds: Sequence[dict[str, np.ndarray]]
 ) -> list[dict[str, np.ndarray]]:
@@ -351,23 +367,50 @@ def _build_by_block(
     progress: Progress,
 ) -> ComponentRecord:
     """A component too large for memory: exported, compressed and checked one block at a
-    time, then validated whole against the torch outputs the blocks computed."""
-    feeds = _feeds(spec, component.profile, ())
+    time, then validated against the torch outputs the blocks computed: run whole where that
+    fits the memory budget, else as the chain of its compressed blocks."""
+    profile = component.profile
+    feeds = _feeds(spec, profile, ())
     options = plan.runtime_options(spec.name)
     made = by_block.export(spec, component, options, staging, feeds, progress)
+    budget = profile.build.max_memory_gb
+    limit = memory_budget.limit_bytes(budget)
+    needed = resident_bytes() + made.whole_check_bytes()
     try:
-        record = _validate(
-            spec,
-            _no_module,
-            made.entry,
-            staging,
-            runtime,
-            plan,
-            component,
-            progress,
-            expected=made.expected,
-        )
+        # Without a chain of blocks (ONNX), the estimate counted the whole check.
+        if needed <= limit or not made.chained:
+            record = _validate(
+                spec,
+                _no_module,
+                made.entry,
+                staging,
+                runtime,
+                plan,
+                component,
+                progress,
+                expected=made.expected,
+            )
+        else:
+            gb = memory_budget.GB
+            reason = (
+                f"run whole it would hold about {needed / gb:.1f} GB, over the build's "
+                f"{limit / gb:.1f} GB ({memory_budget.limit_source(budget)})"
+            )
+            logger.info("%s: validated as its chain of blocks: %s", spec.name, reason)
+            inputs, outputs = export_signature(spec, profile)
+            label = f"{_label(runtime, component)}, blocks chained"
+            validation = verdict(spec.name, label, made.chained, _tolerance(spec, profile))
+            batches = tuple(profile.validation.batch_sizes)
+            record = ComponentRecord(
+                name=spec.name,
+                entry=made.entry.relative_to(staging).as_posix(),
+                inputs=inputs,
+                outputs=outputs,
+                validation=replace(validation, batch_sizes=batches, chained=reason),
+            )
     except ValidationError as error:
+        if not made.blocks:
+            raise
         # Where the error entered: the block that moved its output most.
         name, score = min(made.blocks.items(), key=lambda item: item[1].min_cosine)
         raise ValidationError(

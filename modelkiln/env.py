@@ -110,6 +110,16 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; else KiB
 
 
+def resident_bytes() -> int:
+    """Resident memory of this process now (Linux VmRSS; elsewhere the peak, an upper bound)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text(encoding="utf-8").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return peak_rss_bytes()
+
+
 def release_memory() -> None:
     """Collect garbage and hand freed heap back to the system (glibc's malloc_trim): a large
     build frees gigabytes per component, which glibc otherwise keeps mapped in fragments."""

@@ -95,6 +95,9 @@ class ValidationRecord:
     # Built block by block: the torch reference ran one block at a time, and each block (its
     # worst output) was also checked alone on the same inputs.
     by_block: dict[str, OutputScore] = field(default_factory=dict)
+    # Why the whole component was validated as the chain of its compressed blocks (each run on
+    # the previous ones' outputs) rather than run whole: a check that would not fit memory.
+    chained: str | None = None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,6 +27,7 @@ from modelkiln.runtimes.onnxruntime import FUSED_OPS_KEY
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
+    from modelkiln.quantize.schemes import Int4Weights
     from modelkiln.specs import ComponentSpec
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,6 @@ def onnx_from_torch(
     spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, path: Path
 ) -> Path:
     """Export the component to `path`; weights go to `<stem>.onnx_data` when large or asked."""
-    import onnx_ir
-
     program = _streamed_program(spec, profile)
     if program is None:
         program = _export(spec, load_module(), profile, meta=False)
@@ -52,6 +51,35 @@ def onnx_from_torch(
     if fusions_wanted(profile):
         fused = fuse_for_onnxruntime(program.model)
         program.model.metadata_props[FUSED_OPS_KEY] = json.dumps(fused)
+    _save(program, spec, profile, path)
+    return path
+
+
+def onnx_streamed_int4(
+    spec: ComponentSpec, profile: Profile, settings: Int4Weights, path: Path
+) -> dict[str, Any]:
+    """Export the component streamed from its checkpoint with int4 weights (MatMulNBits)
+    quantized as the file is written: neither the fp32 weights nor the int4 model are ever
+    whole in memory. Returns the quantization's record."""
+    from modelkiln.quantize.onnx import ACCURACY_LEVEL
+    from modelkiln.quantize.onnx_streamed import quantize_matmuls_as_written
+
+    program = _streamed_program(spec, profile)
+    if program is None:
+        raise ExportError(
+            f"{spec.name} cannot be exported streamed from its checkpoint (-v says why), so its "
+            "int4 weights cannot be quantized as they are written; build it whole on a machine "
+            "with the memory for it (--set build.by_block=never)"
+        )
+    record = quantize_matmuls_as_written(program.model, settings, ACCURACY_LEVEL)
+    _save(program, spec, profile, path)
+    return record
+
+
+def _save(program: Any, spec: ComponentSpec, profile: Profile, path: Path) -> None:
+    """Our dim names and metadata, then the file (weights external when large or asked)."""
+    import onnx_ir
+
     weight_bytes = sum(
         int(value.const_value.nbytes)
         for value in program.model.graph.initializers.values()
@@ -72,21 +100,22 @@ def onnx_from_torch(
         onnx_ir.save(program.model, path, external_data=f"{path.stem}.onnx_data")
     else:
         onnx_ir.save(program.model, path)
-    return path
 
 
 def _streamed_program(spec: ComponentSpec, profile: Profile) -> Any | None:
     """The meta-device export with every weight bound to its checkpoint, or None if it can't."""
     if spec.meta_module is None or not spec.checkpoint:
         return None
+    module = spec.meta_module()
     try:
-        program = _export(spec, spec.meta_module(), profile, meta=True)
+        program = _export(spec, module, profile, meta=True)
     except ExportError as error:
         logger.info("%s: no meta-device export (%s); exporting from memory", spec.name, error)
         return None
     index = checkpoint_index(spec.checkpoint)
+    keys = checkpoint_keys(module, index)
     initializers = program.model.graph.initializers
-    missing = [n for n in initializers if n.removeprefix(WRAPPER_PREFIX) not in index]
+    missing = [n for n in initializers if n not in keys]
     if missing:
         logger.info(
             "%s: %d weights are not in the checkpoint (%s, ...); exporting from memory",
@@ -100,7 +129,7 @@ def _streamed_program(spec: ComponentSpec, profile: Profile) -> Any | None:
     for name, value in initializers.items():
         declared = value.const_value
         value.const_value = onnx_ir.LazyTensor(
-            partial(_read_tensor, index[name.removeprefix(WRAPPER_PREFIX)], name, declared.dtype),
+            partial(_read_tensor, index[keys[name]], name, declared.dtype),
             dtype=declared.dtype,
             shape=declared.shape,
             name=name,
@@ -208,6 +237,21 @@ def checkpoint_index(files: tuple[Path, ...]) -> dict[str, tuple[Path, str]]:
         with safe_open(str(path), framework="numpy") as checkpoint:
             index.update({key: (path, key) for key in checkpoint.keys()})  # noqa: SIM118
     return index
+
+
+def checkpoint_keys(module: Any, index: Mapping[str, Any]) -> dict[str, str]:
+    """The wrapper's parameter and buffer names -> their checkpoint keys. A tied weight (T5's
+    shared embedding) is saved under one of its names: every name maps to that key."""
+    named = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    saved: dict[int, str] = {}
+    for name, tensor in named:
+        key = name.removeprefix(WRAPPER_PREFIX)
+        if key in index:
+            saved.setdefault(id(tensor), key)
+    return {name: saved[id(tensor)] for name, tensor in named if id(tensor) in saved}
 
 
 def _read_tensor(location: tuple[Path, str], name: str, dtype: Any) -> Any:
