@@ -116,6 +116,12 @@ def main() -> None:
     # Without classifier-free guidance (as SD 3.5 Large Turbo runs): CFG's batch of 2 at
     # 1024x1024 does not fit 24 GB beside T5 (OpenVINO's attention activations, see README).
     parser.add_argument("--guidance", type=float, default=1.0)
+    parser.add_argument(
+        "--split-guidance", action="store_true", help="CFG's halves in two calls (kiln generate)"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="generate with art-PROFILE built before"
+    )
     parser.add_argument("--blocks", type=int, default=None, help="smoke test: fewer blocks")
     args = parser.parse_args()
     work: Path = args.work
@@ -137,8 +143,10 @@ def main() -> None:
         build = [kiln, "-v", "build", str(source), "-p", profile, "-o", str(artifact)]
         settings = BUILD_SETTINGS + PROFILE_SETTINGS.get(profile, [])
         build += [f"--set={item}" for item in settings]
-        entry: dict[str, Any] = {"build": measured(build, work, work / f"build-{profile}.log")}
-        if entry["build"]["exit"] == 0:
+        entry: dict[str, Any] = {}
+        if not (args.reuse and (artifact / "kiln.json").is_file()):
+            entry["build"] = measured(build, work, work / f"build-{profile}.log")
+        if entry.get("build", {"exit": 0})["exit"] == 0:
             manifest = json.loads((artifact / "kiln.json").read_text())
             entry["artifact_gb"] = {
                 name: folder_gb(artifact / name)
@@ -157,10 +165,13 @@ def main() -> None:
             generate = [kiln, "generate", str(artifact), "--prompt", "a lighthouse at dusk"]
             generate += ["--steps", str(args.steps), "--height", size, "--width", size]
             generate += ["--guidance", str(args.guidance)]
-            generate += ["-o", str(work / f"{profile}.png")]
-            entry["generate"] = measured(generate, work, work / f"generate-{profile}.log")
+            generate += ["--split-guidance"] if args.split_guidance else []
+            run = f"{profile}-{size}-g{args.guidance:g}" + ("-split" if args.split_guidance else "")
+            generate += ["-o", str(work / f"{run}.png")]
+            entry["generate"] = measured(generate, work, work / f"generate-{run}.log")
         results[profile] = entry
         (work / "results.json").write_text(json.dumps(results, indent=2))
+        (work / f"results-{profile}.json").write_text(json.dumps(entry, indent=2))
         print(json.dumps({profile: entry}, indent=2), flush=True)
     print(json.dumps(results, indent=2))
 

@@ -34,6 +34,18 @@ class Conditioning:
     # SDXL: text_embeds, time_ids; SD3: pooled_projections; Flux: those and positions.
     extra: Mapping[str, np.ndarray] = field(default_factory=dict)
 
+    def half(self, index: int) -> Conditioning:
+        """The negative (0) or positive (1) half of a guided conditioning: every array with
+        one row per sample split; the rest (Flux's token positions) as they are."""
+        rows = len(self.encoder_hidden_states)
+
+        def part(array: np.ndarray) -> np.ndarray:
+            return np.split(array, 2)[index] if array.ndim and len(array) == rows else array
+
+        return Conditioning(
+            part(self.encoder_hidden_states), {k: part(v) for k, v in self.extra.items()}
+        )
+
 
 # One denoiser call: (latents, timestep, conditioning) -> the model's prediction.
 Denoiser = Callable[[np.ndarray, float, Conditioning], np.ndarray]
@@ -127,21 +139,33 @@ def denoise(
     *,
     inpainting: Inpainting | None = None,
     on_step: StepCallback | None = None,
+    split_guidance: bool = False,
 ) -> np.ndarray:
-    """Run the denoiser and the scheduler over `timesteps`; the final latents."""
+    """Run the denoiser and the scheduler over `timesteps`; the final latents.
+
+    Guided, the denoiser takes the negative and positive halves in one call of twice the
+    batch (diffusers' way), or with `split_guidance` in two calls: the denoiser's activations
+    are those of one half (a large transformer at 1024x1024: most of its memory)."""
     guided = guidance > 1.0
+    split = guided and split_guidance
+    copies = 2 if guided and not split else 1
     mask = masked = None
     if inpainting is not None and inpainting.unet_reads_mask:
-        mask, masked = inpainting.mask, inpainting.masked_image_latents
-        if guided:
-            mask, masked = np.concatenate([mask] * 2), np.concatenate([masked] * 2)
+        mask = np.concatenate([inpainting.mask] * copies)
+        masked = np.concatenate([inpainting.masked_image_latents] * copies)
     for index, timestep in enumerate(timesteps):
-        model_input = np.concatenate([latents] * 2) if guided else latents
+        model_input = np.concatenate([latents] * copies)
         model_input = scheduler.scale_model_input(model_input, timestep)
         if mask is not None and masked is not None:
             model_input = np.concatenate([model_input, mask, masked], axis=1)
-        noise_prediction = model(model_input, float(timestep), conditioning)
-        if guided:
+        if split:
+            unconditional, text = (
+                model(model_input, float(timestep), conditioning.half(half)) for half in (0, 1)
+            )
+            noise_prediction = unconditional + guidance * (text - unconditional)
+        else:
+            noise_prediction = model(model_input, float(timestep), conditioning)
+        if guided and not split:
             unconditional, text = np.split(noise_prediction, 2)
             noise_prediction = unconditional + guidance * (text - unconditional)
         latents = scheduler.step(noise_prediction, timestep, latents, generator)

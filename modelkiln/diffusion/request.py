@@ -42,6 +42,8 @@ class Request:
     latents: np.ndarray | None
     callback: StepCallback | None
     progress: Progress
+    # Guidance's two halves in two denoiser calls: half the activation memory (denoise.py).
+    split_guidance: bool = False
 
     @property
     def batch(self) -> int:
@@ -109,6 +111,7 @@ def parse_request(
         latents=options.pop("latents", None),
         callback=options.pop("callback", None),
         progress=options.pop("progress", None) or NullProgress(),
+        split_guidance=bool(options.pop("split_guidance", False)),
     )
     if options:
         raise TypeError(f"unknown generation setting(s): {', '.join(sorted(options))}")

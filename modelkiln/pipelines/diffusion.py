@@ -173,6 +173,7 @@ class SDPipeline(ImageGenerator):
                 generator,
                 inpainting=inpainting,
                 on_step=on_step,
+                split_guidance=request.split_guidance,
             )
         return pixels_to_images(self._vae.decode(self._unpacked(latents, request)))
 

@@ -171,7 +171,10 @@ def test_nine_channel_inpainting_unet_reproduces_diffusers(
     with load(built("sd-inpaint", "sd-torch-fp32")) as torch_pipeline:
         # a mask of another size is resized to the image
         resized = generate(torch_pipeline, "inpaint", mask=half_mask((64, 48)))
+        # the mask and masked image go with each half of a split guidance
+        split = generate(torch_pipeline, "inpaint", split_guidance=True)
     assert resized.size == (SIZE, SIZE)
+    assert psnr(split, expected) >= 40
 
 
 def test_v_prediction_model_reproduces_diffusers(

@@ -60,9 +60,13 @@ def test_fp32_backends_reproduce_diffusers(
 ) -> None:
     with load(built("sd3", profile), runtime=runtime) as pipeline:
         ours = generate_all(pipeline)
+        # Guidance's halves in two calls: the same image (batch 1 and 2 round alike).
+        split = generate(pipeline, "inpaint", negative_prompt=NEGATIVE, split_guidance=True)
+        batched = generate(pipeline, "inpaint", negative_prompt=NEGATIVE)
     for mode, expected in diffusers_images.items():
         assert ours[mode].size == (SIZE, SIZE)  # type: ignore[attr-defined]
         assert psnr(ours[mode], expected) >= 35, mode  # type: ignore[arg-type]
+    assert np.asarray(split).std() > 10 and psnr(split, batched) >= 45
 
 
 @pytest.mark.parametrize(
@@ -167,6 +171,10 @@ def test_kiln_generate_reproduces_diffusers(
     )
     assert outcome.code == 0, outcome.err
     assert psnr(Image.open(out), diffusers_images["text"]) >= 35  # type: ignore[arg-type]
+    split = tmp_path / "split.png"
+    arguments = ("--prompt", PROMPT, "--steps", 3, "--seed", 0, "--split-guidance", "-o", split)
+    assert kiln_main("generate", artifact, *arguments).code == 0
+    assert psnr(Image.open(split), Image.open(out)) >= 45
 
 
 @pytest.mark.openvino
