@@ -57,7 +57,9 @@ PROFILE_SETTINGS = {
 
 
 class Sampler(threading.Thread):
-    """Peak RSS of a process tree and peak disk use of a folder, sampled twice a second."""
+    """Peak RSS of a process and of its tree, and peak disk use of a folder, sampled twice a
+    second. The tree's sum over-counts while a child is forked and not yet exec'd (it shares
+    its parent's pages): the process's own peak is the number to read."""
 
     def __init__(self, pid: int, folder: Path) -> None:
         super().__init__(daemon=True)
@@ -67,6 +69,7 @@ class Sampler(threading.Thread):
         self.folder = folder
         self.disk_before = shutil.disk_usage(folder).used
         self.peak_rss = 0
+        self.peak_tree_rss = 0
         self.peak_disk = 0
         self.running = True
 
@@ -75,11 +78,13 @@ class Sampler(threading.Thread):
 
         while self.running:
             try:
-                tree = [self.process, *self.process.children(recursive=True)]
-                rss = sum(p.memory_info().rss for p in tree if p.is_running())
+                own = self.process.memory_info().rss
+                children = self.process.children(recursive=True)
+                tree = own + sum(p.memory_info().rss for p in children if p.is_running())
             except psutil.Error:
-                rss = 0
-            self.peak_rss = max(self.peak_rss, rss)
+                own = tree = 0
+            self.peak_rss = max(self.peak_rss, own)
+            self.peak_tree_rss = max(self.peak_tree_rss, tree)
             used = shutil.disk_usage(self.folder).used - self.disk_before
             self.peak_disk = max(self.peak_disk, used)
             time.sleep(0.5)
@@ -97,6 +102,7 @@ def measured(command: list[str], work: Path, log: Path) -> dict[str, Any]:
     return {
         "seconds": round(time.perf_counter() - started, 1),
         "peak_rss_gb": round(sampler.peak_rss / GB, 2),
+        "peak_tree_rss_gb": round(sampler.peak_tree_rss / GB, 2),
         "peak_disk_gb": round(sampler.peak_disk / GB, 2),
         "exit": code,
         "log": str(log),

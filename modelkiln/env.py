@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -123,16 +124,31 @@ def resident_bytes() -> int:
 def release_memory() -> None:
     """Collect garbage and hand freed heap back to the system (glibc's malloc_trim): a large
     build frees gigabytes per component, which glibc otherwise keeps mapped in fragments."""
-    import contextlib
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
-    if sys.platform.startswith("linux"):
-        # Not glibc (musl): nothing to trim.
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):  # not glibc (musl): nothing to trim
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc() -> Any:
+    """The C library, found once: ctypes.util.find_library runs ldconfig in a child process,
+    a fork of a process that may hold gigabytes."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        name = ctypes.util.find_library("c")
+        try:
+            return ctypes.CDLL(name) if name else None
+        except OSError:
+            return None
 
 
 def runtime_report() -> list[dict[str, Any]]:
