@@ -390,6 +390,13 @@ def _build_by_block(
                 progress,
                 expected=made.expected,
             )
+            # What the whole check took against what it was planned to take.
+            logger.info(
+                "%s checked whole: planned %.1f GB, peak resident %.1f GB",
+                spec.name,
+                needed / memory_budget.GB,
+                peak_rss_bytes() / memory_budget.GB,
+            )
         else:
             gb = memory_budget.GB
             reason = (
