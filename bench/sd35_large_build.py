@@ -52,6 +52,7 @@ PROFILE_SETTINGS = {
         "components.text_encoder_3.scheme=int4-weights",
         "components.text_encoder_3.min_cosine=0.7",
         "components.text_encoder_3.min_sqnr_db=3",
+        "components.text_encoder_3.atol=10",
     ]
 }
 
