@@ -137,7 +137,7 @@ def needed_bytes(pieces: Sequence[Segment], component: ComponentPlan) -> int:
     if component.profile.export.format == "onnx":
         # Nothing is held while the file is written: the torch reference holds one block,
         # the whole check the int4 model.
-        whole_check = WHOLE_CHECK_COPIES * total * share + WHOLE_CHECK_ACTIVATIONS
+        whole_check = WHOLE_CHECK_COPIES * total * share + WHOLE_CHECK_ACTIVATIONS  # ORT
         return int(max(BLOCK_COPIES * largest, whole_check))
     # The blocks done plus one in the making. The whole check after them runs only where it
     # fits the budget (BlockBuild.whole_check_bytes); the chain of blocks validates otherwise.

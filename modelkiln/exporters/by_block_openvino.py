@@ -30,6 +30,8 @@ from modelkiln.errors import ExportError, ValidationError, first_line
 from modelkiln.evaluation.metrics import OutputMetrics
 from modelkiln.exporters.base import export_dims
 from modelkiln.exporters.block_run import (
+    OPENVINO_FOUR_BIT_COPIES,
+    WHOLE_CHECK_COPIES,
     BlockBuild,
     drop_used,
     last_uses,
@@ -170,7 +172,9 @@ def export(
                 "bytes_after": entry.stat().st_size + entry.with_suffix(".bin").stat().st_size,
             },
         )
-    return BlockBuild(entry, expected_outputs, record, scores, chained)
+    four_bit = isinstance(component.scheme, Int4Weights | NF4Weights)
+    copies = OPENVINO_FOUR_BIT_COPIES if four_bit else WHOLE_CHECK_COPIES
+    return BlockBuild(entry, expected_outputs, record, scores, chained, copies)
 
 
 def _convert(
