@@ -414,6 +414,7 @@ def _build_by_block(
                 inputs=inputs,
                 outputs=outputs,
                 validation=replace(validation, batch_sizes=batches, chained=reason),
+                runtime=made.runtime,
             )
     except ValidationError as error:
         if not made.blocks:

@@ -55,6 +55,8 @@ class BlockBuild:
     chained: dict[str, OutputMetrics] = field(default_factory=dict)
     # The saved files' weights held at once when the runtime runs them whole.
     copies: float = WHOLE_CHECK_COPIES
+    # How the runtime ran the blocks (the chained check's record of it).
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     def whole_check_bytes(self) -> int:
         """What running the saved component whole adds to the process."""

@@ -70,7 +70,7 @@ def export(
     import openvino as ov
     import torch
 
-    from modelkiln.runtimes.openvino import compile_config
+    from modelkiln.runtimes.openvino import compile_config, compiled_info
 
     profile = component.profile
     pieces, weights = open_blocks(spec)
@@ -92,6 +92,7 @@ def export(
     last_use = last_uses(pieces, spec)
     core = ov.Core()
     config = compile_config(options)
+    runtime: dict[str, Any] = {}
     made: list[tuple[Any, Segment]] = []
     scores: dict[str, OutputScore] = {}
     weight_types: dict[str, int] = {}
@@ -111,6 +112,7 @@ def export(
                 weight_types[kind] = weight_types.get(kind, 0) + count
                 quantized += count
             compiled = core.compile_model(model, options.device.upper(), config)
+            runtime = compiled_info(compiled, options.device.upper())
             metrics = {name: OutputMetrics() for name in piece.outputs}
             for chain, expected in zip(chains[checked:], outputs[checked:], strict=True):
                 actual = compiled([chain[name].numpy() for name in piece.inputs])
@@ -174,7 +176,7 @@ def export(
         )
     four_bit = isinstance(component.scheme, Int4Weights | NF4Weights)
     copies = OPENVINO_FOUR_BIT_COPIES if four_bit else WHOLE_CHECK_COPIES
-    return BlockBuild(entry, expected_outputs, record, scores, chained, copies)
+    return BlockBuild(entry, expected_outputs, record, scores, chained, copies, runtime)
 
 
 def _convert(

@@ -91,14 +91,7 @@ class OpenVINOSession(Session):
 
     @property
     def info(self) -> dict[str, Any]:
-        precision = self._compiled.get_property("INFERENCE_PRECISION_HINT")
-        return {
-            "runtime": "openvino",
-            "device": self._device,
-            "inference_precision": str(precision.get_type_name()),
-            "performance_hint": str(self._compiled.get_property("PERFORMANCE_HINT")).lower(),
-            "threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS")),
-        }
+        return compiled_info(self._compiled, self._device)
 
     def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         with self._requests.borrow() as request:
@@ -112,6 +105,18 @@ class OpenVINOSession(Session):
     def close(self) -> None:
         self._requests.clear()
         self._compiled = None
+
+
+def compiled_info(compiled: Any, device: str) -> dict[str, Any]:
+    """What the manifest records of a compiled model: device, precision, hint, threads."""
+    precision = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return {
+        "runtime": "openvino",
+        "device": device,
+        "inference_precision": str(precision.get_type_name()),
+        "performance_hint": str(compiled.get_property("PERFORMANCE_HINT")).lower(),
+        "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
+    }
 
 
 class OpenVINORuntime(Runtime):

@@ -118,6 +118,8 @@ def test_int8_weights_by_block_pass_the_end_to_end_gate_validated_as_a_chain(
     assert validation["chained"].startswith("run whole it would hold about 1000001.")
     assert validation["chained"].endswith("GB; build.max_memory_gb sets it)")
     assert validation["outputs"]["out_hidden_states"]["min_cosine"] > 0.99
+    runtime = manifest["components"]["transformer"]["runtime"]
+    assert runtime["runtime"] == "openvino" and runtime["inference_precision"] in ("f32", "bf16")
     assert "chained" not in manifest["components"]["vae_decoder"]["validation"]  # built whole
     assert min(manifest["end_to_end"]["psnr_db"]) >= 15  # the profile's own gate
 
