@@ -65,6 +65,13 @@ def test_reproduces_diffusers(
         ),
         # The tiny transformer's widths are 32..128: groups of 16 divide them.
         pytest.param(
+            "flux-schnell",
+            "flux-onnxruntime-int4",
+            ("quantization.group_size=16",),
+            marks=pytest.mark.onnxruntime,
+            id="ort-int4",
+        ),
+        pytest.param(
             "flux-dev",
             "flux-openvino-int4",
             ("quantization.group_size=16",),

@@ -97,6 +97,9 @@ def test_variants_reproduce_diffusers(
             "sd3-onnxruntime-int8", "onnxruntime", marks=pytest.mark.onnxruntime, id="ort-int8"
         ),
         pytest.param("sd3-openvino-int4", "openvino", marks=pytest.mark.openvino, id="ov-int4"),
+        pytest.param(
+            "sd3-onnxruntime-int4", "onnxruntime", marks=pytest.mark.onnxruntime, id="ort-int4"
+        ),
     ],
 )
 def test_quantized_profiles_pass_the_gate_and_generate(
@@ -106,16 +109,45 @@ def test_quantized_profiles_pass_the_gate_and_generate(
     small = ("quantization.group_size=16",)
     artifact = built("sd3", profile, *(small if "int4" in profile else ()))
     manifest = json.loads((artifact / "kiln.json").read_text())
-    if "int4" in profile:  # 4-bit where the compute is; the text encoders keep int8
+    if "int4" in profile:  # 4-bit where the compute is; the text encoders keep 8 bits
         schemes = {n: c["quantization"]["scheme"] for n, c in manifest["components"].items()}
         assert schemes["transformer"] == "int4-weights"
-        assert {schemes[f"text_encoder{s}"] for s in ("", "_2", "_3")} == {"int8-weights"}
+        encoders = {schemes[f"text_encoder{s}"] for s in ("", "_2", "_3")}
+        assert encoders == {"int8-dynamic" if runtime == "onnxruntime" else "int8-weights"}
     gate = manifest["end_to_end"]
     assert len(gate["psnr_db"]) == 2  # the build's gate ran the profile's two prompts
     assert min(gate["psnr_db"]) >= 15 and min(gate["ssim"]) >= 0.5
     with load(artifact, runtime=runtime) as pipeline:
         image = generate(pipeline, "text")
     assert psnr(image, diffusers_images["text"]) >= 15  # type: ignore[arg-type]
+
+
+@pytest.mark.onnxruntime
+def test_onnx_int4_by_block_writes_what_the_whole_build_writes(built: Callable[..., Path]) -> None:
+    """Quantized as the streamed export is written (build.by_block), the transformer is the
+    model that onnxruntime's quantizer makes of the whole fp32 export, and scores the same."""
+    import onnx
+    from onnx import numpy_helper
+
+    small = "quantization.group_size=16"
+    no_gate = ("validation.prompts=[]", "validation.min_psnr_db=", "validation.min_ssim=")
+    profile = "sd3-onnxruntime-int4"
+    streamed = built("sd3", profile, small, "build.by_block=always", *no_gate)
+    whole = built("sd3", profile, small)  # the gated build of the test above
+    manifests = [json.loads((a / "kiln.json").read_text()) for a in (streamed, whole)]
+    transformers = [m["components"]["transformer"] for m in manifests]
+    assert transformers[0]["quantization"]["quantized_as_written"] is True
+    assert "quantized_as_written" not in transformers[1]["quantization"]
+    for key in ("quantized_weights", "ops", "padded_layers", "symmetric", "block_size"):
+        assert transformers[0]["quantization"][key] == transformers[1]["quantization"][key], key
+    assert transformers[0]["quantization"]["quantized_weights"] > 20
+    assert transformers[0]["validation"]["outputs"] == transformers[1]["validation"]["outputs"]
+    graphs = [onnx.load(str(a / "transformer" / "model.onnx")).graph for a in (streamed, whole)]
+    arrays = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
+    assert arrays[0].keys() == arrays[1].keys()
+    for name, array in arrays[1].items():
+        assert np.array_equal(arrays[0][name], array), name
+    assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
 
 
 @pytest.mark.onnxruntime
