@@ -123,13 +123,16 @@ class BlockWeights:
 
 
 def reference(
-    spec: ComponentSpec, feeds: Sequence[Mapping[str, np.ndarray]], progress: Progress
+    spec: ComponentSpec,
+    pieces: Sequence[Segment],
+    weights: BlockWeights,
+    feeds: Sequence[Mapping[str, np.ndarray]],
+    progress: Progress,
 ) -> list[dict[str, np.ndarray]]:
-    """The component's torch outputs on the feeds, its blocks run in order, one block's
-    weights in memory at a time."""
+    """The component's torch outputs on the feeds, its blocks (`open_blocks`) run in order,
+    one block's weights in memory at a time."""
     import torch
 
-    pieces, weights = open_blocks(spec)
     last_use = last_uses(pieces, spec)
     chains = torch_feeds(feeds)
     with progress.task(
@@ -138,7 +141,7 @@ def reference(
         for position, piece in enumerate(pieces):
             with weights.loaded(piece), torch.no_grad():
                 for chain in chains:
-                    chain.update(run_block(piece, chain))
+                    chain.update(piece.run(chain))
                     drop_used(chain, last_use, position)
             release_memory()
             advance(1)
@@ -183,11 +186,6 @@ def drop_used(values: dict[str, Any], last_use: Mapping[str, int], position: int
         del values[name]
 
 
-def run_block(piece: Segment, chain: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = piece.module(*[chain[name] for name in piece.inputs])
-    return dict(zip(piece.outputs, out, strict=True))
-
-
 __all__ = [
     "OPENVINO_FOUR_BIT_COPIES",
     "WHOLE_CHECK_ACTIVATIONS",
@@ -198,6 +196,5 @@ __all__ = [
     "last_uses",
     "open_blocks",
     "reference",
-    "run_block",
     "torch_feeds",
 ]

@@ -33,6 +33,7 @@ from modelkiln.exporters.block_run import (
     WHOLE_CHECK_ACTIVATIONS,
     WHOLE_CHECK_COPIES,
     BlockBuild,
+    open_blocks,
     reference,
 )
 from modelkiln.models.blocks import SEGMENTERS, segments
@@ -173,15 +174,14 @@ def export_onnx(
 
     scheme = component.scheme
     assert isinstance(scheme, Int4Weights)
-    expected = reference(spec, feeds, progress)
+    pieces, weights = open_blocks(spec)
+    expected = reference(spec, pieces, weights, feeds, progress)
     directory = root / spec.path
     entry = directory / ONNX_FILE
     with progress.task(f"exporting {spec.name} to onnx, {scheme.name} quantized as written"):
         report = onnx_streamed_int4(spec, component.profile, scheme, entry)
     if spec.config_file is not None:
         (directory / "config.json").write_bytes(spec.config_file)
-    pieces = cut(spec)
-    assert pieces is not None
     report["bytes_before"] = sum(piece.weight_bytes() for piece in pieces)
     report["bytes_after"] = model_bytes(entry, external_data_path(entry))
     return BlockBuild(entry, expected, QuantizationRecord.of(scheme.name, report))

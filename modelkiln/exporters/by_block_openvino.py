@@ -36,7 +36,6 @@ from modelkiln.exporters.block_run import (
     drop_used,
     last_uses,
     open_blocks,
-    run_block,
     torch_feeds,
 )
 from modelkiln.exporters.openvino import MODEL_FILE
@@ -104,7 +103,7 @@ def export(
     ) as advance:
         for position, piece in enumerate(pieces):
             with weights.loaded(piece), torch.no_grad():
-                outputs = [run_block(piece, chain) for chain in chains]
+                outputs = [piece.run(chain) for chain in chains]
                 model = _convert(piece, chains[trace], spec, dims, dynamic)
             last = position == len(pieces) - 1
             model, types, nncf_options = _compress(model, component, last=last)
@@ -115,13 +114,11 @@ def export(
             runtime = compiled_info(compiled, options.device.upper())
             metrics = {name: OutputMetrics() for name in piece.outputs}
             for chain, expected in zip(chains[checked:], outputs[checked:], strict=True):
-                actual = compiled([chain[name].numpy() for name in piece.inputs])
-                for port, name in zip(compiled.outputs, piece.outputs, strict=True):
-                    metrics[name].add(expected[name].numpy(), actual[port], is_logits=False)
+                arrays = {name: chain[name].numpy() for name in piece.inputs}
+                for name, actual in _run_compiled(compiled, piece, arrays).items():
+                    metrics[name].add(expected[name].numpy(), actual, is_logits=False)
             for arrays in carried:
-                actual = compiled([arrays[name] for name in piece.inputs])
-                for port, name in zip(compiled.outputs, piece.outputs, strict=True):
-                    arrays[name] = np.array(actual[port])
+                arrays.update(_run_compiled(compiled, piece, arrays))
                 drop_used(arrays, last_use, position)
             del compiled
             worst = min(metrics.values(), key=lambda m: m.min_cosine)
@@ -177,6 +174,17 @@ def export(
     four_bit = isinstance(component.scheme, Int4Weights | NF4Weights)
     copies = OPENVINO_FOUR_BIT_COPIES if four_bit else WHOLE_CHECK_COPIES
     return BlockBuild(entry, expected_outputs, record, scores, chained, copies, runtime)
+
+
+def _run_compiled(
+    compiled: Any, piece: Segment, values: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The compiled block's outputs, by name, on the `values` of the names it takes."""
+    actual = compiled([values[name] for name in piece.inputs])
+    return {
+        name: np.array(actual[port])
+        for port, name in zip(compiled.outputs, piece.outputs, strict=True)
+    }
 
 
 def _convert(

@@ -9,7 +9,7 @@ segments compute exactly what the component's export wrapper computes (tests pin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,11 @@ class Segment:
     module: nn.Module
     inputs: tuple[str, ...]  # component inputs, or outputs of earlier segments
     outputs: tuple[str, ...]  # the last segment's are the component's outputs
+
+    def run(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Its outputs, by name, from the latest `values` of the names it takes."""
+        out = self.module(*[values[name] for name in self.inputs])
+        return dict(zip(self.outputs, out, strict=True))
 
     def weight_bytes(self, itemsize: int = 4) -> int:
         """What its weights take at `itemsize` bytes per value (read from meta tensors)."""
@@ -277,8 +282,7 @@ def segments(wrapper: nn.Module, outputs: tuple[str, ...]) -> list[Segment] | No
 def run_in_order(pieces: list[Segment], values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The segments run one after another on `values` (name -> tensor), which they update."""
     for piece in pieces:
-        out = piece.module(*[values[name] for name in piece.inputs])
-        values.update(zip(piece.outputs, out, strict=True))
+        values.update(piece.run(values))
     return values
 
 

@@ -15,7 +15,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,7 +235,7 @@ def int8_qdq(
         save_model(model, entry, scratch)
     return {
         "quantized_weights": integer_weights(model),
-        "ops": count_ops(model, "QuantizeLinear", "DequantizeLinear"),
+        "ops": count_ops(model.graph.node, "QuantizeLinear", "DequantizeLinear"),
         "activations": activations,
         "weights": "int8",
         "per_channel": settings.per_channel,
@@ -295,7 +295,7 @@ def int4_weights(
         "padded_layers": sum(
             1 for node in quantized if _attribute(node, "K") % settings.group_size
         ),
-        "float_matmuls": count_ops(model, "MatMul", "Gemm"),
+        "float_matmuls": count_ops(model.graph.node, "MatMul", "Gemm"),
         "block_size": settings.group_size,
         "symmetric": settings.symmetric,
         "accuracy_level": ACCURACY_LEVEL,
@@ -323,11 +323,11 @@ def nf4_weights(entry: Path, settings: NF4Weights, calibration: Calibration = ()
         quantizer.process()
         model = quantizer.model.model
         save_model(model, entry, scratch)
-    quantized = count_ops(model, "MatMulBnb4")["MatMulBnb4"]
+    quantized = count_ops(model.graph.node, "MatMulBnb4")["MatMulBnb4"]
     return {
         "quantized_weights": quantized,
         "ops": {"MatMulBnb4": quantized},
-        "float_matmuls": count_ops(model, "MatMul", "Gemm"),
+        "float_matmuls": count_ops(model.graph.node, "MatMul", "Gemm"),
         "quant_type": "nf4",
         "block_size": settings.group_size,
         "bytes_before": before,
@@ -491,8 +491,8 @@ def integer_weights(model: onnx.ModelProto) -> int:
     )
 
 
-def count_ops(model: onnx.ModelProto, *ops: str) -> dict[str, int]:
-    counts = Counter(node.op_type for node in model.graph.node)
+def count_ops(nodes: Iterable[Any], *ops: str) -> dict[str, int]:
+    counts = Counter(node.op_type for node in nodes)
     return {op: counts[op] for op in ops}
 
 

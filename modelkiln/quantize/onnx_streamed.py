@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from modelkiln.quantize.onnx import count_ops
 from modelkiln.quantize.schemes import Int4Weights
 
 MICROSOFT = "com.microsoft"
@@ -64,12 +65,11 @@ def quantize_matmuls_as_written(
         padded += rows % settings.group_size != 0
     if rewritten:
         model.opset_imports.setdefault(MICROSOFT, 1)
-    float_matmuls = sum(1 for n in graph if n.op_type in ("MatMul", "Gemm") and not n.domain)
     return {
         "quantized_weights": rewritten,
         "ops": {"MatMulNBits": rewritten},
         "padded_layers": padded,
-        "float_matmuls": {"MatMul+Gemm": float_matmuls},
+        "float_matmuls": count_ops(graph, "MatMul", "Gemm"),
         "block_size": settings.group_size,
         "symmetric": settings.symmetric,
         "accuracy_level": accuracy_level,

@@ -119,7 +119,7 @@ def int4_weights(
         "symmetric": True,
         "float_layers": {
             "partial_blocks": len(partial),  # input channels not a multiple of the block
-            **count_ops(model, "Gemm", "Conv"),
+            **count_ops(model.graph.node, "Gemm", "Conv"),
         },
         "bytes_before": before,
         "bytes_after": model_bytes(entry, data),

@@ -138,7 +138,8 @@ def test_onnx_int4_by_block_writes_what_the_whole_build_writes(built: Callable[.
     transformers = [m["components"]["transformer"] for m in manifests]
     assert transformers[0]["quantization"]["quantized_as_written"] is True
     assert "quantized_as_written" not in transformers[1]["quantization"]
-    for key in ("quantized_weights", "ops", "padded_layers", "symmetric", "block_size"):
+    keys = ("quantized_weights", "ops", "padded_layers", "float_matmuls", "symmetric", "block_size")
+    for key in keys:
         assert transformers[0]["quantization"][key] == transformers[1]["quantization"][key], key
     assert transformers[0]["quantization"]["quantized_weights"] > 20
     assert transformers[0]["validation"]["outputs"] == transformers[1]["validation"]["outputs"]
