@@ -10,6 +10,7 @@ plan picks by-block only where a component does not fit, and says why one cannot
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -114,7 +115,8 @@ def test_int8_weights_by_block_pass_the_end_to_end_gate_validated_as_a_chain(
     assert quantization["quantized_weights"] > 20
     validation = manifest["components"]["transformer"]["validation"]
     assert validation["passed"] and validation["label"].endswith("int8-weights, blocks chained")
-    assert validation["chained"].startswith("run whole it would hold about 1000001.")
+    # 1e6 GB of activations plus what this process and the files hold (a few GB, by machine).
+    assert re.match(r"run whole it would hold about 10000\d\d\.\d GB", validation["chained"])
     assert validation["chained"].endswith("GB; build.max_memory_gb sets it)")
     assert validation["outputs"]["out_hidden_states"]["min_cosine"] > 0.99
     runtime = manifest["components"]["transformer"]["runtime"]
