@@ -15,7 +15,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from modelkiln.quantize.onnx_calibration import (
     calibration_method,
     graph_inputs,
 )
+from modelkiln.quantize.onnx_streamed import count_ops, quantize_matmuls_as_written
 from modelkiln.quantize.schemes import (
     Int4Weights,
     Int8Dynamic,
@@ -45,6 +46,7 @@ from modelkiln.quantize.schemes import (
 
 if TYPE_CHECKING:
     import onnx
+    import onnx_ir
 
     from modelkiln.quantize import Calibration
 
@@ -265,43 +267,22 @@ def activation_matmuls(graph: onnx.GraphProto) -> list[str]:
 def int4_weights(
     entry: Path, settings: Int4Weights, calibration: Calibration = ()
 ) -> dict[str, Any]:
-    """Block-wise int4 weights of every MatMul with a constant 2-D weight (MatMulNBits);
-    activations stay float. The Gemm/Conv layers and activation x activation MatMuls stay
-    float too: ORT's quantizer handles MatMul only."""
-    import onnx
-
-    MatMulNBitsQuantizer = matmul_nbits_quantizer()
+    """Block-wise int4 weights of every MatMul and Gemm with a constant 2-D weight
+    (MatMulNBits), as onnxruntime's MatMulNBitsQuantizer makes them (quantize/onnx_streamed.py,
+    one weight in memory at a time); activations stay float. Conv layers, activation x
+    activation MatMuls and a Gemm writing a graph output (a classifier's head) stay float."""
+    import onnx_ir
 
     _check_block_size(settings.group_size, "MatMulNBits")
     data = external_data_path(entry)
     before = model_bytes(entry, data)
     with scratch_dir(entry) as scratch, onnxruntime_errors("int4-weights"):
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(entry)),
-            bits=4,
-            block_size=settings.group_size,
-            is_symmetric=settings.symmetric,
-            accuracy_level=ACCURACY_LEVEL,
-        )
-        quantizer.process()
-        model = quantizer.model.model
+        model = onnx_ir.load(entry)
+        record = quantize_matmuls_as_written(model, settings, ACCURACY_LEVEL)
         save_model(model, entry, scratch)
-    quantized = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
-    return {
-        "quantized_weights": len(quantized),
-        "ops": {"MatMulNBits": len(quantized)},
-        # ORT zero-pads the input channels of a layer up to a whole number of groups (it
-        # neither skips the layer nor fails): these layers carry that padding.
-        "padded_layers": sum(
-            1 for node in quantized if _attribute(node, "K") % settings.group_size
-        ),
-        "float_matmuls": count_ops(model.graph.node, "MatMul", "Gemm"),
-        "block_size": settings.group_size,
-        "symmetric": settings.symmetric,
-        "accuracy_level": ACCURACY_LEVEL,
-        "bytes_before": before,
-        "bytes_after": model_bytes(entry, data),
-    }
+    # ORT's kernel zero-pads the input channels of a layer up to a whole number of groups
+    # (it neither skips the layer nor fails): "padded_layers" counts them.
+    return {**record, "bytes_before": before, "bytes_after": model_bytes(entry, data)}
 
 
 @handles(NF4Weights, "onnx", check=four_bit_blocks)
@@ -385,22 +366,27 @@ def scratch_dir(entry: Path) -> Iterator[Path]:
             tempfile.tempdir = previous
 
 
-def save_model(model: onnx.ModelProto, entry: Path, scratch: Path) -> None:
-    """Write `model` over `entry` in the export's layout: all weights in one `<stem>.onnx_data`
+def save_model(model: onnx.ModelProto | onnx_ir.Model, entry: Path, scratch: Path) -> None:
+    """Write `model` (a ModelProto, or an onnx_ir.Model whose lazy tensors are computed as they
+    are written) over `entry` in the export's layout: all weights in one `<stem>.onnx_data`
     beside it when the export had one, else inline. Staged in `scratch` first, so a failed
     save leaves the original files."""
     import onnx
+    import onnx_ir
 
     data = external_data_path(entry)
     staged = scratch / "staged" / entry.name
     staged.parent.mkdir()
-    onnx.save_model(
-        model,
-        str(staged),
-        save_as_external_data=data.is_file(),
-        all_tensors_to_one_file=True,
-        location=data.name,
-    )
+    if isinstance(model, onnx_ir.Model):
+        onnx_ir.save(model, staged, external_data=data.name if data.is_file() else None)
+    else:
+        onnx.save_model(
+            model,
+            str(staged),
+            save_as_external_data=data.is_file(),
+            all_tensors_to_one_file=True,
+            location=data.name,
+        )
     staged_data = staged.with_name(data.name)
     if staged_data.is_file():
         staged_data.replace(data)
@@ -489,12 +475,3 @@ def integer_weights(model: onnx.ModelProto) -> int:
     return sum(
         1 for t in model.graph.initializer if t.data_type in INTEGER_TYPES and len(t.dims) >= 2
     )
-
-
-def count_ops(nodes: Iterable[Any], *ops: str) -> dict[str, int]:
-    counts = Counter(node.op_type for node in nodes)
-    return {op: counts[op] for op in ops}
-
-
-def _attribute(node: onnx.NodeProto, name: str) -> int:
-    return next(int(a.i) for a in node.attribute if a.name == name)

@@ -113,3 +113,72 @@ def test_the_streamed_rewrite_writes_what_onnxruntimes_quantizer_writes(
     assert np.array_equal(runs[0], runs[1])
     cosine = float((runs[0] * runs[2]).sum() / np.linalg.norm(runs[0]) / np.linalg.norm(runs[2]))
     assert 0.95 < cosine < 1.0 - 1e-6  # quantized: close, not equal
+
+
+def test_a_gemm_becomes_the_matmulnbits_of_its_transposed_weight_and_a_head_stays_float(
+    tmp_path: Path,
+) -> None:
+    """A Linear on a 2-D input exports as Gemm(transB=1) with a bias; onnxruntime's quantizer
+    skips it. Ours quantizes it as the quantizer quantizes the same layer written as a MatMul
+    of the transposed weight, bias added by MatMulNBits; the head writing the output stays."""
+    import onnx
+    import onnx_ir
+    import onnxruntime as ort
+    import torch
+    from onnx import helper, numpy_helper
+
+    class Modulation(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(48, 64)
+            self.head = torch.nn.Linear(64, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.nn.functional.silu(self.linear(x)))
+
+    torch.manual_seed(0)
+    module = Modulation().eval()
+    program = torch.onnx.export(module, (torch.randn(3, 48),), dynamo=True, optimize=True)
+    assert program is not None
+    gemms = [node for node in program.model.graph if node.op_type == "Gemm"]
+    assert len(gemms) == 2 and all(node.attributes["transB"].value == 1 for node in gemms)
+    settings = Int4Weights(group_size=16, symmetric=False)
+    record = quantize_matmuls_as_written(program.model, settings, ACCURACY_LEVEL)
+    assert record["quantized_weights"] == record["from_gemm"] == 1
+    assert record["float_matmuls"] == {"MatMul": 0, "Gemm": 1}  # the head
+    ours = tmp_path / "ours.onnx"
+    onnx_ir.save(program.model, ours)
+
+    # The same layer as onnxruntime's quantizer takes it: MatMul(x, W^T) + b.
+    weight = module.linear.weight.detach().numpy()
+    matmul = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"], name="linear")],
+            "linear",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, 48])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, 64])],
+            [numpy_helper.from_array(np.ascontiguousarray(weight.T), "w")],
+        )
+    )
+    quantizer = matmul_nbits_quantizer()(
+        matmul, bits=4, block_size=16, is_symmetric=False, accuracy_level=ACCURACY_LEVEL
+    )
+    quantizer.process()
+    theirs = {
+        t.name.removeprefix("w"): numpy_helper.to_array(t)
+        for t in quantizer.model.model.graph.initializer
+    }
+    nbits = next(n for n in onnx.load(str(ours)).graph.node if n.op_type == "MatMulNBits")
+    assert nbits.input[4] == "" and nbits.input[5] == "linear.bias"
+    stem = nbits.input[1].removesuffix("_Q4")
+    arrays = _arrays(ours)
+    for suffix, array in theirs.items():
+        assert np.array_equal(arrays[stem + suffix], array), suffix
+
+    x = np.random.default_rng(2).standard_normal((3, 48)).astype(np.float32)
+    session = ort.InferenceSession(str(ours), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {session.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    cosine = float((actual * expected).sum() / np.linalg.norm(actual) / np.linalg.norm(expected))
+    assert 0.98 < cosine < 1.0 - 1e-6
