@@ -107,22 +107,23 @@ def _streamed_program(spec: ComponentSpec, profile: Profile) -> Any | None:
     if spec.meta_module is None or not spec.checkpoint:
         return None
     module = spec.meta_module()
+    index = checkpoint_index(spec.checkpoint)
+    keys = checkpoint_keys(module, index)
+    # A tensor the checkpoint lacks (CLIP's position_ids buffer) has no value to stream: known
+    # before the export, which would be made twice otherwise.
+    unsaved = [name for name, _ in module.named_buffers() if name not in keys]
+    if unsaved:
+        _log_missing(spec, unsaved)
+        return None
     try:
         program = _export(spec, module, profile, meta=True)
     except ExportError as error:
         logger.info("%s: no meta-device export (%s); exporting from memory", spec.name, error)
         return None
-    index = checkpoint_index(spec.checkpoint)
-    keys = checkpoint_keys(module, index)
     initializers = program.model.graph.initializers
     missing = [n for n in initializers if n not in keys]
     if missing:
-        logger.info(
-            "%s: %d weights are not in the checkpoint (%s, ...); exporting from memory",
-            spec.name,
-            len(missing),
-            missing[0],
-        )
+        _log_missing(spec, missing)
         return None
     import onnx_ir
 
@@ -139,6 +140,15 @@ def _streamed_program(spec: ComponentSpec, profile: Profile) -> Any | None:
     # Constant folding needs real values, so the optimizer runs once the weights are bound.
     program.optimize()
     return program
+
+
+def _log_missing(spec: ComponentSpec, missing: list[str]) -> None:
+    logger.info(
+        "%s: %d weights are not in the checkpoint (%s, ...); exporting from memory",
+        spec.name,
+        len(missing),
+        missing[0],
+    )
 
 
 def _fold_weight_transposes(model: Any) -> int:

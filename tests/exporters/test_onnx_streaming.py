@@ -103,3 +103,31 @@ def test_a_streamed_transformer_keeps_its_weights_on_disk_until_saved(
         n for n in program.model.graph if n.op_type == "Transpose" and n.inputs[0] in initializers
     ]
     assert transposed == []
+
+
+def test_a_buffer_the_checkpoint_lacks_is_seen_before_exporting_twice(
+    source_dir: Callable[[str], Path],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CLIP's position_ids buffer is not saved: the text encoder is exported once, from
+    memory, without a meta-device export first."""
+    from modelkiln.exporters import onnx as onnx_exporter
+
+    profile = load_profile("sd-onnxruntime-fp32")
+    source = resolve_source(source_dir("sd"))
+    loaded = detect_family(source).load(source, profile)
+    spec = next(c for c in loaded.components if c.name == "text_encoder")
+    exports: list[bool] = []
+    export = onnx_exporter._export
+
+    def counted(*args: object, meta: bool) -> object:
+        exports.append(meta)
+        return export(*args, meta=meta)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_exporter, "_export", counted)
+    caplog.set_level("INFO", logger="modelkiln.exporters.onnx")
+    path = onnx_exporter.onnx_from_torch(spec, spec.module, profile, tmp_path / "model.onnx")
+    assert path.is_file() and exports == [False]
+    assert any("(model.embeddings.position_ids, ...)" in r.message for r in caplog.records)
