@@ -1,9 +1,12 @@
-"""SD 3.5 Large built on this machine: random bf16 weights with the real configs (13.6 B
-parameters, written shard by shard), `kiln build` with OpenVINO int8 / int4 profiles (the
-transformer and T5-XXL block by block), then one 1024x1024 image with a few steps.
+"""SD 3.5 Large (or Flux.1-schnell) built on this machine: random bf16 weights with the real
+configs (13.6 B / 16.8 B parameters, written shard by shard), `kiln build` with OpenVINO int8 /
+int4 or ONNX int4 profiles (the transformer and T5-XXL block by block), then one 1024x1024 image
+with a few steps.
 
     python bench/sd35_large_build.py --work /tmp/kiln-sd35 [--profiles sd3-openvino-int8 ...]
         [--image-size 1024] [--steps 2] [--guidance 1.0]
+    python bench/sd35_large_build.py --model flux-schnell --work /tmp/kiln-flux \
+        --profiles flux-openvino-int8
 
 Each build and generation runs as `kiln` in a child process; a sampler records the peak RSS of
 its whole process tree (the OpenVINO conversions of large ONNX files run in a grandchild) and
@@ -46,6 +49,8 @@ BUILD_SETTINGS = [
 # T5's 24 blocks than trained ones are known to (OpenVINO int4: cosine 0.854): its gate is
 # relaxed here and the README reports what it scored. The int4 transformer is validated
 # whole in ONNX Runtime (no chain of blocks to fall back on): the estimate asks for 20 GB.
+WRITERS = {"sd35-large": "random_sd35_large", "flux-schnell": "random_flux_schnell"}
+
 PROFILE_SETTINGS = {
     "sd3-onnxruntime-int4": [
         "build.max_memory_gb=20",
@@ -117,6 +122,7 @@ def folder_gb(folder: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(WRITERS), default="sd35-large")
     parser.add_argument("--profiles", nargs="+", default=["sd3-openvino-int8"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--image-size", type=int, default=1024)
@@ -133,12 +139,13 @@ def main() -> None:
     args = parser.parse_args()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
-    source = work / ("sd35-large" if args.blocks is None else f"sd35-large-{args.blocks}")
+    model: str = args.model
+    source = work / (model if args.blocks is None else f"{model}-{args.blocks}")
     results: dict[str, Any] = {}
     if not (source / "model_index.json").is_file():
         code = (
-            "import sys; from modelkiln.testing.large import random_sd35_large; "
-            "random_sd35_large(sys.argv[1], blocks=int(sys.argv[2]) or None)"
+            f"import sys; from modelkiln.testing.large import {WRITERS[model]}; "
+            f"{WRITERS[model]}(sys.argv[1], blocks=int(sys.argv[2]) or None)"
         )
         command = [sys.executable, "-c", code, str(source), str(args.blocks or 0)]
         results["write_source"] = measured(command, work, work / "write.log")

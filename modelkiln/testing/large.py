@@ -1,10 +1,11 @@
 """Real-size pipelines with random weights, written shard by shard, for benchmarks.
 
-SD 3.5 Large is 8 B (transformer) + 4.8 B (T5-XXL) + 0.8 B (CLIPs) parameters: more than this
-machine holds in fp32. The big models are built on the meta device and each tensor is drawn,
-written into a bf16 shard and dropped, so writing never holds more than one shard; the small
-ones (CLIPs, VAE) are built in memory. Tokenizers are the tiny test ones (token ids only
-index the real-size embeddings), so these pipelines measure cost, not image quality.
+SD 3.5 Large is 8 B (transformer) + 4.8 B (T5-XXL) + 0.8 B (CLIPs) parameters, Flux.1-schnell
+11.9 B + 4.8 B + 0.1 B: more than this machine holds in fp32. The big models are built on the
+meta device and each tensor is drawn, written into a bf16 shard and dropped, so writing never
+holds more than one shard; the small ones (CLIPs, VAE) are built in memory. Tokenizers are the
+tiny test ones (token ids only index the real-size embeddings), so these pipelines measure
+cost, not image quality.
 """
 
 from __future__ import annotations
@@ -29,6 +30,19 @@ SD35_LARGE_TRANSFORMER: dict[str, Any] = {
     "pooled_projection_dim": 2048,
     "pos_embed_max_size": 192,
     "qk_norm": "rms_norm",
+}
+# black-forest-labs/FLUX.1-schnell transformer/config.json (11.9 B parameters).
+FLUX_SCHNELL_TRANSFORMER: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": False,
+    "axes_dims_rope": (16, 56, 56),
 }
 # google/t5-v1_1-xxl's encoder as SD3 and Flux ship it (text_encoder_3 / text_encoder_2).
 T5_XXL: dict[str, Any] = {
@@ -80,6 +94,7 @@ SD3_VAE: dict[str, Any] = {
     "scaling_factor": 1.5305,
     "sample_size": 1024,
 }
+FLUX_VAE: dict[str, Any] = {**SD3_VAE, "shift_factor": 0.1159, "scaling_factor": 0.3611}
 SHARD_BYTES = 2_000_000_000
 
 
@@ -204,18 +219,8 @@ def random_sd35_large(directory: str | Path, *, seed: int = 0, blocks: int | Non
     weights (13.6 B parameters, ~27 GB on disk), written without holding any model whole.
     `blocks`: only that many transformer and T5 blocks (a smoke test of the same path)."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from diffusers.models.embeddings import PatchEmbed
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPTokenizer,
-        T5Config,
-        T5EncoderModel,
-    )
-
-    from modelkiln.testing.diffusion import write_tiny_clip_tokenizer
-    from modelkiln.testing.flow import _tiny_t5_tokenizer
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -248,30 +253,12 @@ def random_sd35_large(directory: str | Path, *, seed: int = 0, blocks: int | Non
         seed=seed,
     )
     transformer.save_config(folder)
-    t5_config = T5Config(**{**T5_XXL, **({"num_layers": blocks} if blocks else {})})
-    with torch.device("meta"):
-        t5 = T5EncoderModel(t5_config)
-    folder = directory / "text_encoder_3"
-    write_random_shards(
-        t5, folder, weights_name="model.safetensors", std=t5_std(T5_XXL), seed=seed + 1
-    )
-    t5_config.architectures = ["T5EncoderModel"]
-    t5_config.save_pretrained(folder)
+    _write_t5(directory / "text_encoder_3", directory / "tokenizer_3", blocks, seed + 1)
     for name, settings in (("text_encoder", CLIP_L), ("text_encoder_2", CLIP_G)):
-        clip: Any = CLIPTextModelWithProjection(CLIPTextConfig(**settings))
-        clip = clip.to(torch.bfloat16)
-        clip.save_pretrained(directory / name)
-        del clip
-    vae: Any = AutoencoderKL(**SD3_VAE)
-    vae = vae.to(torch.bfloat16)
-    vae.save_pretrained(directory / "vae")
-    del vae
+        _write_clip(directory / name, settings, projection=True)
+    _write_vae(directory / "vae", SD3_VAE)
     for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
-        CLIPTokenizer.from_pretrained(
-            write_tiny_clip_tokenizer(directory / f"_{name}", pad_token=pad)
-        ).save_pretrained(directory / name)
-    t5_tokenizer = _tiny_t5_tokenizer()
-    t5_tokenizer.save_pretrained(directory / "tokenizer_3")
+        _write_clip_tokenizer(directory / name, pad)
     scheduler: Any = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
     scheduler.save_pretrained(directory / "scheduler")
     index = {
@@ -282,22 +269,123 @@ def random_sd35_large(directory: str | Path, *, seed: int = 0, blocks: int | Non
         "text_encoder_3": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": ["transformers", type(t5_tokenizer).__name__],
+        "tokenizer_3": ["transformers", _t5_tokenizer_class()],
         "transformer": ["diffusers", "SD3Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))
-    for scratch in directory.glob("_tokenizer*"):
-        shutil.rmtree(scratch)
     return directory
+
+
+def random_flux_schnell(directory: str | Path, *, seed: int = 0, blocks: int | None = None) -> Path:
+    """A FluxPipeline directory with FLUX.1-schnell's configs and random bf16 weights
+    (16.8 B parameters, ~34 GB on disk), written without holding any model whole. `blocks`:
+    only that many double and single transformer blocks and T5 blocks (a smoke test)."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    fewer = {"num_layers": blocks, "num_single_layers": blocks} if blocks else {}
+    config = {**FLUX_SCHNELL_TRANSFORMER, **fewer}
+    with torch.device("meta"):
+        transformer: Any = FluxTransformer2DModel(**config)
+    folder = directory / "transformer"
+    write_random_shards(
+        transformer, folder, weights_name="diffusion_pytorch_model.safetensors", seed=seed
+    )
+    transformer.save_config(folder)
+    _write_t5(directory / "text_encoder_2", directory / "tokenizer_2", blocks, seed + 1)
+    _write_clip(directory / "text_encoder", CLIP_L, projection=False)
+    _write_vae(directory / "vae", FLUX_VAE)
+    _write_clip_tokenizer(directory / "tokenizer", "<|endoftext|>")
+    # The hub's schnell scheduler: a plain schedule, no shift by image size.
+    scheduler: Any = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=1.0,
+        use_dynamic_shifting=False,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    scheduler.save_pretrained(directory / "scheduler")
+    index = {
+        "_class_name": "FluxPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", _t5_tokenizer_class()],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+    return directory
+
+
+def _write_t5(folder: Path, tokenizer_folder: Path, blocks: int | None, seed: int) -> None:
+    """T5-XXL's encoder, shard by shard, and the tiny T5 tokenizer."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    from modelkiln.testing.flow import _tiny_t5_tokenizer
+
+    config = T5Config(**{**T5_XXL, **({"num_layers": blocks} if blocks else {})})
+    with torch.device("meta"):
+        t5 = T5EncoderModel(config)
+    write_random_shards(t5, folder, weights_name="model.safetensors", std=t5_std(T5_XXL), seed=seed)
+    config.architectures = ["T5EncoderModel"]
+    config.save_pretrained(folder)
+    _tiny_t5_tokenizer().save_pretrained(tokenizer_folder)
+
+
+def _t5_tokenizer_class() -> str:
+    from modelkiln.testing.flow import _tiny_t5_tokenizer
+
+    return type(_tiny_t5_tokenizer()).__name__
+
+
+def _write_clip(folder: Path, settings: dict[str, Any], *, projection: bool) -> None:
+    """A CLIP text tower (small enough to build in memory), saved in bf16."""
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    kind = CLIPTextModelWithProjection if projection else CLIPTextModel
+    clip: Any = kind(CLIPTextConfig(**settings)).to(torch.bfloat16)
+    clip.save_pretrained(folder)
+
+
+def _write_vae(folder: Path, settings: dict[str, Any]) -> None:
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae: Any = AutoencoderKL(**settings).to(torch.bfloat16)
+    vae.save_pretrained(folder)
+
+
+def _write_clip_tokenizer(folder: Path, pad_token: str) -> None:
+    from transformers import CLIPTokenizer
+
+    from modelkiln.testing.diffusion import write_tiny_clip_tokenizer
+
+    scratch = folder.with_name(f"_{folder.name}")
+    CLIPTokenizer.from_pretrained(
+        write_tiny_clip_tokenizer(scratch, pad_token=pad_token)
+    ).save_pretrained(folder)
+    shutil.rmtree(scratch)
 
 
 __all__ = [
     "CLIP_G",
     "CLIP_L",
+    "FLUX_SCHNELL_TRANSFORMER",
+    "FLUX_VAE",
     "SD3_VAE",
     "SD35_LARGE_TRANSFORMER",
     "T5_XXL",
+    "random_flux_schnell",
     "random_sd35_large",
     "t5_std",
     "torch_default_std",

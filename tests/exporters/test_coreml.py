@@ -139,10 +139,14 @@ def test_timm_vit_converts_with_a_batch_range(built: Callable[..., Path]) -> Non
     assert ranges == [(1, 16), (3, 3), (32, 32), (32, 32)]
 
 
+# SD's build is the one with flexible resolution below: one build serves both tests.
+FLEXIBLE = {"sd": ("shapes.dynamic_resolution=true",), "sdxl": ()}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("source", ["sd", "sdxl"])
 def test_every_diffusion_component_converts(built: Callable[..., Path], source: str) -> None:
-    artifact = built(source, f"{source}-coreml-fp16")
+    artifact = built(source, f"{source}-coreml-fp16", *FLEXIBLE[source])
     manifest = open_artifact(artifact).manifest
     text_encoders = ["text_encoder"] + (["text_encoder_2"] if source == "sdxl" else [])
     assert list(manifest.components) == [*text_encoders, "unet", "vae_encoder", "vae_decoder"]
@@ -187,12 +191,12 @@ def test_every_flow_transformer_component_converts(
 
 @pytest.mark.slow
 def test_diffusion_resolution_can_be_flexible(built: Callable[..., Path]) -> None:
-    artifact = built("sd", "sd-coreml-fp16", "shapes.dynamic_resolution=true")
+    artifact = built("sd", "sd-coreml-fp16", *FLEXIBLE["sd"])
     # Enumerated: 8, 16 and 32 latents (half, the set size, twice) in both dims.
     latents = [[2, 4, h, w] for h in (8, 16, 32) for w in (8, 16, 32)]
     assert sorted(_enumerated(_program(artifact, "unet"), "sample")) == latents
     ranged = "coreml.flexible_shapes=range"
-    artifact = built("sd", "sd-coreml-fp16", "shapes.dynamic_resolution=true", ranged)
+    artifact = built("sd", "sd-coreml-fp16", *FLEXIBLE["sd"], ranged)
     sample = _inputs(_program(artifact, "unet"))["sample"]
     # The tiny model: 32 pixels, 16x16 latents; half to twice that, on strides of 8.
     assert sample[0] == [2, 4, 16, 16]

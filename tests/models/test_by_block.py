@@ -329,3 +329,40 @@ def test_sd35_large_by_block_plans_a_third_of_its_fp32_weights() -> None:
     # ONNX int4 holds nothing while the file is written, then checks the int4 model whole.
     onnx = by_block.needed_bytes(pieces, load_plan("sd3-onnxruntime-int4").component("transformer"))
     assert onnx == int(2 * 0.16 * total + by_block.WHOLE_CHECK_ACTIVATIONS)
+
+
+def test_the_random_flux_schnell_writer_makes_a_pipeline_diffusers_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/sd35_large_build.py --model flux-schnell: the same writer at a tiny width."""
+    import diffusers
+    import torch
+
+    from modelkiln.testing import large
+
+    tiny_t5 = {**large.T5_XXL, "vocab_size": 600, "d_model": 32, "d_ff": 64, "num_heads": 2}
+    monkeypatch.setattr(large, "T5_XXL", {**tiny_t5, "d_kv": 16})
+    monkeypatch.setattr(
+        large,
+        "FLUX_SCHNELL_TRANSFORMER",
+        large.FLUX_SCHNELL_TRANSFORMER
+        | {"attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32}
+        | {"pooled_projection_dim": 32, "axes_dims_rope": (4, 6, 6)},
+    )
+    clip = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2}
+    monkeypatch.setattr(large, "CLIP_L", large.CLIP_L | clip | {"projection_dim": 32})
+    vae = {"block_out_channels": (8, 8), "layers_per_block": 1, "norm_num_groups": 4}
+    vae |= {"down_block_types": ("DownEncoderBlock2D",) * 2}
+    vae |= {"up_block_types": ("UpDecoderBlock2D",) * 2}
+    monkeypatch.setattr(large, "FLUX_VAE", large.FLUX_VAE | vae)
+    monkeypatch.setattr(large, "SHARD_BYTES", 100_000)
+
+    source = large.random_flux_schnell(tmp_path / "flux", blocks=1)
+    assert len(list((source / "transformer").glob("*.safetensors"))) > 1  # sharded
+    pipeline = diffusers.FluxPipeline.from_pretrained(source, torch_dtype=torch.float32)
+    assert pipeline.transformer.config.guidance_embeds is False
+    assert pipeline.transformer.config.num_layers == pipeline.transformer.config.num_single_layers
+    assert not pipeline.scheduler.config.use_dynamic_shifting
+    pipeline.set_progress_bar_config(disable=True)
+    image = pipeline("a lighthouse", num_inference_steps=1, height=32, width=32).images[0]
+    assert image.size == (32, 32)

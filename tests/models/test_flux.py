@@ -23,26 +23,45 @@ pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 MODES = ("text", "image")
 AT_SIZE = (f"shapes.height={SIZE}", f"shapes.width={SIZE}")  # not Flux's native 1024 / 2
-PROFILES = [
-    pytest.param("flux-torch-fp32", "torch", 40, id="torch"),
+# One OpenVINO build serves both OpenVINO tests: it runs at the profile's size and another.
+DYNAMIC = ("shapes.dynamic_resolution=true",)
+# Each variant on the torch runtime, each format on one variant.
+BUILDS = [
+    pytest.param("flux-dev", "flux-torch-fp32", "torch", 40, (), id="torch-flux-dev"),
+    pytest.param("flux-schnell", "flux-torch-fp32", "torch", 40, (), id="torch-flux-schnell"),
     pytest.param(
-        "flux-onnxruntime-fp32", "onnxruntime", 35, marks=pytest.mark.onnxruntime, id="ort"
+        "flux-dev",
+        "flux-onnxruntime-fp32",
+        "onnxruntime",
+        35,
+        (),
+        marks=pytest.mark.onnxruntime,
+        id="ort-flux-dev",
     ),
-    pytest.param("flux-openvino-fp32", "openvino", 35, marks=pytest.mark.openvino, id="ov"),
+    pytest.param(
+        "flux-schnell",
+        "flux-openvino-fp32",
+        "openvino",
+        35,
+        DYNAMIC,
+        marks=pytest.mark.openvino,
+        id="ov-flux-schnell",
+    ),
 ]
 
 
-@pytest.mark.parametrize("source", ["flux-dev", "flux-schnell"])
-@pytest.mark.parametrize(("profile", "runtime", "bound"), PROFILES)
+@pytest.mark.parametrize(("source", "profile", "runtime", "bound", "overrides"), BUILDS)
 def test_reproduces_diffusers(
     source: str,
     profile: str,
     runtime: str,
     bound: float,
+    overrides: tuple[str, ...],
     built: Callable[..., Path],
     source_dir: Callable[[str], Path],
 ) -> None:
-    with load(built(source, profile, *AT_SIZE), runtime=runtime) as pipeline:
+    artifact = built(source, profile, *AT_SIZE, *overrides)
+    with load(artifact, runtime=runtime) as pipeline:
         for mode in MODES:
             expected = diffusers_flow_reference(source_dir(source), mode)
             image = generate(pipeline, mode)
@@ -146,7 +165,7 @@ def test_a_size_flux_cannot_pack_is_refused_before_loading() -> None:
         FluxFamily._dims(520, 512, 8, {})
 
 
-@pytest.mark.onnxruntime
+@pytest.mark.openvino
 def test_a_flexible_resolution_reproduces_diffusers_at_another_size(
     built: Callable[..., Path], source_dir: Callable[[str], Path]
 ) -> None:
@@ -155,12 +174,10 @@ def test_a_flexible_resolution_reproduces_diffusers_at_another_size(
     import numpy as np
     import torch
 
-    artifact = built(
-        "flux-dev", "flux-onnxruntime-fp32", *AT_SIZE, "shapes.dynamic_resolution=true"
-    )
+    artifact = built("flux-schnell", "flux-openvino-fp32", *AT_SIZE, *DYNAMIC)
     with load(artifact) as pipeline:
         image = pipeline.text_to_image(PROMPT, steps=3, seed=1, height=48, width=32)[0]
-    reference = diffusers.FluxPipeline.from_pretrained(source_dir("flux-dev"))
+    reference = diffusers.FluxPipeline.from_pretrained(source_dir("flux-schnell"))
     reference.set_progress_bar_config(disable=True)
     expected = reference(
         PROMPT,

@@ -24,9 +24,14 @@ from modelkiln.errors import InputError
 pytestmark = [pytest.mark.torch, pytest.mark.slow]
 
 MODES = ("text", "image", "inpaint")
+# One OpenVINO build serves every OpenVINO test here: fixed-size ones run it at the profile's
+# size (static shapes: tests/models/test_by_block.py, test_openvino_genai.py).
+DYNAMIC = ("shapes.dynamic_resolution=true",)
 FP32 = [
-    pytest.param("sd3-onnxruntime-fp32", "onnxruntime", marks=pytest.mark.onnxruntime, id="ort"),
-    pytest.param("sd3-openvino-fp32", "openvino", marks=pytest.mark.openvino, id="ov"),
+    pytest.param(
+        "sd3-onnxruntime-fp32", "onnxruntime", (), marks=pytest.mark.onnxruntime, id="ort"
+    ),
+    pytest.param("sd3-openvino-fp32", "openvino", DYNAMIC, marks=pytest.mark.openvino, id="ov"),
 ]
 
 
@@ -54,11 +59,15 @@ def test_torch_runtime_reproduces_diffusers(
         assert psnr(ours[mode], expected) >= 40, mode  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("profile", "runtime"), FP32)
+@pytest.mark.parametrize(("profile", "runtime", "overrides"), FP32)
 def test_fp32_backends_reproduce_diffusers(
-    profile: str, runtime: str, built: Callable[..., Path], diffusers_images: dict[str, object]
+    profile: str,
+    runtime: str,
+    overrides: tuple[str, ...],
+    built: Callable[..., Path],
+    diffusers_images: dict[str, object],
 ) -> None:
-    with load(built("sd3", profile), runtime=runtime) as pipeline:
+    with load(built("sd3", profile, *overrides), runtime=runtime) as pipeline:
         ours = generate_all(pipeline)
         # Guidance's halves in two calls: the same image (batch 1 and 2 round alike).
         split = generate(pipeline, "inpaint", negative_prompt=NEGATIVE, split_guidance=True)
@@ -89,10 +98,10 @@ def test_variants_reproduce_diffusers(
             assert psnr(generate(pipeline, mode), expected) >= 35, mode
 
 
+# sd3-openvino-int8 passes its gate built by block: tests/models/test_by_block.py.
 @pytest.mark.parametrize(
     ("profile", "runtime"),
     [
-        pytest.param("sd3-openvino-int8", "openvino", marks=pytest.mark.openvino, id="ov-int8"),
         pytest.param(
             "sd3-onnxruntime-int8", "onnxruntime", marks=pytest.mark.onnxruntime, id="ort-int8"
         ),
@@ -125,7 +134,7 @@ def test_quantized_profiles_pass_the_gate_and_generate(
 @pytest.mark.onnxruntime
 def test_onnx_int4_by_block_writes_what_the_whole_build_writes(built: Callable[..., Path]) -> None:
     """Quantized as the streamed export is written (build.by_block), the transformer is the
-    model that onnxruntime's quantizer makes of the whole fp32 export, and scores the same."""
+    model that the int4 handler makes of the whole fp32 export, and scores the same."""
     import onnx
     from onnx import numpy_helper
 
@@ -136,12 +145,14 @@ def test_onnx_int4_by_block_writes_what_the_whole_build_writes(built: Callable[.
     whole = built("sd3", profile, small)  # the gated build of the test above
     manifests = [json.loads((a / "kiln.json").read_text()) for a in (streamed, whole)]
     transformers = [m["components"]["transformer"] for m in manifests]
-    assert transformers[0]["quantization"]["quantized_as_written"] is True
-    assert "quantized_as_written" not in transformers[1]["quantization"]
     keys = ("quantized_weights", "ops", "padded_layers", "float_matmuls", "symmetric", "block_size")
+    keys += ("from_gemm",)
     for key in keys:
         assert transformers[0]["quantization"][key] == transformers[1]["quantization"][key], key
     assert transformers[0]["quantization"]["quantized_weights"] > 20
+    # The AdaLN modulations (Linear on the 2-D time embedding) are Gemms: int4 too.
+    assert transformers[0]["quantization"]["from_gemm"] >= 4
+    assert transformers[0]["quantization"]["float_matmuls"]["Gemm"] == 0
     assert transformers[0]["validation"]["outputs"] == transformers[1]["validation"]["outputs"]
     graphs = [onnx.load(str(a / "transformer" / "model.onnx")).graph for a in (streamed, whole)]
     arrays = [{t.name: numpy_helper.to_array(t) for t in g.initializer} for g in graphs]
@@ -198,7 +209,7 @@ def test_kiln_generate_reproduces_diffusers(
     from PIL import Image
 
     out = tmp_path / "image.png"
-    artifact = built("sd3", "sd3-openvino-fp32")
+    artifact = built("sd3", "sd3-openvino-fp32", *DYNAMIC)
     outcome = kiln_main(
         "generate", artifact, "--prompt", PROMPT, "--steps", 3, "--seed", 0, "-o", out
     )
@@ -217,7 +228,7 @@ def test_a_flexible_resolution_reproduces_diffusers_at_another_size(
     import diffusers
     import torch
 
-    artifact = built("sd3", "sd3-openvino-fp32", "shapes.dynamic_resolution=true")
+    artifact = built("sd3", "sd3-openvino-fp32", *DYNAMIC)
     with load(artifact) as pipeline:
         image = pipeline.text_to_image(PROMPT, steps=3, seed=1, height=48, width=64)[0]
     reference = diffusers.StableDiffusion3Pipeline.from_pretrained(source_dir("sd3"))

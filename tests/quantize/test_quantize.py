@@ -70,8 +70,8 @@ def _quantized(name: str) -> bool:
 
 # Families whose quantized profiles their own test files build and generate with.
 TESTED_BESIDE_THEIR_FAMILY = {
-    "sd3": "tests/models/test_sd3.py",
-    "flux": "tests/models/test_flux.py",
+    "sd3": ("tests/models/test_sd3.py", "tests/models/test_by_block.py"),
+    "flux": ("tests/models/test_flux.py",),
 }
 
 
@@ -85,11 +85,12 @@ def test_every_quantized_bundled_profile_is_tested_here() -> None:
         and load_profile(n).family not in TESTED_BESIDE_THEIR_FAMILY
     }
     assert bundled == {p.values[0] for p in QUANTIZED} | {p.values[1] for p in DIFFUSION}
-    for family, path in TESTED_BESIDE_THEIR_FAMILY.items():
-        text = (Path(__file__).parents[2] / path).read_text(encoding="utf-8")
+    root = Path(__file__).parents[2]
+    for family, paths in TESTED_BESIDE_THEIR_FAMILY.items():
+        text = "".join((root / path).read_text(encoding="utf-8") for path in paths)
         for name in bundled_profile_names():
             if name.startswith(f"{family}-") and _quantized(name):
-                assert f'"{name}"' in text, f"{name} is not tested in {path}"
+                assert f'"{name}"' in text, f"{name} is not tested in {' or '.join(paths)}"
 
 
 @pytest.mark.parametrize(("source", "profile"), DIFFUSION)
