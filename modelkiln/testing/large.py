@@ -352,17 +352,17 @@ def _write_clip(folder: Path, settings: dict[str, Any], *, projection: bool) -> 
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    kind = CLIPTextModelWithProjection if projection else CLIPTextModel
-    clip: Any = kind(CLIPTextConfig(**settings)).to(torch.bfloat16)
-    clip.save_pretrained(folder)
+    kind: Any = CLIPTextModelWithProjection if projection else CLIPTextModel
+    clip: Any = kind(CLIPTextConfig(**settings))
+    clip.to(torch.bfloat16).save_pretrained(folder)
 
 
 def _write_vae(folder: Path, settings: dict[str, Any]) -> None:
     import torch
     from diffusers import AutoencoderKL
 
-    vae: Any = AutoencoderKL(**settings).to(torch.bfloat16)
-    vae.save_pretrained(folder)
+    vae: Any = AutoencoderKL(**settings)
+    vae.to(torch.bfloat16).save_pretrained(folder)
 
 
 def _write_clip_tokenizer(folder: Path, pad_token: str) -> None:
