@@ -89,6 +89,7 @@ def load(
     threads: int | None = None,
     compute_precision: str | None = None,
     verify: bool = True,
+    low_memory: bool = False,
     **options: Any,
 ) -> Any:
     """The pipeline (classification, embeddings, generation, ...) of an artifact or bundle.
@@ -96,11 +97,14 @@ def load(
     None means "as the profile says": the runtime that validated the build, its device,
     threads and compute precision. `options` are the runtime's own settings (OpenVINO's
     performance_hint, ...), as in its profile section. `verify`: see open_artifact.
+    `low_memory`: one component in memory at a time, each loaded when the pipeline calls it
+    (runtimes/on_demand.py): slower, for models near the machine's memory.
     """
     artifact = open_artifact(root, verify=verify)
     return artifact.pipeline_class().from_artifact(
         artifact,
         runtime=runtime,
+        low_memory=low_memory,
         device=device,
         threads=threads,
         compute_precision=compute_precision,

@@ -184,6 +184,12 @@ def _require_task(pipeline: Any, expected: type) -> None:
     "of twice the batch: about half the denoiser's activation memory (SD 3.5 Large at "
     "1024x1024), the same image.",
 )
+@click.option(
+    "--low-memory",
+    is_flag=True,
+    help="Hold one component in memory at a time (text encoders, denoiser, VAE), each loaded "
+    "when needed: for models near the machine's memory, slower by the loading.",
+)
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same pixels.")
 @click.option("--width", type=int, help="Default: the size the artifact was built for.")
 @click.option("--height", type=int)
@@ -208,6 +214,7 @@ def generate(
     steps: int | None,
     guidance: float | None,
     split_guidance: bool,
+    low_memory: bool,
     seed: int,
     width: int | None,
     height: int | None,
@@ -245,7 +252,9 @@ def generate(
         "scheduler": scheduler,
     }
     with (
-        load(artifact, runtime=runtime, threads=threads, device=device) as pipeline,
+        load(
+            artifact, runtime=runtime, threads=threads, device=device, low_memory=low_memory
+        ) as pipeline,
         progress_display() as progress,
     ):
         if not isinstance(pipeline, ImageGenerator):

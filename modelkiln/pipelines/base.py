@@ -15,6 +15,7 @@ import json
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
@@ -27,6 +28,7 @@ from modelkiln.images import DEFAULT_MAX_PIXELS, ImageInput, load_images
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.runtimes.base import Closeable, Session
+from modelkiln.runtimes.on_demand import OnDemandSession, Residency
 
 if TYPE_CHECKING:
     from modelkiln.loading import Artifact
@@ -67,14 +69,31 @@ class Pipeline(Closeable):
         """The pipeline over `parts`' sessions."""
 
     @classmethod
-    def from_artifact(cls, artifact: Artifact, runtime: str | None = None, **options: Any) -> Self:
-        """Open every component of `artifact` (on `runtime`, with `options`)."""
+    def from_artifact(
+        cls,
+        artifact: Artifact,
+        runtime: str | None = None,
+        *,
+        low_memory: bool = False,
+        **options: Any,
+    ) -> Self:
+        """Open every component of `artifact` (on `runtime`, with `options`); low_memory:
+        each only while the pipeline calls it (runtimes/on_demand.py)."""
         sessions: dict[str, Session] = {}
         configs: dict[str, dict[str, Any]] = {}
         manifest = artifact.manifest
+        residency = Residency()
+        if low_memory:
+            artifact.runtime(runtime)  # a runtime that cannot run it fails now, not later
         try:
             for name, record in manifest.components.items():
-                sessions[name] = artifact.session(name, runtime, **options)
+                if low_memory:
+                    opener = partial(artifact.session, name, runtime, **options)
+                    sessions[name] = OnDemandSession(
+                        opener, record.name, record.inputs, record.outputs, residency
+                    )
+                else:
+                    sessions[name] = artifact.session(name, runtime, **options)
                 entry = artifact.root / record.entry
                 config = (entry if entry.is_dir() else entry.parent) / "config.json"
                 configs[name] = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -323,3 +324,44 @@ def test_profile_errors_name_components_and_sizes(
     ):
         build(source_dir("sd"), "vit-torch-fp32", tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.onnxruntime
+def test_low_memory_holds_one_component_at_a_time_and_draws_the_same_image(
+    built: Callable[..., Path], tmp_path: Path, kiln_main: Callable[..., Any]
+) -> None:
+    """load(low_memory=True) / kiln generate --low-memory: each component loads when the
+    pipeline calls it and goes when the next loads; the pixels are the same."""
+    from PIL import Image
+
+    from modelkiln.runtimes.on_demand import OnDemandSession
+
+    artifact = built("sd", "sd-onnxruntime-fp32")
+    with load(artifact) as pipeline:
+        expected = generate(pipeline, "inpaint", negative_prompt="blurry")
+    with load(artifact, low_memory=True) as pipeline:
+        sessions = list(pipeline.sessions.values())
+        assert all(isinstance(s, OnDemandSession) and s.session is None for s in sessions)
+        opened: list[str] = []
+        for session in sessions:
+            opener = session.opener
+
+            def counted(opener: Callable[[], Any] = opener, name: str = session.name) -> Any:
+                assert all(s.session is None for s in sessions), "two components at once"
+                opened.append(name)
+                return opener()
+
+            session.opener = counted
+        image = generate(pipeline, "inpaint", negative_prompt="blurry")
+        # Each stage once: the prompts, the masked image's latents, the steps, the decode.
+        assert opened == ["text_encoder", "vae_encoder", "unet", "vae_decoder"]
+        assert [s.name for s in sessions if s.session is not None] == ["vae_decoder"]
+        assert pipeline.sessions["unet"].info["runtime"] == "onnxruntime"  # as it ran
+    assert all(s.session is None for s in sessions)  # closed with the pipeline
+    assert psnr(image, expected) == float("inf")
+
+    out = tmp_path / "low.png"
+    arguments = ("--prompt", PROMPT, "--steps", 2, "--seed", 3, "-o")
+    assert kiln_main("generate", artifact, *arguments, out, "--low-memory").code == 0
+    assert kiln_main("generate", artifact, *arguments, tmp_path / "all.png").code == 0
+    assert psnr(Image.open(out), Image.open(tmp_path / "all.png")) == float("inf")
