@@ -94,14 +94,41 @@ def _testing():  # type: ignore[no-untyped-def]
     return testing
 
 
+def _shared_folder(tmp_path_factory: pytest.TempPathFactory, *parts: str) -> Path:
+    """A folder of this run shared by pytest-xdist's workers (their base folders' parent)."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    return root.joinpath("shared", *parts)
+
+
+def _made_once(folder: Path, make: Callable[[Path], Path]) -> Path:
+    """make(folder) the first time any worker asks for `folder`; later asks (this worker's or
+    another's) wait for it and reuse it. Each worker builds what its test files need, and
+    files on both workers need the same tiny pipelines: a build is made once per run."""
+    import shutil
+
+    from filelock import FileLock
+
+    done = folder.with_name(f"{folder.name}.done")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder.with_name(f"{folder.name}.lock"))):
+        if not done.is_file():
+            if folder.exists():  # what a failed attempt left
+                shutil.rmtree(folder)
+            made = make(folder)
+            done.write_text(str(made), encoding="utf-8")
+        return Path(done.read_text(encoding="utf-8"))
+
+
 @pytest.fixture(scope="session")
 def source_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """source_dir("hf-classifier") -> a saved tiny model directory (built once)."""
+    """source_dir("hf-classifier") -> a saved tiny model directory (written once per run)."""
     cache: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in cache:
-            cache[name] = SOURCES[name](tmp_path_factory.mktemp(name))
+            folder = _shared_folder(tmp_path_factory, "sources", name)
+            cache[name] = _made_once(folder, SOURCES[name])
         return cache[name]
 
     return get
@@ -113,9 +140,11 @@ def built(
 ) -> Callable[..., Path]:
     """built("hf-classifier", "vit-onnxruntime-fp32", "shapes.dynamic_batch=false") -> artifact.
 
-    Each (source, profile, overrides) is built once per session and must not be modified by
+    Each (source, profile, overrides) is built once per run and must not be modified by
     tests (copy it first).
     """
+    import hashlib
+
     from modelkiln import build
 
     cache: dict[tuple[str, str, tuple[str, ...]], Path] = {}
@@ -123,8 +152,12 @@ def built(
     def get(source: str, profile: str, *overrides: str) -> Path:
         key = (source, profile, overrides)
         if key not in cache:
-            out = tmp_path_factory.mktemp("artifacts") / f"{source}-{profile}"
-            cache[key] = build(source_dir(source), profile, out, overrides=overrides)
+            digest = hashlib.sha256("\n".join(overrides).encode()).hexdigest()[:12]
+            folder = _shared_folder(tmp_path_factory, "artifacts", f"{source}-{profile}-{digest}")
+            cache[key] = _made_once(
+                folder,
+                lambda out: build(source_dir(source), profile, out, overrides=overrides),
+            )
         return cache[key]
 
     return get
