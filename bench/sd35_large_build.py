@@ -4,7 +4,7 @@ int4 or ONNX int4 profiles (the transformer and T5-XXL block by block), then one
 with a few steps.
 
     python bench/sd35_large_build.py --work /tmp/kiln-sd35 [--profiles sd3-openvino-int8 ...]
-        [--image-size 1024] [--steps 2] [--guidance 1.0]
+        [--image-size 1024] [--steps 2] [--guidance 1.0] [--split-guidance] [--low-memory]
     python bench/sd35_large_build.py --model flux-schnell --work /tmp/kiln-flux \
         --profiles flux-openvino-int8
 
@@ -133,6 +133,9 @@ def main() -> None:
         "--split-guidance", action="store_true", help="CFG's halves in two calls (kiln generate)"
     )
     parser.add_argument(
+        "--low-memory", action="store_true", help="one component in memory (kiln generate)"
+    )
+    parser.add_argument(
         "--reuse", action="store_true", help="generate with art-PROFILE built before"
     )
     parser.add_argument("--blocks", type=int, default=None, help="smoke test: fewer blocks")
@@ -180,7 +183,9 @@ def main() -> None:
             generate += ["--steps", str(args.steps), "--height", size, "--width", size]
             generate += ["--guidance", str(args.guidance)]
             generate += ["--split-guidance"] if args.split_guidance else []
+            generate += ["--low-memory"] if args.low_memory else []
             run = f"{profile}-{size}-g{args.guidance:g}" + ("-split" if args.split_guidance else "")
+            run += "-low" if args.low_memory else ""
             generate += ["-o", str(work / f"{run}.png")]
             entry["generate"] = measured(generate, work, work / f"generate-{run}.log")
         results[profile] = entry
