@@ -29,12 +29,6 @@ class Residency:
     def __init__(self) -> None:
         self.lock = threading.RLock()
         self.open: OnDemandSession | None = None
-        self.loads = 0  # how many times a session was opened (for tests and logs)
-
-    def close(self) -> None:
-        with self.lock:
-            if self.open is not None:
-                self.open.release()
 
 
 class OnDemandSession(Session):
@@ -71,7 +65,6 @@ class OnDemandSession(Session):
                 self.residency.open.release()
             self.session = self.opener()
             self.residency.open = self
-            self.residency.loads += 1
         return self.session
 
     def release(self) -> None:
