@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
@@ -166,7 +166,7 @@ def _constant_weight_layer(node: Any, graph: Any) -> _Layer | None:
     shape = bias.shape
     if shape is None or len(shape) != 1 or shape[0] != layer.shape[1]:
         return None
-    return _Layer(weight, layer.transposed, bias)
+    return replace(layer, bias=bias)
 
 
 def _is_constant_matrix(weight: Any) -> bool:

@@ -126,6 +126,25 @@ def tiny_sd3(
     return directory
 
 
+def flux_scheduler(*, dev: bool) -> Any:
+    """The hub's Flux.1 scheduler: dev shifts by image size, schnell uses a plain schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    shifting: dict[str, Any] = (
+        {"use_dynamic_shifting": True, "shift": 3.0}
+        if dev
+        else {"use_dynamic_shifting": False, "shift": 1.0}
+    )
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        **shifting,
+    )
+
+
 def tiny_flux(directory: str | Path, *, guidance: bool = True, seed: int = 0) -> Path:
     """A diffusers FluxPipeline directory mimicking FLUX.1-dev (guidance=True: guidance
     embedding, dynamically shifted schedule) or FLUX.1-schnell (guidance=False, fixed schedule):
@@ -133,7 +152,7 @@ def tiny_flux(directory: str | Path, *, guidance: bool = True, seed: int = 0) ->
     transformer (2 heads of 16) and a 16-channel VAE. The pipeline's own default size is 256x256
     (128 latents, hard-coded); pass height=width=32 (any multiple of 4 works)."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     directory = Path(directory)
@@ -152,20 +171,7 @@ def tiny_flux(directory: str | Path, *, guidance: bool = True, seed: int = 0) ->
         guidance_embeds=guidance,
         axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim, like (16, 56, 56) for 128
     )
-    # The hub's scheduler configs: dev shifts by image size, schnell uses a plain schedule.
-    shifting: dict[str, Any] = (
-        {"use_dynamic_shifting": True, "shift": 3.0}
-        if guidance
-        else {"use_dynamic_shifting": False, "shift": 1.0}
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        **shifting,
-    )
+    scheduler = flux_scheduler(dev=guidance)
     tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer")
     pipeline: Any = FluxPipeline(
         transformer=transformer,

@@ -253,7 +253,9 @@ def random_sd35_large(directory: str | Path, *, seed: int = 0, blocks: int | Non
         seed=seed,
     )
     transformer.save_config(folder)
-    _write_t5(directory / "text_encoder_3", directory / "tokenizer_3", blocks, seed + 1)
+    t5_tokenizer = _write_t5(
+        directory / "text_encoder_3", directory / "tokenizer_3", blocks, seed + 1
+    )
     for name, settings in (("text_encoder", CLIP_L), ("text_encoder_2", CLIP_G)):
         _write_clip(directory / name, settings, projection=True)
     _write_vae(directory / "vae", SD3_VAE)
@@ -269,7 +271,7 @@ def random_sd35_large(directory: str | Path, *, seed: int = 0, blocks: int | Non
         "text_encoder_3": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "tokenizer_3": ["transformers", _t5_tokenizer_class()],
+        "tokenizer_3": ["transformers", t5_tokenizer],
         "transformer": ["diffusers", "SD3Transformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
@@ -282,7 +284,9 @@ def random_flux_schnell(directory: str | Path, *, seed: int = 0, blocks: int | N
     (16.8 B parameters, ~34 GB on disk), written without holding any model whole. `blocks`:
     only that many double and single transformer blocks and T5 blocks (a smoke test)."""
     import torch
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FluxTransformer2DModel
+
+    from modelkiln.testing.flow import flux_scheduler
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -296,28 +300,20 @@ def random_flux_schnell(directory: str | Path, *, seed: int = 0, blocks: int | N
         transformer, folder, weights_name="diffusion_pytorch_model.safetensors", seed=seed
     )
     transformer.save_config(folder)
-    _write_t5(directory / "text_encoder_2", directory / "tokenizer_2", blocks, seed + 1)
+    t5_tokenizer = _write_t5(
+        directory / "text_encoder_2", directory / "tokenizer_2", blocks, seed + 1
+    )
     _write_clip(directory / "text_encoder", CLIP_L, projection=False)
     _write_vae(directory / "vae", FLUX_VAE)
     _write_clip_tokenizer(directory / "tokenizer", "<|endoftext|>")
-    # The hub's schnell scheduler: a plain schedule, no shift by image size.
-    scheduler: Any = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=1.0,
-        use_dynamic_shifting=False,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
-    scheduler.save_pretrained(directory / "scheduler")
+    flux_scheduler(dev=False).save_pretrained(directory / "scheduler")
     index = {
         "_class_name": "FluxPipeline",
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "text_encoder_2": ["transformers", "T5EncoderModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", _t5_tokenizer_class()],
+        "tokenizer_2": ["transformers", t5_tokenizer],
         "transformer": ["diffusers", "FluxTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
@@ -325,8 +321,9 @@ def random_flux_schnell(directory: str | Path, *, seed: int = 0, blocks: int | N
     return directory
 
 
-def _write_t5(folder: Path, tokenizer_folder: Path, blocks: int | None, seed: int) -> None:
-    """T5-XXL's encoder, shard by shard, and the tiny T5 tokenizer."""
+def _write_t5(folder: Path, tokenizer_folder: Path, blocks: int | None, seed: int) -> str:
+    """T5-XXL's encoder, shard by shard, and the tiny T5 tokenizer; returns the tokenizer's
+    class name (for model_index.json)."""
     import torch
     from transformers import T5Config, T5EncoderModel
 
@@ -338,13 +335,9 @@ def _write_t5(folder: Path, tokenizer_folder: Path, blocks: int | None, seed: in
     write_random_shards(t5, folder, weights_name="model.safetensors", std=t5_std(T5_XXL), seed=seed)
     config.architectures = ["T5EncoderModel"]
     config.save_pretrained(folder)
-    _tiny_t5_tokenizer().save_pretrained(tokenizer_folder)
-
-
-def _t5_tokenizer_class() -> str:
-    from modelkiln.testing.flow import _tiny_t5_tokenizer
-
-    return type(_tiny_t5_tokenizer()).__name__
+    tokenizer = _tiny_t5_tokenizer()
+    tokenizer.save_pretrained(tokenizer_folder)
+    return type(tokenizer).__name__
 
 
 def _write_clip(folder: Path, settings: dict[str, Any], *, projection: bool) -> None:
