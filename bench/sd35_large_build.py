@@ -58,7 +58,9 @@ PROFILE_SETTINGS = {
         "components.text_encoder_3.min_cosine=0.7",
         "components.text_encoder_3.min_sqnr_db=3",
         "components.text_encoder_3.atol=10",
-    ]
+    ],
+    # Flux's 12 B transformer: its int4 blocks plus one fp32 block are planned at 16.2 GB.
+    "flux-openvino-int4": ["build.max_memory_gb=20"],
 }
 
 

@@ -79,6 +79,7 @@ def build(
     overrides: Iterable[str] = (),
     revision: str | None = None,
     allow_pickle: bool = False,
+    config: str | Path | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Build `source` with `profile` into `output` (default artifacts/<source>-<profile>).
@@ -99,7 +100,9 @@ def build(
         check_writable(Path(output), folder=True)
 
     with progress.task(f"resolving {source}"):
-        resolved = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
+        resolved = resolve_source(
+            source, revision=revision, allow_pickle=allow_pickle, config=config
+        )
         family = detect_family(resolved)
     if family.name != plan.family.name:
         raise ProfileError(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -34,12 +34,25 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class SingleFileRecord:
+    """A single-file checkpoint the build read (through its diffusers conversion)."""
+
+    path: str  # absolute
+    sha256: str
+    model_type: str  # diffusers' name for the architecture its keys show
+    pipeline: str  # the diffusers pipeline class it was loaded as
+    dtype: str
+    config: str  # the folder, or Hub repository, its configs and tokenizers came from
+
+
+@dataclass(frozen=True)
 class SourceRecord:
     spec: str  # what the user passed
     hub_id: str | None = None
     revision: str | None = None  # the commit a hub source resolved to
     local_dir: str | None = None
     weights_sha256: dict[str, str] = field(default_factory=dict)  # file -> sha256
+    single_file: SingleFileRecord | None = None
 
     @property
     def name(self) -> str:
@@ -270,7 +283,7 @@ def decode_manifest(data: Mapping[str, Any], where: Path) -> Manifest:
             task=data["task"],
             format=data["format"],
             runtime=data["runtime"],
-            source=_known(SourceRecord, data["source"]),
+            source=_source(data["source"]),
             profile=Profile.from_dict(data["profile"], origin=f"{where}: its profile"),
             components={k: _component(v, where) for k, v in data["components"].items()},
             files={inside(k, "file", where): FileRecord(**v) for k, v in data["files"].items()},
@@ -383,6 +396,13 @@ def _scores(data: Mapping[str, Any]) -> dict[str, OutputScore]:
     return {name: _known(OutputScore, score) for name, score in data.items()}
 
 
+def _source(data: Mapping[str, Any]) -> SourceRecord:
+    record: SourceRecord = _known(SourceRecord, data)
+    if isinstance(single := data.get("single_file"), Mapping):
+        record = replace(record, single_file=_known(SingleFileRecord, single))
+    return record
+
+
 def _known(cls: type[Any], data: Mapping[str, Any]) -> Any:
     """A record from the keys its class knows (newer writers may add others)."""
     names = {f.name for f in fields(cls)}
@@ -422,6 +442,7 @@ __all__ = [
     "Manifest",
     "OutputScore",
     "QuantizationRecord",
+    "SingleFileRecord",
     "SourceRecord",
     "ValidationRecord",
 ]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.artifact import sha256_file
+from modelkiln.checkpoints.single_file import cached_folder, is_single_file
 from modelkiln.errors import (
     SourceError,
     UnsupportedError,
@@ -22,7 +23,7 @@ from modelkiln.errors import (
     require_utf8_path,
 )
 from modelkiln.jsonfile import read_json_object
-from modelkiln.records import SourceRecord
+from modelkiln.records import SingleFileRecord, SourceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class ResolvedSource:
     hub_id: str | None = None
     revision: str | None = None  # the commit a hub source resolved to
     allow_pickle: bool = False
+    single_file: SingleFileRecord | None = None  # the checkpoint local_dir was converted from
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         path = self.local_dir / name
@@ -48,26 +50,45 @@ class ResolvedSource:
 
     def describe(self) -> SourceRecord:
         """What kiln.json records of the source (the build adds the weights' hashes)."""
-        return SourceRecord(self.spec, self.hub_id, self.revision, str(self.local_dir))
+        return SourceRecord(
+            self.spec,
+            self.hub_id,
+            self.revision,
+            str(self.local_dir),
+            single_file=self.single_file,
+        )
 
 
 def resolve_source(
-    source: str | Path, *, revision: str | None = None, allow_pickle: bool = False
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    config: str | Path | None = None,
 ) -> ResolvedSource:
+    """`config`: the diffusers folder whose configs and tokenizers a single-file checkpoint
+    is loaded with (default: its architecture's Hub repository)."""
     spec = str(source)
+    path = Path(spec).expanduser()
+    if is_single_file(path):
+        return _from_single_file(spec, path, config, allow_pickle)
+    if config is not None:
+        raise SourceError(
+            f"--config is for single-file checkpoints; '{spec}' is not one (a .safetensors "
+            "file, or .ckpt with --allow-pickle): drop --config"
+        )
     if spec.startswith("timm:"):
         hub_id = _timm_hub_id(spec.removeprefix("timm:"))
         return _from_hub(spec, hub_id, revision, allow_pickle)
     if spec.startswith("hf-hub:"):
         return _from_hub(spec, spec.removeprefix("hf-hub:"), revision, allow_pickle)
-    path = Path(spec).expanduser()
     if path.is_dir():
         require_utf8_path(path, SourceError, "rename it (or a folder above it)")
         return ResolvedSource(spec, path.resolve(), allow_pickle=allow_pickle)
     if path.is_file():
         raise UnsupportedError(
-            f"'{spec}' is a single file; single-file checkpoints are not supported for this "
-            "model family: pass the model directory (config.json + model.safetensors)"
+            f"'{spec}' is not a checkpoint modelkiln reads ({path.suffix or 'no suffix'}): "
+            "pass a model directory, or a single-file .safetensors checkpoint"
         )
     if _HUB_ID.match(spec) and not Path(spec.split("/")[0]).is_dir():
         return _from_hub(spec, spec, revision, allow_pickle)
@@ -77,6 +98,15 @@ def resolve_source(
         f"'{spec}' is not a local directory, a Hugging Face Hub id (org/name), "
         "timm:NAME or hf-hub:org/name"
     )
+
+
+def _from_single_file(
+    spec: str, path: Path, config: str | Path | None, allow_pickle: bool
+) -> ResolvedSource:
+    require_utf8_path(path, SourceError, "rename it (or a folder above it)")
+    folder, record = cached_folder(path, config=config, allow_pickle=allow_pickle)
+    logger.info("%s is loaded from its diffusers conversion in %s", spec, folder)
+    return ResolvedSource(spec, folder, single_file=record)
 
 
 def find_weights(directory: Path, *, allow_pickle: bool) -> list[Path]:

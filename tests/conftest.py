@@ -79,6 +79,10 @@ SOURCES = {
     "sd-v": lambda d: _testing().tiny_sd(d, prediction_type="v_prediction"),
     "sdxl": lambda d: _testing().tiny_sdxl(d),
     "sdxl-inpaint": lambda d: _testing().tiny_sdxl(d, inpaint=True),
+    # What single files hold: SD 2.x's OpenCLIP text encoder, SDXL's two of different widths.
+    "sd2": lambda d: _testing().tiny_sd(d, prediction_type="v_prediction", text_hidden_act="gelu"),
+    "sdxl-wide": lambda d: _testing().tiny_sdxl(d, text_encoder_2_width=48),
+    "sdxl-inpaint-wide": lambda d: _testing().tiny_sdxl(d, inpaint=True, text_encoder_2_width=48),
     "sd3": lambda d: _testing().tiny_sd3(d),
     "sd3-no-t5": lambda d: _testing().tiny_sd3(d, t5=False),
     # SD 3.5's qk-norm and SD 3.5 Medium's dual attention

@@ -88,12 +88,15 @@ def test_local_dir_resolves_to_itself(
     assert resolve_source(directory, allow_pickle=True).allow_pickle is True
 
 
-def test_single_file_is_refused(source_dir: Callable[[str], Path]) -> None:
+def test_a_vision_models_weights_file_is_refused_as_a_single_file(
+    source_dir: Callable[[str], Path],
+) -> None:
     weights = source_dir("hf-classifier") / "model.safetensors"
     with pytest.raises(
         UnsupportedError,
-        match=r"model\.safetensors' is a single file; single-file checkpoints are not supported "
-        r"for this model family: pass the model directory \(config\.json \+ model\.safetensors\)",
+        match=r"model\.safetensors holds no diffusion model weights in the original layout .*"
+        r"for a transformers or timm model pass its directory \(config\.json \+ "
+        r"model\.safetensors\)",
     ):
         resolve_source(weights)
 
@@ -317,7 +320,7 @@ def test_single_file_fails_the_build(source_dir: Callable[[str], Path], tmp_path
         source_dir("hf-classifier") / "model.safetensors",
         tmp_path,
         UnsupportedError,
-        "single-file checkpoints are not supported",
+        "holds no diffusion model weights",
     )
 
 

@@ -49,6 +49,7 @@ def cli(verbose: bool) -> None:
 for command in (
     build.build,
     build.profiles,
+    build.convert,
     run.classify,
     run.embed,
     run.generate,

@@ -21,7 +21,14 @@ from modelkiln.errors import KilnError
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile key."
 )
 @click.option("--revision", help="Hub revision (branch, tag or commit).")
-@click.option("--allow-pickle", is_flag=True, help="Accept pickle checkpoints (.bin/.pth).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pickle checkpoints (.bin/.pth/.ckpt).")
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path),
+    help="For a single-file checkpoint: a diffusers folder of its architecture (configs and "
+    "tokenizers) instead of fetching them from the Hub.",
+)
 def build(
     source: str,
     profile: str,
@@ -29,8 +36,10 @@ def build(
     overrides: tuple[str, ...],
     revision: str | None,
     allow_pickle: bool,
+    config: Path | None,
 ) -> None:
-    """Export SOURCE (hub id, local dir, timm:NAME) with PROFILE, validate, write the artifact."""
+    """Export SOURCE (hub id, local dir, timm:NAME, single-file .safetensors) with PROFILE,
+    validate, write the artifact."""
     from modelkiln.builder import build as build_artifact
     from modelkiln.loading import open_artifact
 
@@ -42,6 +51,7 @@ def build(
             overrides=overrides,
             revision=revision,
             allow_pickle=allow_pickle,
+            config=config,
             progress=progress,
         )
     manifest = open_artifact(artifact).manifest
@@ -124,3 +134,24 @@ def profiles_schemes() -> None:
         marks = ["yes" if name in table[f] else "—" for f in formats]
         grid.add_row(*cells(name, *marks, SCHEMES.get(name).summary))
     out.print(grid)
+
+
+@click.command()
+@click.argument("source", type=click.Path(path_type=Path, exists=True))
+@click.argument("destination", type=click.Path(path_type=Path))
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path),
+    help="Reading a single file: a diffusers folder of its architecture (configs and "
+    "tokenizers) instead of fetching them from the Hub.",
+)
+@click.option("--allow-pickle", is_flag=True, help="Accept a pickle checkpoint (.ckpt/.pt).")
+def convert(source: Path, destination: Path, config: Path | None, allow_pickle: bool) -> None:
+    """Convert between a diffusers pipeline folder and a single-file checkpoint (the original
+    layout A1111 and ComfyUI load): a folder SOURCE becomes the file DESTINATION (.safetensors),
+    a file SOURCE becomes the folder DESTINATION."""
+    from modelkiln.checkpoints.convert import convert_checkpoint
+
+    with progress_display() as progress, progress.task(f"converting {source}"):
+        written = convert_checkpoint(source, destination, config=config, allow_pickle=allow_pickle)
+    out.print(f"[green]wrote[/] {escape(str(written))}")

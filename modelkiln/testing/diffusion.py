@@ -118,9 +118,12 @@ def tiny_sd(
     inpaint: bool = False,
     seed: int = 0,
     prediction_type: str = "epsilon",
+    text_hidden_act: str = "quick_gelu",
 ) -> Path:
     """A diffusers StableDiffusion(Inpaint)Pipeline directory: 2-block UNet, 32x32 images.
-    prediction_type="v_prediction" makes it an SD 2.x-style v-prediction model."""
+    prediction_type="v_prediction" makes it an SD 2.x-style v-prediction model, and
+    text_hidden_act="gelu" gives it SD 2.x's kind of text encoder (OpenCLIP's, as single files
+    store it)."""
     import torch
     from diffusers import (
         StableDiffusionInpaintPipeline,
@@ -148,7 +151,7 @@ def tiny_sd(
     pipeline_class: Any = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
     pipeline = pipeline_class(
         vae=_tiny_vae(),
-        text_encoder=CLIPTextModel(_tiny_clip_config()),
+        text_encoder=CLIPTextModel(_tiny_clip_config(hidden_act=text_hidden_act)),
         tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir),
         unet=unet,
         scheduler=scheduler,
@@ -161,8 +164,12 @@ def tiny_sd(
     return directory
 
 
-def tiny_sdxl(directory: str | Path, *, inpaint: bool = False, seed: int = 0) -> Path:
-    """A diffusers StableDiffusionXL(Inpaint)Pipeline directory with two tiny text encoders."""
+def tiny_sdxl(
+    directory: str | Path, *, inpaint: bool = False, seed: int = 0, text_encoder_2_width: int = 32
+) -> Path:
+    """A diffusers StableDiffusionXL(Inpaint)Pipeline directory with two tiny text encoders.
+    A single file tells its two encoders apart by width (as diffusers reads it): such a
+    fixture needs text_encoder_2_width != 32."""
     import torch
     from diffusers import (
         EulerDiscreteScheduler,
@@ -182,7 +189,8 @@ def tiny_sdxl(directory: str | Path, *, inpaint: bool = False, seed: int = 0) ->
         block_out_channels=(32, 64),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64,  # both encoders' penultimate hidden states, concatenated
+        # both encoders' penultimate hidden states, concatenated
+        cross_attention_dim=32 + text_encoder_2_width,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -206,7 +214,9 @@ def tiny_sdxl(directory: str | Path, *, inpaint: bool = False, seed: int = 0) ->
     pipeline = pipeline_class(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_tiny_clip_config()),
-        text_encoder_2=CLIPTextModelWithProjection(_tiny_clip_config()),
+        text_encoder_2=CLIPTextModelWithProjection(
+            _tiny_clip_config(hidden_size=text_encoder_2_width)
+        ),
         tokenizer=CLIPTokenizer.from_pretrained(first),
         tokenizer_2=CLIPTokenizer.from_pretrained(second),
         unet=unet,

@@ -1,0 +1,198 @@
+"""Single-file checkpoints (the original LDM / SGM layout): `kiln convert` both ways, pinned to
+diffusers' own single-file loader, and builds from a single file equal to builds from the
+folder it came from."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from modelkiln import build
+from modelkiln.artifact import sha256_file
+from modelkiln.checkpoints.convert import convert_checkpoint
+from modelkiln.checkpoints.single_file import cached_folder, inspect_file
+from modelkiln.errors import SourceError, UnsupportedError
+from modelkiln.loading import open_artifact
+
+# source -> the prefixes its single file keeps its components under (as A1111 / SGM do).
+LAYOUTS = {
+    "sd": ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."),
+    "sd-inpaint": ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."),
+    "sd2": ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.model."),
+    "sdxl-wide": (
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "conditioner.embedders.0.transformer.",
+        "conditioner.embedders.1.model.",
+    ),
+    "sdxl-inpaint-wide": (
+        "model.diffusion_model.",
+        "first_stage_model.",
+        "conditioner.embedders.0.transformer.",
+        "conditioner.embedders.1.model.",
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Conversions are cached under $MODELKILN_CACHE: each test starts without one."""
+    monkeypatch.setenv("MODELKILN_CACHE", str(tmp_path / "cache"))
+
+
+def tensors(folder: Path) -> dict[str, dict[str, object]]:
+    """component -> its tensors, from every safetensors file under the folder."""
+    from safetensors.torch import load_file
+
+    found: dict[str, dict[str, object]] = {}
+    for file in sorted(folder.glob("*/*.safetensors")):
+        found.setdefault(file.parent.name, {}).update(load_file(str(file)))
+    return found
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_a_folder_written_as_a_single_file_loads_back_bit_identically(
+    name: str, source_dir: Callable[[str], Path], tmp_path: Path, kiln_main: Callable[..., object]
+) -> None:
+    import torch
+    from safetensors import safe_open
+
+    folder = source_dir(name)
+    single = tmp_path / "model.safetensors"
+    assert kiln_main("convert", folder, single).code == 0  # type: ignore[attr-defined]
+    with safe_open(str(single), framework="pt") as written:
+        keys = list(written.keys())
+    assert all(key.startswith(LAYOUTS[name]) for key in keys)
+    assert {prefix for prefix in LAYOUTS[name] if any(k.startswith(prefix) for k in keys)} == set(
+        LAYOUTS[name]
+    )
+    expected_type = "inpainting" if "inpaint" in name else "v1"  # tiny widths: diffusers' v1
+    assert inspect_file(single).model_type == expected_type
+
+    back = tmp_path / "back"
+    # Read back by diffusers' from_single_file, with the folder's configs and tokenizers.
+    assert kiln_main("convert", single, back, "--config", folder).code == 0  # type: ignore[attr-defined]
+    original, loaded = tensors(folder), tensors(back)
+    assert original.keys() == loaded.keys()
+    for component, weights in original.items():
+        assert weights.keys() == loaded[component].keys(), component
+        for key, tensor in weights.items():
+            assert torch.equal(tensor, loaded[component][key]), f"{component}/{key}"  # type: ignore[arg-type]
+
+
+def test_a_build_from_a_single_file_equals_the_build_from_its_folder(
+    source_dir: Callable[[str], Path], built: Callable[..., Path], tmp_path: Path
+) -> None:
+    folder = source_dir("sd")
+    single = convert_checkpoint(folder, tmp_path / "sd.safetensors")
+    artifact = build(single, "sd-onnxruntime-fp32", tmp_path / "art", config=folder)
+
+    from_file = open_artifact(artifact).manifest
+    from_folder = open_artifact(built("sd", "sd-onnxruntime-fp32")).manifest
+    assert from_file.files == from_folder.files  # every exported file: same sha256
+    record = from_file.source.single_file
+    assert record is not None
+    assert record.sha256 == sha256_file(single)
+    assert (record.pipeline, record.dtype, record.config) == (
+        "StableDiffusionPipeline",
+        "float32",
+        str(folder.resolve()),
+    )
+
+
+def test_an_fp16_file_converts_without_an_fp32_copy_and_once(
+    source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder = source_dir("sd")
+    single = convert_checkpoint(folder, tmp_path / "sd.safetensors")
+    half = tmp_path / "sd-fp16.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(single)).items()}, str(half))
+    assert inspect_file(half).dtype == "float16"
+
+    converted, record = cached_folder(half, config=folder)
+    assert record.dtype == "float16"
+    weights = tensors(converted)
+    assert {t.dtype for c in weights.values() for t in c.values()} == {torch.float16}  # type: ignore[attr-defined]
+    originals = tensors(folder)["unet"]
+    for key, tensor in weights["unet"].items():
+        assert torch.equal(tensor, originals[key].half())  # type: ignore[attr-defined]
+    # The second ask finds the conversion: the same folder, not written again.
+    stamp = (converted / "single_file.json").stat().st_mtime_ns
+    again, _ = cached_folder(half, config=folder)
+    assert again == converted and (converted / "single_file.json").stat().st_mtime_ns == stamp
+
+
+def test_single_file_mistakes_are_one_line_errors(
+    source_dir: Callable[[str], Path],
+    tmp_path: Path,
+    kiln_main: Callable[..., object],
+) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = source_dir("sd")
+    single = convert_checkpoint(folder, tmp_path / "sd.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    foreign = tmp_path / "vit.safetensors"
+    save_file({"vit.embeddings.cls_token": np.zeros((1, 1, 8), np.float32)}, str(foreign))
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not read")
+
+    cases = [
+        (["build", corrupt, "-p", "sd-onnxruntime-fp32"], "is not a valid safetensors file"),
+        (["build", foreign, "-p", "sd-onnxruntime-fp32"], "holds no diffusion model weights"),
+        (["build", pickled, "-p", "sd-onnxruntime-fp32"], "pass --allow-pickle if you trust it"),
+        # Offline, without --config: the configs cannot be fetched.
+        (["build", single, "-p", "sd-onnxruntime-fp32"], "pass --config DIR"),
+        (
+            ["build", single, "-p", "sd-onnxruntime-fp32", "--config", tmp_path],
+            "expected a diffusers pipeline folder with model_index.json",
+        ),
+        (
+            ["build", source_dir("sdxl"), "-p", "sdxl-onnxruntime-fp32", "--config", folder],
+            "--config is for single-file checkpoints",
+        ),
+        (["convert", folder, single], "exists; conversion never overwrites"),
+        (["convert", folder, tmp_path / "out.ckpt"], "name it *.safetensors"),
+        (["convert", source_dir("hf-classifier"), tmp_path / "x.safetensors"], "no model_index"),
+    ]
+    for args, message in cases:
+        outcome = kiln_main(*args)
+        assert outcome.code != 0, args  # type: ignore[attr-defined]
+        lines = outcome.err_lines  # type: ignore[attr-defined]
+        assert len(lines) == 1 and message in lines[0], (args, lines)
+    assert not (tmp_path / "x.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cache",
+        "corrupt.safetensors",
+        "model.ckpt",
+        "sd.safetensors",
+        "vit.safetensors",
+    ]
+
+
+def test_an_sd3_pipeline_is_refused_by_the_writer_with_what_it_supports(
+    source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    with pytest.raises(UnsupportedError, match="writing a single file is supported for"):
+        convert_checkpoint(source_dir("sd3"), tmp_path / "sd3.safetensors")
+    assert not (tmp_path / "sd3.safetensors").exists()
+
+
+def test_a_converted_folder_is_what_diffusers_saves(
+    source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    folder = source_dir("sdxl-wide")
+    single = convert_checkpoint(folder, tmp_path / "xl.safetensors")
+    back = convert_checkpoint(single, tmp_path / "xl", config=folder)
+    index = json.loads((back / "model_index.json").read_text(encoding="utf-8"))
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    with pytest.raises(SourceError, match="exists; conversion never overwrites"):
+        convert_checkpoint(single, back, config=folder)
