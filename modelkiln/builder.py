@@ -17,6 +17,7 @@ import numpy as np
 
 from modelkiln import __version__, memory_budget, quality
 from modelkiln.artifact import MANIFEST_NAME, record_files, write_manifest
+from modelkiln.checkpoints.lora import fuse_loras
 from modelkiln.env import (
     host_info,
     library_versions,
@@ -39,7 +40,7 @@ from modelkiln.models import detect_family
 from modelkiln.models.base import ModelFamily
 from modelkiln.outputs import atomic_directory, check_writable
 from modelkiln.plan import BuildPlan, ComponentPlan, load_plan
-from modelkiln.profiles import Profile
+from modelkiln.profiles import LoraSettings, Profile
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.quantize import Stage, quantize_exported, quantize_module
 from modelkiln.records import (
@@ -80,6 +81,7 @@ def build(
     revision: str | None = None,
     allow_pickle: bool = False,
     config: str | Path | None = None,
+    loras: Sequence[LoraSettings] = (),
     progress: Progress | None = None,
 ) -> Path:
     """Build `source` with `profile` into `output` (default artifacts/<source>-<profile>).
@@ -90,6 +92,8 @@ def build(
     started = time.perf_counter()
     progress = progress or NullProgress()
     plan = load_plan(profile, overrides)
+    if loras:  # --lora: after the profile's own [[lora]], recorded in the profile as they are
+        plan = load_plan(replace(plan.profile, lora=(*plan.profile.lora, *loras)))
     plan.require_calibration_data()
     exporter = plan.exporter()
     runtime = plan.runtime()
@@ -129,6 +133,11 @@ def _build_into(
     """Load, export, quantize and validate every component into staging, then kiln.json."""
     exporter = plan.exporter()
     runtime = plan.runtime()
+    if plan.profile.lora:
+        with progress.task(f"fusing {len(plan.profile.lora)} LoRA(s) into {resolved.spec}"):
+            resolved = fuse_loras(
+                resolved, plan.profile.lora, max_memory_gb=plan.profile.build.max_memory_gb
+            )
     with progress.task(f"loading {resolved.spec}"):
         loaded = family.load(resolved, plan.profile)
     names = [spec.name for spec in loaded.components]

@@ -46,6 +46,16 @@ class SingleFileRecord:
 
 
 @dataclass(frozen=True)
+class LoraRecord:
+    """A LoRA fused into the source before export."""
+
+    path: str  # absolute
+    sha256: str
+    scale: float
+    layout: str  # diffusers, kohya or peft: how its keys were written
+
+
+@dataclass(frozen=True)
 class SourceRecord:
     spec: str  # what the user passed
     hub_id: str | None = None
@@ -53,6 +63,7 @@ class SourceRecord:
     local_dir: str | None = None
     weights_sha256: dict[str, str] = field(default_factory=dict)  # file -> sha256
     single_file: SingleFileRecord | None = None
+    loras: tuple[LoraRecord, ...] = ()
 
     @property
     def name(self) -> str:
@@ -400,7 +411,8 @@ def _source(data: Mapping[str, Any]) -> SourceRecord:
     record: SourceRecord = _known(SourceRecord, data)
     if isinstance(single := data.get("single_file"), Mapping):
         record = replace(record, single_file=_known(SingleFileRecord, single))
-    return record
+    loras = data.get("loras") or ()
+    return replace(record, loras=tuple(_known(LoraRecord, lora) for lora in loras))
 
 
 def _known(cls: type[Any], data: Mapping[str, Any]) -> Any:
@@ -439,6 +451,7 @@ __all__ = [
     "ComponentRecord",
     "EndToEndRecord",
     "FileRecord",
+    "LoraRecord",
     "Manifest",
     "OutputScore",
     "QuantizationRecord",

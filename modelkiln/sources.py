@@ -23,7 +23,7 @@ from modelkiln.errors import (
     require_utf8_path,
 )
 from modelkiln.jsonfile import read_json_object
-from modelkiln.records import SingleFileRecord, SourceRecord
+from modelkiln.records import LoraRecord, SingleFileRecord, SourceRecord
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class ResolvedSource:
     revision: str | None = None  # the commit a hub source resolved to
     allow_pickle: bool = False
     single_file: SingleFileRecord | None = None  # the checkpoint local_dir was converted from
+    loras: tuple[LoraRecord, ...] = ()  # fused into local_dir, in order
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         path = self.local_dir / name
@@ -56,6 +57,7 @@ class ResolvedSource:
             self.revision,
             str(self.local_dir),
             single_file=self.single_file,
+            loras=self.loras,
         )
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,8 +81,19 @@ def inspect_file(path: Path, *, allow_pickle: bool = False) -> Inspection:
             f"{path} is a '{model_type}' checkpoint; single files are supported for "
             f"{', '.join(sorted(FAMILIES))}"
         )
-    dtype = max(set(dtypes), key=dtypes.count) if dtypes else "float32"
-    return Inspection(model_type, dtype)
+    return Inspection(model_type, _most_common(dtypes))
+
+
+def stored_dtype(files: Sequence[Path]) -> str:
+    """The floating dtype most tensors of these safetensors files are stored in."""
+    dtypes: list[str] = []
+    for file in files:
+        dtypes += _header(file, allow_pickle=False)[1]
+    return _most_common(dtypes)
+
+
+def _most_common(dtypes: list[str]) -> str:
+    return max(set(dtypes), key=dtypes.count) if dtypes else "float32"
 
 
 class _ShapeView(Mapping[str, Any]):
@@ -192,20 +203,23 @@ def load_into_folder(
     pipeline_class = _pipeline_class(folder)
     import torch
 
-    try:
-        pipeline = pipeline_class.from_single_file(
-            str(path),
-            config=str(folder),
-            local_files_only=True,
-            torch_dtype=getattr(torch, inspection.dtype),
-        )
-    except Exception as error:  # diffusers' loaders raise many types for a mismatch
-        raise SourceError(
-            f"cannot load {path} as a {pipeline_class.__name__} with the configs of {folder} "
-            f"({first_line(error)}); pass --config with a folder of the checkpoint's "
-            "architecture"
-        ) from error
-    pipeline.save_pretrained(str(destination), safe_serialization=True)
+    from modelkiln.quiet import quiet_libraries
+
+    with quiet_libraries():
+        try:
+            pipeline = pipeline_class.from_single_file(
+                str(path),
+                config=str(folder),
+                local_files_only=True,
+                torch_dtype=getattr(torch, inspection.dtype),
+            )
+        except Exception as error:  # diffusers' loaders raise many types for a mismatch
+            raise SourceError(
+                f"cannot load {path} as a {pipeline_class.__name__} with the configs of "
+                f"{folder} ({first_line(error)}); pass --config with a folder of the "
+                "checkpoint's architecture"
+            ) from error
+        pipeline.save_pretrained(str(destination), safe_serialization=True)
     return SingleFileRecord(
         path=str(path.resolve()),
         sha256=digest or _sha256(path),

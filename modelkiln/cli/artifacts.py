@@ -74,6 +74,14 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
     summary.add_row("family / task", f"{manifest.family} / {manifest.task}")
     source = manifest.source
     summary.add_row("source", source.spec + (f" @ {source.revision}" if source.revision else ""))
+    if source.single_file is not None:
+        single = source.single_file
+        described = (
+            f"{single.pipeline} ({single.model_type}, {single.dtype}), configs {single.config}"
+        )
+        summary.add_row(*cells("single file", described))
+    for lora in source.loras:
+        summary.add_row(*cells("LoRA", f"{lora.path} × {lora.scale:g} ({lora.layout})"))
     summary.add_row(*cells("profile", manifest.profile.name))
     summary.add_row("format / runtime", f"{manifest.format} / {manifest.runtime}")
     precision = manifest.profile.precision

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
@@ -11,6 +13,9 @@ from rich.table import Table
 
 from modelkiln.cli.console import cells, describe_scores, err, out, progress_display
 from modelkiln.errors import KilnError
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import LoraSettings
 
 
 @click.command()
@@ -29,6 +34,14 @@ from modelkiln.errors import KilnError
     help="For a single-file checkpoint: a diffusers folder of its architecture (configs and "
     "tokenizers) instead of fetching them from the Hub.",
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="PATH[:SCALE]",
+    help="Fuse a LoRA (.safetensors, or a peft adapter folder) at SCALE (default 1.0) before "
+    "export; repeat for several. Added after the profile's [[lora]] entries.",
+)
 def build(
     source: str,
     profile: str,
@@ -37,6 +50,7 @@ def build(
     revision: str | None,
     allow_pickle: bool,
     config: Path | None,
+    loras: tuple[str, ...],
 ) -> None:
     """Export SOURCE (hub id, local dir, timm:NAME, single-file .safetensors) with PROFILE,
     validate, write the artifact."""
@@ -52,6 +66,7 @@ def build(
             revision=revision,
             allow_pickle=allow_pickle,
             config=config,
+            loras=[lora_option(text) for text in loras],
             progress=progress,
         )
     manifest = open_artifact(artifact).manifest
@@ -64,6 +79,31 @@ def build(
         precision = record.runtime.get("inference_precision", "?")
         err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})", markup=False)
     out.print(f"[green]built[/] {escape(str(artifact))}")
+
+
+def lora_option(text: str) -> LoraSettings:
+    """PATH[:SCALE] -> a LoRA setting (the path made absolute: the manifest records it)."""
+    from modelkiln.profiles import LoraSettings
+
+    path, sep, scale = text.rpartition(":")
+    if not sep or not _is_number(scale):
+        path, scale = text, "1.0"
+    if not path:
+        raise click.BadParameter(f"'{text}': expected PATH[:SCALE]", param_hint="--lora")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise click.BadParameter(
+            f"'{text}': the scale must be a finite number", param_hint="--lora"
+        )
+    return LoraSettings(str(Path(path).expanduser().absolute()), value)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 @click.group()

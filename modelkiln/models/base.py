@@ -56,6 +56,8 @@ class ModelFamily(ABC):
     bundle_configs: ClassVar[tuple[str, ...]] = ()
     # task -> the kiln command that runs an artifact of it ({bundle}: the bundle's file name).
     usage: ClassVar[Mapping[str, str]] = {}
+    # Whether [[lora]] applies: diffusers pipelines fuse LoRAs with their own loaders.
+    fuses_lora: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -99,6 +101,11 @@ class ModelFamily(ABC):
     @classmethod
     def check_profile(cls, profile: Profile, origin: str) -> None:
         """The family's rules for a profile: its tasks, and real data of the kind it takes."""
+        if profile.lora and not cls.fuses_lora:
+            raise UnsupportedError(
+                f"{origin}: [[lora]] does not apply to {cls.name} models; LoRAs are fused "
+                "into diffusion pipelines (sd, sdxl, sd3, flux)"
+            )
         task = profile.model.task
         if task != "auto" and task not in cls.tasks:
             raise UnsupportedError(

@@ -87,6 +87,7 @@ class StableDiffusionFamily(ModelFamily):
         "stable-diffusion": "modelkiln.pipelines.diffusion:SDPipeline"
     }
     real_inputs: ClassVar[str] = PROMPTS
+    fuses_lora: ClassVar[bool] = True
     notable_ops: ClassVar[frozenset[str]] = frozenset({"group_norm"})  # UNet and VAE
     # The pipeline reads model_index.json, the scheduler config and the CLIP tokenizer.
     bundle_configs: ClassVar[tuple[str, ...]] = ("model_index.json", "scheduler/", "tokenizer/")

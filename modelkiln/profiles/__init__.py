@@ -167,6 +167,15 @@ class ComponentSettings:
     min_sqnr_db: float | None = None
 
 
+@dataclass(frozen=True)
+class LoraSettings:
+    """[[lora]]: a LoRA fused into the model before export (diffusers, kohya/A1111 or peft
+    layout); several apply in order. A relative path in a profile file is relative to it."""
+
+    path: str
+    scale: float = 1.0
+
+
 # Sections with a fixed schema; any other top-level table is a backend's own section.
 SECTIONS = (
     "model",
@@ -179,6 +188,7 @@ SECTIONS = (
     "calibration",
     "components",
     "build",
+    "lora",
 )
 
 
@@ -198,6 +208,7 @@ class Profile:
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
     components: dict[str, ComponentSettings] = field(default_factory=dict)
     build: BuildSettings = field(default_factory=BuildSettings)
+    lora: tuple[LoraSettings, ...] = ()
     # Backend name -> its own section as written ([openvino], [tensorrt], ...).
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -229,6 +240,8 @@ class Profile:
     def to_dict(self) -> dict[str, Any]:
         data = without_none(asdict(self))
         data.pop("sections")
+        if not self.lora:
+            data.pop("lora")  # [[lora]] tables follow; an empty `lora = []` would clash
         data["quantization"] = {"scheme": self.quantization.scheme, **self.quantization.options}
         for name, section in self.sections.items():
             data[name] = without_none(dict(section))
@@ -292,6 +305,9 @@ class Profile:
             raise ProfileError(f"{origin}: export.opset {self.export.opset} < {MIN_OPSET}")
         self._check_shapes(origin)
         self._check_validation(origin)
+        for index, lora in enumerate(self.lora):
+            if not lora.path.strip():
+                raise ProfileError(f"{origin}: lora[{index}].path is empty; name a LoRA file")
 
     def _check_shapes(self, origin: str) -> None:
         shapes, validation = self.shapes, self.validation
@@ -440,7 +456,13 @@ def read_profile_file(path: Path) -> Profile:
         ) from error
     except OSError as error:
         raise ProfileError(f"cannot read profile {path}: {error.strerror}") from error
-    return Profile.from_dict(data, origin=f"profile {path}")
+    profile = Profile.from_dict(data, origin=f"profile {path}")
+    if not profile.lora:
+        return profile
+    # A LoRA named relative to the profile file lies beside it, wherever kiln runs from.
+    beside = [str(path.parent / Path(lora.path).expanduser()) for lora in profile.lora]
+    loras = tuple(replace(lora, path=at) for lora, at in zip(profile.lora, beside, strict=True))
+    return replace(profile, lora=loras)
 
 
 __all__ = [
@@ -451,6 +473,7 @@ __all__ = [
     "CalibrationSettings",
     "ComponentSettings",
     "ExportSettings",
+    "LoraSettings",
     "ModelSettings",
     "PrecisionSettings",
     "Profile",

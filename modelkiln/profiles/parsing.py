@@ -170,7 +170,9 @@ def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
     table is left out: it means what its absence means.
     """
     lines = [
-        f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)
+        f"{_toml_key(k)} = {_toml_value(v)}"
+        for k, v in data.items()
+        if not isinstance(v, dict) and not _is_table_array(v)
     ]
     for section, values in data.items():
         if not isinstance(values, dict) or not (values or prefix):
@@ -180,7 +182,18 @@ def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
         tables_only = values and all(isinstance(v, dict) for v in values.values())
         header = [] if tables_only else [f"[{name}]"]
         lines += ["", *header, *text.rstrip("\n").split("\n")]
+    for key, items in data.items():
+        if _is_table_array(items):  # [[lora]]: one table per entry
+            for item in items:
+                text = to_toml(item).rstrip("\n")
+                lines += ["", f"[[{prefix}{_toml_key(key)}]]", *text.split("\n")]
     return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _is_table_array(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple) and bool(value) and all(isinstance(v, dict) for v in value)
+    )
 
 
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")

@@ -71,10 +71,15 @@ DIFFUSERS_SCHEDULERS = {
 
 
 def diffusers_reference(
-    source: Path, mode: str, scheduler: str | None = None, **arguments: Any
+    source: Path,
+    mode: str,
+    scheduler: str | None = None,
+    loras: tuple[tuple[Path, float], ...] = (),
+    **arguments: Any,
 ) -> Image.Image:
     """diffusers' own pipeline on the source model: the same seed, steps, size, image and
-    strength as generate(); guidance and everything else at diffusers' defaults, as ours."""
+    strength as generate(); guidance and everything else at diffusers' defaults, as ours.
+    `loras`: (file, scale) fused as a diffusers user does (load_lora_weights, fuse_lora)."""
     import diffusers
 
     index = json.loads((source / "model_index.json").read_text())
@@ -82,6 +87,10 @@ def diffusers_reference(
     suffix = {"text": "Pipeline", "image": "Img2ImgPipeline", "inpaint": "InpaintPipeline"}[mode]
     pipeline = getattr(diffusers, prefix + suffix).from_pretrained(source)
     pipeline.set_progress_bar_config(disable=True)
+    for index_, (file, scale) in enumerate(loras):
+        pipeline.load_lora_weights(str(file), adapter_name=f"user_{index_}")
+        pipeline.fuse_lora(lora_scale=scale, adapter_names=[f"user_{index_}"])
+        pipeline.unload_lora_weights()
     if scheduler is not None:
         class_name, overrides = DIFFUSERS_SCHEDULERS[scheduler]
         scheduler_class = getattr(diffusers, class_name)
