@@ -74,6 +74,13 @@ SOURCES = {
     "hf-classifier-64": lambda d: _testing().tiny_hf_vit(d, classifier=True, hidden_size=64),
     "timm-classifier": lambda d: _testing().tiny_timm_vit(d),
     "timm-backbone": lambda d: _testing().tiny_timm_vit(d, num_classes=0),
+    # The encoders built like ViT: DeiT (distillation token), DINOv2 (and registers), CLIP's
+    # and SigLIP's vision towers.
+    "deit-classifier": lambda d: _testing().tiny_hf_encoder(d, "deit", classifier=True),
+    "dinov2-classifier": lambda d: _testing().tiny_hf_encoder(d, "dinov2", classifier=True),
+    "dinov2-registers": lambda d: _testing().tiny_hf_encoder(d, "dinov2-registers"),
+    "clip": lambda d: _testing().tiny_hf_encoder(d, "clip"),
+    "siglip-vision": lambda d: _testing().tiny_hf_encoder(d, "siglip-vision"),
     "sd": lambda d: _testing().tiny_sd(d),
     "sd-inpaint": lambda d: _testing().tiny_sd(d, inpaint=True),
     "sd-v": lambda d: _testing().tiny_sd(d, prediction_type="v_prediction"),

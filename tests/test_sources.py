@@ -241,7 +241,7 @@ def test_unsupported_source_names_what_it_found(
     with pytest.raises(
         UnsupportedError,
         match=rf"^{re.escape(str(source))}: {found}, which modelkiln does not support; supported: vit: "
-        r"transformers ViTForImageClassification / ViTModel, and timm VisionTransformer.*; "
+        r"transformers ViT, DeiT, DINOv2 \(with registers\), CLIP and SigLIP vision encoders .*timm VisionTransformer.*; "
         r"sd: diffusers StableDiffusionPipeline .*; sdxl: diffusers StableDiffusionXLPipeline",
     ):
         detect_family(resolve_source(source))
@@ -277,7 +277,8 @@ def test_unsupported_transformers_architecture(
         tmp_path,
         UnsupportedError,
         r"^transformers architecture 'ViTForMaskedImageModeling' is not supported; "
-        r"supported: ViTForImageClassification, ViTModel$",
+        r"supported: ViTForImageClassification, ViTModel, DeiTForImageClassification, .*"
+        r"CLIPVisionModelWithProjection, SiglipVisionModel, CLIPModel, SiglipModel$",
     )
 
 

@@ -104,8 +104,11 @@ class OpenVINOExporter(Exporter):
                     ir_from_onnx(onnx_path, path, compress)
                 else:
                     model = ir_from_torch(spec, load_module(), profile)
-                    # Tracing does not always carry the wrapper's output names through.
-                    for port, name in zip(model.outputs, spec.outputs, strict=True):
+                    # Tracing does not always carry the wrapper's names through (outputs; and
+                    # inputs whose shape the graph reads, as DINOv2's position interpolation).
+                    ports = [*zip(model.inputs, spec.inputs, strict=True)]
+                    ports += zip(model.outputs, spec.outputs, strict=True)
+                    for port, name in ports:
                         port.get_tensor().set_names({name})
                     ov.save_model(model, str(path), compress_to_fp16=compress)
         except ExportError:

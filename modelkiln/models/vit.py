@@ -1,8 +1,9 @@
-"""Vision Transformers from transformers (ViTForImageClassification, ViTModel) and timm.
+"""Vision Transformers and the encoders built like them, from transformers (ViT, DeiT,
+DINOv2 with and without registers, the vision towers of CLIP and SigLIP) and timm.
 
 One component, `vision_model`, stored at the artifact root as optimum does for ViT:
-`pixel_values` -> `logits` (image-classification) or `last_hidden_state` [+ `pooler_output`]
-[+ `hidden_state_<k>`] (image-feature-extraction).
+`pixel_values` -> `logits` (image-classification) or [`image_embeds` (CLIP)] +
+`last_hidden_state` [+ `pooler_output`] [+ `hidden_state_<k>`] (image-feature-extraction).
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ if TYPE_CHECKING:
     from modelkiln.profiles import Profile
 
 COMPONENT = "vision_model"
-TRANSFORMERS_MODEL_TYPES = ("vit",)
+# model_type -> the architecture a config without `architectures` is loaded as.
+TRANSFORMERS_MODEL_TYPES = {
+    "vit": "ViTModel",
+    "deit": "DeiTModel",
+    "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "clip_vision_model": "CLIPVisionModel",
+    "siglip_vision_model": "SiglipVisionModel",
+    "clip": "CLIPModel",  # the vision tower of the two-tower model
+    "siglip": "SiglipModel",
+}
 CLASSIFICATION = "image-classification"
 FEATURES = "image-feature-extraction"
 # optimum validates ViT exports with 1e-4 (ATOL_FOR_VALIDATION); we keep the same bound.
@@ -42,8 +53,9 @@ def _library(config: Mapping[str, Any]) -> str | None:
 class ViTFamily(ModelFamily):
     name = "vit"
     summary = (
-        "transformers ViTForImageClassification / ViTModel, and timm VisionTransformer models "
-        "(timm:NAME, hf-hub:timm/NAME or a local timm directory)"
+        "transformers ViT, DeiT, DINOv2 (with registers), CLIP and SigLIP vision encoders "
+        "(classifiers and backbones), and timm VisionTransformer models (timm:NAME, "
+        "hf-hub:timm/NAME or a local timm directory)"
     )
     tasks = (CLASSIFICATION, FEATURES)
     pipelines: ClassVar[Mapping[str, str]] = {
@@ -75,9 +87,9 @@ class ViTFamily(ModelFamily):
         weights = find_weights(source.local_dir, allow_pickle=source.allow_pickle)
         pickle = not weights[0].name.endswith(".safetensors")
         if library == "transformers":
-            architecture = (config.get("architectures") or ["ViTModel"])[0]
+            architecture = _architecture(config)
             model = vit_modules.load_transformers(source.local_dir, architecture, pickle=pickle)
-            has_head = architecture == "ViTForImageClassification"
+            has_head = vit_modules.is_classifier(architecture)
         else:
             model = vit_modules.load_timm(source.local_dir)
             has_head = model.num_classes > 0
@@ -114,7 +126,7 @@ class ViTFamily(ModelFamily):
             raise UnsupportedError(f"the vit family has no component '{component}'")
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
         if _library(config) == "transformers":
-            architecture = (config.get("architectures") or ["ViTModel"])[0]
+            architecture = _architecture(config)
             model = vit_modules.load_transformers(model_dir, architecture, pickle=False)
             library = "transformers"
         else:
@@ -125,6 +137,11 @@ class ViTFamily(ModelFamily):
     @classmethod
     def pipeline_for(cls, task: str) -> str:
         return task  # one pipeline per task, named after it
+
+
+def _architecture(config: Mapping[str, Any]) -> str:
+    default = TRANSFORMERS_MODEL_TYPES[str(config.get("model_type"))]
+    return str((config.get("architectures") or [default])[0])
 
 
 def _resolve_task(task: str, has_head: bool, spec: str) -> str:
@@ -153,17 +170,19 @@ def _check_hidden_layers(layers: tuple[int, ...], num_layers: int) -> None:
 def _model_facts(model: Any, library: str, config: Mapping[str, Any]) -> dict[str, Any]:
     """Sizes, labels and token layout the torch-free pipelines need."""
     if library == "transformers":
+        from modelkiln.models.vit_modules import is_classifier
+
         size = model.config.image_size
         image_size = list(size) if isinstance(size, list | tuple) else [size, size]
-        labels = _hf_labels(model.config.id2label) if hasattr(model, "classifier") else None
+        classifier = is_classifier(type(model).__name__)
         return {
             "library": library,
             "architecture": type(model).__name__,
             "image_size": image_size,
             "hidden_size": model.config.hidden_size,
             "num_layers": model.config.num_hidden_layers,
-            "num_prefix_tokens": 1,
-            "labels": labels,
+            "num_prefix_tokens": _prefix_tokens(model.config),
+            "labels": _hf_labels(model.config.id2label) if classifier else None,
         }
     return {
         "library": library,
@@ -174,6 +193,17 @@ def _model_facts(model: Any, library: str, config: Mapping[str, Any]) -> dict[st
         "num_prefix_tokens": model.num_prefix_tokens,
         "labels": _timm_labels(model, config) if model.num_classes > 0 else None,
     }
+
+
+def _prefix_tokens(config: Any) -> int:
+    """Tokens before the patches: DeiT's class and distillation tokens, DINOv2's class token
+    and registers, none for SigLIP (it pools with attention), the class token otherwise."""
+    model_type = config.model_type
+    if model_type == "deit":
+        return 2
+    if model_type == "siglip_vision_model":
+        return 0
+    return 1 + int(getattr(config, "num_register_tokens", 0) or 0)
 
 
 def _hf_labels(id2label: Mapping[Any, str]) -> list[str]:
@@ -197,6 +227,15 @@ def _outputs(
 ) -> dict[str, TensorSpec]:
     if task == CLASSIFICATION:
         return {"logits": TensorSpec("float32", ("batch", len(facts["labels"])), is_logits=True)}
+    if hasattr(module, "output_shapes"):  # transformers: what the encoder itself returned
+        outputs = {
+            name: TensorSpec("float32", ("batch", *shape))
+            for name, shape in module.output_shapes.items()
+        }
+        tokens_and_width = module.output_shapes["last_hidden_state"]
+        for k in hidden_layers:
+            outputs[f"hidden_state_{k}"] = TensorSpec("float32", ("batch", *tokens_and_width))
+        return outputs
     height, width = facts["image_size"]
     tokens = facts["num_prefix_tokens"] + (height // _patch(module)) * (width // _patch(module))
     hidden = facts["hidden_size"]
@@ -209,10 +248,7 @@ def _outputs(
 
 
 def _patch(module: Any) -> int:
-    if hasattr(module, "backbone"):
-        patch = module.backbone.config.patch_size
-    else:
-        patch = module.model.patch_embed.patch_size
+    patch = module.model.patch_embed.patch_size  # timm's
     return int(patch[0] if isinstance(patch, list | tuple) else patch)
 
 

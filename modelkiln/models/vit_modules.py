@@ -15,30 +15,72 @@ from torch import nn
 from modelkiln.errors import SourceError, UnsupportedError
 from modelkiln.quiet import quiet_libraries
 
-TRANSFORMERS_ARCHITECTURES = ("ViTForImageClassification", "ViTModel")
+# The transformers vision encoders the family builds. A classifier's backbone is its
+# base_model (model.vit, model.deit, model.dinov2, ...).
+TRANSFORMERS_ARCHITECTURES = (
+    "ViTForImageClassification",
+    "ViTModel",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",  # logits: the mean of its two heads
+    "DeiTModel",
+    "Dinov2ForImageClassification",
+    "Dinov2Model",
+    "Dinov2WithRegistersForImageClassification",
+    "Dinov2WithRegistersModel",
+    "CLIPVisionModel",
+    "CLIPVisionModelWithProjection",  # image_embeds: CLIP's retrieval embedding
+    "SiglipVisionModel",
+)
+# Whole two-tower models whose vision tower is built: CLIPModel's with its projection.
+VISION_TOWERS = {"CLIPModel": "CLIPVisionModelWithProjection", "SiglipModel": "SiglipVisionModel"}
+# What a feature wrapper returns before any hidden_state_<k>, in this order, where present.
+FEATURE_OUTPUTS = ("image_embeds", "last_hidden_state", "pooler_output")
+
+
+def is_classifier(architecture: str) -> bool:
+    return "ForImageClassification" in architecture
+
+
+def vision_architecture(architecture: str) -> str:
+    """The class that loads the vision encoder of a directory saved as `architecture`."""
+    return VISION_TOWERS.get(architecture, architecture)
 
 
 def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> Any:
     import transformers
 
-    if architecture not in TRANSFORMERS_ARCHITECTURES:
+    tower = vision_architecture(architecture)
+    if tower not in TRANSFORMERS_ARCHITECTURES:
         raise UnsupportedError(
             f"transformers architecture '{architecture}' is not supported; supported: "
-            f"{', '.join(TRANSFORMERS_ARCHITECTURES)}"
+            f"{', '.join([*TRANSFORMERS_ARCHITECTURES, *VISION_TOWERS])}"
         )
-    model_class = getattr(transformers, architecture)
+    model_class = getattr(transformers, tower)
+    # fp32 always: the reference every export is validated against.
+    kwargs: dict[str, Any] = {"use_safetensors": not pickle, "dtype": torch.float32}
     try:
-        # fp32 always: the reference every export is validated against.
         with quiet_libraries():
-            model = model_class.from_pretrained(
-                directory, use_safetensors=not pickle, dtype=torch.float32
-            )
+            if tower != architecture:  # a two-tower model's vision half
+                kwargs["config"] = _tower_config(model_class, directory)
+            model = model_class.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise SourceError(
-            f"transformers cannot load {architecture} from {directory}: "
+            f"transformers cannot load {tower} from {directory}: "
             f"{str(error).strip().splitlines()[0]}"
         ) from error
     return model.eval()
+
+
+def _tower_config(model_class: Any, directory: Path) -> Any:
+    """The vision config inside a CLIPModel's, with the projection width of the whole model
+    (the vision config's own projection_dim is its class default where it was not saved)."""
+    import json
+
+    config = model_class.config_class.from_pretrained(directory)
+    whole = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if "projection_dim" in whole and hasattr(config, "projection_dim"):
+        config.projection_dim = whole["projection_dim"]
+    return config
 
 
 def load_timm(directory: Path) -> Any:
@@ -69,24 +111,41 @@ class HFClassifier(nn.Module):
 
 
 class HFFeatures(nn.Module):
-    """last_hidden_state, pooler_output (when the model has a pooler), hidden_state_<k>..."""
+    """The encoder's own outputs of FEATURE_OUTPUTS (image_embeds for CLIP with projection,
+    pooler_output where the model pools), then hidden_state_<k>..."""
 
     def __init__(self, backbone: nn.Module, hidden_layers: tuple[int, ...]) -> None:
         super().__init__()
         self.backbone = backbone
         self.hidden_layers = hidden_layers
-        self.has_pooler = getattr(backbone, "pooler", None) is not None
+        self.output_shapes = _probe(backbone)  # which outputs this class returns, and shapes
+        self.has_pooler = "pooler_output" in self.output_shapes
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.backbone(
             pixel_values=pixel_values, output_hidden_states=bool(self.hidden_layers)
         )
-        results = [out.last_hidden_state]
-        if self.has_pooler:
-            results.append(out.pooler_output)
+        results = [out[name] for name in self.output_shapes]
         # hidden_states[0] is the embedding output; hidden_states[k] is block k's output.
         results += [out.hidden_states[k] for k in self.hidden_layers]
         return tuple(results)
+
+
+def _probe(backbone: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The FEATURE_OUTPUTS a model returns and their shapes past the batch, from one call on
+    a blank image (transformers' output classes differ by model: CLIP with projection has no
+    pooler_output, DINOv2 pools without a pooler module)."""
+    config: Any = backbone.config
+    size = config.image_size
+    height, width = size if isinstance(size, list | tuple) else (size, size)
+    blank = torch.zeros(1, config.num_channels, height, width)
+    with torch.inference_mode():
+        out = backbone(pixel_values=blank)
+    return {
+        name: tuple(out[name].shape[1:])
+        for name in FEATURE_OUTPUTS
+        if name in out and out[name] is not None
+    }
 
 
 class TimmClassifier(nn.Module):
@@ -129,7 +188,8 @@ def wrap(model: nn.Module, library: str, task: str, hidden_layers: tuple[int, ..
     if library == "transformers":
         if task == "image-classification":
             return HFClassifier(model).eval()
-        backbone = getattr(model, "vit", model)  # ViTForImageClassification keeps it in .vit
+        # A classifier's encoder, without its head (ViTForImageClassification's .vit, ...).
+        backbone: Any = model.base_model if is_classifier(type(model).__name__) else model
         return HFFeatures(backbone, hidden_layers).eval()
     if task == "image-classification":
         return TimmClassifier(model).eval()

@@ -66,7 +66,8 @@ class ImageEmbeddingPipeline(ImagePipeline):
         """(number of images, hidden size) float32; L2-normalised unless normalize=False.
 
         pooling: "cls" (first token), "mean" (patch tokens), "pooled" (the model's own pooler /
-        timm's pre-logits) or "auto" (pooled when the model has it and no layer is asked).
+        timm's pre-logits / CLIP's projected image_embeds) or "auto" (pooled when the model has
+        it and no layer is asked).
         layer: take the tokens of transformer block `layer` instead of the final ones.
         """
         output, mode = self._plan(pooling, layer)
@@ -104,6 +105,8 @@ class ImageEmbeddingPipeline(ImagePipeline):
                     f"{exported}); {fix}"
                 )
             return f"hidden_state_{layer}", "cls" if pooling == "auto" else pooling
+        if "image_embeds" in self.session.output_specs and pooling in ("auto", "pooled"):
+            return "image_embeds", "pooled"  # CLIP's projected embedding: what retrieval uses
         if pooling == "pooled" and not has_pooler:
             raise InputError("this model has no pooler output; use pooling 'cls' or 'mean'")
         if pooling == "auto":

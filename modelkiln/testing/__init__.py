@@ -13,7 +13,13 @@ from modelkiln.testing.diffusion import (
     write_tiny_clip_tokenizer,
 )
 from modelkiln.testing.flow import _tiny_t5_tokenizer, tiny_flux, tiny_sd3
-from modelkiln.testing.vision import TINY_IMAGE_SIZE, TINY_NUM_LABELS, tiny_hf_vit, tiny_timm_vit
+from modelkiln.testing.vision import (
+    TINY_IMAGE_SIZE,
+    TINY_NUM_LABELS,
+    tiny_hf_encoder,
+    tiny_hf_vit,
+    tiny_timm_vit,
+)
 
 __all__ = [
     "TINY_IMAGE_SIZE",
@@ -22,6 +28,7 @@ __all__ = [
     "_tiny_t5_tokenizer",
     "random_sd15",
     "tiny_flux",
+    "tiny_hf_encoder",
     "tiny_hf_vit",
     "tiny_sd",
     "tiny_sd3",
