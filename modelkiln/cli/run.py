@@ -36,6 +36,10 @@ from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
 @THREADS_OPTION
 @DEVICE_OPTION
 @MAX_PIXELS_OPTION
+@click.option(
+    "--labels",
+    help='Zero-shot (a CLIP artifact): the candidate labels, comma-separated ("a cat,a dog").',
+)
 def classify(
     artifact: Path,
     images: tuple[str, ...],
@@ -46,15 +50,35 @@ def classify(
     threads: int | None,
     device: str | None,
     max_pixels: int,
+    labels: str | None,
 ) -> None:
-    """Classify IMAGES (files or directories) with an image-classification ARTIFACT."""
+    """Classify IMAGES (files or directories) with an image-classification ARTIFACT, or
+    with a zero-shot CLIP ARTIFACT against --labels."""
     from modelkiln.loading import load
     from modelkiln.pipelines.classification import ImageClassificationPipeline
+    from modelkiln.pipelines.zero_shot import ZeroShotImageClassificationPipeline
 
     paths = expand_images(images)
     with load(artifact, runtime=runtime, threads=threads, device=device) as pipeline:
-        _require_task(pipeline, ImageClassificationPipeline)
-        results = pipeline(paths, top_k=top_k, batch_size=batch_size, max_pixels=max_pixels or None)
+        settings: dict[str, Any] = {
+            "top_k": top_k,
+            "batch_size": batch_size,
+            "max_pixels": max_pixels or None,
+        }
+        if isinstance(pipeline, ZeroShotImageClassificationPipeline):
+            if labels is None:
+                raise InputError(
+                    'this artifact classifies against labels you give: pass --labels "a cat,a dog"'
+                )
+            results = pipeline(paths, labels=labels.split(","), **settings)
+        else:
+            _require_task(pipeline, ImageClassificationPipeline)
+            if labels is not None:
+                raise InputError(
+                    "--labels is for zero-shot (CLIP) artifacts; this classifier has its own "
+                    "labels: drop --labels"
+                )
+            results = pipeline(paths, **settings)
     if as_json:
         payload = [
             {"image": path, "predictions": [p.__dict__ for p in predictions]}
@@ -138,6 +162,7 @@ def embed(
 COMMANDS = {
     "image-classification": "kiln classify",
     "image-feature-extraction": "kiln embed",
+    "zero-shot-image-classification": 'kiln classify --labels "a cat,a dog"',
 }
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ProfileError, UnsupportedError
+from modelkiln.models import vit_zero_shot
 from modelkiln.models.base import LoadedModel, ModelFamily
+from modelkiln.models.vit_zero_shot import ZERO_SHOT, load_zero_shot
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.sources import ResolvedSource, find_weights, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
@@ -57,17 +59,19 @@ class ViTFamily(ModelFamily):
         "(classifiers and backbones), and timm VisionTransformer models (timm:NAME, "
         "hf-hub:timm/NAME or a local timm directory)"
     )
-    tasks = (CLASSIFICATION, FEATURES)
+    tasks = (CLASSIFICATION, FEATURES, ZERO_SHOT)
     pipelines: ClassVar[Mapping[str, str]] = {
         CLASSIFICATION: "modelkiln.pipelines.classification:ImageClassificationPipeline",
         FEATURES: "modelkiln.pipelines.embedding:ImageEmbeddingPipeline",
+        ZERO_SHOT: "modelkiln.pipelines.zero_shot:ZeroShotImageClassificationPipeline",
     }
     # The pipelines read preprocessing and labels from kiln.json; config.json and
     # preprocessor_config.json are what optimum's ORT/OV classes load.
-    bundle_configs = ("config.json", "preprocessor_config.json")
+    bundle_configs = ("config.json", "preprocessor_config.json", "tokenizer/")
     usage: ClassVar[Mapping[str, str]] = {
         CLASSIFICATION: "kiln classify {bundle} IMAGE.png",
         FEATURES: "kiln embed {bundle} IMAGE.png -o vectors.npy",
+        ZERO_SHOT: 'kiln classify {bundle} IMAGE.png --labels "a cat,a dog"',
     }
 
     @classmethod
@@ -84,6 +88,13 @@ class ViTFamily(ModelFamily):
         library = _library(config)
         if library is None:
             raise UnsupportedError(f"{source.spec} is not a transformers or timm ViT")
+        if settings.task == ZERO_SHOT:
+            return load_zero_shot(
+                cls.name,
+                source,
+                config,
+                lambda model, size: _preprocessor(source, model, "transformers", size),
+            )
         weights = find_weights(source.local_dir, allow_pickle=source.allow_pickle)
         pickle = not weights[0].name.endswith(".safetensors")
         if library == "transformers":
@@ -122,6 +133,8 @@ class ViTFamily(ModelFamily):
     ) -> torch.nn.Module:
         from modelkiln.models import vit_modules
 
+        if settings.get("task") == ZERO_SHOT:
+            return vit_zero_shot.reference_module(model_dir, component)
         if component != COMPONENT:
             raise UnsupportedError(f"the vit family has no component '{component}'")
         config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
@@ -147,7 +160,8 @@ def _architecture(config: Mapping[str, Any]) -> str:
 def _resolve_task(task: str, has_head: bool, spec: str) -> str:
     if task not in ("auto", CLASSIFICATION, FEATURES):
         raise UnsupportedError(
-            f"model.task '{task}' does not apply to ViT models; use {CLASSIFICATION} or {FEATURES}"
+            f"model.task '{task}' does not apply to ViT models; use {CLASSIFICATION}, "
+            f"{FEATURES} or (a whole CLIP model) {ZERO_SHOT}"
         )
     if task == "auto":
         return CLASSIFICATION if has_head else FEATURES

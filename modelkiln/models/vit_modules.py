@@ -71,9 +71,39 @@ def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> An
     return model.eval()
 
 
+def load_clip_text(directory: Path) -> Any:
+    """The text tower of a CLIPModel directory, with its projection (text_embeds)."""
+    from transformers import CLIPTextModelWithProjection
+
+    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": torch.float32}
+    try:
+        with quiet_libraries():
+            kwargs["config"] = _tower_config(CLIPTextModelWithProjection, directory)
+            model = CLIPTextModelWithProjection.from_pretrained(directory, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise SourceError(
+            f"transformers cannot load CLIP's text tower from {directory}: "
+            f"{str(error).strip().splitlines()[0]}"
+        ) from error
+    return model.eval()
+
+
+class ClipTextEmbeds(nn.Module):
+    """input_ids -> text_embeds (the projected embedding zero-shot compares with the image's),
+    last_hidden_state: optimum's names for CLIP's text tower."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids)
+        return (out.text_embeds, out.last_hidden_state)
+
+
 def _tower_config(model_class: Any, directory: Path) -> Any:
-    """The vision config inside a CLIPModel's, with the projection width of the whole model
-    (the vision config's own projection_dim is its class default where it was not saved)."""
+    """A tower's config inside a CLIPModel's, with the projection width of the whole model
+    (the tower config's own projection_dim is its class default where it was not saved)."""
     import json
 
     config = model_class.config_class.from_pretrained(directory)

@@ -77,7 +77,7 @@ class OpenVINOSession(Session):
                 "the file may be corrupted: run `kiln verify` or rebuild"
             ) from error
         self._check_backend_names(
-            [port.get_any_name() for port in self._compiled.inputs],
+            [_port_name(port, inputs) for port in self._compiled.inputs],
             [name for port in self._compiled.outputs for name in port.get_names()],
         )
         # An infer request holds its tensors: one per concurrent call, as many as OpenVINO
@@ -143,3 +143,11 @@ class OpenVINOBackend(Backend):
         "openvino": {"linux-x86_64": (OPENVINO,), "linux-aarch64": (OPENVINO,)}
     }
     companions: ClassVar[Mapping[str, tuple[str, ...]]] = {"openvino": ("{stem}.bin",)}
+
+
+def _port_name(port: Any, expected: Mapping[str, Any]) -> str:
+    """The port's name among those the manifest expects: compiling can merge a tensor the
+    graph computes from an input (an int64 cast of input_ids) into the input port, which then
+    carries both names, and get_any_name() may return the other one."""
+    names = port.get_names()
+    return next((name for name in sorted(names) if name in expected), port.get_any_name())

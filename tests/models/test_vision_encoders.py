@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -123,3 +124,95 @@ def test_hidden_layers_of_a_clip_tower_are_exported(
     with torch.inference_mode():
         hidden = clip.vision_model(pixel_values=torch.from_numpy(pixels), output_hidden_states=True)
     np.testing.assert_allclose(got, hidden.hidden_states[1].numpy(), atol=1e-4, rtol=0)
+
+
+ZERO_SHOT = "model.task=zero-shot-image-classification"
+LABELS = ["a photo of a cat", "a dog", "the", "photo of"]
+
+
+@pytest.mark.parametrize("profile", ROUND_TRIPS)
+def test_zero_shot_clip_ranks_labels_as_transformers_clip_does(
+    profile: str,
+    built: Callable[..., Path],
+    source_dir: Callable[[str], Path],
+    rgb_images: list[np.ndarray],
+    image_files: list[Path],
+    kiln_main: Callable[..., Any],
+) -> None:
+    import torch
+    from transformers import CLIPModel, CLIPTokenizer
+
+    artifact = built("clip", profile, ZERO_SHOT)
+    manifest = open_artifact(artifact).manifest
+    assert (manifest.task, list(manifest.components)) == (
+        "zero-shot-image-classification",
+        ["vision_model", "text_model"],
+    )
+    source = source_dir("clip")
+    clip, tokenizer = CLIPModel.from_pretrained(source), CLIPTokenizer.from_pretrained(source)
+    with load(artifact) as pipeline:
+        pixels = pipeline.preprocessor(load_images(rgb_images))
+        ours = pipeline.logits(rgb_images, LABELS)
+        ranked = pipeline(rgb_images, labels=LABELS, top_k=2)
+    ids = tokenizer(LABELS, padding="max_length", return_tensors="pt")
+    with torch.inference_mode():
+        theirs = clip(
+            input_ids=ids.input_ids,
+            attention_mask=ids.attention_mask,
+            pixel_values=torch.from_numpy(pixels),
+        ).logits_per_image.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    probabilities = torch.from_numpy(theirs).softmax(-1).numpy()
+    for row, predictions in zip(probabilities, ranked, strict=True):
+        assert [p.index for p in predictions] == list(np.argsort(-row)[:2])
+        assert predictions[0].label == LABELS[int(row.argmax())]
+        assert predictions[0].score == pytest.approx(float(row.max()), abs=1e-5)
+
+    outcome = kiln_main(
+        "classify", artifact, image_files[0], "--labels", ",".join(LABELS), "--json"
+    )
+    assert outcome.code == 0, outcome.err
+    (result,) = __import__("json").loads(outcome.out)
+    assert result["predictions"][0]["label"] == LABELS[int(probabilities[0].argmax())]
+
+
+def test_zero_shot_mistakes_are_clear(
+    built: Callable[..., Path],
+    source_dir: Callable[[str], Path],
+    image_files: list[Path],
+    tmp_path: Path,
+    kiln_main: Callable[..., Any],
+) -> None:
+    from modelkiln import build
+    from modelkiln.errors import UnsupportedError
+
+    zero_shot = built("clip", "vit-onnxruntime-fp32", ZERO_SHOT)
+    classifier = built("deit-classifier", "vit-onnxruntime-fp32")
+    cases = [
+        ([zero_shot, image_files[0]], 'pass --labels "a cat,a dog"'),
+        ([zero_shot, image_files[0], "--labels", " ,"], "at least one non-empty label"),
+        ([classifier, image_files[0], "--labels", "a,b"], "--labels is for zero-shot"),
+    ]
+    for args, message in cases:
+        outcome = kiln_main("classify", *args)
+        assert outcome.code != 0 and len(outcome.err_lines) == 1, outcome.err
+        assert message in outcome.err_lines[0]
+    with pytest.raises(
+        UnsupportedError, match=r"needs a whole CLIP model .*'dinov2_with_registers'"
+    ):
+        build(
+            source_dir("dinov2-registers"),
+            "vit-onnxruntime-fp32",
+            tmp_path / "x",
+            overrides=[ZERO_SHOT],
+        )
+    assert not (tmp_path / "x").exists()
+    import tarfile
+
+    bundle = tmp_path / "clip.tar.gz"
+    outcome = kiln_main("package", zero_shot, "--target", "linux-x86_64", "-o", bundle)
+    assert outcome.code == 0, outcome.err
+    with tarfile.open(bundle) as archive:
+        names = archive.getnames()
+    for needed in ("tokenizer/vocab.json", "vision_model/model.onnx", "text_model/model.onnx"):
+        assert any(name.endswith(needed) for name in names), (needed, names)
