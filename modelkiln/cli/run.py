@@ -192,14 +192,15 @@ def _require_task(pipeline: Any, expected: type) -> None:
 @click.option(
     "--steps",
     type=click.IntRange(1, MAX_STEPS),
-    help="Denoising steps.  [default: diffusers' for the family: SD, SDXL 50; SD3 28, "
-    "image and inpaint 50; Flux 28]",
+    help="Denoising steps.  [default: the build's [generation] steps, else diffusers' for the "
+    "family: SD, SDXL 50; SD3 28, image and inpaint 50; Flux 28]",
 )
 @click.option(
     "--guidance",
     type=float,
     help="Classifier-free guidance scale, 1.0: no CFG pass; Flux dev: the embedded guidance.  "
-    "[default: diffusers' for the family: SD 7.5; SDXL 5.0, inpainting 7.5; SD3 7.0; "
+    "[default: the build's [generation] guidance, else diffusers' for the family: SD 7.5; "
+    "SDXL 5.0, inpainting 7.5; SD3 7.0; "
     "Flux 3.5, image 7.0]",
 )
 @click.option(

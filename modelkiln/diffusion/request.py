@@ -12,14 +12,13 @@ import numpy as np
 from modelkiln.diffusion.denoise import StepCallback
 from modelkiln.errors import InputError
 from modelkiln.images import load_image
-from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
+from modelkiln.profiles import MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
 from modelkiln.progress import NullProgress, Progress
 
 if TYPE_CHECKING:
     from PIL import Image
 
 # Bounds of one call: past them it runs for hours or exhausts memory rather than fail.
-MAX_GUIDANCE = 100.0
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -58,6 +58,8 @@ class ModelFamily(ABC):
     usage: ClassVar[Mapping[str, str]] = {}
     # Whether [[lora]] applies: diffusers pipelines fuse LoRAs with their own loaders.
     fuses_lora: ClassVar[bool] = False
+    # The schedulers [generation] may name (none: the family does not generate images).
+    schedulers: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     @abstractmethod
@@ -105,6 +107,18 @@ class ModelFamily(ABC):
             raise UnsupportedError(
                 f"{origin}: [[lora]] does not apply to {cls.name} models; LoRAs are fused "
                 "into diffusion pipelines (sd, sdxl, sd3, flux)"
+            )
+        generation = profile.generation
+        if not cls.schedulers and any(v is not None for v in asdict(generation).values()):
+            raise UnsupportedError(
+                f"{origin}: [generation] does not apply to {cls.name} models, which do not "
+                "generate images"
+            )
+        if generation.scheduler is not None and generation.scheduler not in cls.schedulers:
+            raise UnsupportedError(
+                f"{origin}: generation.scheduler = '{generation.scheduler}' does not run "
+                f"{cls.name} models{did_you_mean(generation.scheduler, cls.schedulers)}; "
+                f"use one of: {', '.join(cls.schedulers)}"
             )
         task = profile.model.task
         if task != "auto" and task not in cls.tasks:

@@ -57,6 +57,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
     )
     # diffusers' default_sample_size: 128 latents (1024 pixels with SD3's VAE).
     default_sample_size: ClassVar[int] = 128
+    schedulers: ClassVar[tuple[str, ...]] = ("flow-match-euler",)
     t5_encoder: ClassVar[str] = "text_encoder_3"
     t5_sequence_length: ClassVar[int] = 256
     # A transformer that reads the mask and the kept image (16 + 1 + 16 channels).

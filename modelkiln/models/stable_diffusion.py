@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from modelkiln.diffusion.schedulers import SCHEDULERS
 from modelkiln.errors import ProfileError, SourceError, first_line
 from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
 from modelkiln.models.diffusion_signatures import (
@@ -52,6 +53,7 @@ PIPELINE_CLASSES = {
 # Tolerances of an fp32 export against torch (optimum validates SD components with 1e-3).
 ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-3}
 VAE_ATOL = 1e-3
+FLOW_MATCH = "flow-match-euler"  # the scheduler of the flow-matching families (SD3, Flux)
 # Root files the artifact copies so that it runs without the source: optimum's layout.
 SHARED_DIRS = ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")
 
@@ -88,6 +90,7 @@ class StableDiffusionFamily(ModelFamily):
     }
     real_inputs: ClassVar[str] = PROMPTS
     fuses_lora: ClassVar[bool] = True
+    schedulers: ClassVar[tuple[str, ...]] = tuple(n for n in SCHEDULERS if n != FLOW_MATCH)
     notable_ops: ClassVar[frozenset[str]] = frozenset({"group_norm"})  # UNet and VAE
     # The pipeline reads model_index.json, the scheduler config and the CLIP tokenizer.
     bundle_configs: ClassVar[tuple[str, ...]] = ("model_index.json", "scheduler/", "tokenizer/")
@@ -150,8 +153,9 @@ class StableDiffusionFamily(ModelFamily):
                 "sequence_length": sequences["text_encoder"],
                 "dynamic_resolution": profile.shapes.dynamic_resolution,
                 **cls._model_info(root, index, denoiser_config, sequences),
+                **_generation_defaults(profile),
             },
-            config_files=_shared_files(root, index),
+            config_files=_with_scheduler(_shared_files(root, index), profile),
             weights=weights,
         )
 
@@ -343,6 +347,32 @@ def _require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) 
         raise SourceError(
             f"{spec} has no {folder}/ folder: this diffusers pipeline directory needs {needed}"
         )
+
+
+def _generation_defaults(profile: Profile) -> dict[str, Any]:
+    """[generation]'s steps and guidance, which the pipeline takes where a call leaves them."""
+    chosen = {
+        key: value
+        for key, value in (
+            ("steps", profile.generation.steps),
+            ("guidance", profile.generation.guidance),
+        )
+        if value is not None
+    }
+    return {"generation": chosen} if chosen else {}
+
+
+def _with_scheduler(files: dict[str, bytes], profile: Profile) -> dict[str, bytes]:
+    """[generation] scheduler written into scheduler_config.json as diffusers' from_config
+    would configure it: its class, the name's overrides, the source's own values kept."""
+    name = profile.generation.scheduler
+    key = "scheduler/scheduler_config.json"
+    if name is None or key not in files:
+        return files
+    scheduler_class, overrides = SCHEDULERS[name]
+    config = json.loads(files[key])
+    config.update({**overrides, "_class_name": scheduler_class.diffusers_class})
+    return {**files, key: (json.dumps(config, indent=2) + "\n").encode()}
 
 
 def _shared_files(root: Path, index: Mapping[str, Any]) -> dict[str, bytes]:

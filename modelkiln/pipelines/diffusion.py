@@ -294,7 +294,13 @@ class SDPipeline(ImageGenerator):
     # --- settings ----------------------------------------------------------------------------
 
     def _request(self, mode: str, prompt: Any, settings: Mapping[str, Any]) -> Request:
-        defaults = Defaults(self.default_steps, self.default_guidance)
+        # The build's [generation] defaults (a few-step model's), else diffusers' call's.
+        chosen = self.model_info.get("generation") or {}
+        steps = {mode: int(chosen.get("steps", n)) for mode, n in self.default_steps.items()}
+        guidance = {
+            mode: float(chosen.get("guidance", g)) for mode, g in self.default_guidance.items()
+        }
+        defaults = Defaults(steps, guidance)
         request = parse_request(mode, prompt, settings, defaults, self._check_size)
         if request.latents is not None:
             check_latents(request, self._latent_shape(request))

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelkiln.errors import ProfileError, did_you_mean
+from modelkiln.profiles.diffusion import GenerationSettings, LoraSettings
 from modelkiln.profiles.history import MOVED_IN_V2, SCHEMA_VERSION, upgrade
 from modelkiln.profiles.parsing import (
     apply_override,
@@ -37,6 +38,7 @@ MIN_OPSET = 17
 # Upper bounds of what a profile may ask for: past them a build runs for hours or exhausts
 # memory rather than fail. Denoising steps: diffusers' schedulers train on 1,000 timesteps.
 MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0  # classifier-free guidance scale a call may ask for
 MAX_BATCH = 4096
 MAX_PIXELS_PER_SIDE = 16384
 MAX_CALIBRATION = 100_000
@@ -167,15 +169,6 @@ class ComponentSettings:
     min_sqnr_db: float | None = None
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """[[lora]]: a LoRA fused into the model before export (diffusers, kohya/A1111 or peft
-    layout); several apply in order. A relative path in a profile file is relative to it."""
-
-    path: str
-    scale: float = 1.0
-
-
 # Sections with a fixed schema; any other top-level table is a backend's own section.
 SECTIONS = (
     "model",
@@ -189,6 +182,7 @@ SECTIONS = (
     "components",
     "build",
     "lora",
+    "generation",
 )
 
 
@@ -209,6 +203,7 @@ class Profile:
     components: dict[str, ComponentSettings] = field(default_factory=dict)
     build: BuildSettings = field(default_factory=BuildSettings)
     lora: tuple[LoraSettings, ...] = ()
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
     # Backend name -> its own section as written ([openvino], [tensorrt], ...).
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
@@ -316,6 +311,8 @@ class Profile:
             ("shapes.max_batch_size", shapes.max_batch_size, 1, MAX_BATCH),
             ("validation.steps", validation.steps, 1, MAX_STEPS),
             ("calibration.steps", self.calibration.steps, 1, MAX_STEPS),
+            ("generation.steps", self.generation.steps, 1, MAX_STEPS),
+            ("generation.guidance", self.generation.guidance, 0.0, MAX_GUIDANCE),
             ("calibration.size", self.calibration.size, 1, MAX_CALIBRATION),
             ("calibration.batch_size", self.calibration.batch_size, 1, MAX_BATCH),
             ("runtime.threads", self.runtime.threads, 1, 4096),
@@ -473,6 +470,7 @@ __all__ = [
     "CalibrationSettings",
     "ComponentSettings",
     "ExportSettings",
+    "GenerationSettings",
     "LoraSettings",
     "ModelSettings",
     "PrecisionSettings",

@@ -1,0 +1,28 @@
+"""What a diffusion build adds to a profile: LoRAs fused before export ([[lora]]) and the
+defaults its image calls use ([generation])."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """[generation]: what an image call of a diffusion artifact uses when it leaves it out.
+    `scheduler` (a `kiln generate --scheduler` name) is written into the artifact's scheduler
+    config, so optimum and OpenVINO GenAI run it too; steps and guidance become the pipeline's
+    defaults. Few-step models: LCM (scheduler "lcm", 4 steps, guidance 1.0), SD/SDXL-Turbo
+    (1 to 4 steps, guidance 0)."""
+
+    scheduler: str | None = None
+    steps: int | None = None
+    guidance: float | None = None
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """[[lora]]: a LoRA fused into the model before export (diffusers, kohya/A1111 or peft
+    layout); several apply in order. A relative path in a profile file is relative to it."""
+
+    path: str
+    scale: float = 1.0
