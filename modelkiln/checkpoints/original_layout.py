@@ -1,5 +1,5 @@
-"""A diffusers SD / SDXL pipeline folder as one checkpoint in the original (LDM / SGM) layout:
-the single `.safetensors` file AUTOMATIC1111, ComfyUI and SD.Next load.
+"""A diffusers SD / SDXL / SD3 pipeline folder as one checkpoint in the original (LDM / SGM /
+MMDiT) layout: the single `.safetensors` file AUTOMATIC1111, ComfyUI and SD.Next load.
 
 diffusers converts only the other way (`from_single_file`), so these are the inverse key maps
 of its loaders (`diffusers.loaders.single_file_utils`), and the tests pin them to it: a folder
@@ -29,7 +29,18 @@ SD_TEXT = "cond_stage_model.transformer."
 SD2_TEXT = "cond_stage_model.model."
 SDXL_TEXT = "conditioner.embedders.0.transformer."
 SDXL_TEXT_2 = "conditioner.embedders.1.model."
-# The pipelines this writer knows (the folder's model_index.json names them).
+# SD3 keeps all three text encoders in transformers' names.
+SD3_TEXT = {
+    "text_encoder": "text_encoders.clip_l.transformer.",
+    "text_encoder_2": "text_encoders.clip_g.transformer.",
+    "text_encoder_3": "text_encoders.t5xxl.transformer.",
+}
+SD3_PIPELINES = (
+    "StableDiffusion3Pipeline",
+    "StableDiffusion3Img2ImgPipeline",
+    "StableDiffusion3InpaintPipeline",
+)
+# The pipelines this writer knows (the folder's model_index.json names them): SD/SDXL -> XL.
 WRITABLE = {
     "StableDiffusionPipeline": False,
     "StableDiffusionImg2ImgPipeline": False,
@@ -86,8 +97,10 @@ Tensors = dict[str, "torch.Tensor"]
 def original_layout(folder: Path) -> Tensors:
     """Every tensor of the pipeline in `folder`, keyed as the original single file keys it."""
     index = _model_index(folder)
-    xl = WRITABLE[index]
     tensors: Tensors = {}
+    if index in SD3_PIPELINES:
+        return _sd3_layout(folder)
+    xl = WRITABLE[index]
     unet_config = _config(folder / "unet")
     _add(tensors, UNET_PREFIX, _unet_keys(_load(folder / "unet"), unet_config))
     _add(tensors, VAE_PREFIX, _vae_keys(_load(folder / "vae"), _config(folder / "vae")))
@@ -120,10 +133,10 @@ def _model_index(folder: Path) -> str:
             "save_pretrained writes)"
         )
     name = str(json.loads(index_file.read_text(encoding="utf-8")).get("_class_name"))
-    if name not in WRITABLE:
+    if name not in WRITABLE and name not in SD3_PIPELINES:
         raise UnsupportedError(
             f"{folder} is a {name}; writing a single file is supported for "
-            f"{', '.join(sorted(WRITABLE))}"
+            f"{', '.join(sorted([*WRITABLE, *SD3_PIPELINES]))}"
         )
     return name
 
@@ -324,3 +337,121 @@ def _open_clip_keys(tensors: Tensors) -> Iterator[tuple[str, torch.Tensor]]:
             )
     for name, parts in fused.items():
         yield name, torch.cat([parts["q"], parts["k"], parts["v"]])
+
+
+def _sd3_layout(folder: Path) -> Tensors:
+    """SD3's single file: the MMDiT as `model.diffusion_model.joint_blocks.*`, the VAE as
+    LDM's, and the text encoders (those the pipeline has) under `text_encoders.*`."""
+    tensors: Tensors = {}
+    _add(tensors, UNET_PREFIX, _mmdit_keys(_load(folder / "transformer")))
+    _add(tensors, VAE_PREFIX, _vae_keys(_load(folder / "vae"), _config(folder / "vae")))
+    for component, prefix in SD3_TEXT.items():
+        if (folder / component).is_dir():
+            weights = _load(folder / component)
+            if component == "text_encoder":
+                weights = _without_identity_projection(weights, folder)
+            pairs = weights.items() if component == "text_encoder_3" else _clip_keys(weights)
+            _add(tensors, prefix, iter(pairs))
+    return tensors
+
+
+def _without_identity_projection(weights: Tensors, folder: Path) -> Tensors:
+    """SD3 uses CLIP-L's pooled output unprojected: its single file has no projection, and
+    diffusers loads it back as the identity. A pipeline whose CLIP-L projection is anything
+    else cannot be written without changing it."""
+    import torch
+
+    projection = weights.get("text_projection.weight")
+    if projection is None:
+        return weights
+    if projection.ndim != 2 or not torch.equal(projection, torch.eye(*projection.shape)):
+        raise UnsupportedError(
+            f"{folder}/text_encoder's text_projection is not the identity, and SD3's single "
+            "file has no place for another (diffusers reads it back as the identity)"
+        )
+    return {k: v for k, v in weights.items() if k != "text_projection.weight"}
+
+
+# diffusers' MMDiT module -> the original's, for everything but the fused q/k/v projections.
+_MMDIT_TOP = {
+    "pos_embed.proj": "x_embedder.proj",
+    "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+    "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+    "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+    "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+    "context_embedder": "context_embedder",
+    "proj_out": "final_layer.linear",
+    "norm_out.linear": "final_layer.adaLN_modulation.1",
+}
+_MMDIT_BLOCK = (
+    ("attn.norm_q", "x_block.attn.ln_q"),
+    ("attn.norm_k", "x_block.attn.ln_k"),
+    ("attn.norm_added_q", "context_block.attn.ln_q"),
+    ("attn.norm_added_k", "context_block.attn.ln_k"),
+    ("attn.to_out.0", "x_block.attn.proj"),
+    ("attn.to_add_out", "context_block.attn.proj"),
+    ("attn2.norm_q", "x_block.attn2.ln_q"),
+    ("attn2.norm_k", "x_block.attn2.ln_k"),
+    ("attn2.to_out.0", "x_block.attn2.proj"),
+    ("norm1.linear", "x_block.adaLN_modulation.1"),
+    ("norm1_context.linear", "context_block.adaLN_modulation.1"),
+    ("ff.net.0.proj", "x_block.mlp.fc1"),
+    ("ff.net.2", "x_block.mlp.fc2"),
+    ("ff_context.net.0.proj", "context_block.mlp.fc1"),
+    ("ff_context.net.2", "context_block.mlp.fc2"),
+)
+# Projections the original keeps fused as one qkv: (diffusers q, k, v) -> original.
+_MMDIT_QKV = (
+    (("attn.to_q", "attn.to_k", "attn.to_v"), "x_block.attn.qkv"),
+    (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"), "context_block.attn.qkv"),
+    (("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block.attn2.qkv"),
+)
+
+
+def _mmdit_keys(tensors: Tensors) -> Iterator[tuple[str, torch.Tensor]]:
+    """diffusers SD3Transformer2DModel -> SD3's MMDiT: q/k/v fused, and the scale/shift halves
+    of the final modulations (the last block's context one and norm_out) in the original's
+    order (diffusers swaps them when it loads)."""
+    import torch
+
+    last = max(int(k.split(".")[1]) for k in tensors if k.startswith("transformer_blocks."))
+    block = re.compile(r"transformer_blocks\.(\d+)\.(.+)\.(weight|bias)")
+    fused: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if key == "pos_embed.pos_embed":
+            yield "pos_embed", tensor
+            continue
+        if match := block.fullmatch(key):
+            index, module, leaf = int(match[1]), match[2], match[3]
+            qkv = next(((m, o) for m, o in _MMDIT_QKV if module in m), None)
+            if qkv is not None:
+                name = f"joint_blocks.{index}.{qkv[1]}.{leaf}"
+                fused.setdefault(name, {})[module] = tensor
+                continue
+            original = dict(_MMDIT_BLOCK).get(module)
+            if original is None:
+                raise UnsupportedError(
+                    f"the transformer weight '{key}' has no place in SD3's layout"
+                )
+            if index == last and module == "norm1_context.linear":
+                tensor = _swap_halves(tensor)
+            yield f"joint_blocks.{index}.{original}.{leaf}", tensor
+            continue
+        module, _, leaf = key.rpartition(".")
+        if module not in _MMDIT_TOP:
+            raise UnsupportedError(f"the transformer weight '{key}' has no place in SD3's layout")
+        yield (
+            f"{_MMDIT_TOP[module]}.{leaf}",
+            _swap_halves(tensor) if module == "norm_out.linear" else tensor,
+        )
+    for name, parts in fused.items():
+        order = next(m for m, o in _MMDIT_QKV if name.split(".", 2)[2].startswith(o))
+        yield name, torch.cat([parts[m] for m in order])
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift): diffusers' swap_scale_shift, its own inverse."""
+    import torch
+
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first])

@@ -219,6 +219,7 @@ def load_into_folder(
                 f"{folder} ({first_line(error)}); pass --config with a folder of the "
                 "checkpoint's architecture"
             ) from error
+        _require_loaded(pipeline, path)
         pipeline.save_pretrained(str(destination), safe_serialization=True)
     return SingleFileRecord(
         path=str(path.resolve()),
@@ -228,6 +229,24 @@ def load_into_folder(
         dtype=inspection.dtype,
         config=config_name,
     )
+
+
+def _require_loaded(pipeline: Any, path: Path) -> None:
+    """Every weight loaded. diffusers builds the text encoders on the meta device and fills
+    them from the file; a weight the file keeps once for two modules (T5's embed_tokens, tied
+    to `shared`) stays on meta until the model ties it again."""
+    for name, component in pipeline.components.items():
+        tensors = getattr(component, "named_parameters", None)
+        if tensors is None:
+            continue
+        if any(t.is_meta for _, t in tensors()) and hasattr(component, "tie_weights"):
+            component.tie_weights()
+        missing = [n for n, t in [*tensors(), *component.named_buffers()] if t.is_meta]
+        if missing:
+            raise SourceError(
+                f"{path} lacks {name} weights ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); is it a complete checkpoint?"
+            )
 
 
 def _pipeline_class(folder: Path) -> Any:
