@@ -81,6 +81,16 @@ SOURCES = {
     "dinov2-registers": lambda d: _testing().tiny_hf_encoder(d, "dinov2-registers"),
     "clip": lambda d: _testing().tiny_hf_encoder(d, "clip"),
     "siglip-vision": lambda d: _testing().tiny_hf_encoder(d, "siglip-vision"),
+    # ... and as timm builds them.
+    "timm-deit-distilled": lambda d: _testing().tiny_timm_vit(
+        d, architecture="deit_tiny_distilled_patch16_224"
+    ),
+    "timm-dinov2-registers": lambda d: _testing().tiny_timm_vit(
+        d, num_classes=0, architecture="vit_small_patch14_reg4_dinov2"
+    ),
+    "timm-clip": lambda d: _testing().tiny_timm_vit(
+        d, num_classes=0, architecture="vit_base_patch16_clip_224"
+    ),
     "sd": lambda d: _testing().tiny_sd(d),
     "sd-inpaint": lambda d: _testing().tiny_sd(d, inpaint=True),
     "sd-v": lambda d: _testing().tiny_sd(d, prediction_type="v_prediction"),

@@ -52,8 +52,12 @@ def tiny_timm_vit(
     num_classes: int = TINY_NUM_LABELS,
     image_size: int = TINY_IMAGE_SIZE,
     seed: int = 0,
+    architecture: str = "vit_tiny_patch16_224",
 ) -> Path:
-    """A 2-block timm ViT in the layout timm pushes to the hub (config.json + safetensors)."""
+    """A 2-block timm ViT in the layout timm pushes to the hub (config.json + safetensors).
+    `architecture` picks the variant: DeiT distilled (deit_tiny_distilled_patch16_224), DINOv2
+    with registers (vit_small_patch14_reg4_dinov2), CLIP's image tower
+    (vit_base_patch16_clip_224), ..."""
     import timm
     import torch
     from timm.models import save_for_hf
@@ -68,7 +72,7 @@ def tiny_timm_vit(
         "num_heads": 2,
         "num_classes": num_classes,
     }
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **args).eval()
+    model = timm.create_model(architecture, pretrained=False, **args).eval()
     save_for_hf(model, str(directory), model_args=args, safe_serialization=True)
     return directory
 

@@ -216,3 +216,38 @@ def test_zero_shot_mistakes_are_clear(
         names = archive.getnames()
     for needed in ("tokenizer/vocab.json", "vision_model/model.onnx", "text_model/model.onnx"):
         assert any(name.endswith(needed) for name in names), (needed, names)
+
+
+# timm source -> prefix tokens (DeiT: class + distillation; DINOv2: class + 4 registers)
+TIMM_ENCODERS = {"timm-deit-distilled": 2, "timm-dinov2-registers": 5, "timm-clip": 1}
+
+
+@pytest.mark.parametrize("source", list(TIMM_ENCODERS))
+@pytest.mark.parametrize("profile", ROUND_TRIPS)
+def test_timm_variants_round_trip_and_match_timm(
+    source: str,
+    profile: str,
+    built: Callable[..., Path],
+    source_dir: Callable[[str], Path],
+    rgb_images: list[np.ndarray],
+) -> None:
+    import timm
+    import torch
+
+    artifact = built(source, profile)
+    assert open_artifact(artifact).manifest.model_info["num_prefix_tokens"] == TIMM_ENCODERS[source]
+    model = timm.create_model(f"local-dir:{source_dir(source)}", pretrained=True).eval()
+    with load(artifact) as pipeline:
+        pixels = pipeline.preprocessor(load_images(rgb_images))
+        got = pipeline.session.run({"pixel_values": pixels})
+    x = torch.from_numpy(pixels)
+    with torch.inference_mode():
+        if model.num_classes:
+            expected = {"logits": model(x).numpy()}  # DeiT distilled: its two heads averaged
+        else:
+            features = model.forward_features(x)
+            pooled = model.forward_head(features, pre_logits=True)
+            expected = {"last_hidden_state": features.numpy(), "pooler_output": pooled.numpy()}
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(got[name], value, atol=1e-4, rtol=0)
