@@ -55,34 +55,30 @@ def load_transformers(directory: Path, architecture: str, *, pickle: bool) -> An
             f"transformers architecture '{architecture}' is not supported; supported: "
             f"{', '.join([*TRANSFORMERS_ARCHITECTURES, *VISION_TOWERS])}"
         )
-    model_class = getattr(transformers, tower)
-    # fp32 always: the reference every export is validated against.
-    kwargs: dict[str, Any] = {"use_safetensors": not pickle, "dtype": torch.float32}
-    try:
-        with quiet_libraries():
-            if tower != architecture:  # a two-tower model's vision half
-                kwargs["config"] = _tower_config(model_class, directory)
-            model = model_class.from_pretrained(directory, **kwargs)
-    except (OSError, ValueError, RuntimeError) as error:
-        raise SourceError(
-            f"transformers cannot load {tower} from {directory}: "
-            f"{str(error).strip().splitlines()[0]}"
-        ) from error
-    return model.eval()
+    # A two-tower model's vision half is loaded with the tower's part of its config.
+    return _from_pretrained(
+        getattr(transformers, tower), directory, pickle=pickle, tower=tower != architecture
+    )
 
 
 def load_clip_text(directory: Path) -> Any:
     """The text tower of a CLIPModel directory, with its projection (text_embeds)."""
     from transformers import CLIPTextModelWithProjection
 
-    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": torch.float32}
+    return _from_pretrained(CLIPTextModelWithProjection, directory, pickle=False, tower=True)
+
+
+def _from_pretrained(model_class: Any, directory: Path, *, pickle: bool, tower: bool) -> Any:
+    """The model in fp32 always: the reference every export is validated against."""
+    kwargs: dict[str, Any] = {"use_safetensors": not pickle, "dtype": torch.float32}
     try:
         with quiet_libraries():
-            kwargs["config"] = _tower_config(CLIPTextModelWithProjection, directory)
-            model = CLIPTextModelWithProjection.from_pretrained(directory, **kwargs)
+            if tower:
+                kwargs["config"] = _tower_config(model_class, directory)
+            model = model_class.from_pretrained(directory, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
         raise SourceError(
-            f"transformers cannot load CLIP's text tower from {directory}: "
+            f"transformers cannot load {model_class.__name__} from {directory}: "
             f"{str(error).strip().splitlines()[0]}"
         ) from error
     return model.eval()

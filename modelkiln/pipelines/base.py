@@ -169,6 +169,18 @@ class ImagePipeline(Pipeline):
             results = self.session.run({PIXEL_VALUES: pixels}, outputs)
             yield {name: value[:count] for name, value in results.items()}
 
+    def concatenated(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        output: str,
+        batch_size: int,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> np.ndarray:
+        """One output for every image, run batch by batch: (number of images, ...)."""
+        image_list, _ = as_image_list(images)
+        parts = [out[output] for out in self.batches(image_list, [output], batch_size, max_pixels)]
+        return np.concatenate(parts)
+
     def labels_for_evaluation(self) -> list[str] | None:
         """The class names its logits score (None: it does not classify)."""
         return None

@@ -58,11 +58,7 @@ class ImageClassificationPipeline(ImagePipeline):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> np.ndarray:
         """Raw logits, (number of images, number of labels)."""
-        image_list, _ = as_image_list(images)
-        parts = [
-            out["logits"] for out in self.batches(image_list, ["logits"], batch_size, max_pixels)
-        ]
-        return np.concatenate(parts)
+        return self.concatenated(images, "logits", batch_size, max_pixels)
 
     def __call__(
         self,

@@ -67,12 +67,7 @@ class ZeroShotImageClassificationPipeline(ImagePipeline):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> np.ndarray:
         """(number of images, projection) float32, L2-normalised: CLIP's image_embeds."""
-        image_list, _ = as_image_list(images)
-        parts = [
-            out["image_embeds"]
-            for out in self.batches(image_list, ["image_embeds"], batch_size, max_pixels)
-        ]
-        return _normalised(np.concatenate(parts))
+        return _normalised(self.concatenated(images, "image_embeds", batch_size, max_pixels))
 
     def text_embeddings(self, labels: Sequence[str]) -> np.ndarray:
         """(number of labels, projection) float32, L2-normalised: CLIP's text_embeds."""
