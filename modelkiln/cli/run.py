@@ -229,6 +229,14 @@ def _require_task(pipeline: Any, expected: type) -> None:
     "for inpainting, SDXL 0.3 and 0.9999, SD3 and Flux 0.6]",
 )
 @click.option("--mask", help="Inpaint where this mask is white (any size).")
+@click.option(
+    "--control-image", help="ControlNet artifacts: the conditioning image (edges, depth, pose)."
+)
+@click.option(
+    "--control-scale",
+    type=float,
+    help="How strongly the ControlNet conditions the image.  [default: 1.0]",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.png")
 @RUNTIME_OPTION
 @THREADS_OPTION
@@ -249,12 +257,15 @@ def generate(
     init_image: str | None,
     strength: float | None,
     mask: str | None,
+    control_image: str | None,
+    control_scale: float | None,
     output: Path,
     runtime: str | None,
     threads: int | None,
     device: str | None,
 ) -> None:
-    """Text-to-image, image-to-image (--image) or inpainting (--image --mask) with ARTIFACT."""
+    """Text-to-image, image-to-image (--image) or inpainting (--image --mask) with ARTIFACT,
+    conditioned on --control-image where the artifact has a ControlNet."""
     from modelkiln.loading import load
     from modelkiln.pipelines.generation import ImageGenerator
 
@@ -262,6 +273,8 @@ def generate(
         raise InputError("--mask needs --image: the image to inpaint")
     if strength is not None and init_image is None:
         raise InputError("--strength applies to --image (image-to-image or inpainting)")
+    if control_scale is not None and control_image is None:
+        raise InputError("--control-scale applies to --control-image")
     # Found now, not after minutes of denoising.
     image_format(output)
     for path in numbered_outputs(output, num_images):
@@ -277,6 +290,9 @@ def generate(
         "num_images": num_images,
         "scheduler": scheduler,
     }
+    if control_image is not None:
+        settings["control_image"] = control_image
+        settings["control_scale"] = 1.0 if control_scale is None else control_scale
     with (
         load(
             artifact, runtime=runtime, threads=threads, device=device, low_memory=low_memory

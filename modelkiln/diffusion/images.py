@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-def _resized(image: Image.Image, height: int, width: int) -> Image.Image:
+def resized(image: Image.Image, height: int, width: int) -> Image.Image:
     from PIL import Image
 
     if image.size == (width, height):
@@ -22,14 +22,14 @@ def _resized(image: Image.Image, height: int, width: int) -> Image.Image:
 
 def image_to_pixels(image: Image.Image, height: int, width: int) -> np.ndarray:
     """(1, 3, height, width) float32 in [-1, 1] from an RGB image."""
-    array = np.asarray(_resized(image.convert("RGB"), height, width), dtype=np.float32) / 255.0
+    array = np.asarray(resized(image.convert("RGB"), height, width), dtype=np.float32) / 255.0
     return (array.transpose(2, 0, 1)[None] * 2.0 - 1.0).astype(np.float32)
 
 
 def mask_to_pixels(mask: Image.Image, height: int, width: int) -> np.ndarray:
     """(1, 1, height, width) float32 of 0 (keep) and 1 (repaint): grey first, then resized,
     then binarised at 0.5, in diffusers' order."""
-    array = np.asarray(_resized(mask.convert("L"), height, width), dtype=np.float32) / 255.0
+    array = np.asarray(resized(mask.convert("L"), height, width), dtype=np.float32) / 255.0
     return (array >= 0.5).astype(np.float32)[None, None]
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
 # Bounds of one call: past them it runs for hours or exhausts memory rather than fail.
+MAX_CONTROL_SCALE = 10.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Request:
     progress: Progress
     # Guidance's two halves in two denoiser calls: half the activation memory (denoise.py).
     split_guidance: bool = False
+    # ControlNet's conditioning image and the scale of its residuals (diffusers' default 1).
+    control_image: Image.Image | None = None
+    control_scale: float = 1.0
 
     @property
     def batch(self) -> int:
@@ -93,6 +97,10 @@ def parse_request(
         raise InputError(f"strength must be in (0, 1], got {strength}")
     image = options.pop("image", None)
     mask = options.pop("mask", None)
+    control_image = options.pop("control_image", None)
+    control_scale = float(options.pop("control_scale", 1.0))
+    if not 0.0 <= control_scale <= MAX_CONTROL_SCALE:  # NaN fails this too
+        raise InputError(f"control_scale must be in 0..{MAX_CONTROL_SCALE}, got {control_scale}")
     request = Request(
         mode=mode,
         prompts=prompts,
@@ -111,6 +119,8 @@ def parse_request(
         callback=options.pop("callback", None),
         progress=options.pop("progress", None) or NullProgress(),
         split_guidance=bool(options.pop("split_guidance", False)),
+        control_image=None if control_image is None else load_image(control_image),
+        control_scale=control_scale,
     )
     if options:
         raise TypeError(f"unknown generation setting(s): {', '.join(sorted(options))}")

@@ -199,6 +199,18 @@ def _transposed(tensor: Any, perm: tuple[int, ...]) -> Any:
     return onnx_ir.Tensor(np.ascontiguousarray(tensor.numpy().transpose(perm)), name=tensor.name)
 
 
+def _as_signature(module: Any, per_input: list[dict[int, Any]]) -> tuple[Any, ...]:
+    """Each positional input's dynamic axes in the structure torch.export binds them to the
+    forward's signature: inputs past its named parameters are one tuple (*residuals)."""
+    import inspect
+
+    parameters = inspect.signature(module.forward).parameters.values()
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+        return (*per_input[: len(named)], tuple(per_input[len(named) :]))
+    return tuple(per_input)
+
+
 def _export(spec: ComponentSpec, module: Any, profile: Profile, *, meta: bool) -> Any:
     import torch
 
@@ -208,10 +220,11 @@ def _export(spec: ComponentSpec, module: Any, profile: Profile, *, meta: bool) -
     if meta:
         args = tuple(arg.to("meta") for arg in args)
     axes = {d: torch.export.Dim(d, min=1) for d in sorted(dynamic)}
-    dynamic_shapes = {
-        name: {i: axes[d] for i, d in enumerate(tensor.shape) if isinstance(d, str) and d in axes}
-        for name, tensor in spec.inputs.items()
-    }
+    per_input = [
+        {i: axes[d] for i, d in enumerate(tensor.shape) if isinstance(d, str) and d in axes}
+        for tensor in spec.inputs.values()
+    ]
+    dynamic_shapes = _as_signature(module, per_input)
     captured = io.StringIO()
     try:
         # The exporter reports its stages on stdout; the library never prints.

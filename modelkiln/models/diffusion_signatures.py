@@ -74,6 +74,52 @@ def unet_signature(
     return inputs, outputs
 
 
+def controlnet_residuals(
+    config: Mapping[str, Any], latent_height: int, latent_width: int
+) -> dict[str, TensorSpec]:
+    """The residuals a ControlNet adds to a UNet of this config, as the UNet takes them:
+    one after conv_in, one per resnet layer and downsampler of each down block, and the mid
+    block's. Spatial sizes are concrete: a ControlNet build has a fixed resolution."""
+    channels = list(config["block_out_channels"])
+    layers = int(config["layers_per_block"])
+    sizes = [(channels[0], 1)]
+    scale = 1
+    for index, width in enumerate(channels):
+        sizes += [(width, scale)] * layers
+        if index < len(channels) - 1:
+            scale *= 2
+            sizes.append((width, scale))
+    specs = {
+        f"down_block_additional_residual_{i}": TensorSpec(
+            "float32", ("batch", width, latent_height // s, latent_width // s)
+        )
+        for i, (width, s) in enumerate(sizes)
+    }
+    specs["mid_block_additional_residual"] = TensorSpec(
+        "float32", ("batch", channels[-1], latent_height // scale, latent_width // scale)
+    )
+    return specs
+
+
+def controlnet_signature(
+    config: Mapping[str, Any], unet_inputs: Mapping[str, TensorSpec], dims: Mapping[str, int]
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """ControlNet: the UNet's sample, timestep and text states plus the control image (in
+    [0, 1]) -> the residuals (their conditioning scale is applied by the pipeline)."""
+    inputs = {name: unet_inputs[name] for name in ("sample", "timestep", "encoder_hidden_states")}
+    inputs["controlnet_cond"] = TensorSpec(
+        "float32", ("batch", 3, dims["height"], dims["width"]), value_range=(0.0, 1.0)
+    )
+    residuals = controlnet_residuals(config, dims["latent_height"], dims["latent_width"])
+    outputs = {
+        name.replace("down_block_additional_residual_", "down_block_res_sample_").replace(
+            "mid_block_additional_residual", "mid_block_res_sample"
+        ): spec
+        for name, spec in residuals.items()
+    }
+    return inputs, outputs
+
+
 def vae_signature(
     name: str, config: Mapping[str, Any]
 ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
@@ -113,6 +159,8 @@ __all__ = [
     "TEXT_ENCODERS",
     "TIMESTEPS",
     "component_config",
+    "controlnet_residuals",
+    "controlnet_signature",
     "text_encoder_signature",
     "unet_signature",
     "vae_signature",

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.diffusion.schedulers import SCHEDULERS
-from modelkiln.errors import ProfileError, SourceError, first_line
+from modelkiln.errors import ProfileError, SourceError, UnsupportedError, first_line
 from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
 from modelkiln.models.diffusion_signatures import (
     TEXT_ENCODERS,
     TIMESTEPS,
     component_config,
+    controlnet_residuals,
+    controlnet_signature,
     text_encoder_signature,
     unet_signature,
     vae_signature,
@@ -41,6 +43,7 @@ PIPELINE_CLASSES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionImg2ImgPipeline": "sd",
     "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionControlNetPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",
@@ -53,6 +56,7 @@ PIPELINE_CLASSES = {
 # Tolerances of an fp32 export against torch (optimum validates SD components with 1e-3).
 ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-3}
 VAE_ATOL = 1e-3
+CONTROLNET = "controlnet"  # the folder and component of a ControlNet pipeline's ControlNet
 FLOW_MATCH = "flow-match-euler"  # the scheduler of the flow-matching families (SD3, Flux)
 # Root files the artifact copies so that it runs without the source: optimum's layout.
 SHARED_DIRS = ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")
@@ -136,6 +140,10 @@ class StableDiffusionFamily(ModelFamily):
             components.append(
                 cls._component(name, root / folder, files, source.allow_pickle, dims, sequences)
             )
+        if (root / CONTROLNET).is_dir():
+            components = cls._controlled(root, components, dims, source.allow_pickle, profile)
+            files = _weights(root / CONTROLNET, source.allow_pickle)
+            weights.update({f"{CONTROLNET}/{k}": v for k, v in weights_digest(files).items()})
         task = cls._task(denoiser_config)
         return LoadedModel(
             family=cls.name,
@@ -158,6 +166,70 @@ class StableDiffusionFamily(ModelFamily):
             config_files=_with_scheduler(_shared_files(root, index), profile),
             weights=weights,
         )
+
+    @classmethod
+    def _controlled(
+        cls,
+        root: Path,
+        components: list[ComponentSpec],
+        dims: Mapping[str, int],
+        pickle: bool,
+        profile: Profile,
+    ) -> list[ComponentSpec]:
+        """A ControlNet pipeline's components: the ControlNet beside a UNet that also takes
+        its residuals (zeros: the plain UNet)."""
+        from modelkiln.models import stable_diffusion_modules as modules
+
+        if cls.name != "sd" or profile.shapes.dynamic_resolution:
+            raise UnsupportedError(
+                f"{root}: ControlNet is built for SD 1.x/2.x at a fixed resolution; "
+                f"{'set shapes.dynamic_resolution = false' if cls.name == 'sd' else cls.name}"
+                f"{'' if cls.name == 'sd' else ' ControlNet pipelines are not supported yet'}"
+            )
+        unet = next(spec for spec in components if spec.name == "unet")
+        unet_folder, net_folder = root / "unet", root / CONTROLNET
+        residuals = controlnet_residuals(
+            _read_config(unet_folder), dims["latent_height"], dims["latent_width"]
+        )
+        controlled = replace(
+            unet,
+            inputs={**unet.inputs, **residuals},
+            module=lambda: modules.wrap(
+                "unet",
+                modules.load_component(unet_folder, pickle=pickle),
+                cls.name,
+                None,
+                controlled=True,
+            ),
+            meta_module=lambda: modules.wrap(
+                "unet", modules.meta_component(unet_folder), cls.name, None, controlled=True
+            ),
+        )
+        config = _read_config(net_folder)
+        files = _weights(net_folder, pickle)
+        inputs, outputs = controlnet_signature(config, unet.inputs, dims)
+        net = ComponentSpec(
+            name=CONTROLNET,
+            module=lambda: modules.wrap(
+                CONTROLNET, modules.load_component(net_folder, pickle=pickle), cls.name, None
+            ),
+            meta_module=lambda: modules.wrap(
+                CONTROLNET, modules.meta_component(net_folder), cls.name, None
+            ),
+            checkpoint=tuple(f for f in files if f.suffix == ".safetensors"),
+            inputs=inputs,
+            outputs=outputs,
+            save_reference=lambda out: _save_reference(net_folder, files, pickle, out),
+            path=CONTROLNET,
+            reference_path=CONTROLNET,
+            atol=ATOL["unet"],
+            batch_factor=cls.denoiser_batch_factor,
+            default_dims=dict(dims),
+            config_file=component_config(CONTROLNET, config, None),
+        )
+        others = [spec for spec in components if spec.name != "unet"]
+        index = next(i for i, spec in enumerate(components) if spec.name == "unet")
+        return [*others[:index], net, controlled, *others[index:]]
 
     @classmethod
     def _task(cls, denoiser_config: Mapping[str, Any]) -> str:
@@ -277,7 +349,10 @@ class StableDiffusionFamily(ModelFamily):
         from modelkiln.models import stable_diffusion_modules as modules
 
         model = modules.load_component(model_dir, pickle=False)
-        return modules.wrap(component, model, cls.name, TEXT_ENCODERS[cls.name].get(component))
+        # A ControlNet artifact's UNet takes the residuals (its ControlNet lies beside it).
+        controlled = component == "unet" and (model_dir.parent / CONTROLNET).is_dir()
+        kind = TEXT_ENCODERS[cls.name].get(component)
+        return modules.wrap(component, model, cls.name, kind, controlled=controlled)
 
     @classmethod
     def pipeline_for(cls, task: str) -> str:

@@ -107,6 +107,58 @@ class UNet(nn.Module):
         return (self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
 
 
+class ControlledUNet(nn.Module):
+    """sample, timestep, encoder_hidden_states, then a ControlNet's residuals (down blocks',
+    then the mid block's) -> out_sample. Zero residuals: the plain UNet."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *residuals: torch.Tensor,
+    ) -> tuple[torch.Tensor]:
+        result = self.model(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            down_block_additional_residuals=residuals[:-1],
+            mid_block_additional_residual=residuals[-1],
+            return_dict=False,
+        )
+        return (result[0],)
+
+
+class ControlNet(nn.Module):
+    """sample, timestep, encoder_hidden_states, controlnet_cond -> the down blocks' residuals
+    and the mid block's, at conditioning scale 1 (the pipeline scales them)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        controlnet_cond: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        down, mid = self.model(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            controlnet_cond,
+            conditioning_scale=1.0,
+            return_dict=False,
+        )
+        return (*down, mid)
+
+
 class UNetXL(nn.Module):
     """SDXL's UNet: also the pooled text_embeds and the six time_ids."""
 
@@ -224,15 +276,27 @@ class FluxTransformer(nn.Module):
         return (result[0],)
 
 
-def wrap(component: str, model: nn.Module, family: str, text_kind: str | None) -> nn.Module:
+def wrap(
+    component: str,
+    model: nn.Module,
+    family: str,
+    text_kind: str | None,
+    *,
+    controlled: bool = False,
+) -> nn.Module:
     """The export wrapper of one component of a `family` (sd, sdxl, sd3, flux) pipeline;
-    `text_kind`: how a text encoder exports (diffusion_signatures.TEXT_ENCODERS), else None."""
+    `text_kind`: how a text encoder exports (diffusion_signatures.TEXT_ENCODERS), else None;
+    `controlled`: the UNet also takes a ControlNet's residuals."""
     if text_kind == "t5":
         return T5Encoder(model).eval()
     if text_kind == "clip-projection":
         return TextEncoderWithProjection(model).eval()
     if text_kind is not None:
         return TextEncoder(model, hidden_states=text_kind == "clip-hidden-states").eval()
+    if component == "controlnet":
+        return ControlNet(model).eval()
+    if component == "unet" and controlled:
+        return ControlledUNet(model).eval()
     if component == "unet":
         return (UNetXL(model) if family == "sdxl" else UNet(model)).eval()
     if component == "transformer":

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
+from modelkiln.diffusion.control import control_to_pixels, controlled_denoiser
 from modelkiln.diffusion.denoise import (
     Conditioning,
     Denoiser,
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+CONTROLNET = "controlnet"  # a ControlNet artifact's session
+
 
 class SDPipeline(ImageGenerator):
     """SD 1.x/2.x: one class, three entry points (text_to_image, image_to_image, inpaint)."""
@@ -53,6 +56,7 @@ class SDPipeline(ImageGenerator):
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     stages: ClassVar[Mapping[str, str]] = {
         "unet": "unet_step",
+        "controlnet": "controlnet_step",
         "vae_encoder": "vae_encode",
         "vae_decoder": "vae_decode",
     }
@@ -251,7 +255,14 @@ class SDPipeline(ImageGenerator):
             )
 
     def _denoiser(self, request: Request) -> Denoiser:
-        return unet_denoiser(self.sessions["unet"])
+        unet = self.sessions["unet"]
+        if CONTROLNET not in self.sessions:
+            return unet_denoiser(unet)
+        control = request.control_image
+        pixels = (
+            None if control is None else control_to_pixels(control, request.height, request.width)
+        )
+        return controlled_denoiser(self.sessions[CONTROLNET], unet, pixels, request.control_scale)
 
     def _guidance_scale(self, request: Request) -> float:
         """Classifier-free guidance's scale (1: none)."""
@@ -302,6 +313,11 @@ class SDPipeline(ImageGenerator):
         }
         defaults = Defaults(steps, guidance)
         request = parse_request(mode, prompt, settings, defaults, self._check_size)
+        if request.control_image is not None and CONTROLNET not in self.sessions:
+            raise InputError(
+                "this artifact has no ControlNet: build a StableDiffusionControlNetPipeline "
+                "folder to condition on a control image"
+            )
         if request.latents is not None:
             check_latents(request, self._latent_shape(request))
         return request

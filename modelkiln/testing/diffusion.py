@@ -119,11 +119,12 @@ def tiny_sd(
     seed: int = 0,
     prediction_type: str = "epsilon",
     text_hidden_act: str = "quick_gelu",
+    controlnet: bool = False,
 ) -> Path:
     """A diffusers StableDiffusion(Inpaint)Pipeline directory: 2-block UNet, 32x32 images.
     prediction_type="v_prediction" makes it an SD 2.x-style v-prediction model, and
     text_hidden_act="gelu" gives it SD 2.x's kind of text encoder (OpenCLIP's, as single files
-    store it)."""
+    store it); controlnet=True makes it a StableDiffusionControlNetPipeline."""
     import torch
     from diffusers import (
         StableDiffusionInpaintPipeline,
@@ -149,6 +150,12 @@ def tiny_sd(
     scheduler = _sd_scheduler(prediction_type)
     tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer")
     pipeline_class: Any = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    extra: dict[str, Any] = {}
+    if controlnet:
+        from diffusers import StableDiffusionControlNetPipeline
+
+        pipeline_class = StableDiffusionControlNetPipeline
+        extra["controlnet"] = _tiny_controlnet(unet)
     pipeline = pipeline_class(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_tiny_clip_config(hidden_act=text_hidden_act)),
@@ -158,10 +165,26 @@ def tiny_sd(
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+        **extra,
     )
     pipeline.save_pretrained(directory)
     shutil.rmtree(tokenizer_dir)
     return directory
+
+
+def _tiny_controlnet(unet: Any) -> Any:
+    """A ControlNet of the UNet's shape. from_unet zero-initialises its output convolutions
+    (a fresh ControlNet adds nothing): random ones, so that tests see what it adds."""
+    import torch
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():
+        zeroed = [*net.controlnet_down_blocks, net.controlnet_mid_block]
+        for conv in [*zeroed, net.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0.0, 0.05)
+            conv.bias.normal_(0.0, 0.05)
+    return net
 
 
 def tiny_sdxl(
