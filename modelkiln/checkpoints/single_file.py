@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -271,12 +271,13 @@ def cached_folder(
     from modelkiln.outputs import atomic_directory
 
     file_digest = _sha256(path)
-    config_key = str(Path(config).expanduser().resolve()) if config is not None else ""
-    key = hashlib.sha256(f"{file_digest}\n{config_key}".encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{file_digest}\n{_config_digest(config)}".encode()).hexdigest()[:20]
     target = cache_home() / "single-file" / key
     record_file = target / "single_file.json"
     if record_file.is_file():
-        return target, SingleFileRecord(**json.loads(record_file.read_text(encoding="utf-8")))
+        record = SingleFileRecord(**json.loads(record_file.read_text(encoding="utf-8")))
+        # The same bytes may have moved: the manifest names the file this build read.
+        return target, replace(record, path=str(path.resolve()))
     logger.info("converting %s to a diffusers folder in %s", path, target)
     with atomic_directory(target, marker=None) as staging:
         record = load_into_folder(
@@ -284,6 +285,19 @@ def cached_folder(
         )
         (staging / record_file.name).write_text(json.dumps(asdict(record)), encoding="utf-8")
     return target, record
+
+
+def _config_digest(config: str | Path | None) -> str:
+    """What a --config folder gives a conversion (its configs and tokenizer files), so that
+    an edited folder converts again; "" for the Hub's (fetched by revision)."""
+    if config is None:
+        return ""
+    folder = Path(config).expanduser().resolve()
+    digest = hashlib.sha256(str(folder).encode())
+    for pattern in _CONFIG_PATTERNS:
+        for file in sorted(folder.rglob(pattern)):
+            digest.update(f"{file.relative_to(folder)}\n".encode() + file.read_bytes())
+    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -150,8 +150,17 @@ def test_an_fp16_file_converts_without_an_fp32_copy_and_once(
         assert torch.equal(tensor, originals[key].half())  # type: ignore[attr-defined]
     # The second ask finds the conversion: the same folder, not written again.
     stamp = (converted / "single_file.json").stat().st_mtime_ns
-    again, _ = cached_folder(half, config=folder)
+    moved = half.rename(tmp_path / "moved.safetensors")
+    again, record = cached_folder(moved, config=folder)
     assert again == converted and (converted / "single_file.json").stat().st_mtime_ns == stamp
+    assert record.path == str(moved.resolve())
+    # Other configs (an edited --config folder): converted again.
+    import shutil
+
+    edited = Path(shutil.copytree(folder, tmp_path / "configs"))
+    scheduler = edited / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(scheduler.read_text().replace('"steps_offset": 1', '"steps_offset": 0'))
+    assert cached_folder(moved, config=edited)[0] != converted
 
 
 def test_single_file_mistakes_are_one_line_errors(
