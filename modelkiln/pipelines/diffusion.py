@@ -307,9 +307,9 @@ class SDPipeline(ImageGenerator):
     def _request(self, mode: str, prompt: Any, settings: Mapping[str, Any]) -> Request:
         # The build's [generation] defaults (a few-step model's), else diffusers' call's.
         chosen = self.model_info.get("generation") or {}
-        steps = {mode: int(chosen.get("steps", n)) for mode, n in self.default_steps.items()}
+        steps = {kind: int(chosen.get("steps", n)) for kind, n in self.default_steps.items()}
         guidance = {
-            mode: float(chosen.get("guidance", g)) for mode, g in self.default_guidance.items()
+            kind: float(chosen.get("guidance", g)) for kind, g in self.default_guidance.items()
         }
         defaults = Defaults(steps, guidance)
         request = parse_request(mode, prompt, settings, defaults, self._check_size)
