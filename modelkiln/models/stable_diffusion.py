@@ -8,16 +8,24 @@ vae_decoder (latent_sample -> sample). Components load lazily, one at a time.
 
 from __future__ import annotations
 
-import json
-import shutil
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.diffusion.schedulers import SCHEDULERS
-from modelkiln.errors import ProfileError, SourceError, UnsupportedError, first_line
+from modelkiln.errors import ProfileError, SourceError, UnsupportedError
 from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
+from modelkiln.models.diffusers_files import (
+    generation_defaults,
+    read_config,
+    require_dir,
+    save_reference,
+    shared_files,
+    tokenizer_length,
+    weight_files,
+    with_scheduler,
+)
 from modelkiln.models.diffusion_signatures import (
     TEXT_ENCODERS,
     TIMESTEPS,
@@ -28,7 +36,7 @@ from modelkiln.models.diffusion_signatures import (
     unet_signature,
     vae_signature,
 )
-from modelkiln.sources import ResolvedSource, find_weights, weights_digest
+from modelkiln.sources import ResolvedSource, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
 
 if TYPE_CHECKING:
@@ -58,8 +66,6 @@ ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-3}
 VAE_ATOL = 1e-3
 CONTROLNET = "controlnet"  # the folder and component of a ControlNet pipeline's ControlNet
 FLOW_MATCH = "flow-match-euler"  # the scheduler of the flow-matching families (SD3, Flux)
-# Root files the artifact copies so that it runs without the source: optimum's layout.
-SHARED_DIRS = ("scheduler", "tokenizer", "tokenizer_2", "tokenizer_3")
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -125,9 +131,9 @@ class StableDiffusionFamily(ModelFamily):
         root = source.local_dir
         index = source.read_json("model_index.json") or {}
         for folder in cls.required_folders:
-            _require_dir(root, folder, source.spec, cls.required_folders)
-        denoiser_config = _read_config(root / cls.denoiser)
-        vae_config = _read_config(root / "vae")
+            require_dir(root, folder, source.spec, cls.required_folders)
+        denoiser_config = read_config(root / cls.denoiser)
+        vae_config = read_config(root / "vae")
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         height, width = _resolution(profile, denoiser_config, factor, cls.default_sample_size)
         dims = cls._dims(height, width, factor, denoiser_config)
@@ -135,14 +141,14 @@ class StableDiffusionFamily(ModelFamily):
         weights: dict[str, str] = {}
         components = []
         for name, folder in cls._component_folders(root):
-            files = _weights(root / folder, source.allow_pickle)
+            files = weight_files(root / folder, source.allow_pickle)
             weights.update({f"{folder}/{k}": v for k, v in weights_digest(files).items()})
             components.append(
                 cls._component(name, root / folder, files, source.allow_pickle, dims, sequences)
             )
         if (root / CONTROLNET).is_dir():
             components = cls._controlled(root, components, dims, source.allow_pickle, profile)
-            files = _weights(root / CONTROLNET, source.allow_pickle)
+            files = weight_files(root / CONTROLNET, source.allow_pickle)
             weights.update({f"{CONTROLNET}/{k}": v for k, v in weights_digest(files).items()})
         task = cls._task(denoiser_config)
         return LoadedModel(
@@ -161,9 +167,9 @@ class StableDiffusionFamily(ModelFamily):
                 "sequence_length": sequences["text_encoder"],
                 "dynamic_resolution": profile.shapes.dynamic_resolution,
                 **cls._model_info(root, index, denoiser_config, sequences),
-                **_generation_defaults(profile),
+                **generation_defaults(profile),
             },
-            config_files=_with_scheduler(_shared_files(root, index), profile),
+            config_files=with_scheduler(shared_files(root, index), profile),
             weights=weights,
         )
 
@@ -189,7 +195,7 @@ class StableDiffusionFamily(ModelFamily):
         unet = next(spec for spec in components if spec.name == "unet")
         unet_folder, net_folder = root / "unet", root / CONTROLNET
         residuals = controlnet_residuals(
-            _read_config(unet_folder), dims["latent_height"], dims["latent_width"]
+            read_config(unet_folder), dims["latent_height"], dims["latent_width"]
         )
         controlled = replace(
             unet,
@@ -205,8 +211,8 @@ class StableDiffusionFamily(ModelFamily):
                 "unet", modules.meta_component(unet_folder), cls.name, None, controlled=True
             ),
         )
-        config = _read_config(net_folder)
-        files = _weights(net_folder, pickle)
+        config = read_config(net_folder)
+        files = weight_files(net_folder, pickle)
         inputs, outputs = controlnet_signature(config, unet.inputs, dims)
         net = ComponentSpec(
             name=CONTROLNET,
@@ -219,7 +225,7 @@ class StableDiffusionFamily(ModelFamily):
             checkpoint=tuple(f for f in files if f.suffix == ".safetensors"),
             inputs=inputs,
             outputs=outputs,
-            save_reference=lambda out: _save_reference(net_folder, files, pickle, out),
+            save_reference=lambda out: save_reference(net_folder, files, pickle, out),
             path=CONTROLNET,
             reference_path=CONTROLNET,
             atol=ATOL["unet"],
@@ -255,7 +261,7 @@ class StableDiffusionFamily(ModelFamily):
             encoder: (
                 cls.t5_sequence_length
                 if encoder == cls.t5_encoder
-                else _tokenizer_length(root / tokenizer)
+                else tokenizer_length(root / tokenizer)
             )
             for encoder, tokenizer in cls.tokenizer_folders.items()
         }
@@ -269,7 +275,7 @@ class StableDiffusionFamily(ModelFamily):
         sequences: Mapping[str, int],
     ) -> dict[str, Any]:
         """What the family's pipeline reads besides the shared facts."""
-        text_config = _read_config(root / "text_encoder")
+        text_config = read_config(root / "text_encoder")
         return {
             "unet_in_channels": denoiser_config.get("in_channels", 4),
             "text_hidden_layers": text_config.get("num_hidden_layers"),
@@ -305,7 +311,7 @@ class StableDiffusionFamily(ModelFamily):
     ) -> ComponentSpec:
         from modelkiln.models import stable_diffusion_modules as modules
 
-        config = _read_config(folder)
+        config = read_config(folder)
         inputs, outputs = cls._signature(name, config, sequences, dims)
         safetensors = tuple(f for f in files if f.suffix == ".safetensors")
         family, kind = cls.name, TEXT_ENCODERS[cls.name].get(name)
@@ -318,7 +324,7 @@ class StableDiffusionFamily(ModelFamily):
             checkpoint=safetensors,
             inputs=inputs,
             outputs=outputs,
-            save_reference=lambda out: _save_reference(folder, files, pickle, out),
+            save_reference=lambda out: save_reference(folder, files, pickle, out),
             path=name,
             reference_path=folder.name,
             atol=ATOL.get(name, VAE_ATOL),
@@ -396,130 +402,3 @@ def _resolution(
                 f"shapes.{key} = {value} is not a multiple of this VAE's scale factor {factor}"
             )
     return height, width
-
-
-def _tokenizer_length(directory: Path) -> int:
-    config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
-    length = config.get("model_max_length", 77)
-    # Tokenizers without a limit store a huge sentinel; CLIP's position embeddings stop at 77.
-    return int(length) if length and length < 100_000 else 77
-
-
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / "config.json"
-    try:
-        return dict(json.loads(path.read_text(encoding="utf-8")))
-    except FileNotFoundError as error:
-        raise SourceError(f"{path} is missing: the pipeline directory is incomplete") from error
-    except json.JSONDecodeError as error:
-        raise SourceError(f"{path} is not valid JSON ({error})") from error
-
-
-def _require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) -> None:
-    if not (root / folder).is_dir():
-        needed = ", ".join(f"{name}/" for name in required)
-        raise SourceError(
-            f"{spec} has no {folder}/ folder: this diffusers pipeline directory needs {needed}"
-        )
-
-
-def _generation_defaults(profile: Profile) -> dict[str, Any]:
-    """[generation]'s steps and guidance, which the pipeline takes where a call leaves them."""
-    chosen = {
-        key: value
-        for key, value in (
-            ("steps", profile.generation.steps),
-            ("guidance", profile.generation.guidance),
-        )
-        if value is not None
-    }
-    return {"generation": chosen} if chosen else {}
-
-
-def _with_scheduler(files: dict[str, bytes], profile: Profile) -> dict[str, bytes]:
-    """[generation] scheduler written into scheduler_config.json as diffusers' from_config
-    would configure it: its class, the name's overrides, the source's own values kept."""
-    name = profile.generation.scheduler
-    key = "scheduler/scheduler_config.json"
-    if name is None or key not in files:
-        return files
-    scheduler_class, overrides = SCHEDULERS[name]
-    config = json.loads(files[key])
-    config.update({**overrides, "_class_name": scheduler_class.diffusers_class})
-    return {**files, key: (json.dumps(config, indent=2) + "\n").encode()}
-
-
-def _shared_files(root: Path, index: Mapping[str, Any]) -> dict[str, bytes]:
-    """model_index.json, scheduler and tokenizers: what running needs besides the models."""
-    files: dict[str, bytes] = {}
-    cleaned = dict(index)
-    # Pieces we do not build would make optimum look for folders that are not there.
-    for key in ("feature_extractor", "safety_checker", "image_encoder"):
-        if key in cleaned:
-            cleaned[key] = [None, None]
-    files["model_index.json"] = (json.dumps(cleaned, indent=2) + "\n").encode()
-    for folder in SHARED_DIRS:
-        for path in sorted((root / folder).glob("*")) if (root / folder).is_dir() else []:
-            if path.is_file():
-                files[f"{folder}/{path.name}"] = path.read_bytes()
-        if f"{folder}/spiece.model" in files and f"{folder}/tokenizer.json" not in files:
-            files[f"{folder}/tokenizer.json"] = _sentencepiece_tokenizer_json(root / folder)
-        tokenizer_json = files.get(f"{folder}/tokenizer.json")
-        if tokenizer_json is not None and f"{folder}/vocab.json" not in files:
-            for name, content in _bpe_vocabulary_files(tokenizer_json).items():
-                files[f"{folder}/{name}"] = content
-    return files
-
-
-def _sentencepiece_tokenizer_json(folder: Path) -> bytes:
-    """tokenizer.json for a T5 tokenizer saved as spiece.model alone: the runtime's
-    tokenizer (diffusion/tokenizer.py) reads only the former, and has no sentencepiece."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, ImportError) as error:
-        raise SourceError(
-            f"cannot read the tokenizer in {folder}: {first_line(error)} (a T5 tokenizer needs "
-            "tokenizer.json, or spiece.model with the sentencepiece package installed)"
-        ) from error
-    return str(tokenizer.backend_tokenizer.to_str()).encode()
-
-
-def _bpe_vocabulary_files(tokenizer_json: bytes) -> dict[str, bytes]:
-    """vocab.json + merges.txt from a BPE tokenizer.json. transformers 5 saves only the
-    latter; CLIPTokenizer in transformers 4 (which optimum pins) needs the former."""
-    model = json.loads(tokenizer_json).get("model", {})
-    if model.get("type") != "BPE" or "vocab" not in model:
-        return {}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return {
-        "vocab.json": json.dumps(model["vocab"], ensure_ascii=False).encode(),
-        "merges.txt": "\n".join(["#version: 0.2", *merges, ""]).encode(),
-    }
-
-
-def _save_reference(folder: Path, files: list[Path], pickle: bool, out: Path) -> None:
-    """The diffusers layout: safetensors copied as they are; pickle weights converted."""
-    out.mkdir(parents=True, exist_ok=True)
-    if not pickle or all(f.suffix == ".safetensors" for f in files):
-        shutil.copyfile(folder / "config.json", out / "config.json")
-        for path in files:
-            shutil.copyfile(path, out / path.name)
-        return
-    from modelkiln.models.stable_diffusion_modules import load_component
-
-    load_component(folder, pickle=True).save_pretrained(out, safe_serialization=True)
-
-
-def _weights(folder: Path, allow_pickle: bool) -> list[Path]:
-    """A component's weights, preferring the default files over variants (.fp16.safetensors)."""
-    files = find_weights(folder, allow_pickle=allow_pickle)
-    default = [f for f in files if len(f.name.split(".")) == 2]
-    if default:
-        return default
-    raise SourceError(
-        f"{folder} has only variant weights ({', '.join(f.name for f in files)}); modelkiln "
-        "builds from the default fp32 files: fetch them (without a variant) and retry"
-    )

@@ -59,6 +59,8 @@ TINY_RUNS = (
 DIFFUSION = [
     pytest.param("sd", "sd-openvino-int8", marks=[OV, pytest.mark.slow]),
     pytest.param("sd", "sd-openvino-int8-hybrid", marks=[OV, pytest.mark.slow]),
+    # sd-openvino-int8 with few-step [generation] defaults: its gate runs LCM's 4 steps.
+    pytest.param("sd", "sd-lcm-openvino-int8", marks=[OV, pytest.mark.slow]),
     pytest.param("sdxl", "sdxl-openvino-int8-hybrid", marks=[OV, pytest.mark.slow]),
 ]
 
