@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from modelkiln.errors import ProfileError, UnsupportedError
 from modelkiln.models import vit_zero_shot
 from modelkiln.models.base import LoadedModel, ModelFamily
-from modelkiln.models.vit_zero_shot import ZERO_SHOT, load_zero_shot
+from modelkiln.models.vit_zero_shot import ZERO_SHOT
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.sources import ResolvedSource, find_weights, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
@@ -89,11 +89,12 @@ class ViTFamily(ModelFamily):
         if library is None:
             raise UnsupportedError(f"{source.spec} is not a transformers or timm ViT")
         if settings.task == ZERO_SHOT:
-            return load_zero_shot(
+            return vit_zero_shot.load_zero_shot(
                 cls.name,
                 source,
                 config,
                 lambda model, size: _preprocessor(source, model, "transformers", size),
+                settings.hidden_layers,
             )
         weights = find_weights(source.local_dir, allow_pickle=source.allow_pickle)
         pickle = not weights[0].name.endswith(".safetensors")

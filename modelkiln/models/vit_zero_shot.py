@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelkiln.errors import SourceError, UnsupportedError
+from modelkiln.errors import ProfileError, SourceError, UnsupportedError
 from modelkiln.models.base import LoadedModel
 from modelkiln.sources import ResolvedSource, find_weights, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
@@ -37,6 +37,7 @@ def load_zero_shot(
     source: ResolvedSource,
     config: dict[str, Any],
     preprocessor_for: Any,
+    hidden_layers: tuple[int, ...] = (),
 ) -> LoadedModel:
     """Both towers of the CLIPModel in `source` as components; `preprocessor_for(model,
     image_size)` is the family's image preprocessing of the vision tower."""
@@ -47,6 +48,11 @@ def load_zero_shot(
         raise UnsupportedError(
             f"{source.spec}: zero-shot classification needs a whole CLIP model (CLIPModel, "
             f"both towers); this is a '{config.get('model_type')}' {architecture or 'model'}"
+        )
+    if hidden_layers:
+        raise ProfileError(
+            "model.hidden_layers does not apply to zero-shot classification (it scores the "
+            "projected embeddings); build the vision tower for embeddings to export them"
         )
     root = source.local_dir
     weights = find_weights(root, allow_pickle=False)

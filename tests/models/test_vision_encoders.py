@@ -184,7 +184,7 @@ def test_zero_shot_mistakes_are_clear(
     kiln_main: Callable[..., Any],
 ) -> None:
     from modelkiln import build
-    from modelkiln.errors import UnsupportedError
+    from modelkiln.errors import ProfileError, UnsupportedError
 
     zero_shot = built("clip", "vit-onnxruntime-fp32", ZERO_SHOT)
     classifier = built("deit-classifier", "vit-onnxruntime-fp32")
@@ -205,6 +205,14 @@ def test_zero_shot_mistakes_are_clear(
             "vit-onnxruntime-fp32",
             tmp_path / "x",
             overrides=[ZERO_SHOT],
+        )
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ProfileError, match=r"model\.hidden_layers does not apply to zero-shot"):
+        build(
+            source_dir("clip"),
+            "vit-onnxruntime-fp32",
+            tmp_path / "x",
+            overrides=[ZERO_SHOT, "model.hidden_layers=[1]"],
         )
     assert not (tmp_path / "x").exists()
     import tarfile
