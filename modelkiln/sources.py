@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.artifact import sha256_file
-from modelkiln.checkpoints.single_file import cached_folder, is_single_file
+from modelkiln.checkpoints.header import read_header
+from modelkiln.checkpoints.single_file import PICKLE_SUFFIXES, cached_folder, is_single_file
 from modelkiln.errors import (
     SourceError,
     UnsupportedError,
     did_you_mean,
-    first_line,
     require_utf8_path,
 )
 from modelkiln.jsonfile import read_json_object
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SAFE_WEIGHTS = ("*.safetensors",)
-PICKLE_WEIGHTS = ("*.bin", "*.pth", "*.pt", "*.ckpt")
+PICKLE_WEIGHTS = tuple(f"*{suffix}" for suffix in PICKLE_SUFFIXES)
 _CONFIGS = ("*.json", "*.txt", "*.model")
 
 
@@ -132,16 +132,7 @@ def find_weights(directory: Path, *, allow_pickle: bool) -> list[Path]:
 
 def _require_safetensors(path: Path) -> None:
     """Refuse a damaged weights file now, with its name, not deep inside a library's loader."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as weights:
-            weights.keys()
-    except Exception as error:  # safetensors' own error type is not an OSError
-        raise SourceError(
-            f"{path} is not a valid safetensors file ({first_line(error)}); "
-            "download or save the weights again"
-        ) from error
+    read_header(path, fix="download or save the weights again")
 
 
 def weights_digest(files: list[Path]) -> dict[str, str]:

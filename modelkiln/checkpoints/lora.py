@@ -20,6 +20,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.checkpoints.header import read_header
 from modelkiln.checkpoints.single_file import stored_dtype
 from modelkiln.errors import SourceError, UnsupportedError, first_line
 from modelkiln.records import LoraRecord
@@ -91,20 +92,8 @@ def _record(lora: LoraSettings) -> LoraRecord:
         raise SourceError(
             f"LoRA {path} is not a .safetensors file; pickle LoRAs are not read: convert it"
         )
-    keys = _keys(path)
+    keys = list(read_header(path, what="LoRA ", fix="download it again"))
     return LoraRecord(str(path.resolve()), sha256_file(path), lora.scale, layout_of(keys))
-
-
-def _keys(path: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as weights:
-            return list(weights.keys())
-    except Exception as error:  # safetensors' own error type is not an OSError
-        raise SourceError(
-            f"LoRA {path} is not a valid safetensors file ({first_line(error)}); download it again"
-        ) from error
 
 
 def _cache_key(resolved: ResolvedSource, records: Sequence[LoraRecord]) -> str:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from modelkiln.checkpoints.header import read_header
 from modelkiln.errors import SourceError, UnsupportedError, first_line, missing_backend
 from modelkiln.records import SingleFileRecord
 
@@ -124,21 +125,9 @@ def _header(path: Path, allow_pickle: bool) -> tuple[_ShapeView, list[str]]:
     """(key -> shape view, floating dtypes) of a checkpoint; a corrupt file is a SourceError."""
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return _pickled_header(path, allow_pickle)
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: list[str] = []
-    try:
-        with safe_open(str(path), framework="numpy") as weights:
-            for key in weights.keys():  # noqa: SIM118 - safe_open is not a dict
-                piece = weights.get_slice(key)
-                shapes[key] = tuple(piece.get_shape())
-                if (dtype := _FLOATING.get(piece.get_dtype())) is not None:
-                    dtypes.append(dtype)
-    except Exception as error:  # safetensors' own error type is not an OSError
-        raise SourceError(
-            f"{path} is not a valid safetensors file ({first_line(error)}); download it again"
-        ) from error
+    header = read_header(path, fix="download it again")
+    shapes = {key: shape for key, (shape, _) in header.items()}
+    dtypes = [_FLOATING[code] for _, code in header.values() if code in _FLOATING]
     return _ShapeView(shapes), dtypes
 
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
     from modelkiln.runtimes import Session
 
+CONTROLNET = "controlnet"  # a ControlNet pipeline's folder, component and session
 DOWN_RESIDUAL = "down_block_additional_residual_"
 MID_RESIDUAL = "mid_block_additional_residual"
 

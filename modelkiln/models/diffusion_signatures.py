@@ -57,13 +57,7 @@ def unet_signature(
     config: Mapping[str, Any], sequence: int, xl: bool
 ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
     latent = ("latent_height", "latent_width")
-    inputs = {
-        "sample": TensorSpec("float32", ("batch", config["in_channels"], *latent)),
-        "timestep": TensorSpec("float32", (), value_range=TIMESTEPS),
-        "encoder_hidden_states": TensorSpec(
-            "float32", ("batch", sequence, _cross_attention_dim(config))
-        ),
-    }
+    inputs = _denoiser_inputs(config, sequence)
     if xl:
         pooled = (
             config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
@@ -101,12 +95,25 @@ def controlnet_residuals(
     return specs
 
 
+def _denoiser_inputs(config: Mapping[str, Any], sequence: int) -> dict[str, TensorSpec]:
+    """What a UNet and its ControlNet both take: latents, a timestep, the text states."""
+    return {
+        "sample": TensorSpec(
+            "float32", ("batch", config["in_channels"], "latent_height", "latent_width")
+        ),
+        "timestep": TensorSpec("float32", (), value_range=TIMESTEPS),
+        "encoder_hidden_states": TensorSpec(
+            "float32", ("batch", sequence, _cross_attention_dim(config))
+        ),
+    }
+
+
 def controlnet_signature(
-    config: Mapping[str, Any], unet_inputs: Mapping[str, TensorSpec], dims: Mapping[str, int]
+    config: Mapping[str, Any], sequence: int, dims: Mapping[str, int]
 ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
     """ControlNet: the UNet's sample, timestep and text states plus the control image (in
     [0, 1]) -> the residuals (their conditioning scale is applied by the pipeline)."""
-    inputs = {name: unet_inputs[name] for name in ("sample", "timestep", "encoder_hidden_states")}
+    inputs = _denoiser_inputs(config, sequence)
     inputs["controlnet_cond"] = TensorSpec(
         "float32", ("batch", 3, dims["height"], dims["width"]), value_range=(0.0, 1.0)
     )

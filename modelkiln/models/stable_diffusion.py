@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from modelkiln.diffusion.control import CONTROLNET
 from modelkiln.diffusion.schedulers import SCHEDULERS
 from modelkiln.errors import ProfileError, SourceError, UnsupportedError
 from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
@@ -62,9 +63,8 @@ PIPELINE_CLASSES = {
     "FluxImg2ImgPipeline": "flux",
 }
 # Tolerances of an fp32 export against torch (optimum validates SD components with 1e-3).
-ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-3}
+ATOL = {"text_encoder": 1e-3, "text_encoder_2": 1e-3, "unet": 1e-3, "controlnet": 1e-3}
 VAE_ATOL = 1e-3
-CONTROLNET = "controlnet"  # the folder and component of a ControlNet pipeline's ControlNet
 FLOW_MATCH = "flow-match-euler"  # the scheduler of the flow-matching families (SD3, Flux)
 
 
@@ -137,6 +137,12 @@ class StableDiffusionFamily(ModelFamily):
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         height, width = _resolution(profile, denoiser_config, factor, cls.default_sample_size)
         dims = cls._dims(height, width, factor, denoiser_config)
+        if (root / CONTROLNET).is_dir() and (cls.name != "sd" or profile.shapes.dynamic_resolution):
+            raise UnsupportedError(
+                f"{root}: ControlNet is built for SD 1.x/2.x at a fixed resolution; "
+                f"{'set shapes.dynamic_resolution = false' if cls.name == 'sd' else cls.name}"
+                f"{'' if cls.name == 'sd' else ' ControlNet pipelines are not supported yet'}"
+            )
         sequences = cls._sequences(root)
         weights: dict[str, str] = {}
         components = []
@@ -146,10 +152,6 @@ class StableDiffusionFamily(ModelFamily):
             components.append(
                 cls._component(name, root / folder, files, source.allow_pickle, dims, sequences)
             )
-        if (root / CONTROLNET).is_dir():
-            components = cls._controlled(root, components, dims, source.allow_pickle, profile)
-            files = weight_files(root / CONTROLNET, source.allow_pickle)
-            weights.update({f"{CONTROLNET}/{k}": v for k, v in weights_digest(files).items()})
         task = cls._task(denoiser_config)
         return LoadedModel(
             family=cls.name,
@@ -172,70 +174,6 @@ class StableDiffusionFamily(ModelFamily):
             config_files=with_scheduler(shared_files(root, index), profile),
             weights=weights,
         )
-
-    @classmethod
-    def _controlled(
-        cls,
-        root: Path,
-        components: list[ComponentSpec],
-        dims: Mapping[str, int],
-        pickle: bool,
-        profile: Profile,
-    ) -> list[ComponentSpec]:
-        """A ControlNet pipeline's components: the ControlNet beside a UNet that also takes
-        its residuals (zeros: the plain UNet)."""
-        from modelkiln.models import stable_diffusion_modules as modules
-
-        if cls.name != "sd" or profile.shapes.dynamic_resolution:
-            raise UnsupportedError(
-                f"{root}: ControlNet is built for SD 1.x/2.x at a fixed resolution; "
-                f"{'set shapes.dynamic_resolution = false' if cls.name == 'sd' else cls.name}"
-                f"{'' if cls.name == 'sd' else ' ControlNet pipelines are not supported yet'}"
-            )
-        unet = next(spec for spec in components if spec.name == "unet")
-        unet_folder, net_folder = root / "unet", root / CONTROLNET
-        residuals = controlnet_residuals(
-            read_config(unet_folder), dims["latent_height"], dims["latent_width"]
-        )
-        controlled = replace(
-            unet,
-            inputs={**unet.inputs, **residuals},
-            module=lambda: modules.wrap(
-                "unet",
-                modules.load_component(unet_folder, pickle=pickle),
-                cls.name,
-                None,
-                controlled=True,
-            ),
-            meta_module=lambda: modules.wrap(
-                "unet", modules.meta_component(unet_folder), cls.name, None, controlled=True
-            ),
-        )
-        config = read_config(net_folder)
-        files = weight_files(net_folder, pickle)
-        inputs, outputs = controlnet_signature(config, unet.inputs, dims)
-        net = ComponentSpec(
-            name=CONTROLNET,
-            module=lambda: modules.wrap(
-                CONTROLNET, modules.load_component(net_folder, pickle=pickle), cls.name, None
-            ),
-            meta_module=lambda: modules.wrap(
-                CONTROLNET, modules.meta_component(net_folder), cls.name, None
-            ),
-            checkpoint=tuple(f for f in files if f.suffix == ".safetensors"),
-            inputs=inputs,
-            outputs=outputs,
-            save_reference=lambda out: save_reference(net_folder, files, pickle, out),
-            path=CONTROLNET,
-            reference_path=CONTROLNET,
-            atol=ATOL["unet"],
-            batch_factor=cls.denoiser_batch_factor,
-            default_dims=dict(dims),
-            config_file=component_config(CONTROLNET, config, None),
-        )
-        others = [spec for spec in components if spec.name != "unet"]
-        index = next(i for i, spec in enumerate(components) if spec.name == "unet")
-        return [*others[:index], net, controlled, *others[index:]]
 
     @classmethod
     def _task(cls, denoiser_config: Mapping[str, Any]) -> str:
@@ -296,8 +234,10 @@ class StableDiffusionFamily(ModelFamily):
                     "need their tokenizers; save the pipeline with them"
                 )
         text = [(encoder, encoder) for encoder in present]
+        # A ControlNet pipeline's ControlNet runs before the denoiser, on the same inputs.
+        control = [(CONTROLNET, CONTROLNET)] if (root / CONTROLNET).is_dir() else []
         denoiser = (cls.denoiser, cls.denoiser)
-        return [*text, denoiser, ("vae_encoder", "vae"), ("vae_decoder", "vae")]
+        return [*text, *control, denoiser, ("vae_encoder", "vae"), ("vae_decoder", "vae")]
 
     @classmethod
     def _component(
@@ -313,14 +253,25 @@ class StableDiffusionFamily(ModelFamily):
 
         config = read_config(folder)
         inputs, outputs = cls._signature(name, config, sequences, dims)
+        # A ControlNet pipeline's UNet also takes the ControlNet's residuals.
+        controlled = name == "unet" and (folder.parent / CONTROLNET).is_dir()
+        if controlled:
+            lh, lw = dims["latent_height"], dims["latent_width"]
+            inputs = {**inputs, **controlnet_residuals(config, lh, lw)}
         safetensors = tuple(f for f in files if f.suffix == ".safetensors")
         family, kind = cls.name, TEXT_ENCODERS[cls.name].get(name)
         return ComponentSpec(
             name=name,
             module=lambda: modules.wrap(
-                name, modules.load_component(folder, pickle=pickle), family, kind
+                name,
+                modules.load_component(folder, pickle=pickle),
+                family,
+                kind,
+                controlled=controlled,
             ),
-            meta_module=lambda: modules.wrap(name, modules.meta_component(folder), family, kind),
+            meta_module=lambda: modules.wrap(
+                name, modules.meta_component(folder), family, kind, controlled=controlled
+            ),
             checkpoint=safetensors,
             inputs=inputs,
             outputs=outputs,
@@ -328,7 +279,7 @@ class StableDiffusionFamily(ModelFamily):
             path=name,
             reference_path=folder.name,
             atol=ATOL.get(name, VAE_ATOL),
-            batch_factor=cls.denoiser_batch_factor if name == cls.denoiser else 1,
+            batch_factor=cls.denoiser_batch_factor if name in (cls.denoiser, CONTROLNET) else 1,
             default_dims=dict(dims),
             config_file=component_config(name, config, kind),
         )
@@ -346,6 +297,8 @@ class StableDiffusionFamily(ModelFamily):
             return text_encoder_signature(kind, config, sequences[name])
         if name == "unet":
             return unet_signature(config, sequences["text_encoder"], cls.xl)
+        if name == CONTROLNET:
+            return controlnet_signature(config, sequences["text_encoder"], dims)
         return vae_signature(name, config)
 
     @classmethod

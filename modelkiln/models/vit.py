@@ -306,10 +306,9 @@ def _config_files(
 def _save_reference(model: Any, library: str, source: ResolvedSource, out: Path) -> None:
     """Weights as safetensors plus the source's config, loadable by reference_module."""
     if library == "transformers":
-        from modelkiln.quiet import quiet_libraries
+        from modelkiln.models.vit_modules import save_transformers
 
-        with quiet_libraries():
-            model.save_pretrained(out)
+        save_transformers(model, out)
         return
     from safetensors.torch import save_file
 

@@ -97,6 +97,12 @@ class ClipTextEmbeds(nn.Module):
         return (out.text_embeds, out.last_hidden_state)
 
 
+def save_transformers(model: Any, out: Path) -> None:
+    """A transformers model's weights and config, as reference_module loads them back."""
+    with quiet_libraries():
+        model.save_pretrained(out)
+
+
 def _tower_config(model_class: Any, directory: Path) -> Any:
     """A tower's config inside a CLIPModel's, with the projection width of the whole model
     (the tower config's own projection_dim is its class default where it was not saved)."""

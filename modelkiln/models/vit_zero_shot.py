@@ -75,7 +75,7 @@ def load_zero_shot(
             name: TensorSpec("float32", ("batch", *shape))
             for name, shape in vision_module.output_shapes.items()
         },
-        save_reference=lambda out: _save(vision, out),
+        save_reference=lambda out: vit_modules.save_transformers(vision, out),
         path=VISION,
         atol=FP32_ATOL,
     )
@@ -88,7 +88,7 @@ def load_zero_shot(
             "text_embeds": TensorSpec("float32", ("batch", projection)),
             "last_hidden_state": TensorSpec("float32", ("batch", length, hidden)),
         },
-        save_reference=lambda out: _save(text, out),
+        save_reference=lambda out: vit_modules.save_transformers(text, out),
         path=TEXT,
         atol=FP32_ATOL,
     )
@@ -125,13 +125,6 @@ def reference_module(model_dir: Path, component: str) -> Any:
         return vit_modules.ClipTextEmbeds(vit_modules.load_clip_text(model_dir))
     model = vit_modules.load_transformers(model_dir, "CLIPVisionModelWithProjection", pickle=False)
     return vit_modules.HFFeatures(model, ())
-
-
-def _save(model: Any, out: Path) -> None:
-    from modelkiln.quiet import quiet_libraries
-
-    with quiet_libraries():
-        model.save_pretrained(out)
 
 
 def _tokenizer_files(root: Path) -> dict[str, bytes]:

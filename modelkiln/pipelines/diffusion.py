@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
-from modelkiln.diffusion.control import control_to_pixels, controlled_denoiser
+from modelkiln.diffusion.control import CONTROLNET, control_to_pixels, controlled_denoiser
 from modelkiln.diffusion.denoise import (
     Conditioning,
     Denoiser,
@@ -45,8 +45,6 @@ if TYPE_CHECKING:
     from PIL import Image
 
 logger = logging.getLogger(__name__)
-
-CONTROLNET = "controlnet"  # a ControlNet artifact's session
 
 
 class SDPipeline(ImageGenerator):

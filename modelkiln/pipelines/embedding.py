@@ -76,10 +76,7 @@ class ImageEmbeddingPipeline(ImagePipeline):
         for out in self.batches(image_list, [output], batch_size, max_pixels):
             parts.append(self._pool(out[output], mode))
         vectors = np.concatenate(parts).astype(np.float32)
-        if normalize:
-            norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-            vectors = vectors / np.maximum(norms, np.finfo(np.float32).tiny)
-        return vectors
+        return normalised(vectors) if normalize else vectors
 
     def _plan(self, pooling: str, layer: int | None) -> tuple[str, str]:
         """Which output to fetch, and the concrete pooling for it."""
@@ -119,3 +116,9 @@ class ImageEmbeddingPipeline(ImagePipeline):
         if pooling == "cls":
             return values[:, 0]
         return values[:, self.num_prefix_tokens :].mean(axis=1)
+
+
+def normalised(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (a zero row stays zero), float32."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)

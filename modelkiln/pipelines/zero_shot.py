@@ -22,6 +22,7 @@ from modelkiln.pipelines.base import (
     run_padded,
 )
 from modelkiln.pipelines.classification import Prediction, softmax
+from modelkiln.pipelines.embedding import normalised
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.runtimes import Session
 
@@ -67,13 +68,13 @@ class ZeroShotImageClassificationPipeline(ImagePipeline):
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> np.ndarray:
         """(number of images, projection) float32, L2-normalised: CLIP's image_embeds."""
-        return _normalised(self.concatenated(images, "image_embeds", batch_size, max_pixels))
+        return normalised(self.concatenated(images, "image_embeds", batch_size, max_pixels))
 
     def text_embeddings(self, labels: Sequence[str]) -> np.ndarray:
         """(number of labels, projection) float32, L2-normalised: CLIP's text_embeds."""
         labels = _checked(labels)
         ids = self.tokenizer(labels)
-        return _normalised(run_padded(self.text, {"input_ids": ids})["text_embeds"])
+        return normalised(run_padded(self.text, {"input_ids": ids})["text_embeds"])
 
     def logits(
         self,
@@ -146,11 +147,6 @@ def _checked(labels: Sequence[str]) -> list[str]:
     if len(labels) > MAX_LABELS:
         raise InputError(f"at most {MAX_LABELS} labels per call, got {len(labels)}")
     return labels
-
-
-def _normalised(vectors: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, np.finfo(np.float32).tiny)).astype(np.float32)
 
 
 def _vision_only(loaded: Any) -> Any:
