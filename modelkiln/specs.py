@@ -29,6 +29,9 @@ class TensorSpec:
     is_logits: bool = False
     # [low, high) of random test values (token ids, timesteps); None: standard normal floats.
     value_range: tuple[float, float] | None = None
+    # An input a caller may leave out: the model holds a default (zeros at size 1 along each
+    # symbolic dim; a run-time LoRA's matrices, which default to no LoRA).
+    optional: bool = False
 
     @property
     def symbolic_dims(self) -> tuple[str, ...]:
@@ -56,7 +59,13 @@ class TensorSpec:
             data["is_logits"] = True
         if self.value_range is not None:
             data["value_range"] = list(self.value_range)
+        if self.optional:
+            data["optional"] = True
         return data
+
+    def default(self) -> np.ndarray:
+        """What an optional input is when left out: zeros, size 1 along symbolic dims."""
+        return np.zeros(tuple(d if isinstance(d, int) else 1 for d in self.shape), self.dtype)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> TensorSpec:
@@ -67,14 +76,16 @@ class TensorSpec:
                 tuple(data["shape"]),
                 bool(data.get("is_logits", False)),
                 (value_range[0], value_range[1]) if value_range is not None else None,
+                bool(data.get("optional", False)),
             )
         except (KeyError, TypeError) as error:
             raise ArtifactError(f"malformed tensor spec in manifest: {dict(data)!r}") from error
 
 
 def check_feeds(feeds: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> dict[str, np.ndarray]:
-    """Validate names, dtypes and shapes of a feed; symbolic dims must agree across inputs."""
-    missing = [name for name in specs if name not in feeds]
+    """Validate names, dtypes and shapes of a feed; symbolic dims must agree across inputs.
+    Optional inputs may be left out (the result then lacks them too)."""
+    missing = [name for name, spec in specs.items() if name not in feeds and not spec.optional]
     unexpected = [name for name in feeds if name not in specs]
     if missing or unexpected:
         parts = []
@@ -86,6 +97,8 @@ def check_feeds(feeds: Mapping[str, Any], specs: Mapping[str, TensorSpec]) -> di
     bound: dict[str, tuple[int, str]] = {}
     checked: dict[str, np.ndarray] = {}
     for name, spec in specs.items():
+        if name not in feeds:
+            continue  # optional, left out
         array = feeds[name]
         if not isinstance(array, np.ndarray):
             raise InputError(
@@ -168,6 +181,9 @@ class ComponentSpec:
     atol: float = 1e-4
     # Default dims for symbolic axes other than the batch.
     default_dims: Mapping[str, int] = field(default_factory=dict)
+    # Symbolic dims every export keeps dynamic, whatever the profile's shapes say (the rank
+    # of run-time LoRA matrices, which differs per LoRA).
+    dynamic_dims: frozenset[str] = frozenset()
 
     def dummy_inputs(self, dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)

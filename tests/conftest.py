@@ -95,6 +95,7 @@ SOURCES = {
     "sd-inpaint": lambda d: _testing().tiny_sd(d, inpaint=True),
     "sd-v": lambda d: _testing().tiny_sd(d, prediction_type="v_prediction"),
     "sd-controlnet": lambda d: _testing().tiny_sd(d, controlnet=True),
+    "sdxl-controlnet": lambda d: _testing().tiny_sdxl(d, controlnet=True),
     "sdxl": lambda d: _testing().tiny_sdxl(d),
     "sdxl-inpaint": lambda d: _testing().tiny_sdxl(d, inpaint=True),
     # What single files hold: SD 2.x's OpenCLIP text encoder, SDXL's two of different widths.

@@ -50,7 +50,7 @@ def fuse_loras(
             "and Flux pipelines"
         )
     denoiser = "unet" if (resolved.local_dir / "unet").is_dir() else "transformer"
-    records = tuple(_record(lora) for lora in loras)
+    records = tuple(lora_record(lora) for lora in loras)
     key = _cache_key(resolved, records)
     target = cache_home() / "lora-fused" / key
     fused = replace(resolved, local_dir=target, loras=records)
@@ -75,7 +75,7 @@ def layout_of(keys: Sequence[str]) -> str:
     return "other"
 
 
-def _record(lora: LoraSettings) -> LoraRecord:
+def lora_record(lora: LoraSettings) -> LoraRecord:
     from modelkiln.artifact import sha256_file
 
     path = Path(lora.path).expanduser()
@@ -145,7 +145,7 @@ def _fuse_each(
 ) -> None:
     for index, (lora, record) in enumerate(loras):
         name = f"kiln_lora_{index}"
-        weights = _peft_state_dict(Path(record.path), denoiser) if record.layout == "peft" else None
+        weights = peft_state_dict(Path(record.path), denoiser) if record.layout == "peft" else None
         try:
             pipeline.load_lora_weights(weights or record.path, adapter_name=name)
         except Exception as error:  # diffusers raises many types for a foreign LoRA
@@ -164,7 +164,7 @@ def _fuse_each(
         pipeline.unload_lora_weights()
 
 
-def _peft_state_dict(folder: Path, denoiser: str) -> dict[str, Any]:
+def peft_state_dict(folder: Path, denoiser: str) -> dict[str, Any]:
     """A peft adapter of the denoiser in diffusers' keys, with alpha / r folded into B."""
     from safetensors.torch import load_file
 

@@ -53,6 +53,7 @@ for command in (
     run.classify,
     run.embed,
     run.generate,
+    run.lora_adapter,
     artifacts.info,
     artifacts.verify,
     artifacts.validate,

@@ -10,6 +10,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
+from modelkiln.cli.build import lora_option
 from modelkiln.cli.console import (
     BATCH_OPTION,
     DEVICE_OPTION,
@@ -237,6 +238,14 @@ def _require_task(pipeline: Any, expected: type) -> None:
     type=float,
     help="How strongly the ControlNet conditions the image.  [default: 1.0]",
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="PATH[:SCALE]",
+    help="Artifacts built with [runtime_lora]: apply this LoRA (.safetensors, peft folder or "
+    ".onnx_adapter) at SCALE (default 1.0) without a rebuild; repeat for several.",
+)
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.png")
 @RUNTIME_OPTION
 @THREADS_OPTION
@@ -259,6 +268,7 @@ def generate(
     mask: str | None,
     control_image: str | None,
     control_scale: float | None,
+    loras: tuple[str, ...],
     output: Path,
     runtime: str | None,
     threads: int | None,
@@ -275,6 +285,7 @@ def generate(
         raise InputError("--strength applies to --image (image-to-image or inpainting)")
     if control_scale is not None and control_image is None:
         raise InputError("--control-scale applies to --control-image")
+    chosen = [lora_option(text) for text in loras]
     # Found now, not after minutes of denoising.
     image_format(output)
     for path in numbered_outputs(output, num_images):
@@ -305,6 +316,8 @@ def generate(
                 f"this artifact was built for {pipeline.task}, not image generation; "
                 f"use `{command}`"
             )
+        if chosen:
+            pipeline.set_loras([(lora.path, lora.scale) for lora in chosen])
         settings["progress"] = progress
         if mask is not None and init_image is not None:
             images = pipeline.inpaint(prompt, init_image, mask, strength=strength, **settings)
@@ -316,6 +329,23 @@ def generate(
         with atomic_file(path) as staged:
             image.save(staged, format=image_format(path))
         out.print(f"[green]wrote[/] {escape(str(path))} ({image.width}×{image.height})")
+
+
+@click.command("lora-adapter")
+@click.argument("artifact", type=click.Path(path_type=Path, exists=True))
+@click.argument("loras", nargs=-1, required=True, metavar="LORA[:SCALE]...")
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.onnx_adapter"
+)
+def lora_adapter(artifact: Path, loras: tuple[str, ...], output: Path) -> None:
+    """Write LoRAs (at their scales, default 1.0) as one ONNX Runtime adapter file for
+    ARTIFACT's run-time LoRA slots: `kiln generate --lora OUT.onnx_adapter` and ONNX Runtime's
+    own LoraAdapter (C++, C#, Java, mobile) run it without torch."""
+    from modelkiln.checkpoints.lora_slots import write_artifact_adapter
+
+    check_writable(output, folder=False)
+    written = write_artifact_adapter(artifact, [lora_option(text) for text in loras], output)
+    out.print(f"[green]wrote[/] {escape(str(written))}")
 
 
 def image_format(path: Path) -> str:

@@ -46,7 +46,9 @@ def controlled_denoiser(
         if control is None:
             residuals = [_zeros(unet, name, count) for name in names]
         else:
-            feeds = {**inputs, "controlnet_cond": np.repeat(control, count, axis=0)}
+            # SDXL's ControlNet also reads the pooled text embeddings and size ids.
+            added = {k: v for k, v in conditioning.extra.items() if k in controlnet.input_specs}
+            feeds = {**inputs, **added, "controlnet_cond": np.repeat(control, count, axis=0)}
             out = run_conformed(controlnet, feeds)
             produced = [f"down_block_res_sample_{i}" for i in range(len(names) - 1)]
             residuals = [

@@ -65,6 +65,7 @@ def export_dims(spec: ComponentSpec, profile: Profile) -> tuple[dict[str, int], 
     dynamic = {"batch"} if shapes.dynamic_batch else set()
     if shapes.dynamic_resolution:
         dynamic |= RESOLUTION_DIMS
+    dynamic |= spec.dynamic_dims
     # Static: the images per call times the component's factor (2 for a CFG-doubled UNet).
     batch = DYNAMIC_EXAMPLE_SIZE if shapes.dynamic_batch else shapes.batch_size * spec.batch_factor
     return {**spec.default_dims, "batch": batch}, dynamic

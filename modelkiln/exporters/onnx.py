@@ -48,7 +48,10 @@ def onnx_from_torch(
         program = _export(spec, load_module(), profile, meta=False)
         _fold_weight_transposes(program.model)
         program.optimize()
-    if fusions_wanted(profile):
+    # The fusions read q/k/v projections as constant weights plus a bias: a run-time LoRA's
+    # addition (optional inputs) would be fused as a bias of the wrong shape.
+    run_time_inputs = any(tensor.optional for tensor in spec.inputs.values())
+    if fusions_wanted(profile) and not run_time_inputs:
         fused = fuse_for_onnxruntime(program.model)
         program.model.metadata_props[FUSED_OPS_KEY] = json.dumps(fused)
     _save(program, spec, profile, path)
@@ -93,6 +96,7 @@ def _save(program: Any, spec: ComponentSpec, profile: Profile, path: Path) -> No
             "limit; set export.external_data = 'auto'"
         )
     _name_dims(program.model, spec, profile)
+    _default_optional_inputs(program.model, spec)
     _strip_debug_metadata(program.model)
     program.model.metadata_props["modelkiln.component"] = spec.name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -302,6 +306,18 @@ def _name_dims(model: Any, spec: ComponentSpec, profile: Profile) -> None:
             tensor = specs.get(value.name)
             if tensor is not None and value.shape is not None:
                 value.shape = onnx_ir.Shape(list(tensor.shape))
+
+
+def _default_optional_inputs(model: Any, spec: ComponentSpec) -> None:
+    """An optional input's default is an initializer of its name: ONNX Runtime then runs
+    the graph without it, and a feed or a LoRA adapter overrides it."""
+    import onnx_ir
+
+    for value in model.graph.inputs:
+        tensor = spec.inputs.get(value.name)
+        if tensor is not None and tensor.optional:
+            value.const_value = onnx_ir.Tensor(tensor.default(), name=value.name)
+            model.graph.register_initializer(value)
 
 
 def _strip_debug_metadata(model: Any) -> None:

@@ -58,6 +58,8 @@ class ModelFamily(ABC):
     usage: ClassVar[Mapping[str, str]] = {}
     # Whether [[lora]] applies: diffusers pipelines fuse LoRAs with their own loaders.
     fuses_lora: ClassVar[bool] = False
+    # Whether [runtime_lora] applies: its denoiser exports LoRA slots chosen at run time.
+    runtime_lora: ClassVar[bool] = False
     # The schedulers [generation] may name (none: the family does not generate images).
     schedulers: ClassVar[tuple[str, ...]] = ()
 
@@ -107,6 +109,11 @@ class ModelFamily(ABC):
             raise UnsupportedError(
                 f"{origin}: [[lora]] does not apply to {cls.name} models; LoRAs are fused "
                 "into diffusion pipelines (sd, sdxl, sd3, flux)"
+            )
+        if profile.runtime_lora.enabled and not cls.runtime_lora:
+            raise UnsupportedError(
+                f"{origin}: [runtime_lora] does not apply to {cls.name} models; run-time LoRA "
+                "slots are built into SD 1.x/2.x and SDXL UNets (fuse LoRAs with [[lora]])"
             )
         generation = profile.generation
         if not cls.schedulers and any(v is not None for v in asdict(generation).values()):

@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from modelkiln.diffusion.lora import LORA_RANK, slot_inputs
 from modelkiln.specs import TensorSpec
 
 TIMESTEPS = (0.0, 1000.0)
@@ -57,13 +58,7 @@ def unet_signature(
     config: Mapping[str, Any], sequence: int, xl: bool
 ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
     latent = ("latent_height", "latent_width")
-    inputs = _denoiser_inputs(config, sequence)
-    if xl:
-        pooled = (
-            config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-        )
-        inputs["text_embeds"] = TensorSpec("float32", ("batch", pooled))
-        inputs["time_ids"] = TensorSpec("float32", ("batch", 6), value_range=(0, 1024))
+    inputs = _denoiser_inputs(config, sequence, xl)
     outputs = {"out_sample": TensorSpec("float32", ("batch", config["out_channels"], *latent))}
     return inputs, outputs
 
@@ -95,9 +90,10 @@ def controlnet_residuals(
     return specs
 
 
-def _denoiser_inputs(config: Mapping[str, Any], sequence: int) -> dict[str, TensorSpec]:
-    """What a UNet and its ControlNet both take: latents, a timestep, the text states."""
-    return {
+def _denoiser_inputs(config: Mapping[str, Any], sequence: int, xl: bool) -> dict[str, TensorSpec]:
+    """What a UNet and its ControlNet both take: latents, a timestep, the text states, and
+    SDXL's pooled text embeddings and six size / crop ids."""
+    inputs = {
         "sample": TensorSpec(
             "float32", ("batch", config["in_channels"], "latent_height", "latent_width")
         ),
@@ -106,14 +102,21 @@ def _denoiser_inputs(config: Mapping[str, Any], sequence: int) -> dict[str, Tens
             "float32", ("batch", sequence, _cross_attention_dim(config))
         ),
     }
+    if xl:
+        pooled = (
+            config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        )
+        inputs["text_embeds"] = TensorSpec("float32", ("batch", pooled))
+        inputs["time_ids"] = TensorSpec("float32", ("batch", 6), value_range=(0, 1024))
+    return inputs
 
 
 def controlnet_signature(
-    config: Mapping[str, Any], sequence: int, dims: Mapping[str, int]
+    config: Mapping[str, Any], sequence: int, dims: Mapping[str, int], xl: bool
 ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-    """ControlNet: the UNet's sample, timestep and text states plus the control image (in
-    [0, 1]) -> the residuals (their conditioning scale is applied by the pipeline)."""
-    inputs = _denoiser_inputs(config, sequence)
+    """ControlNet: the UNet's inputs plus the control image (in [0, 1]) -> the residuals
+    (their conditioning scale is applied by the pipeline)."""
+    inputs = _denoiser_inputs(config, sequence, xl)
     inputs["controlnet_cond"] = TensorSpec(
         "float32", ("batch", 3, dims["height"], dims["width"]), value_range=(0.0, 1.0)
     )
@@ -146,6 +149,26 @@ def vae_signature(
     return {"latent_sample": latents}, {"sample": image}
 
 
+# The rank of the example LoRA matrices an export traces (not 1: torch.export would
+# specialise a dim of size 1), and their values: small, as a trained LoRA's are.
+EXAMPLE_RANK = 4
+SLOT_VALUES = (-0.05, 0.05)
+
+
+def lora_slot_inputs(layers: Mapping[str, tuple[int, int]]) -> dict[str, TensorSpec]:
+    """Each slot layer's A (rank, in) and B (out, rank): optional, zeros being no LoRA."""
+    inputs = {}
+    for layer, (in_features, out_features) in layers.items():
+        down, up = slot_inputs(layer)
+        inputs[down] = TensorSpec(
+            "float32", (LORA_RANK, in_features), value_range=SLOT_VALUES, optional=True
+        )
+        inputs[up] = TensorSpec(
+            "float32", (out_features, LORA_RANK), value_range=SLOT_VALUES, optional=True
+        )
+    return inputs
+
+
 def _cross_attention_dim(config: Mapping[str, Any]) -> int:
     dim = config["cross_attention_dim"]
     return int(dim[0] if isinstance(dim, list | tuple) else dim)
@@ -162,12 +185,15 @@ def component_config(name: str, config: Mapping[str, Any], text_kind: str | None
 
 
 __all__ = [
+    "EXAMPLE_RANK",
     "EXPORT_MODEL_TYPES",
+    "LORA_RANK",
     "TEXT_ENCODERS",
     "TIMESTEPS",
     "component_config",
     "controlnet_residuals",
     "controlnet_signature",
+    "lora_slot_inputs",
     "text_encoder_signature",
     "unet_signature",
     "vae_signature",

@@ -41,6 +41,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
         "stable-diffusion-3": "modelkiln.pipelines.flow_diffusion:SD3Pipeline"
     }
     denoiser: ClassVar[str] = "transformer"
+    runtime_lora: ClassVar[bool] = False  # LoRA slots are built into UNets only
     tokenizer_folders: ClassVar[Mapping[str, str]] = {
         "text_encoder": "tokenizer",
         "text_encoder_2": "tokenizer_2",

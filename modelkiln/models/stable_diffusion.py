@@ -8,7 +8,7 @@ vae_decoder (latent_sample -> sample). Components load lazily, one at a time.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -28,11 +28,14 @@ from modelkiln.models.diffusers_files import (
     with_scheduler,
 )
 from modelkiln.models.diffusion_signatures import (
+    EXAMPLE_RANK,
+    LORA_RANK,
     TEXT_ENCODERS,
     TIMESTEPS,
     component_config,
     controlnet_residuals,
     controlnet_signature,
+    lora_slot_inputs,
     text_encoder_signature,
     unet_signature,
     vae_signature,
@@ -56,6 +59,7 @@ PIPELINE_CLASSES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionXLInpaintPipeline": "sdxl",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "StableDiffusion3Img2ImgPipeline": "sd3",
     "StableDiffusion3InpaintPipeline": "sd3",
@@ -100,6 +104,7 @@ class StableDiffusionFamily(ModelFamily):
     }
     real_inputs: ClassVar[str] = PROMPTS
     fuses_lora: ClassVar[bool] = True
+    runtime_lora: ClassVar[bool] = True
     schedulers: ClassVar[tuple[str, ...]] = tuple(n for n in SCHEDULERS if n != FLOW_MATCH)
     notable_ops: ClassVar[frozenset[str]] = frozenset({"group_norm"})  # UNet and VAE
     # The pipeline reads model_index.json, the scheduler config and the CLIP tokenizer.
@@ -122,6 +127,12 @@ class StableDiffusionFamily(ModelFamily):
         return replace(spec, inputs={**spec.inputs, "timestep": timestep})
 
     @classmethod
+    def check_profile(cls, profile: Profile, origin: str) -> None:
+        super().check_profile(profile, origin)
+        if profile.runtime_lora.enabled:
+            _check_runtime_lora(profile, cls.denoiser, origin)
+
+    @classmethod
     def matches(cls, source: ResolvedSource) -> bool:
         index = source.read_json("model_index.json")
         return index is not None and PIPELINE_CLASSES.get(index.get("_class_name", "")) == cls.name
@@ -137,21 +148,24 @@ class StableDiffusionFamily(ModelFamily):
         factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
         height, width = _resolution(profile, denoiser_config, factor, cls.default_sample_size)
         dims = cls._dims(height, width, factor, denoiser_config)
-        if (root / CONTROLNET).is_dir() and (cls.name != "sd" or profile.shapes.dynamic_resolution):
+        if (root / CONTROLNET).is_dir() and profile.shapes.dynamic_resolution:
             raise UnsupportedError(
-                f"{root}: ControlNet is built for SD 1.x/2.x at a fixed resolution; "
-                f"{'set shapes.dynamic_resolution = false' if cls.name == 'sd' else cls.name}"
-                f"{'' if cls.name == 'sd' else ' ControlNet pipelines are not supported yet'}"
+                f"{root}: a ControlNet pipeline is built at a fixed resolution (its residuals' "
+                "sizes are the UNet's inputs); set shapes.dynamic_resolution = false"
             )
         sequences = cls._sequences(root)
+        slots = profile.runtime_lora.targets if profile.runtime_lora.enabled else ()
         weights: dict[str, str] = {}
         components = []
         for name, folder in cls._component_folders(root):
             files = weight_files(root / folder, source.allow_pickle)
             weights.update({f"{folder}/{k}": v for k, v in weights_digest(files).items()})
-            components.append(
-                cls._component(name, root / folder, files, source.allow_pickle, dims, sequences)
+            component = cls._component(
+                name, root / folder, files, source.allow_pickle, dims, sequences
             )
+            if name == cls.denoiser and slots:
+                component = with_lora_slots(component, root / folder, slots)
+            components.append(component)
         task = cls._task(denoiser_config)
         return LoadedModel(
             family=cls.name,
@@ -298,7 +312,7 @@ class StableDiffusionFamily(ModelFamily):
         if name == "unet":
             return unet_signature(config, sequences["text_encoder"], cls.xl)
         if name == CONTROLNET:
-            return controlnet_signature(config, sequences["text_encoder"], dims)
+            return controlnet_signature(config, sequences["text_encoder"], dims, cls.xl)
         return vae_signature(name, config)
 
     @classmethod
@@ -341,6 +355,49 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         *StableDiffusionFamily.bundle_configs,
         "tokenizer_2/",
     )
+
+
+def with_lora_slots(spec: ComponentSpec, folder: Path, targets: Sequence[str]) -> ComponentSpec:
+    """The denoiser with a LoRA slot in every target layer: A and B as optional inputs."""
+    from modelkiln.models import stable_diffusion_modules as modules
+
+    layers = modules.lora_slot_layers(modules.meta_component(folder), targets)
+    if not layers:
+        raise ProfileError(
+            f"runtime_lora.targets {list(targets)} name no Linear layer of {folder}; name its "
+            "layers or their last parts (to_q, to_k, to_v, to_out.0, ff.net.2, ...)"
+        )
+    module, meta_module = spec.module, spec.meta_module
+    return replace(
+        spec,
+        module=lambda: modules.LoraSlots(module(), list(layers)),
+        meta_module=(lambda: modules.LoraSlots(meta_module(), list(layers)))
+        if meta_module is not None
+        else None,
+        inputs={**spec.inputs, **lora_slot_inputs(layers)},
+        default_dims={**spec.default_dims, LORA_RANK: EXAMPLE_RANK},
+        dynamic_dims=spec.dynamic_dims | {LORA_RANK},
+    )
+
+
+def _check_runtime_lora(profile: Profile, denoiser: str, origin: str) -> None:
+    """Slots are optional inputs with defaults, which the ONNX export writes and ONNX
+    Runtime runs (as LoRA adapters); the LoRA adds to fp32 weights that no scheme changed."""
+    view = profile.for_component(denoiser)
+    if profile.export.format != "onnx" or profile.runtime.name not in ("auto", "onnxruntime"):
+        raise UnsupportedError(
+            f"{origin}: [runtime_lora] is built for the onnx format run by ONNX Runtime, not "
+            f"{profile.export.format} on {profile.runtime.name}; fuse LoRAs at build ([[lora]] "
+            "or kiln build --lora) for other backends"
+        )
+    if view.precision.weights != "fp32" or view.quantization.scheme != "none":
+        raise UnsupportedError(
+            f"{origin}: [runtime_lora] needs the {denoiser} in fp32 without a quantization "
+            f"scheme (it has {view.precision.weights}, scheme {view.quantization.scheme}); "
+            "fuse LoRAs at build ([[lora]]) for a quantized or fp16 build"
+        )
+    if not profile.runtime_lora.targets:
+        raise ProfileError(f"{origin}: runtime_lora.targets is empty; name the layers to adapt")
 
 
 def _resolution(

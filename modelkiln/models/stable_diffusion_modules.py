@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -108,24 +109,28 @@ class UNet(nn.Module):
 
 
 class ControlledUNet(nn.Module):
-    """sample, timestep, encoder_hidden_states, then a ControlNet's residuals (down blocks',
-    then the mid block's) -> out_sample. Zero residuals: the plain UNet."""
+    """sample, timestep, encoder_hidden_states [, text_embeds, time_ids: SDXL], then a
+    ControlNet's residuals (down blocks', then the mid block's) -> out_sample. Zero
+    residuals: the plain UNet."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, xl: bool) -> None:
         super().__init__()
         self.model = model
+        self.xl = xl
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        *residuals: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> tuple[torch.Tensor]:
+        conditions, residuals = _added_conditions(rest, self.xl)
         result = self.model(
             sample,
             timestep,
             encoder_hidden_states,
+            added_cond_kwargs=conditions,
             down_block_additional_residuals=residuals[:-1],
             mid_block_additional_residual=residuals[-1],
             return_dict=False,
@@ -134,29 +139,43 @@ class ControlledUNet(nn.Module):
 
 
 class ControlNet(nn.Module):
-    """sample, timestep, encoder_hidden_states, controlnet_cond -> the down blocks' residuals
-    and the mid block's, at conditioning scale 1 (the pipeline scales them)."""
+    """sample, timestep, encoder_hidden_states [, text_embeds, time_ids: SDXL],
+    controlnet_cond -> the down blocks' residuals and the mid block's, at conditioning scale
+    1 (the pipeline scales them)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, xl: bool) -> None:
         super().__init__()
         self.model = model
+        self.xl = xl
 
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor,
+        *rest: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
+        conditions, (controlnet_cond,) = _added_conditions(rest, self.xl)
         down, mid = self.model(
             sample,
             timestep,
             encoder_hidden_states,
             controlnet_cond,
             conditioning_scale=1.0,
+            added_cond_kwargs=conditions,
             return_dict=False,
         )
         return (*down, mid)
+
+
+def _added_conditions(
+    inputs: tuple[torch.Tensor, ...], xl: bool
+) -> tuple[dict[str, torch.Tensor] | None, tuple[torch.Tensor, ...]]:
+    """SDXL's text_embeds and time_ids from the front of `inputs`, and the rest."""
+    if not xl:
+        return None, inputs
+    text_embeds, time_ids, *rest = inputs
+    return {"text_embeds": text_embeds, "time_ids": time_ids}, tuple(rest)
 
 
 class UNetXL(nn.Module):
@@ -294,9 +313,9 @@ def wrap(
     if text_kind is not None:
         return TextEncoder(model, hidden_states=text_kind == "clip-hidden-states").eval()
     if component == "controlnet":
-        return ControlNet(model).eval()
+        return ControlNet(model, xl=family == "sdxl").eval()
     if component == "unet" and controlled:
-        return ControlledUNet(model).eval()
+        return ControlledUNet(model, xl=family == "sdxl").eval()
     if component == "unet":
         return (UNetXL(model) if family == "sdxl" else UNet(model)).eval()
     if component == "transformer":
@@ -306,3 +325,50 @@ def wrap(
     if component == "vae_decoder":
         return VaeDecoder(model).eval()
     raise ValueError(f"no {family} component '{component}'")  # a bug, not input
+
+
+def lora_slot_layers(model: nn.Module, targets: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """The Linear layers named by `targets` (a whole name or its last parts) -> (in, out)."""
+    return {
+        name: (module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and any(name == target or name.endswith("." + target) for target in targets)
+    }
+
+
+class LoraSlots(nn.Module):
+    """A wrapper's inputs, then A and B of each slot layer: each slot layer's output gains
+    x @ A.T @ B.T, a LoRA (with its scale in B) chosen at run time. Forward hooks add it, so
+    the weights keep their names ("model." + checkpoint key) for the streamed export."""
+
+    wrapper: nn.Module
+    model: nn.Module
+
+    def __init__(self, wrapper: nn.Module, layers: Sequence[str]) -> None:
+        super().__init__()
+        self.model = cast(nn.Module, wrapper.model)
+        object.__setattr__(self, "wrapper", wrapper)  # not a submodule: one name per weight
+        self.layers = list(layers)
+        self.matrices: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        modules = dict(self.model.named_modules())
+        for name in self.layers:
+            modules[name].register_forward_hook(self._adds_lora(name))
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        count = len(inputs) - 2 * len(self.layers)
+        base, matrices = inputs[:count], inputs[count:]
+        self.matrices = {
+            name: (matrices[2 * i], matrices[2 * i + 1]) for i, name in enumerate(self.layers)
+        }
+        try:
+            return self.wrapper(*base)
+        finally:
+            self.matrices = {}
+
+    def _adds_lora(self, name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> Any:
+            down, up = self.matrices[name]
+            return output + nn.functional.linear(nn.functional.linear(args[0], down), up)
+
+        return hook

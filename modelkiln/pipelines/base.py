@@ -255,13 +255,16 @@ def run_padded(
     """Run a session; a static batch axis gets the feed in chunks, the last one zero-padded.
 
     The batch is the first axis of every input of rank 2 or more but those in `unbatched`
-    (Flux's token positions); a one-element vector (a UNet's timestep, shape (1,)) is not
-    batched.
+    (Flux's token positions) and optional ones (a run-time LoRA's matrices); a one-element
+    vector (a UNet's timestep, shape (1,)) is not batched.
     """
     fixed = {
         name: spec.shape[0]
         for name, spec in session.input_specs.items()
-        if len(spec.shape) >= 2 and isinstance(spec.shape[0], int) and name not in unbatched
+        if len(spec.shape) >= 2
+        and isinstance(spec.shape[0], int)
+        and name not in unbatched
+        and not spec.optional
     }
     if not fixed:
         return session.run(feeds)

@@ -29,6 +29,7 @@ from modelkiln.diffusion.denoise import (
     unet_denoiser,
 )
 from modelkiln.diffusion.images import image_to_pixels, mask_to_pixels, pixels_to_images
+from modelkiln.diffusion.lora import slot_feeds, slot_layers
 from modelkiln.diffusion.noise import TorchGenerator
 from modelkiln.diffusion.request import Defaults, Request, check_latents, parse_request
 from modelkiln.diffusion.schedulers import Scheduler, scheduler_from_config
@@ -76,6 +77,7 @@ class SDPipeline(ImageGenerator):
         self.root = root
         self.model_info = dict(model_info)
         self._check_denoiser(configs)
+        self._unet_config = dict(configs["unet"])
         self._tokenizers = [ClipTokenizer.from_folder(root / folder) for folder in self.tokenizers]
         self._vae = self._make_vae(sessions, configs["vae_decoder"])
         self._scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
@@ -83,6 +85,23 @@ class SDPipeline(ImageGenerator):
     @classmethod
     def from_parts(cls, parts: PipelineParts) -> Self:
         return cls(parts.root, parts.sessions, parts.configs, parts.info, parts.task)
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """Apply LoRAs to the calls that follow, without a rebuild: each a .safetensors file,
+        a peft folder or an .onnx_adapter (kiln lora-adapter), with its scale; [] removes
+        them. The artifact's UNet needs run-time LoRA slots ([runtime_lora])."""
+        unet = self.sessions["unet"]
+        slots = slot_layers(unet.input_specs)
+        if not slots:
+            raise UnsupportedError(
+                "this artifact's UNet has no run-time LoRA slots; fuse LoRAs at build (kiln "
+                "build --lora) or rebuild with --set runtime_lora.enabled=true (ONNX Runtime)"
+            )
+        # Torch-free for adapter files; a LoRA file needs diffusers (it says so without).
+        from modelkiln.checkpoints.lora_slots import read_lora
+
+        matrices = [(read_lora(Path(path), self._unet_config), scale) for path, scale in loras]
+        unet.bind(slot_feeds(slots, matrices))
 
     # --- the three entry points --------------------------------------------------------------
 

@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from modelkiln.errors import InputError
+from modelkiln.errors import InputError, UnsupportedError
 from modelkiln.evaluation.end_to_end import GeneratedImages, Outputs, PromptData, RealData
 from modelkiln.pipelines.base import Feeds, Pipeline
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.runtimes.base import Session
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from PIL import Image
 
     from modelkiln.images import ImageInput
@@ -56,6 +58,14 @@ class ImageGenerator(Pipeline):
         **settings: Any,
     ) -> list[Image.Image]:
         """`image` repainted where `mask` is white (strength: default the family's)."""
+
+    def set_loras(self, loras: Sequence[tuple[str | Path, float]]) -> None:
+        """Apply LoRAs (path, scale) to the calls that follow without a rebuild, where the
+        artifact has run-time LoRA slots; this family's have none."""
+        raise UnsupportedError(
+            f"{type(self).__name__} has no run-time LoRA slots (SD 1.x/2.x and SDXL artifacts "
+            "built with [runtime_lora] have); fuse LoRAs at build (kiln build --lora)"
+        )
 
     @property
     @abstractmethod

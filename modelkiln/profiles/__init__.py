@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelkiln.errors import ProfileError, did_you_mean
-from modelkiln.profiles.diffusion import GenerationSettings, LoraSettings
+from modelkiln.profiles.diffusion import GenerationSettings, LoraSettings, RuntimeLoraSettings
 from modelkiln.profiles.history import MOVED_IN_V2, SCHEMA_VERSION, upgrade
 from modelkiln.profiles.parsing import (
     apply_override,
@@ -182,6 +182,7 @@ SECTIONS = (
     "components",
     "build",
     "lora",
+    "runtime_lora",
     "generation",
 )
 
@@ -203,6 +204,7 @@ class Profile:
     components: dict[str, ComponentSettings] = field(default_factory=dict)
     build: BuildSettings = field(default_factory=BuildSettings)
     lora: tuple[LoraSettings, ...] = ()
+    runtime_lora: RuntimeLoraSettings = field(default_factory=RuntimeLoraSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     # Backend name -> its own section as written ([openvino], [tensorrt], ...).
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -476,6 +478,7 @@ __all__ = [
     "PrecisionSettings",
     "Profile",
     "QuantizationSettings",
+    "RuntimeLoraSettings",
     "RuntimeSettings",
     "ShapeSettings",
     "ValidationSettings",

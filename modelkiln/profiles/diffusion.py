@@ -1,5 +1,6 @@
-"""What a diffusion build adds to a profile: LoRAs fused before export ([[lora]]) and the
-defaults its image calls use ([generation])."""
+"""What a diffusion build adds to a profile: LoRAs fused before export ([[lora]]), slots
+for LoRAs chosen at run time ([runtime_lora]) and the defaults its image calls use
+([generation])."""
 
 from __future__ import annotations
 
@@ -26,3 +27,19 @@ class LoraSettings:
 
     path: str
     scale: float = 1.0
+
+
+# The UNet layers diffusers' LoRA training scripts adapt: the attention projections.
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass(frozen=True)
+class RuntimeLoraSettings:
+    """[runtime_lora]: the UNet exported unfused, each target layer taking a LoRA's A and B
+    as optional inputs (zeros: no LoRA), so that `kiln generate --lora` switches LoRAs and
+    scales without a rebuild (ONNX Runtime runs them as LoRA adapters). `targets` are layer
+    names or their last parts ("to_q" adapts every attention's query projection); a LoRA
+    that adapts a layer outside them is refused when it is applied."""
+
+    enabled: bool = False
+    targets: tuple[str, ...] = ATTENTION_PROJECTIONS

@@ -113,6 +113,10 @@ class Session(Closeable, ABC):
     from several at once and each call gets its own outputs; a backend whose handle is not
     thread-safe pools its handles (OpenVINO) or serialises its calls (Core ML, TensorRT)."""
 
+    # True when the model file holds its optional inputs' defaults (ONNX initializers a feed
+    # overrides): inputs left out are then not fed. Otherwise `run` feeds their zeros.
+    holds_defaults: ClassVar[bool] = False
+
     def __init__(
         self, name: str, inputs: Mapping[str, TensorSpec], outputs: Mapping[str, TensorSpec]
     ) -> None:
@@ -121,16 +125,37 @@ class Session(Closeable, ABC):
         self.output_specs = dict(outputs)
         # Seconds of every backend call while a benchmark records them (None: not recording).
         self.call_times: list[float] | None = None
+        self._bound: dict[str, np.ndarray] = {}
 
     @property
     def info(self) -> dict[str, Any]:
         """What the backend actually uses (precision, threads, device), for manifests and info."""
         return {}
 
+    def bind(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Fix some inputs for the calls that follow, until bound again ({}: none): a run-time
+        LoRA's matrices, chosen once, not fed per call. Not while runs are in flight."""
+        unknown = [name for name in arrays if name not in self.input_specs]
+        if unknown:
+            raise InputError(
+                f"{self.name} has no input(s) {', '.join(map(repr, unknown))} to bind; it has: "
+                f"{', '.join(self.input_specs)}"
+            )
+        self._bound = check_feeds(arrays, {name: self.input_specs[name] for name in arrays})
+        self._bind(self._bound)
+
+    def _bind(self, arrays: dict[str, np.ndarray]) -> None:
+        """A backend that places bound inputs itself (ONNX Runtime's LoRA adapters) does it
+        here; by default `run` feeds them with every call."""
+
     def run(
         self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        checked = check_feeds(feeds, self.input_specs)
+        checked = check_feeds({**self._bound, **feeds}, self.input_specs)
+        if not self.holds_defaults:
+            for name, spec in self.input_specs.items():
+                if name not in checked:
+                    checked[name] = spec.default()
         wanted = list(output_names) if output_names is not None else list(self.output_specs)
         unknown = [n for n in wanted if n not in self.output_specs]
         if unknown:

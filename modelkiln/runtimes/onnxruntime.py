@@ -39,6 +39,9 @@ _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class OnnxRuntimeSession(Session):
+    # Optional inputs are initializers the feeds may override (exporters/onnx.py).
+    holds_defaults = True
+
     def __init__(
         self,
         entry: Path,
@@ -70,10 +73,16 @@ class OnnxRuntimeSession(Session):
                 f"onnxruntime cannot load {entry}: {str(error).splitlines()[0]}; "
                 "the file may be corrupted: run `kiln verify` or rebuild"
             ) from error
+        overridable = [i.name for i in self._session.get_overridable_initializers()]
+        optional = [name for name in overridable if name in inputs and inputs[name].optional]
         self._check_backend_names(
-            [i.name for i in self._session.get_inputs()],
+            [i.name for i in self._session.get_inputs()] + optional,
             [o.name for o in self._session.get_outputs()],
         )
+        # Bound inputs, as ONNX Runtime's LoRA adapter that supplies them (see _bind).
+        self._adapter: Any = None
+        self._run_options: Any = None
+        self._adapter_names: frozenset[str] = frozenset()
         self._threads = options.threads
         self._precision = {"fp16": "f16", "bf16": "bf16"}.get(options.compute_precision, "f32")
         self._graph_optimization = options.backend(OnnxRuntimeSettings).graph_optimization
@@ -93,12 +102,42 @@ class OnnxRuntimeSession(Session):
             "fused_ops": self._fused_ops,
         }
 
+    def _bind(self, arrays: dict[str, np.ndarray]) -> None:
+        """Bound inputs become an ONNX Runtime LoRA adapter, active in every call's
+        RunOptions: written once (the arrays must live until then), memory-mapped by ONNX
+        Runtime, and kept alive while the RunOptions use it (it is ignored otherwise)."""
+        import tempfile
+
+        import onnxruntime as ort
+
+        self._run_options, self._adapter, self._adapter_names = None, None, frozenset()
+        if not arrays:
+            return
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        adapter_format = ort.AdapterFormat()
+        adapter_format.set_parameters(values)
+        with tempfile.TemporaryDirectory(
+            prefix="kiln-adapter-",
+            ignore_cleanup_errors=True,  # Windows: mapped files stay
+        ) as scratch:
+            path = Path(scratch) / "bound.onnx_adapter"
+            adapter_format.export_adapter(str(path))
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(path))  # memory-mapped: the mapping outlives the file's name
+        run_options = ort.RunOptions()
+        run_options.add_active_adapter(adapter)
+        self._adapter, self._run_options = adapter, run_options
+        self._adapter_names = frozenset(arrays)
+
     def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
-        results = self._session.run(output_names, feeds)
+        if self._adapter_names:
+            feeds = {k: v for k, v in feeds.items() if k not in self._adapter_names}
+        results = self._session.run(output_names, feeds, self._run_options)
         return dict(zip(output_names, results, strict=True))
 
     def close(self) -> None:
         self._session = None
+        self._run_options, self._adapter = None, None
 
 
 def _providers_for(device: str, available: list[str]) -> list[str]:

@@ -188,11 +188,17 @@ def _tiny_controlnet(unet: Any) -> Any:
 
 
 def tiny_sdxl(
-    directory: str | Path, *, inpaint: bool = False, seed: int = 0, text_encoder_2_width: int = 32
+    directory: str | Path,
+    *,
+    inpaint: bool = False,
+    seed: int = 0,
+    text_encoder_2_width: int = 32,
+    controlnet: bool = False,
 ) -> Path:
     """A diffusers StableDiffusionXL(Inpaint)Pipeline directory with two tiny text encoders.
     A single file tells its two encoders apart by width (as diffusers reads it): such a
-    fixture needs text_encoder_2_width != 32."""
+    fixture needs text_encoder_2_width != 32. controlnet=True makes it a
+    StableDiffusionXLControlNetPipeline."""
     import torch
     from diffusers import (
         EulerDiscreteScheduler,
@@ -233,7 +239,12 @@ def tiny_sdxl(
     first = write_tiny_clip_tokenizer(directory / "_tokenizer")
     second = write_tiny_clip_tokenizer(directory / "_tokenizer_2", pad_token="!")
     pipeline_class: Any = StableDiffusionXLInpaintPipeline if inpaint else StableDiffusionXLPipeline
-    extra = {"requires_aesthetics_score": False} if inpaint else {}
+    extra: dict[str, Any] = {"requires_aesthetics_score": False} if inpaint else {}
+    if controlnet:
+        from diffusers import StableDiffusionXLControlNetPipeline
+
+        pipeline_class = StableDiffusionXLControlNetPipeline
+        extra["controlnet"] = _tiny_controlnet(unet)
     pipeline = pipeline_class(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_tiny_clip_config()),

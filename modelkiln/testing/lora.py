@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,16 @@ TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
 def lora_layers(
-    pipeline_dir: str | Path, *, rank: int = 4, seed: int = 0, text_encoder: bool = True
+    pipeline_dir: str | Path,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    text_encoder: bool = True,
+    unet_targets: Sequence[str] = UNET_TARGETS,
 ) -> dict[str, dict[str, Any]]:
     """component -> peft's LoRA state dict (`<module>.lora_A.weight`, `.lora_B.weight`) for
-    the UNet's attention projections and (optionally) the text encoder's."""
+    the UNet's `unet_targets` (its attention projections) and (optionally) the text
+    encoder's."""
     import torch
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -31,7 +38,7 @@ def lora_layers(
     folder = Path(pipeline_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet")
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=UNET_TARGETS)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(unet_targets))
     inject_adapter_in_model(_random(config), unet)
     layers = {"unet": _scaled(get_peft_model_state_dict(unet))}
     if text_encoder:

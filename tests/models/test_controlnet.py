@@ -1,8 +1,10 @@
-"""ControlNet (SD 1.x): the ControlNet exported beside a UNet that takes its residuals, run
-by the torch-free pipeline, against diffusers' StableDiffusionControlNetPipeline."""
+"""ControlNet (SD 1.x and SDXL): the ControlNet exported beside a UNet that takes its
+residuals, run by the torch-free pipeline, against diffusers' StableDiffusion(XL)ControlNet
+pipelines."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,15 @@ from modelkiln.errors import InputError, UnsupportedError
 # OpenVINO runs the same ONNX export (sd-openvino-fp32 converts it): checked once by hand
 # (83 dB against diffusers), not on every run, to keep the suite short.
 ROUND_TRIPS = [
-    pytest.param("sd-onnxruntime-fp32", marks=pytest.mark.onnxruntime, id="onnx-ort"),
+    pytest.param(
+        "sd-controlnet", "sd-onnxruntime-fp32", marks=pytest.mark.onnxruntime, id="sd-onnx-ort"
+    ),
+    pytest.param(
+        "sdxl-controlnet",
+        "sdxl-onnxruntime-fp32",
+        marks=pytest.mark.onnxruntime,
+        id="sdxl-onnx-ort",
+    ),
 ]
 
 
@@ -27,12 +37,18 @@ def control_image() -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def diffusers_controlnet(source: Path) -> Any:
-    from diffusers import StableDiffusionControlNetPipeline
+def diffusers_pipelines(source: Path) -> tuple[Any, Any]:
+    """diffusers' ControlNet pipeline on the source, and its plain pipeline (no ControlNet)."""
+    import diffusers
 
-    pipeline = StableDiffusionControlNetPipeline.from_pretrained(source)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    index = json.loads((source / "model_index.json").read_text())
+    prefix = "StableDiffusionXL" if "XL" in index["_class_name"] else "StableDiffusion"
+    controlled = getattr(diffusers, prefix + "ControlNetPipeline").from_pretrained(source)
+    components = {k: v for k, v in controlled.components.items() if k != "controlnet"}
+    plain = getattr(diffusers, prefix + "Pipeline")(**components)
+    for pipeline in (controlled, plain):
+        pipeline.set_progress_bar_config(disable=True)
+    return controlled, plain
 
 
 def diffusers_call(**arguments: Any) -> dict[str, Any]:
@@ -47,17 +63,18 @@ def diffusers_call(**arguments: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("profile", ROUND_TRIPS)
+@pytest.mark.parametrize(("fixture", "profile"), ROUND_TRIPS)
 def test_controlnet_generation_matches_diffusers_controlnet_pipeline(
-    profile: str, built: Callable[..., Path], source_dir: Callable[[str], Path]
+    fixture: str, profile: str, built: Callable[..., Path], source_dir: Callable[[str], Path]
 ) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    source = source_dir("sd-controlnet")
-    artifact = built("sd-controlnet", profile)
+    source = source_dir(fixture)
+    artifact = built(fixture, profile)
     manifest = open_artifact(artifact).manifest
+    encoders = (
+        ["text_encoder", "text_encoder_2"] if fixture.startswith("sdxl") else ["text_encoder"]
+    )
     assert list(manifest.components) == [
-        "text_encoder",
+        *encoders,
         "controlnet",
         "unet",
         "vae_encoder",
@@ -65,7 +82,7 @@ def test_controlnet_generation_matches_diffusers_controlnet_pipeline(
     ]
     residuals = [n for n in manifest.components["unet"].inputs if "residual" in n]
     assert len(residuals) == 5  # conv_in, 1 layer + downsampler, 1 layer; the mid block
-    reference = diffusers_controlnet(source)
+    reference, base = diffusers_pipelines(source)
     pipeline = load(artifact)
     images = {}
     for scale in (1.0, 0.5):
@@ -80,9 +97,6 @@ def test_controlnet_generation_matches_diffusers_controlnet_pipeline(
         assert psnr(ours, theirs) >= 35, scale
     # No control image: the plain UNet, as diffusers' pipeline without the ControlNet.
     (plain,) = pipeline.text_to_image(PROMPT, steps=STEPS, seed=0)
-    components = {k: v for k, v in reference.components.items() if k != "controlnet"}
-    base = StableDiffusionPipeline(**components)
-    base.set_progress_bar_config(disable=True)
     assert psnr(plain, base(PROMPT, **diffusers_call()).images[0]) >= 35
     # The ControlNet changes the image, the more the higher its scale.
     assert psnr(plain, images[1.0][0]) < psnr(plain, images[0.5][0]) < 45
