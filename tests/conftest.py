@@ -94,8 +94,9 @@ SOURCES = {
     "sd": lambda d: _testing().tiny_sd(d),
     "sd-inpaint": lambda d: _testing().tiny_sd(d, inpaint=True),
     "sd-v": lambda d: _testing().tiny_sd(d, prediction_type="v_prediction"),
-    "sd-controlnet": lambda d: _testing().tiny_sd(d, controlnet=True),
-    "sdxl-controlnet": lambda d: _testing().tiny_sdxl(d, controlnet=True),
+    "sd-controlnet": lambda d: _testing().tiny_sd(d, controlnet=1),
+    "sd-multicontrolnet": lambda d: _testing().tiny_sd(d, controlnet=2),
+    "sdxl-controlnet": lambda d: _testing().tiny_sdxl(d, controlnet=1),
     "sdxl": lambda d: _testing().tiny_sdxl(d),
     "sdxl-inpaint": lambda d: _testing().tiny_sdxl(d, inpaint=True),
     # What single files hold: SD 2.x's OpenCLIP text encoder, SDXL's two of different widths.

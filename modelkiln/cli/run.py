@@ -231,12 +231,17 @@ def _require_task(pipeline: Any, expected: type) -> None:
 )
 @click.option("--mask", help="Inpaint where this mask is white (any size).")
 @click.option(
-    "--control-image", help="ControlNet artifacts: the conditioning image (edges, depth, pose)."
+    "--control-image",
+    multiple=True,
+    help="ControlNet artifacts: the conditioning image (edges, depth, pose); one per ControlNet "
+    "of a multi-ControlNet artifact, in order.",
 )
 @click.option(
     "--control-scale",
     type=float,
-    help="How strongly the ControlNet conditions the image.  [default: 1.0]",
+    multiple=True,
+    help="How strongly the ControlNet conditions the image: one for all, or one per "
+    "--control-image.  [default: 1.0]",
 )
 @click.option(
     "--lora",
@@ -266,8 +271,8 @@ def generate(
     init_image: str | None,
     strength: float | None,
     mask: str | None,
-    control_image: str | None,
-    control_scale: float | None,
+    control_image: tuple[str, ...],
+    control_scale: tuple[float, ...],
     loras: tuple[str, ...],
     output: Path,
     runtime: str | None,
@@ -283,7 +288,7 @@ def generate(
         raise InputError("--mask needs --image: the image to inpaint")
     if strength is not None and init_image is None:
         raise InputError("--strength applies to --image (image-to-image or inpainting)")
-    if control_scale is not None and control_image is None:
+    if control_scale and not control_image:
         raise InputError("--control-scale applies to --control-image")
     chosen = [lora_option(text) for text in loras]
     # Found now, not after minutes of denoising.
@@ -301,9 +306,9 @@ def generate(
         "num_images": num_images,
         "scheduler": scheduler,
     }
-    if control_image is not None:
-        settings["control_image"] = control_image
-        settings["control_scale"] = 1.0 if control_scale is None else control_scale
+    if control_image:
+        settings["control_image"] = list(control_image)
+        settings["control_scale"] = list(control_scale) or 1.0
     with (
         load(
             artifact, runtime=runtime, threads=threads, device=device, low_memory=low_memory

@@ -44,9 +44,10 @@ class Request:
     progress: Progress
     # Guidance's two halves in two denoiser calls: half the activation memory (denoise.py).
     split_guidance: bool = False
-    # ControlNet's conditioning image and the scale of its residuals (diffusers' default 1).
-    control_image: Image.Image | None = None
-    control_scale: float = 1.0
+    # One conditioning image per ControlNet, and the scales of their residuals (diffusers'
+    # default 1); () without a control image.
+    control_images: tuple[Image.Image, ...] = ()
+    control_scales: tuple[float, ...] = ()
 
     @property
     def batch(self) -> int:
@@ -97,10 +98,9 @@ def parse_request(
         raise InputError(f"strength must be in (0, 1], got {strength}")
     image = options.pop("image", None)
     mask = options.pop("mask", None)
-    control_image = options.pop("control_image", None)
-    control_scale = float(options.pop("control_scale", 1.0))
-    if not 0.0 <= control_scale <= MAX_CONTROL_SCALE:  # NaN fails this too
-        raise InputError(f"control_scale must be in 0..{MAX_CONTROL_SCALE}, got {control_scale}")
+    control_images, control_scales = _control(
+        options.pop("control_image", None), options.pop("control_scale", 1.0)
+    )
     request = Request(
         mode=mode,
         prompts=prompts,
@@ -119,12 +119,32 @@ def parse_request(
         callback=options.pop("callback", None),
         progress=options.pop("progress", None) or NullProgress(),
         split_guidance=bool(options.pop("split_guidance", False)),
-        control_image=None if control_image is None else load_image(control_image),
-        control_scale=control_scale,
+        control_images=control_images,
+        control_scales=control_scales,
     )
     if options:
         raise TypeError(f"unknown generation setting(s): {', '.join(sorted(options))}")
     return request
+
+
+def _control(images: Any, scales: Any) -> tuple[tuple[Any, ...], tuple[float, ...]]:
+    """Control images (one, or a list: one per ControlNet) and their scales (one for all,
+    or one each), as diffusers' ControlNet pipelines take them."""
+    if images is None:
+        return (), ()
+    listed = list(images) if isinstance(images, list | tuple) else [images]
+    values = [float(s) for s in scales] if isinstance(scales, list | tuple) else [float(scales)]
+    if len(values) == 1:
+        values *= len(listed)
+    if len(values) != len(listed):
+        raise InputError(
+            f"got {len(values)} control scales for {len(listed)} control images; give one "
+            "scale, or one per image"
+        )
+    for value in values:
+        if not 0.0 <= value <= MAX_CONTROL_SCALE:  # NaN fails this too
+            raise InputError(f"control_scale must be in 0..{MAX_CONTROL_SCALE}, got {value}")
+    return tuple(load_image(image) for image in listed), tuple(values)
 
 
 def check_prompt(prompt: Any, name: str, *, allow_empty: bool = False) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from modelkiln.diffusion.control import CONTROLNET
+from modelkiln.diffusion.control import CONTROLNET, controlnet_names, is_controlnet
 from modelkiln.diffusion.schedulers import SCHEDULERS
 from modelkiln.errors import ProfileError, SourceError, UnsupportedError
 from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
@@ -248,8 +248,10 @@ class StableDiffusionFamily(ModelFamily):
                     "need their tokenizers; save the pipeline with them"
                 )
         text = [(encoder, encoder) for encoder in present]
-        # A ControlNet pipeline's ControlNet runs before the denoiser, on the same inputs.
-        control = [(CONTROLNET, CONTROLNET)] if (root / CONTROLNET).is_dir() else []
+        # A ControlNet pipeline's ControlNets (a MultiControlNetModel saves controlnet,
+        # controlnet_1, ...) run before the denoiser, on the same inputs.
+        folders = {path.name for path in root.iterdir() if path.is_dir()}
+        control = [(name, name) for name in controlnet_names(folders)]
         denoiser = (cls.denoiser, cls.denoiser)
         return [*text, *control, denoiser, ("vae_encoder", "vae"), ("vae_decoder", "vae")]
 
@@ -292,8 +294,10 @@ class StableDiffusionFamily(ModelFamily):
             save_reference=lambda out: save_reference(folder, files, pickle, out),
             path=name,
             reference_path=folder.name,
-            atol=ATOL.get(name, VAE_ATOL),
-            batch_factor=cls.denoiser_batch_factor if name in (cls.denoiser, CONTROLNET) else 1,
+            atol=ATOL.get(CONTROLNET if is_controlnet(name) else name, VAE_ATOL),
+            batch_factor=(
+                cls.denoiser_batch_factor if name == cls.denoiser or is_controlnet(name) else 1
+            ),
             default_dims=dict(dims),
             config_file=component_config(name, config, kind),
         )
@@ -311,7 +315,7 @@ class StableDiffusionFamily(ModelFamily):
             return text_encoder_signature(kind, config, sequences[name])
         if name == "unet":
             return unet_signature(config, sequences["text_encoder"], cls.xl)
-        if name == CONTROLNET:
+        if is_controlnet(name):
             return controlnet_signature(config, sequences["text_encoder"], dims, cls.xl)
         return vae_signature(name, config)
 

@@ -16,6 +16,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from modelkiln.diffusion.control import is_controlnet
 from modelkiln.errors import SourceError, first_line
 
 
@@ -312,7 +313,7 @@ def wrap(
         return TextEncoderWithProjection(model).eval()
     if text_kind is not None:
         return TextEncoder(model, hidden_states=text_kind == "clip-hidden-states").eval()
-    if component == "controlnet":
+    if is_controlnet(component):
         return ControlNet(model, xl=family == "sdxl").eval()
     if component == "unet" and controlled:
         return ControlledUNet(model, xl=family == "sdxl").eval()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 import numpy as np
 
-from modelkiln.diffusion.control import CONTROLNET, control_to_pixels, controlled_denoiser
+from modelkiln.diffusion.control import control_to_pixels, controlled_denoiser, controlnet_names
 from modelkiln.diffusion.denoise import (
     Conditioning,
     Denoiser,
@@ -273,13 +273,13 @@ class SDPipeline(ImageGenerator):
 
     def _denoiser(self, request: Request) -> Denoiser:
         unet = self.sessions["unet"]
-        if CONTROLNET not in self.sessions:
+        names = controlnet_names(self.sessions)
+        if not names:
             return unet_denoiser(unet)
-        control = request.control_image
-        pixels = (
-            None if control is None else control_to_pixels(control, request.height, request.width)
-        )
-        return controlled_denoiser(self.sessions[CONTROLNET], unet, pixels, request.control_scale)
+        size = request.height, request.width
+        controls = [control_to_pixels(image, *size) for image in request.control_images]
+        nets = [self.sessions[name] for name in names] if controls else []
+        return controlled_denoiser(nets, unet, controls, request.control_scales)
 
     def _guidance_scale(self, request: Request) -> float:
         """Classifier-free guidance's scale (1: none)."""
@@ -330,10 +330,17 @@ class SDPipeline(ImageGenerator):
         }
         defaults = Defaults(steps, guidance)
         request = parse_request(mode, prompt, settings, defaults, self._check_size)
-        if request.control_image is not None and CONTROLNET not in self.sessions:
+        nets = len(controlnet_names(self.sessions))
+        given = len(request.control_images)
+        if given and not nets:
             raise InputError(
-                "this artifact has no ControlNet: build a StableDiffusionControlNetPipeline "
+                "this artifact has no ControlNet: build a StableDiffusion(XL)ControlNetPipeline "
                 "folder to condition on a control image"
+            )
+        if given and given != nets:
+            raise InputError(
+                f"this artifact has {nets} ControlNets and got {given} control image(s); give "
+                "one per ControlNet, in their order (controlnet, controlnet_1, ...)"
             )
         if request.latents is not None:
             check_latents(request, self._latent_shape(request))

@@ -119,12 +119,13 @@ def tiny_sd(
     seed: int = 0,
     prediction_type: str = "epsilon",
     text_hidden_act: str = "quick_gelu",
-    controlnet: bool = False,
+    controlnet: int = 0,
 ) -> Path:
     """A diffusers StableDiffusion(Inpaint)Pipeline directory: 2-block UNet, 32x32 images.
     prediction_type="v_prediction" makes it an SD 2.x-style v-prediction model, and
     text_hidden_act="gelu" gives it SD 2.x's kind of text encoder (OpenCLIP's, as single files
-    store it); controlnet=True makes it a StableDiffusionControlNetPipeline."""
+    store it); controlnet=N makes it a StableDiffusionControlNetPipeline with N ControlNets
+    (a MultiControlNetModel when N > 1)."""
     import torch
     from diffusers import (
         StableDiffusionInpaintPipeline,
@@ -155,7 +156,8 @@ def tiny_sd(
         from diffusers import StableDiffusionControlNetPipeline
 
         pipeline_class = StableDiffusionControlNetPipeline
-        extra["controlnet"] = _tiny_controlnet(unet)
+        nets = [_tiny_controlnet(unet) for _ in range(controlnet)]
+        extra["controlnet"] = nets[0] if controlnet == 1 else nets
     pipeline = pipeline_class(
         vae=_tiny_vae(),
         text_encoder=CLIPTextModel(_tiny_clip_config(hidden_act=text_hidden_act)),
@@ -193,11 +195,11 @@ def tiny_sdxl(
     inpaint: bool = False,
     seed: int = 0,
     text_encoder_2_width: int = 32,
-    controlnet: bool = False,
+    controlnet: int = 0,
 ) -> Path:
     """A diffusers StableDiffusionXL(Inpaint)Pipeline directory with two tiny text encoders.
     A single file tells its two encoders apart by width (as diffusers reads it): such a
-    fixture needs text_encoder_2_width != 32. controlnet=True makes it a
+    fixture needs text_encoder_2_width != 32. controlnet=1 makes it a
     StableDiffusionXLControlNetPipeline."""
     import torch
     from diffusers import (

@@ -32,8 +32,8 @@ ROUND_TRIPS = [
 ]
 
 
-def control_image() -> Image.Image:
-    pixels = np.random.default_rng(3).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+def control_image(seed: int = 3) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
     return Image.fromarray(pixels)
 
 
@@ -100,6 +100,32 @@ def test_controlnet_generation_matches_diffusers_controlnet_pipeline(
     assert psnr(plain, base(PROMPT, **diffusers_call()).images[0]) >= 35
     # The ControlNet changes the image, the more the higher its scale.
     assert psnr(plain, images[1.0][0]) < psnr(plain, images[0.5][0]) < 45
+
+
+def test_several_controlnets_sum_their_scaled_residuals_as_diffusers_multicontrolnet(
+    built: Callable[..., Path], source_dir: Callable[[str], Path]
+) -> None:
+    source = source_dir("sd-multicontrolnet")
+    artifact = built("sd-multicontrolnet", "sd-onnxruntime-fp32")
+    components = list(open_artifact(artifact).manifest.components)
+    assert components[1:3] == ["controlnet", "controlnet_1"]
+    reference, _ = diffusers_pipelines(source)
+    images, scales = [control_image(3), control_image(4)], [1.0, 0.5]
+    pipeline = load(artifact)
+    (ours,) = pipeline.text_to_image(
+        PROMPT, control_image=images, control_scale=scales, steps=STEPS, seed=0
+    )
+    call = diffusers_call(controlnet_conditioning_scale=scales)
+    assert psnr(ours, reference(PROMPT, image=images, **call).images[0]) >= 35
+    # The second ControlNet matters: without it (scale 0) the image is another.
+    (first_only,) = pipeline.text_to_image(
+        PROMPT, control_image=images, control_scale=[1.0, 0.0], steps=STEPS, seed=0
+    )
+    assert psnr(ours, first_only) < 45
+    with pytest.raises(InputError, match="has 2 ControlNets and got 1 control image"):
+        pipeline.text_to_image(PROMPT, control_image=images[0], steps=1)
+    with pytest.raises(InputError, match="got 3 control scales for 2 control images"):
+        pipeline.text_to_image(PROMPT, control_image=images, control_scale=[1, 1, 1], steps=1)
 
 
 def test_controlnet_mistakes_are_clear(
