@@ -77,7 +77,7 @@ class SDPipeline(ImageGenerator):
         self.root = root
         self.model_info = dict(model_info)
         self._check_denoiser(configs)
-        self._unet_config = dict(configs["unet"])
+        self._unet_config = dict(configs.get("unet", {}))  # SD3 and Flux have none
         self._tokenizers = [ClipTokenizer.from_folder(root / folder) for folder in self.tokenizers]
         self._vae = self._make_vae(sessions, configs["vae_decoder"])
         self._scheduler_config = _read_json(root / "scheduler" / "scheduler_config.json")
@@ -90,12 +90,13 @@ class SDPipeline(ImageGenerator):
         """Apply LoRAs to the calls that follow, without a rebuild: each a .safetensors file,
         a peft folder or an .onnx_adapter (kiln lora-adapter), with its scale; [] removes
         them. The artifact's UNet needs run-time LoRA slots ([runtime_lora])."""
-        unet = self.sessions["unet"]
-        slots = slot_layers(unet.input_specs)
-        if not slots:
+        unet = self.sessions.get("unet")
+        slots = slot_layers(unet.input_specs) if unet is not None else {}
+        if unet is None or not slots:
             raise UnsupportedError(
-                "this artifact's UNet has no run-time LoRA slots; fuse LoRAs at build (kiln "
-                "build --lora) or rebuild with --set runtime_lora.enabled=true (ONNX Runtime)"
+                "this artifact has no run-time LoRA slots (SD 1.x/2.x and SDXL UNets built with "
+                "--set runtime_lora.enabled=true on ONNX Runtime have); fuse LoRAs at build "
+                "(kiln build --lora)"
             )
         # Torch-free for adapter files; a LoRA file needs diffusers (it says so without).
         from modelkiln.checkpoints.lora_slots import read_lora
