@@ -179,7 +179,9 @@ def test_runtime_lora_mistakes_are_clear(
             write_artifact_adapter(artifact, [LoraSettings(str(loras[0]))], tmp_path / "x.bin")
     with (
         load(built("sd", "sd-onnxruntime-fp32")) as plain,
-        pytest.raises(UnsupportedError, match=r"has no run-time LoRA slots .*; fuse LoRAs at build"),
+        pytest.raises(
+            UnsupportedError, match=r"has no run-time LoRA slots .*; fuse LoRAs at build"
+        ),
     ):
         plain.set_loras([(loras[0], 1.0)])
 
