@@ -17,6 +17,7 @@ import numpy as np
 
 from modelkiln import __version__, memory_budget, quality
 from modelkiln.artifact import MANIFEST_NAME, record_files, write_manifest
+from modelkiln.build_cache import BuildCache, UpToDate, build_key, built_key
 from modelkiln.checkpoints.lora import fuse_loras
 from modelkiln.env import (
     host_info,
@@ -83,11 +84,15 @@ def build(
     config: str | Path | None = None,
     loras: Sequence[LoraSettings] = (),
     progress: Progress | None = None,
+    cache: BuildCache | str | Path | None = None,
+    reuse: bool = False,
 ) -> Path:
     """Build `source` with `profile` into `output` (default artifacts/<source>-<profile>).
 
     The artifact appears only when every component exported and passed validation; an
-    earlier artifact at `output` survives any failure.
+    earlier artifact at `output` survives any failure. `cache` (a BuildCache, a folder or
+    an fsspec URL): restore the build from it when its key is there, store it when not.
+    `reuse`: keep an artifact already at `output` that was built with the same key.
     """
     started = time.perf_counter()
     progress = progress or NullProgress()
@@ -115,9 +120,15 @@ def build(
             "(`kiln profiles list`)"
         )
     target = Path(output) if output is not None else default_output(resolved.spec, plan.profile)
+    stored = cache if isinstance(cache, BuildCache) or cache is None else BuildCache(cache)
+    keep = built_key(target) if reuse else None
     # Claimed (locked, writable, not the user's own folder) before minutes of loading.
-    with atomic_directory(target, marker=MANIFEST_NAME) as staging:
-        _build_into(staging, resolved, family, plan, progress, started)
+    try:
+        with atomic_directory(target, marker=MANIFEST_NAME) as staging:
+            _build_into(staging, resolved, family, plan, progress, started, stored, keep)
+    except UpToDate:
+        logger.info("%s is up to date (same build key)", target)
+        return target
     logger.info("built %s in %.1f s", target, time.perf_counter() - started)
     return target
 
@@ -129,8 +140,11 @@ def _build_into(
     plan: BuildPlan,
     progress: Progress,
     started: float,
+    cache: BuildCache | None = None,
+    existing_key: str | None = None,
 ) -> None:
-    """Load, export, quantize and validate every component into staging, then kiln.json."""
+    """Load, export, quantize and validate every component into staging, then kiln.json;
+    or restore them from the build cache when the build's key is there."""
     exporter = plan.exporter()
     runtime = plan.runtime()
     if plan.profile.lora:
@@ -145,6 +159,13 @@ def _build_into(
     # The manifest records what was built, so "auto" is resolved.
     plan = plan.with_task(loaded.task)
     resolved_profile = plan.profile
+    key = build_key(loaded.weights, resolved_profile, resolved.loras)
+    if existing_key == key:
+        raise UpToDate
+    if cache is not None:
+        with progress.task(f"looking up {key} in the build cache {cache.location}"):
+            if cache.restore(key, staging) is not None:
+                return
     calibrating = plan.calibrated(names)
     not_run = runtime.unavailable_reason(plan.runtime_options())
     gated = quality.wanted(resolved_profile) and not_run is None
@@ -230,6 +251,7 @@ def _build_into(
             seconds=round(time.perf_counter() - started, 2),
             peak_rss_bytes=peak_rss_bytes(),
             host=host_info(),
+            key=key,
         ),
         modelkiln_version=__version__,
         end_to_end=(
@@ -242,6 +264,9 @@ def _build_into(
     if expected is not None:
         end_to_end = quality.check(staging, expected, resolved_profile, progress)
         write_manifest(staging, replace(manifest, end_to_end=end_to_end))
+    if cache is not None:
+        with progress.task(f"storing {key} in the build cache {cache.location}"):
+            cache.store(key, staging)
 
 
 def _before_export(

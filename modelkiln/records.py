@@ -173,6 +173,8 @@ class BuildRecord:
     seconds: float
     peak_rss_bytes: int
     host: dict[str, Any]  # modelkiln.env.host_info()
+    # What decided its files (build_cache.build_key): the same key, the same artifact.
+    key: str | None = None
 
 
 @dataclass(frozen=True)

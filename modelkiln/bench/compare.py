@@ -3,6 +3,10 @@
 Latency and throughput count as regressed only when the change passes its bound *and* the
 per-run samples differ significantly (one-sided Mann-Whitney U), so one noisy CI run does not
 fail a build. Accuracy and memory are single numbers per run: their bounds alone decide.
+An entry the current report lacks, a metric one side lacks and a non-finite value fail the
+gate unless the caller allows them (`allow_missing`): what was not measured did not pass.
+Reports measured at different times on a shared host differ by the host's drift: the paired
+gate (bench/paired.py) measures both sides in one run instead.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def compare_files(
     bounds: Bounds | None = None,
     *,
     allow_different_machine: bool = False,
+    allow_missing: bool = False,
 ) -> Comparison:
     """Read both report files (ReportError when unreadable or invalid) and compare them."""
     return _compare(
@@ -58,6 +63,7 @@ def compare_files(
         read_report(current),
         bounds or Bounds(),
         allow_different_machine=allow_different_machine,
+        allow_missing=allow_missing,
     )
 
 
@@ -67,6 +73,7 @@ def compare_reports(
     bounds: Bounds | None = None,
     *,
     allow_different_machine: bool = False,
+    allow_missing: bool = False,
 ) -> Comparison:
     """Compare two parsed reports, entries matched by `key`.
 
@@ -76,7 +83,11 @@ def compare_reports(
     validate_report(baseline, "baseline report")
     validate_report(current, "current report")
     return _compare(
-        baseline, current, bounds or Bounds(), allow_different_machine=allow_different_machine
+        baseline,
+        current,
+        bounds or Bounds(),
+        allow_different_machine=allow_different_machine,
+        allow_missing=allow_missing,
     )
 
 
@@ -86,6 +97,7 @@ def _compare(
     bounds: Bounds,
     *,
     allow_different_machine: bool,
+    allow_missing: bool,
 ) -> Comparison:
     base_machine = Machine.from_report(baseline)
     current_machine = Machine.from_report(current)
@@ -110,9 +122,20 @@ def _compare(
         if key in current_entries:
             rows += compare_entries(entry, current_entries[key], bounds)
         else:
-            rows.append(Row(key, ENTRY, Status.MISSING))
-    rows += [Row(key, ENTRY, Status.NEW) for key in current_entries if key not in base_entries]
-    return Comparison(base_machine, current_machine, bounds, tuple(rows))
+            rows.append(Row(key, ENTRY, Status.MISSING, label=entry_label(entry)))
+    rows += [
+        Row(key, ENTRY, Status.NEW, label=entry_label(entry))
+        for key, entry in current_entries.items()
+        if key not in base_entries
+    ]
+    return Comparison(
+        base_machine, current_machine, bounds, tuple(rows), allow_missing=allow_missing
+    )
+
+
+def entry_label(entry: dict[str, Any]) -> str:
+    """What a reader calls an entry: its artifact, profile and batch (the key is hashes)."""
+    return f"{entry['name']} · {entry['profile']} · b{entry['batch_size']}"
 
 
 def _entries_by_key(report: dict[str, Any], side: str) -> dict[str, dict[str, Any]]:
@@ -137,6 +160,13 @@ def _some(entries: dict[str, Any]) -> str:
 def compare_entries(baseline: dict[str, Any], current: dict[str, Any], bounds: Bounds) -> list[Row]:
     """The rows of two entries with the same key: latency, throughput, accuracy, memory."""
     key = baseline["key"]
+    rows = _entry_rows(key, baseline, current, bounds)
+    return [replace(row, label=entry_label(current)) for row in rows]
+
+
+def _entry_rows(
+    key: str, baseline: dict[str, Any], current: dict[str, Any], bounds: Bounds
+) -> list[Row]:
     samples = (baseline["latency"]["samples"], current["latency"]["samples"])
     rows = [
         _timing_row(
@@ -162,7 +192,11 @@ def compare_entries(baseline: dict[str, Any], current: dict[str, Any], bounds: B
     accuracy = _accuracy_row(key, baseline["accuracy"], current["accuracy"], bounds)
     if accuracy is not None:
         rows.append(accuracy)
-    if baseline["peak_rss_bytes"] is not None and current["peak_rss_bytes"] is not None:
+    if baseline["peak_rss_bytes"] is None and current["peak_rss_bytes"] is not None:
+        rows.append(Row(key, MEMORY, Status.NOT_COMPARABLE, note="no peak RSS in the baseline"))
+    elif baseline["peak_rss_bytes"] is not None and current["peak_rss_bytes"] is None:
+        rows.append(Row(key, MEMORY, Status.NOT_COMPARABLE, note="no peak RSS in the current"))
+    elif baseline["peak_rss_bytes"] is not None and current["peak_rss_bytes"] is not None:
         rows.append(
             _bounded_row(
                 key,
@@ -188,7 +222,16 @@ def _worsening(metric: Metric, change: float) -> float:
 
 
 def _bounded_row(key: str, metric: Metric, baseline: float, current: float, bound: float) -> Row:
-    """A metric measured once per run: the bound alone decides."""
+    """A metric measured once per run: the bound alone decides. NaN, or an infinite timing
+    or memory, is not a measurement: not comparable (which fails unless allowed)."""
+    broken = [
+        side
+        for side, value in (("baseline", baseline), ("current", current))
+        if math.isnan(value) or (metric.relative and math.isinf(value))
+    ]
+    if broken:
+        note = f"non-finite value in the {' and '.join(broken)} report"
+        return Row(key, metric, Status.NOT_COMPARABLE, baseline, current, note=note)
     change = _change(metric, baseline, current)
     if change is None:
         return Row(key, metric, Status.NOT_COMPARABLE, baseline, current, note="baseline is 0")

@@ -97,6 +97,12 @@ class Row:
     bound: float | None = None
     p_value: float | None = None
     note: str = ""
+    # What a reader calls the entry ("digits-ov · vit-openvino-fp32 · b8"); "": the key.
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.label or self.key
 
     def value_text(self, value: float | None) -> str:
         if value is None:
@@ -196,6 +202,9 @@ class Comparison:
     current_machine: Machine
     bounds: Bounds
     rows: tuple[Row, ...]
+    # Entries missing from the current report and metrics not comparable (absent on a side,
+    # non-finite) pass instead of failing the gate.
+    allow_missing: bool = False
 
     @property
     def different_machine(self) -> bool:
@@ -206,8 +215,15 @@ class Comparison:
         return tuple(row for row in self.rows if row.status is Status.REGRESSED)
 
     @property
+    def unmeasured(self) -> tuple[Row, ...]:
+        """Rows that say something was not measured: missing entries, metrics one side
+        lacks, non-finite values."""
+        unusable = (Status.MISSING, Status.NOT_COMPARABLE)
+        return tuple(row for row in self.rows if row.status in unusable)
+
+    @property
     def failed(self) -> bool:
-        return bool(self.regressions)
+        return bool(self.regressions) or (bool(self.unmeasured) and not self.allow_missing)
 
     @property
     def improvements(self) -> tuple[Row, ...]:
@@ -231,11 +247,21 @@ class Comparison:
         """One line: passed or FAILED, and how many of what."""
         keys = {row.key for row in self.compared}
         if self.failed:
-            failing = {row.key for row in self.regressions}
-            return (
-                f"FAILED: {len(self.regressions)} regression(s) beyond the bounds in "
-                f"{len(failing)} of {len(keys)} compared entries"
-            )
+            reasons = []
+            if self.regressions:
+                failing = {row.key for row in self.regressions}
+                reasons.append(
+                    f"{len(self.regressions)} regression(s) beyond the bounds in "
+                    f"{len(failing)} of {len(keys)} compared entries"
+                )
+            if self.unmeasured and not self.allow_missing:
+                missing = sum(row.status is Status.MISSING for row in self.unmeasured)
+                other = len(self.unmeasured) - missing
+                reasons.append(
+                    f"{missing} entr{'y' if missing == 1 else 'ies'} missing from the current "
+                    f"report and {other} metric(s) not comparable (--allow-missing accepts them)"
+                )
+            return "FAILED: " + "; ".join(reasons)
         counts = [f"{len(keys)} entries compared"]
         for status in (Status.IMPROVED, Status.NOISE, Status.NOT_COMPARABLE):
             n = sum(row.status is status for row in self.compared)
@@ -270,25 +296,31 @@ class Comparison:
         ]
         if self.regressions:
             lines += ["**Regressions:**", ""]
-            lines += [f"- `{row.key}` {_md(_summary(row))}" for row in self.regressions]
+            lines += [f"- {_md(row.name)}: {_md(_summary(row))}" for row in self.regressions]
             lines.append("")
-        if self.compared:
+        attention = [r for r in self.compared if r.status is not Status.OK]
+        passing = [r for r in self.compared if r.status is Status.OK]
+        if attention:
+            lines += [*_markdown_table(attention), ""]
+        if passing:
+            # Rows that pass fold away: the page shows what needs a look.
             lines += [
-                "| entry | " + " | ".join(COLUMNS) + " |",
-                "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+                f"<details><summary>{len(passing)} metric(s) within the bounds</summary>",
+                "",
+                *_markdown_table(passing),
+                "",
+                "</details>",
+                "",
             ]
-            for row in self.compared:
-                cells = [f"`{row.key}`", *row.cells()]
-                if row.status is Status.REGRESSED:
-                    cells[-2] = f"**{row.status}**"
-                lines.append("| " + " | ".join(_md(cell) for cell in cells) + " |")
-            lines.append("")
-        for title, keys in (
-            ("New (only in the current report)", self.new),
-            ("Missing (only in the baseline)", self.missing),
+        for title, rows in (
+            ("New (only in the current report)", [r for r in self.rows if r.status is Status.NEW]),
+            (
+                "Missing (only in the baseline)",
+                [r for r in self.rows if r.status is Status.MISSING],
+            ),
         ):
-            if keys:
-                lines += [f"**{title}:**", "", *(f"- `{key}`" for key in keys), ""]
+            if rows:
+                lines += [f"**{title}:**", "", *(f"- {_md(row.name)}" for row in rows), ""]
         return "\n".join(lines)
 
     def write_junit(self, path: str | Path) -> None:
@@ -298,7 +330,9 @@ class Comparison:
             "testsuite",
             name="kiln compare",
             tests=str(len(self.rows)),
-            failures=str(len(self.regressions)),
+            failures=str(
+                len(self.regressions) + (0 if self.allow_missing else len(self.unmeasured))
+            ),
             errors="0",
             skipped=str(len(self._skipped_rows())),
         )
@@ -318,8 +352,9 @@ class Comparison:
             value=str(self.different_machine).lower(),
         )
         for row in self.rows:
-            case = ET.SubElement(suite, "testcase", classname=row.key, name=str(row.metric))
-            if row.status is Status.REGRESSED:
+            case = ET.SubElement(suite, "testcase", classname=row.name, name=str(row.metric))
+            unmeasured = row.status in (Status.MISSING, Status.NOT_COMPARABLE)
+            if row.status is Status.REGRESSED or (unmeasured and not self.allow_missing):
                 failure = ET.SubElement(case, "failure", message=_summary(row))
                 failure.text = (
                     f"baseline {row.baseline_text}, current {row.current_text}"
@@ -333,8 +368,23 @@ class Comparison:
             ET.ElementTree(suite).write(staged, encoding="utf-8", xml_declaration=True)
 
     def _skipped_rows(self) -> tuple[Row, ...]:
-        skipped = (Status.NOT_COMPARABLE, Status.NEW, Status.MISSING)
+        skipped: tuple[Status, ...] = (Status.NEW,)
+        if self.allow_missing:
+            skipped += (Status.NOT_COMPARABLE, Status.MISSING)
         return tuple(row for row in self.rows if row.status in skipped)
+
+
+def _markdown_table(rows: list[Row]) -> list[str]:
+    lines = [
+        "| entry | " + " | ".join(COLUMNS) + " |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    for row in rows:
+        cells = [row.name, *row.cells()]
+        if row.status is Status.REGRESSED:
+            cells[-2] = f"**{row.status}**"
+        lines.append("| " + " | ".join(_md(cell) for cell in cells) + " |")
+    return lines
 
 
 def _summary(row: Row) -> str:

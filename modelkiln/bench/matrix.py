@@ -17,8 +17,10 @@
     data = "digits"
 
 Each source is paired with the profiles of its own model family, so one matrix can hold ViT
-and Stable Diffusion sources side by side. An artifact is rebuilt only when its weights or
-its profile (with the overrides) changed.
+and Stable Diffusion sources side by side. An artifact is rebuilt only when its build key
+changed (build_cache.build_key: weights, resolved profile, data, library versions). Every
+path in the file (sources, profiles, [bench] data and reference, and the data folders of
+`set` overrides) is relative to the file.
 """
 
 from __future__ import annotations
@@ -82,17 +84,32 @@ def read_matrix(path: str | Path) -> Matrix:
         if not isinstance(table, dict):
             raise ReportError(f"{where}: [build.{family}] must be a table")
         _known_keys(table, {"set"}, f"{where} [build.{family}]")
-        families[family] = _overrides(table, f"{where} [build.{family}]")
+        families[family] = _overrides(table, f"{where} [build.{family}]", base)
     output = base / str(build.get("output", "artifacts"))
-    overrides = _overrides(build, f"{where} [build]")
+    overrides = _overrides(build, f"{where} [build]", base)
+    for key in ("data", "reference"):
+        if isinstance(bench.get(key), str):
+            bench = {**bench, key: _relative(base, bench[key])}
     return Matrix(sources, profiles, output, overrides, families, bench)
 
 
-def _overrides(table: Mapping[str, Any], where: str) -> tuple[str, ...]:
+# `set` overrides whose value is a path: calibration.data, validation.data.
+PATH_KEY = re.compile(r"^\s*([\w.]*\.data)\s*=\s*(['\"])(.*)\2\s*$")
+
+
+def _overrides(table: Mapping[str, Any], where: str, base: Path) -> tuple[str, ...]:
     values = table.get("set", [])
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise ReportError(f"{where} set must be a list of KEY=VALUE strings")
-    return tuple(values)
+    resolved = []
+    for value in values:
+        match = PATH_KEY.match(value)
+        if match is not None:
+            key, _, path = match.groups()
+            beside = _relative(base, path)
+            value = f"{key}={beside!r}" if beside != path else value
+        resolved.append(value)
+    return tuple(resolved)
 
 
 def build_matrix(matrix: Matrix, progress: Progress | None = None) -> list[Path]:
@@ -121,31 +138,10 @@ def build_matrix(matrix: Matrix, progress: Progress | None = None) -> list[Path]
             )
         for profile in mine:
             target = matrix.output / _slug(source) / profile.name
-            if not _up_to_date(target, resolved, profile):
-                with progress.task(f"building {source} with {profile.name}"):
-                    build(source, profile, target, progress=progress)
+            with progress.task(f"building {source} with {profile.name} (unless up to date)"):
+                build(source, profile, target, progress=progress, reuse=True)
             artifacts.append(target)
     return artifacts
-
-
-def _up_to_date(target: Path, resolved: Any, profile: Any) -> bool:
-    """Built from these weights with this profile: nothing to rebuild."""
-    from modelkiln.errors import KilnError
-    from modelkiln.loading import open_artifact
-    from modelkiln.sources import find_weights, weights_digest
-
-    if not (target / "kiln.json").is_file():
-        return False
-    try:
-        manifest = open_artifact(target).manifest
-        weights = weights_digest(find_weights(resolved.local_dir, allow_pickle=False))
-    except KilnError:
-        return False
-    wanted = profile.to_dict()
-    built = manifest.profile.to_dict()
-    if wanted.get("model", {}).get("task") == "auto":  # the manifest records the resolved task
-        wanted["model"] = {**wanted["model"], "task": built.get("model", {}).get("task")}
-    return bool(manifest.source.weights_sha256 == weights and built == wanted)
 
 
 def _slug(source: str) -> str:

@@ -21,7 +21,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from modelkiln import __version__
-from modelkiln.cli import artifacts, build, measure, run
+from modelkiln.cli import artifacts, build, gate, measure, run
 from modelkiln.cli.console import err
 from modelkiln.errors import KilnError, storage_error
 
@@ -50,6 +50,7 @@ for command in (
     build.build,
     build.profiles,
     build.convert,
+    build.cache,
     run.classify,
     run.embed,
     run.generate,
@@ -62,7 +63,7 @@ for command in (
     measure.env,
     measure.demo,
     measure.bench,
-    measure.compare,
+    gate.compare,
 ):
     cli.add_command(command)
 

@@ -42,6 +42,16 @@ if TYPE_CHECKING:
     help="Fuse a LoRA (.safetensors, or a peft adapter folder) at SCALE (default 1.0) before "
     "export; repeat for several. Added after the profile's [[lora]] entries.",
 )
+@click.option(
+    "--cache",
+    "cache",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[DIR|URL]",
+    help="Build cache: restore this build from it when its inputs were built before, store "
+    "it when not. A folder or an fsspec URL (s3://...); alone: $MODELKILN_CACHE/builds.",
+)
 def build(
     source: str,
     profile: str,
@@ -51,12 +61,15 @@ def build(
     allow_pickle: bool,
     config: Path | None,
     loras: tuple[str, ...],
+    cache: str | None,
 ) -> None:
     """Export SOURCE (hub id, local dir, timm:NAME, single-file .safetensors) with PROFILE,
     validate, write the artifact."""
+    from modelkiln.build_cache import open_cache
     from modelkiln.builder import build as build_artifact
     from modelkiln.loading import open_artifact
 
+    build_cache = open_cache(cache)
     with progress_display() as progress:
         artifact = build_artifact(
             source,
@@ -68,8 +81,13 @@ def build(
             config=config,
             loras=[lora_option(text) for text in loras],
             progress=progress,
+            cache=build_cache,
         )
     manifest = open_artifact(artifact).manifest
+    if build_cache is not None:
+        key = manifest.build.key
+        verb = "restored from" if build_cache.restored else "stored in"
+        out.print(f"{verb} the build cache {escape(build_cache.location)} (key {key})")
     for name, record in manifest.components.items():
         if record.validation.not_run is not None:
             not_run = record.validation.not_run
@@ -79,6 +97,66 @@ def build(
         precision = record.runtime.get("inference_precision", "?")
         err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})", markup=False)
     out.print(f"[green]built[/] {escape(str(artifact))}")
+
+
+@click.group()
+def cache() -> None:
+    """The build cache (kiln build --cache): list its entries, prune them."""
+
+
+CACHE_OPTION = click.option(
+    "--cache",
+    "location",
+    default="",
+    help="The cache's folder or fsspec URL.  [default: $MODELKILN_CACHE/builds]",
+)
+
+
+@cache.command("list")
+@CACHE_OPTION
+def cache_list(location: str) -> None:
+    """Every entry: key, source, profile, size, when it was built."""
+    from modelkiln.build_cache import open_cache
+
+    opened = open_cache(location)
+    assert opened is not None
+    entries = opened.entries()
+    table = Table("key", "source", "profile", "size", "created", title=opened.location)
+    for entry in entries:
+        size = f"{entry.size_bytes / 1e6:.1f} MB"
+        table.add_row(*cells(entry.key, entry.source, entry.profile, size, entry.created))
+    out.print(table)
+    total = sum(entry.size_bytes for entry in entries)
+    out.print(f"{len(entries)} entries, {total / 1e6:.1f} MB")
+
+
+@cache.command("prune")
+@CACHE_OPTION
+@click.option(
+    "--older-than",
+    "days",
+    type=click.FloatRange(min=0),
+    help="Remove entries built more than DAYS days ago.",
+)
+@click.option("--all", "everything", is_flag=True, help="Remove every entry.")
+def cache_prune(location: str, days: float | None, everything: bool) -> None:
+    """Remove entries: those older than --older-than DAYS, or --all."""
+    from datetime import UTC, datetime, timedelta
+
+    from modelkiln.build_cache import open_cache
+
+    if (days is None) == (not everything):
+        raise click.UsageError("give --older-than DAYS or --all (one of the two)")
+    opened = open_cache(location)
+    assert opened is not None
+    cutoff = datetime.now(UTC) - timedelta(days=days or 0)
+    removed = 0
+    for entry in opened.entries():
+        if everything or datetime.fromisoformat(entry.created) < cutoff:
+            opened.remove(entry.key)
+            removed += entry.size_bytes
+            out.print(f"removed {entry.key} ({entry.source} · {entry.profile})")
+    out.print(f"freed {removed / 1e6:.1f} MB")
 
 
 def lora_option(text: str) -> LoraSettings:

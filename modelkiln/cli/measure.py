@@ -4,18 +4,15 @@ artifacts, and gating CI on the measurements."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from modelkiln.cli.console import RUNTIME_OPTION, THREADS_OPTION, cells, err, out, progress_display
+from modelkiln.cli.console import RUNTIME_OPTION, THREADS_OPTION, cells, out, progress_display
 from modelkiln.errors import InputError
-from modelkiln.outputs import check_writable, write_file_atomic
 
 
 @click.command()
@@ -116,7 +113,7 @@ def demo(work_dir: Path, runs: int, threads: int | None) -> None:
 # --- bench ----------------------------------------------------------------------------------
 
 
-def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+def batch_sizes_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
     if value is None:
         return None
     try:
@@ -157,7 +154,7 @@ def _read_prompts(path: Path | None) -> tuple[str, ...] | None:
 @click.option(
     "--batch-size",
     "batch_sizes",
-    callback=_batch_sizes,
+    callback=batch_sizes_option,
     help="Batch sizes, comma-separated.  [default: 1]",
 )
 @click.option("--warmup", type=click.IntRange(min=0), help="Untimed calls first.  [default: 3]")
@@ -281,138 +278,3 @@ def _print_bench(report: dict[str, Any]) -> None:
             )
         )
     out.print(table)
-
-
-# --- compare --------------------------------------------------------------------------------
-
-
-class Percent(click.ParamType):
-    """'10%' or '10' -> 0.10: the bounds of kiln compare."""
-
-    name = "percent"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, float):  # already converted (click may convert twice)
-            return value
-        text = str(value).strip()
-        try:
-            number = float(text.removesuffix("%").strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a percentage (write e.g. 10% or 10)", param, ctx)
-        if not number >= 0 or number == float("inf"):
-            self.fail(f"{value!r} must be a finite percentage >= 0", param, ctx)
-        return number / 100
-
-
-STATUS_STYLES = {
-    "regressed": "bold red",
-    "improved": "green",
-    "noise": "yellow",
-    "not comparable": "dim",
-    "new": "cyan",
-    "missing": "magenta",
-}
-
-
-@click.command()
-@click.argument("baseline", type=click.Path(path_type=Path))
-@click.argument("current", type=click.Path(path_type=Path))
-@click.option(
-    "--max-latency-regression",
-    type=Percent(),
-    default="10%",
-    show_default=True,
-    help="p50 latency growth allowed.",
-)
-@click.option(
-    "--max-throughput-drop", type=Percent(), default="10%", show_default=True, help="Drop allowed."
-)
-@click.option(
-    "--max-accuracy-drop",
-    type=click.FloatRange(min=0),
-    default=0.5,
-    show_default=True,
-    help="Score drop allowed: percentage points (dB for PSNR).",
-)
-@click.option(
-    "--max-memory-growth", type=Percent(), default="20%", show_default=True, help="Peak RSS growth."
-)
-@click.option(
-    "--alpha",
-    type=click.FloatRange(0, 1, min_open=True, max_open=True),
-    default=0.05,
-    show_default=True,
-    help="Significance level of the latency test (one-sided Mann-Whitney U).",
-)
-@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML.")
-@click.option(
-    "--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Write a Markdown summary."
-)
-@click.option(
-    "--allow-different-machine", is_flag=True, help="Compare reports from different machines."
-)
-def compare(
-    baseline: Path,
-    current: Path,
-    max_latency_regression: float,
-    max_throughput_drop: float,
-    max_accuracy_drop: float,
-    max_memory_growth: float,
-    alpha: float,
-    junit: Path | None,
-    markdown: Path | None,
-    allow_different_machine: bool,
-) -> None:
-    """Compare CURRENT bench report with BASELINE: exit 1 on a regression, 2 on unusable input."""
-    from modelkiln.bench.compare import compare_files
-    from modelkiln.bench.comparison import COLUMNS, Bounds
-    from modelkiln.errors import ReportError
-
-    bounds = Bounds(
-        max_latency_regression=max_latency_regression,
-        max_throughput_drop=max_throughput_drop,
-        max_accuracy_drop=max_accuracy_drop,
-        max_memory_growth=max_memory_growth,
-        alpha=alpha,
-    )
-    for path in (junit, markdown):
-        if path is not None:
-            check_writable(path, folder=False)
-    try:
-        comparison = compare_files(
-            baseline, current, bounds, allow_different_machine=allow_different_machine
-        )
-    except ReportError as error:
-        # Unusable input is not a regression: CI tells the two apart by exit code.
-        err.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    if comparison.different_machine:
-        err.print(f"[yellow]warning:[/] {escape(comparison.machine_warning)}", soft_wrap=True)
-    # One table per entry key, the key as its title: a key column would take half the width.
-    by_key: dict[str, list[Any]] = {}
-    for row in comparison.compared:
-        by_key.setdefault(row.key, []).append(row)
-    for key, rows in by_key.items():
-        table = Table(*COLUMNS, title=Text(key, "bold"), title_justify="left")
-        for row in rows:
-            *texts, status, note = row.cells()
-            styled = Text(status, STATUS_STYLES.get(status, ""))
-            table.add_row(*cells(*texts, styled, note))
-        out.print(table)
-    for label, keys, style in (
-        ("new (only in current)", comparison.new, "cyan"),
-        ("missing (only in baseline)", comparison.missing, "magenta"),
-    ):
-        for key in keys:
-            out.print(Text.assemble((label, style), f": {key}"))
-    for path, write in (
-        (junit, comparison.write_junit),
-        (markdown, lambda p: write_file_atomic(p, comparison.to_markdown().encode("utf-8"))),
-    ):
-        if path is not None:
-            write(path)
-            out.print(f"[green]wrote[/] {escape(str(path))}")
-    style = "bold red" if comparison.failed else "bold green"
-    out.print(Text(comparison.verdict, style))
-    if comparison.failed:
-        sys.exit(1)

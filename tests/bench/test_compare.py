@@ -30,6 +30,9 @@ from modelkiln.errors import InputError, ReportError
 
 B1 = "a1b2c3d4e5f60718/vit-openvino-int8/openvino/b1"
 B8 = "a1b2c3d4e5f60718/vit-openvino-int8/openvino/b8"
+# What a reader sees instead of the key: artifact · profile · batch.
+NAME1 = "vit-openvino-int8 · vit-openvino-int8 · b1"
+NAME8 = "vit-openvino-int8 · vit-openvino-int8 · b8"
 WIDE = {"COLUMNS": "1000"}
 
 
@@ -167,8 +170,14 @@ def test_scores_of_different_metrics_are_not_comparable() -> None:
     accuracy = row(comparison, B1, "accuracy")
     assert accuracy.status is Status.NOT_COMPARABLE
     assert accuracy.note == "baseline measured top1, current psnr_db"
-    assert not comparison.failed
-    assert "1 not comparable" in comparison.verdict
+    # What was not measured did not pass: failing, unless allowed.
+    assert comparison.failed
+    assert "1 metric(s) not comparable (--allow-missing accepts them)" in comparison.verdict
+    allowed = compare_reports(
+        report([entry()]), report([psnr(entry(seed=1), 30.0)]), allow_missing=True
+    )
+    assert not allowed.failed
+    assert "1 not comparable" in allowed.verdict
 
 
 def test_accuracy_on_one_side_only_is_not_comparable() -> None:
@@ -193,19 +202,31 @@ def test_memory_growth_beyond_the_bound_fails() -> None:
     assert row(within, B1, "peak RSS").status is Status.OK
 
 
-def test_memory_is_skipped_when_either_side_is_unknown() -> None:
+def test_memory_on_one_side_only_is_not_comparable() -> None:
     comparison = compare_reports(report([entry()]), report([entry(peak_rss_bytes=None)]))
-    assert not [r for r in comparison.rows if r.metric is MEMORY]
+    memory = row(comparison, B1, "peak RSS")
+    assert (memory.status, memory.note) == (Status.NOT_COMPARABLE, "no peak RSS in the current")
+    neither = compare_reports(
+        report([entry(peak_rss_bytes=None)]), report([entry(peak_rss_bytes=None, seed=1)])
+    )
+    assert not [r for r in neither.rows if r.metric is MEMORY]
 
 
-def test_entries_in_one_report_only_are_listed_not_failed() -> None:
+def test_entries_missing_from_current_fail_unless_allowed_and_new_ones_pass() -> None:
     baseline = report([entry(batch_size=1), entry(batch_size=8)])
     current = report([entry(batch_size=1, seed=1), entry(batch_size=4)])
     comparison = compare_reports(baseline, current)
     assert comparison.missing == (B8,)
     assert comparison.new == ("a1b2c3d4e5f60718/vit-openvino-int8/openvino/b4",)
-    assert not comparison.failed
+    assert comparison.failed
+    assert comparison.verdict == (
+        "FAILED: 1 entry missing from the current report and 0 metric(s) not comparable "
+        "(--allow-missing accepts them)"
+    )
     assert {r.key for r in comparison.compared} == {B1}
+    assert not compare_reports(baseline, current, allow_missing=True).failed
+    only_new = compare_reports(report([entry()]), report([entry(seed=1), entry(batch_size=4)]))
+    assert not only_new.failed
 
 
 def test_no_entry_in_common_is_unusable() -> None:
@@ -260,16 +281,14 @@ def test_junit_has_one_case_per_metric_and_the_failures(tmp_path: Path) -> None:
     cases = suite.findall("testcase")
     assert len(cases) == len(comparison.rows) == int(suite.get("tests", ""))
     failed = {(c.get("classname"), c.get("name")) for c in cases if c.find("failure") is not None}
-    assert failed == {(B1, "latency p50"), (B1, "throughput")}
-    assert suite.get("failures") == "2"
+    # The accuracy measured as another metric was not compared: a failure, not a skip.
+    assert failed == {(NAME1, "latency p50"), (NAME1, "throughput"), (NAME8, "accuracy")}
+    assert suite.get("failures") == "3"
     message = suite.find("testcase/failure")
     assert message is not None
     assert message.get("message", "").startswith("latency p50 +")
     skipped = {(c.get("classname"), c.get("name")) for c in cases if c.find("skipped") is not None}
-    assert skipped == {
-        (B8, "accuracy"),
-        ("a1b2c3d4e5f60718/vit-openvino-int8/openvino/b4", "entry"),
-    }
+    assert skipped == {("vit-openvino-int8 · vit-openvino-int8 · b4", "entry")}
     properties = {p.get("name"): p.get("value") for p in suite.iter("property")}
     assert (
         properties["baseline.cpu"]
@@ -284,10 +303,14 @@ def test_markdown_has_the_verdict_the_table_and_the_lists() -> None:
     current["entries"].append(entry(batch_size=4))
     markdown = compare_reports(report([entry(), entry(batch_size=2)]), current).to_markdown()
     assert markdown.startswith("## kiln compare: ❌ FAILED: 2 regression(s)")
-    assert f"| `{B1}` | latency p50 |" in markdown
+    assert f"| {NAME1} | latency p50 |" in markdown
     assert "**regressed**" in markdown
     assert "**New (only in the current report):**" in markdown
-    assert "- `a1b2c3d4e5f60718/vit-openvino-int8/openvino/b2`" in markdown
+    assert "- vit-openvino-int8 · vit-openvino-int8 · b2" in markdown
+    # What passes folds away under a summary; what moved stays in view.
+    shown, folded = markdown.split("<details>")
+    assert "**regressed**" in shown and "**regressed**" not in folded
+    assert f"| {NAME1} | accuracy top1 |" in folded
     passing = compare_reports(report(), slower_report(1.0)).to_markdown()
     assert passing.startswith("## kiln compare: ✅ passed")
 
@@ -321,7 +344,7 @@ def test_cli_exits_1_on_a_regression_and_still_writes_the_reports(tmp_path: Path
         tmp_path, report(), slower_report(1.3), "--junit", junit, "--markdown", markdown
     )
     assert result.exit_code == 1, result.output
-    assert B1 in result.stdout
+    assert NAME1 in result.stdout
     assert "regressed" in result.stdout
     assert "FAILED: 2 regression(s)" in result.stdout
     assert ET.parse(junit).getroot().get("failures") == "2"
@@ -338,9 +361,14 @@ def test_cli_exits_0_without_a_regression(tmp_path: Path, factor: float) -> None
 
 def test_cli_lists_new_and_missing_entries(tmp_path: Path) -> None:
     result = kiln_compare(tmp_path, report(), report([entry(seed=1), entry(batch_size=4)]))
-    assert result.exit_code == 0, result.output
-    assert f"missing (only in baseline): {B8}" in result.stdout
-    assert "new (only in current): a1b2c3d4e5f60718/vit-openvino-int8/openvino/b4" in result.stdout
+    assert result.exit_code == 1, result.output
+    assert f"missing (only in baseline): {NAME8}" in result.stdout
+    assert "new (only in current): vit-openvino-int8 · vit-openvino-int8 · b4" in result.stdout
+    assert "--allow-missing accepts them" in result.stdout
+    allowed = kiln_compare(
+        tmp_path, report(), report([entry(seed=1), entry(batch_size=4)]), "--allow-missing"
+    )
+    assert allowed.exit_code == 0, allowed.output
 
 
 def test_cli_bounds_loosen_the_gate(tmp_path: Path) -> None:

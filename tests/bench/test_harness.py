@@ -324,6 +324,32 @@ def test_matrix_files_are_checked(tmp_path: Path) -> None:
         read_matrix(matrix)
 
 
+def test_every_path_in_a_matrix_is_relative_to_its_file(tmp_path: Path) -> None:
+    folder = tmp_path / "ci"
+    for name in ("models/vit", "val-images", "calibration-images"):
+        (folder / name).mkdir(parents=True)
+    matrix = folder / "matrix.toml"
+    matrix.write_text(
+        """schema_version = 1
+sources = ["models/vit", "google/vit-base-patch16-224"]
+profiles = ["vit-onnxruntime-fp32"]
+[build.vit]
+set = ['calibration.data="calibration-images"', "runtime.threads=1", 'validation.data="x"']
+[bench]
+data = "val-images"
+""",
+        encoding="utf-8",
+    )
+    grid = read_matrix(matrix)
+    assert grid.sources == (str(folder / "models/vit"), "google/vit-base-patch16-224")
+    assert grid.bench["data"] == str(folder / "val-images")
+    assert grid.overrides_for("vit") == (
+        f"calibration.data={str(folder / 'calibration-images')!r}",
+        "runtime.threads=1",
+        'validation.data="x"',  # no such folder beside the file: as written
+    )
+
+
 def _children(parent: int, marker: str) -> list[int]:
     """Processes whose parent is `parent` and whose command line holds `marker` (Linux)."""
     found = []
