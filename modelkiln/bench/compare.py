@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+from modelkiln.bench.calibration import drift_between, normalised
 from modelkiln.bench.comparison import (
     ENTRY,
     LATENCY,
@@ -56,6 +57,7 @@ def compare_files(
     *,
     allow_different_machine: bool = False,
     allow_missing: bool = False,
+    normalise: bool = False,
 ) -> Comparison:
     """Read both report files (ReportError when unreadable or invalid) and compare them."""
     return _compare(
@@ -64,6 +66,7 @@ def compare_files(
         bounds or Bounds(),
         allow_different_machine=allow_different_machine,
         allow_missing=allow_missing,
+        normalise=normalise,
     )
 
 
@@ -74,8 +77,10 @@ def compare_reports(
     *,
     allow_different_machine: bool = False,
     allow_missing: bool = False,
+    normalise: bool = False,
 ) -> Comparison:
-    """Compare two parsed reports, entries matched by `key`.
+    """Compare two parsed reports, entries matched by `key`. `normalise`: divide the current
+    report's timings by the host's drift between the two (their calibration workloads).
 
     Raises ReportError for unusable input: a report that breaks the schema, reports from
     different machines (unless allow_different_machine), or no entry key in common.
@@ -88,6 +93,7 @@ def compare_reports(
         bounds or Bounds(),
         allow_different_machine=allow_different_machine,
         allow_missing=allow_missing,
+        normalise=normalise,
     )
 
 
@@ -98,6 +104,7 @@ def _compare(
     *,
     allow_different_machine: bool,
     allow_missing: bool,
+    normalise: bool,
 ) -> Comparison:
     base_machine = Machine.from_report(baseline)
     current_machine = Machine.from_report(current)
@@ -108,6 +115,14 @@ def _compare(
             "comparable: re-run both on one machine, or pass --allow-different-machine to "
             "compare anyway"
         )
+    drift = drift_between(baseline, current)
+    if normalise and drift is None:
+        raise ReportError(
+            "--normalise needs both reports' calibration workload (reports of kiln bench from "
+            "before it was recorded have none): bench both again, or drop --normalise"
+        )
+    if normalise and drift is not None:
+        current = normalised(current, drift.ratio)
     base_entries = _entries_by_key(baseline, "baseline")
     current_entries = _entries_by_key(current, "current")
     common = [key for key in base_entries if key in current_entries]
@@ -129,7 +144,13 @@ def _compare(
         if key not in base_entries
     ]
     return Comparison(
-        base_machine, current_machine, bounds, tuple(rows), allow_missing=allow_missing
+        base_machine,
+        current_machine,
+        bounds,
+        tuple(rows),
+        allow_missing=allow_missing,
+        drift=drift,
+        normalised=normalise,
     )
 
 

@@ -10,6 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
+from modelkiln.bench.calibration import Drift
 from modelkiln.errors import InputError
 from modelkiln.outputs import atomic_file
 
@@ -205,6 +206,17 @@ class Comparison:
     # Entries missing from the current report and metrics not comparable (absent on a side,
     # non-finite) pass instead of failing the gate.
     allow_missing: bool = False
+    # The host's own speed change between the reports (None: one has no calibration), and
+    # whether the current timings were divided by it.
+    drift: Drift | None = None
+    normalised: bool = False
+
+    @property
+    def drift_note(self) -> str:
+        if self.drift is None:
+            return ""
+        done = "timings normalised by it" if self.normalised else "--normalise divides by it"
+        return f"{self.drift.describe()}; {done}"
 
     @property
     def different_machine(self) -> bool:
@@ -287,6 +299,8 @@ class Comparison:
             lines += [f"> ⚠️ {_md(self.machine_warning)}", ""]
         else:
             lines += [f"Machine: {_md(self.current_machine.describe())}", ""]
+        if self.drift is not None:
+            lines += [f"Host drift: {_md(self.drift_note)}", ""]
         b = self.bounds
         lines += [
             f"Bounds: latency +{b.max_latency_regression * 100:g}%, throughput "

@@ -23,6 +23,7 @@ from typing import Any
 
 from modelkiln import errors
 from modelkiln.bench import references
+from modelkiln.bench.calibration import calibration_record, time_workload
 from modelkiln.bench.measure import measure_artifact
 from modelkiln.bench.schema import SCHEMA_NAME, SCHEMA_VERSION, validate_report
 from modelkiln.bench.settings import BenchSettings
@@ -53,6 +54,7 @@ def run(
         check_writable(Path(output), folder=True)  # not after minutes of measuring
     opened = [open_artifact(path) for path in artifacts]
     _check_distinct_keys(opened, settings.runtime)
+    before_s = time_workload()  # the host's speed, for comparisons of stored reports
     entries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as scratch:
         folders = _references(opened, settings, Path(scratch), progress)
@@ -75,6 +77,7 @@ def run(
         "modelkiln_version": __version__,
         "machine": machine_report(),
         "settings": settings.report_settings(),
+        "calibration": calibration_record(before_s, time_workload()),
         "entries": entries,
     }
     validate_report(report)

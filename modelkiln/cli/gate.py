@@ -89,6 +89,12 @@ STATUS_STYLES = {
     "of failing on them.",
 )
 @click.option(
+    "--normalise",
+    is_flag=True,
+    help="Divide CURRENT's timings by the host's drift between the reports (the calibration "
+    "workload each report timed).",
+)
+@click.option(
     "--rerun",
     is_flag=True,
     help="BASELINE and CURRENT are artifacts (or bundles): time both now, alternating in short "
@@ -132,6 +138,7 @@ def compare(
     markdown: Path | None,
     allow_different_machine: bool,
     allow_missing: bool,
+    normalise: bool,
     rerun: bool,
     rounds: int,
     block: int,
@@ -170,6 +177,7 @@ def compare(
                 bounds,
                 allow_different_machine=allow_different_machine,
                 allow_missing=allow_missing,
+                normalise=normalise,
             )
     except ReportError as error:
         # Unusable input is not a regression: CI tells the two apart by exit code.
@@ -177,6 +185,8 @@ def compare(
         sys.exit(2)
     if comparison.different_machine:
         err.print(f"[yellow]warning:[/] {escape(comparison.machine_warning)}", soft_wrap=True)
+    if comparison.drift is not None:
+        err.print(f"host drift: {escape(comparison.drift_note)}", soft_wrap=True)
     # One table per entry key, the key as its title: a key column would take half the width.
     by_name: dict[str, list[Any]] = {}
     for row in comparison.compared:

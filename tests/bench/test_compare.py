@@ -463,3 +463,34 @@ def test_a_report_with_a_non_finite_measurement_is_unusable() -> None:
 def test_a_nan_bound_is_refused(field: str) -> None:
     with pytest.raises(InputError, match=rf"{field} must be a finite number >= 0, got nan"):
         Bounds(**{field: math.nan})  # type: ignore[arg-type]
+
+
+def calibrated(data: dict[str, Any], seconds: float, created: str) -> dict[str, Any]:
+    return {
+        **data,
+        "created": created,
+        "calibration": {"workload": "matmul", "before_s": seconds, "after_s": seconds},
+    }
+
+
+def test_host_drift_is_reported_and_normalised_when_asked(tmp_path: Path) -> None:
+    # The same build measured on a host running everything 1.3x slower.
+    baseline = calibrated(report(), 0.010, "2026-12-06T08:00:00+00:00")
+    current = calibrated(slower_report(1.3), 0.013, "2026-12-06T14:30:00+00:00")
+    plain = compare_reports(baseline, current)
+    assert plain.failed and plain.drift is not None
+    assert plain.drift.ratio == pytest.approx(1.3)
+    assert plain.drift_note == (
+        "the calibration workload ran ×1.30 (slower) in the current report, measured 6.5 h "
+        "apart: the host's own drift, not the builds'; --normalise divides by it"
+    )
+    fair = compare_reports(baseline, current, normalise=True)
+    assert not fair.failed, fair.verdict
+    assert row(fair, B1, "latency p50").current == pytest.approx(0.010, rel=0.05)
+    assert "Host drift: the calibration workload ran ×1.30" in fair.to_markdown()
+    assert "timings normalised by it" in fair.drift_note
+    with pytest.raises(ReportError, match="--normalise needs both reports' calibration"):
+        compare_reports(report(), current, normalise=True)
+    result = kiln_compare(tmp_path, baseline, current, "--normalise")
+    assert result.exit_code == 0, result.output
+    assert "host drift: the calibration workload ran ×1.30" in result.stderr

@@ -291,6 +291,9 @@ isolate = false
     first = runner.invoke(cli, ["bench", "--matrix", str(matrix), "-o", str(tmp_path / "one")])
     assert first.exit_code == 0, first.output
     report = json.loads((tmp_path / "one" / "report.json").read_text(encoding="utf-8"))
+    # The host's speed, timed before and after: what kiln compare reports as drift.
+    calibration = report["calibration"]
+    assert 0 < calibration["before_s"] < 1 and 0 < calibration["after_s"] < 1
     # The SD profile pairs with no ViT source: two artifacts, not three.
     assert [e["profile"] for e in report["entries"]] == [
         "vit-onnxruntime-fp32",
