@@ -139,13 +139,13 @@ class BuildCache:
     def restore(self, key: str, staging: Path) -> Entry | None:
         """The entry's artifact copied (or linked) into the empty `staging` and verified; None
         when there is none or it is refused (then staging is empty again)."""
-        if not self.has(key):
-            return None
-        entry = self._entry(key)
         try:
+            if not self.has(key):
+                return None
+            entry = self._entry(key)
             self._download(key, staging)
             _verify(staging)
-        except (KilnError, OSError) as error:
+        except Exception as error:  # any store's errors (botocore, gcsfs, ...): build instead
             logger.warning("build cache entry %s refused (%s); building", key, first_line(error))
             _empty(staging)
             return None
@@ -153,7 +153,14 @@ class BuildCache:
         return entry
 
     def store(self, key: str, artifact: Path) -> None:
-        """The built (and verified) artifact as entry `key`; entry.json last."""
+        """The built (and verified) artifact as entry `key`; entry.json last. A store that
+        fails (a full disk, a remote's permissions) costs the entry, not the build."""
+        try:
+            self._store(key, artifact)
+        except Exception as error:  # any store's errors: the artifact itself is fine
+            logger.warning("could not store %s in the build cache (%s)", key, first_line(error))
+
+    def _store(self, key: str, artifact: Path) -> None:
         from modelkiln.loading import open_artifact
 
         manifest = open_artifact(artifact).manifest  # verified on the way in

@@ -168,3 +168,16 @@ def test_open_cache_defaults_under_modelkiln_cache(
     with pytest.raises(StorageError, match="cannot open the build cache"):
         BuildCache("nosuchproto://x")
     assert opened.entries() == []
+
+
+def test_a_cache_that_fails_costs_the_entry_not_the_build(
+    source_dir: Callable[[str], Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full_disk(self: BuildCache, key: str, artifact: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(BuildCache, "_store", full_disk)
+    cache = BuildCache(tmp_path / "cache")
+    built = build(source_dir("hf-classifier"), PROFILE, tmp_path / "a", cache=cache)
+    assert open_artifact(built).manifest.build.key is not None
+    assert cache.stored == [] and cache.entries() == []

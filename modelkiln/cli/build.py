@@ -85,9 +85,13 @@ def build(
         )
     manifest = open_artifact(artifact).manifest
     if build_cache is not None:
-        key = manifest.build.key
-        verb = "restored from" if build_cache.restored else "stored in"
-        out.print(f"{verb} the build cache {escape(build_cache.location)} (key {key})")
+        key, where = manifest.build.key, escape(build_cache.location)
+        if build_cache.restored:
+            out.print(f"restored from the build cache {where} (key {key})")
+        elif build_cache.stored:
+            out.print(f"stored in the build cache {where} (key {key})")
+        else:
+            err.print(f"[yellow]warning:[/] not stored in the build cache {where}")
     for name, record in manifest.components.items():
         if record.validation.not_run is not None:
             not_run = record.validation.not_run
