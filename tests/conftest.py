@@ -50,31 +50,7 @@ def _has_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-# The slowest files first (measured totals, slowest first): `--dist loadfile` hands files to
-# workers in collection order, and a several-minute file picked up last keeps one worker busy
-# while the other idles.
-SLOWEST_FIRST = (
-    "test_sd3.py",
-    "test_flux.py",
-    "test_by_block.py",
-    "test_controlnet.py",
-    "test_sdxl.py",
-    "test_quantize.py",
-    "test_openvino_genai.py",
-    "test_sd.py",
-    "test_coreml.py",
-    "test_runtime_lora.py",
-    "test_lora.py",
-    "test_single_file.py",
-    "test_few_steps.py",
-    "test_digits.py",
-    "test_build_cache.py",
-)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: others as found
     missing = {
         marker: reason
         for marker, (package, reason) in BACKEND_MARKERS.items()
