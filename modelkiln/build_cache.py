@@ -6,8 +6,9 @@ the data folders it calibrates and validates on, and the versions of modelkiln a
 library that exports, quantizes or runs. Same key, same artifact: the builder restores it
 instead of building. An entry is `<root>/<key>/` holding the artifact's files plus
 `entry.json`, written last (an entry without it is half-written and ignored). Entries are
-verified by content on the way in (the staged artifact) and out (kiln.json's digest and
-every file's sha256): one that does not match is refused, and the build runs.
+verified by content on the way out (kiln.json's digest and every file's sha256, which the
+build recorded from the files it stored): one that does not match is refused, and the build
+runs.
 
 The root is a local folder or any fsspec URL (s3://, gs://, memory://, ...), so CI jobs on
 different machines share builds; a local root gets hard links where it can.
@@ -26,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from modelkiln.artifact import MANIFEST_NAME
 from modelkiln.errors import ArtifactError, KilnError, StorageError, first_line
 
 if TYPE_CHECKING:
@@ -90,7 +92,7 @@ def built_key(artifact: Path) -> str | None:
     """The build key of an intact artifact, or None (none there, broken, built before keys)."""
     from modelkiln.loading import open_artifact
 
-    if not (artifact / "kiln.json").is_file():
+    if not (artifact / MANIFEST_NAME).is_file():
         return None
     try:
         return open_artifact(artifact).manifest.build.key
@@ -161,9 +163,10 @@ class BuildCache:
             logger.warning("could not store %s in the build cache (%s)", key, first_line(error))
 
     def _store(self, key: str, artifact: Path) -> None:
-        from modelkiln.loading import open_artifact
+        from modelkiln.artifact import read_manifest
 
-        manifest = open_artifact(artifact).manifest  # verified on the way in
+        # Its kiln.json was written from these very files: checked again on the way out.
+        manifest = read_manifest(artifact)
         target = self._path(key)
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)
@@ -178,7 +181,7 @@ class BuildCache:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "source": manifest.source.name,
             "profile": manifest.profile.name,
-            "size_bytes": sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()),
+            "size_bytes": manifest.size_bytes,
         }
         self.fs.pipe_file(self._path(key, ENTRY), json.dumps(entry, indent=2).encode())
         self.stored.append(key)

@@ -74,14 +74,6 @@ class PairedTiming:
         p_slower = float((medians <= 0).mean())
         return float(np.exp(low)), float(np.exp(high)), p_slower
 
-    def to_json(self) -> dict[str, object]:
-        return {
-            "label": self.label,
-            "baseline_block_medians_s": list(self.baseline),
-            "candidate_block_medians_s": list(self.candidate),
-            "ratio": self.ratio,
-        }
-
 
 def time_pair(
     baseline: Callable[[], object],
@@ -148,7 +140,7 @@ def compare_rerun(
     paired: PairedSettings,
     bounds: Bounds,
     progress: Progress | None = None,
-) -> tuple[Comparison, list[PairedTiming]]:
+) -> Comparison:
     """Load both artifacts (or bundles) and time them paired at each batch size."""
     from modelkiln.env import machine_report
     from modelkiln.loading import load, open_artifact
@@ -181,4 +173,4 @@ def compare_rerun(
                 )
     machine = Machine.from_report({"machine": machine_report()})
     rows = tuple(gate_row(timing, bounds) for timing in timings)
-    return Comparison(machine, machine, bounds, rows), timings
+    return Comparison(machine, machine, bounds, rows)

@@ -79,21 +79,28 @@ def lora_record(lora: LoraSettings) -> LoraRecord:
     from modelkiln.artifact import sha256_file
 
     path = Path(lora.path).expanduser()
+    layout = lora_layout(path)
+    weights = path / PEFT_WEIGHTS if layout == "peft" else path
+    return LoraRecord(str(path.resolve()), sha256_file(weights), lora.scale, layout)
+
+
+def lora_layout(path: Path) -> str:
+    """The layout of the LoRA at `path` ("peft" for an adapter folder), checked to be one
+    diffusers reads: a one-line error otherwise."""
     if path.is_dir():
         if not (path / PEFT_CONFIG).is_file() or not (path / PEFT_WEIGHTS).is_file():
             raise SourceError(
                 f"LoRA {path} is a folder without {PEFT_CONFIG} and {PEFT_WEIGHTS}; pass a "
                 "LoRA .safetensors file or a peft adapter folder"
             )
-        return LoraRecord(str(path.resolve()), sha256_file(path / PEFT_WEIGHTS), lora.scale, "peft")
+        return "peft"
     if not path.is_file():
         raise SourceError(f"no LoRA file at {path}; check the [[lora]] path or --lora")
     if path.suffix.lower() != ".safetensors":
         raise SourceError(
             f"LoRA {path} is not a .safetensors file; pickle LoRAs are not read: convert it"
         )
-    keys = list(read_header(path, what="LoRA ", fix="download it again"))
-    return LoraRecord(str(path.resolve()), sha256_file(path), lora.scale, layout_of(keys))
+    return layout_of(list(read_header(path, what="LoRA ", fix="download it again")))
 
 
 def _cache_key(resolved: ResolvedSource, records: Sequence[LoraRecord]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from modelkiln.checkpoints.lora import lora_record, peft_state_dict
+from modelkiln.checkpoints.lora import lora_layout, peft_state_dict
 from modelkiln.diffusion.lora import (
     ADAPTER_SUFFIX,
     LoraMatrices,
@@ -58,8 +58,7 @@ def read_lora(path: Path, unet_config: Mapping[str, Any]) -> LoraMatrices:
 def lora_matrices(path: Path, unet_config: Mapping[str, Any]) -> LoraMatrices:
     """The UNet part of the LoRA at `path` (a .safetensors file or a peft folder) as
     layer -> (A, B * alpha / rank), for the UNet `unet_config` describes."""
-    record = lora_record(LoraSettings(str(path)))
-    if record.layout == "peft":
+    if lora_layout(Path(path).expanduser()) == "peft":
         state, alphas = peft_state_dict(Path(path), "unet"), None
     else:
         state, alphas = _diffusers_state_dict(Path(path))

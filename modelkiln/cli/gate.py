@@ -73,7 +73,8 @@ STATUS_STYLES = {
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=0.05,
     show_default=True,
-    help="Significance level of the latency test (one-sided Mann-Whitney U).",
+    help="Significance level of the latency test (one-sided Mann-Whitney U; with --rerun, "
+    "the paired ratio's bootstrap interval).",
 )
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Write JUnit XML.")
 @click.option(
@@ -148,7 +149,7 @@ def compare(
     threads: int | None,
 ) -> None:
     """Compare CURRENT bench report with BASELINE (or, with --rerun, time the two artifacts
-    paired): exit 1 on a regression, 2 on unusable input."""
+    paired): exit 1 on a regression or something not measured, 2 on unusable input."""
     from modelkiln.bench.comparison import COLUMNS, Bounds
     from modelkiln.errors import ReportError
 
@@ -234,7 +235,7 @@ def _rerun(
     settings = BenchSettings(**{k: v for k, v in measuring.items() if v is not None})
     try:
         with progress_display() as progress:
-            comparison, _ = compare_rerun(
+            comparison = compare_rerun(
                 baseline, candidate, settings, PairedSettings(rounds, block), bounds, progress
             )
     except ReportError:

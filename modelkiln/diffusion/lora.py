@@ -103,18 +103,13 @@ def _check_fits(lora: LoraMatrices, slots: Mapping[str, tuple[int, int]]) -> Non
 def write_adapter(arrays: Mapping[str, np.ndarray], path: Path) -> Path:
     """Slot feeds (slot_feeds: every slot, scales applied) as an ONNX Runtime adapter file:
     what `LoraAdapter` + `RunOptions.add_active_adapter` run with the UNet, in any ORT API."""
-    import onnxruntime as ort
-
     from modelkiln.outputs import atomic_file
+    from modelkiln.runtimes.onnxruntime import export_adapter
 
     if path.suffix != ADAPTER_SUFFIX:
         raise InputError(f"name the adapter file {path.stem}{ADAPTER_SUFFIX}, not {path.name}")
-    # OrtValues borrow the arrays' memory: `arrays` stays alive until the file is written.
-    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-    adapter = ort.AdapterFormat()
-    adapter.set_parameters(values)
     with atomic_file(path) as staging:
-        adapter.export_adapter(str(staging))
+        export_adapter(arrays, staging)
     return path
 
 

@@ -104,8 +104,8 @@ class OnnxRuntimeSession(Session):
 
     def _bind(self, arrays: dict[str, np.ndarray]) -> None:
         """Bound inputs become an ONNX Runtime LoRA adapter, active in every call's
-        RunOptions: written once (the arrays must live until then), memory-mapped by ONNX
-        Runtime, and kept alive while the RunOptions use it (it is ignored otherwise)."""
+        RunOptions: written once, memory-mapped by ONNX Runtime, and kept alive while the
+        RunOptions use it (it is ignored otherwise)."""
         import tempfile
 
         import onnxruntime as ort
@@ -113,15 +113,12 @@ class OnnxRuntimeSession(Session):
         self._run_options, self._adapter, self._adapter_names = None, None, frozenset()
         if not arrays:
             return
-        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
-        adapter_format = ort.AdapterFormat()
-        adapter_format.set_parameters(values)
         with tempfile.TemporaryDirectory(
             prefix="kiln-adapter-",
             ignore_cleanup_errors=True,  # Windows: mapped files stay
         ) as scratch:
             path = Path(scratch) / "bound.onnx_adapter"
-            adapter_format.export_adapter(str(path))
+            export_adapter(arrays, path)
             adapter = ort.LoraAdapter()
             adapter.Load(str(path))  # memory-mapped: the mapping outlives the file's name
         run_options = ort.RunOptions()
@@ -138,6 +135,18 @@ class OnnxRuntimeSession(Session):
     def close(self) -> None:
         self._session = None
         self._run_options, self._adapter = None, None
+
+
+def export_adapter(arrays: Mapping[str, np.ndarray], path: Path) -> None:
+    """Named arrays as an ONNX Runtime adapter file (what `LoraAdapter.Load` reads)."""
+    import onnxruntime as ort
+
+    # OrtValues borrow the arrays' memory: `arrays` stays alive until the file is written
+    # (a freed array would be written as garbage, NaNs).
+    values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+    adapter_format = ort.AdapterFormat()
+    adapter_format.set_parameters(values)
+    adapter_format.export_adapter(str(path))
 
 
 def _providers_for(device: str, available: list[str]) -> list[str]:
