@@ -89,6 +89,8 @@ class Backend:
     companions: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     # Schemes its formats do not have, with the reason (the profile error says why).
     unsupported_schemes: ClassVar[Mapping[str, str]] = {}
+    # Ray resources a worker that builds or runs it needs (--executor ray), e.g. {"GPU": 1}.
+    worker_resources: ClassVar[Mapping[str, float]] = {}
 
     @classmethod
     def check_profile(cls, context: ProfileContext) -> None:

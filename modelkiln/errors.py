@@ -54,6 +54,10 @@ class BackendUnavailableError(KilnError, ImportError):
     """A backend's package is not installed (the message names the pip extra)."""
 
 
+class ClusterError(KilnError, RuntimeError):
+    """A Ray cluster cannot be reached, cannot run a task, or a task did not finish in time."""
+
+
 class InputError(KilnError, ValueError):
     """Bad input to a session or pipeline: unreadable image, wrong shape or dtype, ..."""
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from modelkiln import errors
 from modelkiln.bench import references
@@ -33,9 +33,44 @@ from modelkiln.models import FAMILIES
 from modelkiln.outputs import check_writable
 from modelkiln.progress import NullProgress, Progress
 
+if TYPE_CHECKING:
+    from modelkiln.bench.matrix import BuildJob
+    from modelkiln.build_cache import BuildCache
+
 # The orchestrator's pid, handed to each isolated child so that it ends with it.
 PARENT_VARIABLE = "MODELKILN_BENCH_PARENT"
 PARENT_POLL_S = 0.2
+
+
+class Executor(Protocol):
+    """Where builds and measurements run: here (LocalExecutor) or on a cluster
+    (cluster/ray_executor.py). The orchestrator in `run` is the same for both."""
+
+    def build(
+        self, jobs: Sequence[BuildJob], progress: Progress, cache: BuildCache | None
+    ) -> list[Path]:
+        """Each job's artifact, built unless up to date, at its target on this machine."""
+        ...
+
+    def references(
+        self,
+        wanted: dict[str, Artifact],
+        settings: BenchSettings,
+        scratch: Path,
+        progress: Progress,
+    ) -> dict[str, Path]:
+        """Reference key -> the folder (under scratch) of the torch reference computed for it."""
+        ...
+
+    def measure(
+        self,
+        work: Sequence[tuple[Artifact, Path | None]],
+        settings: BenchSettings,
+        scratch: Path,
+        progress: Progress,
+    ) -> list[dict[str, Any]]:
+        """The report entries of every (artifact, its reference folder), in the given order."""
+        ...
 
 
 def run(
@@ -44,10 +79,12 @@ def run(
     *,
     output: str | Path | None = None,
     progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> dict[str, Any]:
     """Benchmark `artifacts`; the report (and, with `output`, its files in that folder)."""
     settings = settings or BenchSettings()
     progress = progress or NullProgress()
+    executor = executor or LocalExecutor()
     if not artifacts:
         raise InputError("no artifacts to benchmark: give one or more artifact directories")
     if output is not None:
@@ -55,17 +92,15 @@ def run(
     opened = [open_artifact(path) for path in artifacts]
     _check_distinct_keys(opened, settings.runtime)
     before_s = time_workload()  # the host's speed, for comparisons of stored reports
-    entries: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as scratch:
-        folders = _references(opened, settings, Path(scratch), progress)
-        for index, artifact in enumerate(opened):
-            reference = folders.get(references.reference_key(artifact.manifest))
-            description = f"[{index + 1}/{len(opened)}] {artifact.root.name}"
-            with progress.task(description):
-                if settings.isolate:
-                    entries += _measure_in_child(artifact.root, settings, reference, Path(scratch))
-                else:
-                    entries += measure_artifact(artifact.root, settings, reference, progress)
+        folders = executor.references(
+            _reference_work(opened, settings), settings, Path(scratch), progress
+        )
+        work = [
+            (artifact, folders.get(references.reference_key(artifact.manifest)))
+            for artifact in opened
+        ]
+        entries = executor.measure(work, settings, Path(scratch), progress)
     _distinct_names(entries)
     from modelkiln import __version__
     from modelkiln.env import machine_report
@@ -86,6 +121,70 @@ def run(
 
         write_report(report, Path(output))
     return report
+
+
+class LocalExecutor:
+    """Everything on this machine, one artifact after the other."""
+
+    def build(
+        self, jobs: Sequence[BuildJob], progress: Progress, cache: BuildCache | None
+    ) -> list[Path]:
+        from modelkiln.bench.matrix import run_build_job
+
+        return [run_build_job(job, progress, cache) for job in jobs]
+
+    def references(
+        self,
+        wanted: dict[str, Artifact],
+        settings: BenchSettings,
+        scratch: Path,
+        progress: Progress,
+    ) -> dict[str, Path]:
+        folders = {}
+        for key, artifact in wanted.items():
+            folders[key] = scratch / "references" / key
+            compute_reference(artifact.root, settings, folders[key], scratch, progress)
+        return folders
+
+    def measure(
+        self,
+        work: Sequence[tuple[Artifact, Path | None]],
+        settings: BenchSettings,
+        scratch: Path,
+        progress: Progress,
+    ) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for index, (artifact, reference) in enumerate(work):
+            with progress.task(f"[{index + 1}/{len(work)}] {artifact.root.name}"):
+                entries += measure_one(artifact.root, settings, reference, scratch, progress)
+        return entries
+
+
+def measure_one(
+    root: Path, settings: BenchSettings, reference: Path | None, scratch: Path, progress: Progress
+) -> list[dict[str, Any]]:
+    """One artifact's entries: in its own child process (isolate) or in this one."""
+    if settings.isolate:
+        return _measure_in_child(root, settings, reference, scratch)
+    return measure_artifact(root, settings, reference, progress)
+
+
+def compute_reference(
+    root: Path, settings: BenchSettings, folder: Path, scratch: Path, progress: Progress
+) -> None:
+    """The torch reference of the artifact's source on the benchmark data, into `folder`."""
+    if settings.isolate:
+        _run_child(["reference", str(root), str(folder), _json(settings)], scratch)
+        return
+    references.compute(
+        open_artifact(root).manifest,
+        folder,
+        data=settings.data,
+        prompts=settings.prompts,
+        steps=settings.steps,
+        source=settings.reference,
+        progress=progress,
+    )
 
 
 def _check_distinct_keys(opened: list[Artifact], runtime: str | None) -> None:
@@ -117,36 +216,18 @@ def _distinct_names(entries: list[dict[str, Any]]) -> None:
             entry["name"] = f"{Path(entry['artifact']).parent.name}/{entry['name']}"
 
 
-def _references(
-    opened: list[Artifact], settings: BenchSettings, scratch: Path, progress: Progress
-) -> dict[str, Path]:
-    """One torch reference per (weights, shapes) among the artifacts that accuracy applies to."""
+def _reference_work(opened: list[Artifact], settings: BenchSettings) -> dict[str, Artifact]:
+    """One artifact per torch reference needed: per (weights, shapes), among the artifacts
+    that the benchmark's data scores (images for image models, prompts for diffusion)."""
     if not settings.use_reference:
         return {}
-    folders: dict[str, Path] = {}
+    wanted: dict[str, Artifact] = {}
     for artifact in opened:
         manifest = artifact.manifest
         kind = FAMILIES.get(manifest.family).real_data_key()
-        if not (settings.prompts if kind == "prompts" else settings.data):
-            continue
-        key = references.reference_key(manifest)
-        if key in folders:
-            continue
-        folder = scratch / "references" / key
-        if settings.isolate:
-            _run_child(["reference", str(artifact.root), str(folder), _json(settings)], scratch)
-        else:
-            references.compute(
-                manifest,
-                folder,
-                data=settings.data,
-                prompts=settings.prompts,
-                steps=settings.steps,
-                source=settings.reference,
-                progress=progress,
-            )
-        folders[key] = folder
-    return folders
+        if settings.prompts if kind == "prompts" else settings.data:
+            wanted.setdefault(references.reference_key(manifest), artifact)
+    return wanted
 
 
 # --- isolation: one child process per artifact -----------------------------------------------

@@ -16,6 +16,11 @@
     isolate = true
     data = "digits"
 
+    [ray]                           # optional: --executor ray (cluster/resources.py)
+    build_cpus = 4                  # CPUs per build task
+    timeout_s = 7200                # per phase: builds, references, measurements
+    resources.coreml = { macos = 1 } # extra Ray resources for a format's or runtime's tasks
+
 Each source is paired with the profiles of its own model family, so one matrix can hold ViT
 and Stable Diffusion sources side by side. An artifact is rebuilt only when its build key
 changed (build_cache.build_key: weights, resolved profile, data, library versions). Every
@@ -28,15 +33,20 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from modelkiln.cluster.resources import ClusterSettings
 from modelkiln.errors import ReportError, did_you_mean
 from modelkiln.progress import NullProgress, Progress
 
+if TYPE_CHECKING:
+    from modelkiln.build_cache import BuildCache
+    from modelkiln.profiles import Profile
+
 SCHEMA_VERSION = 1
-TOP_KEYS = {"schema_version", "sources", "profiles", "build", "bench"}
+TOP_KEYS = {"schema_version", "sources", "profiles", "build", "bench", "ray"}
 BUILD_KEYS = {"output", "set"}
 
 
@@ -48,6 +58,7 @@ class Matrix:
     overrides: tuple[str, ...]
     family_overrides: Mapping[str, tuple[str, ...]]  # family name -> its builds' --set
     bench: Mapping[str, Any]  # BenchSettings fields
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)  # [ray]
 
     def overrides_for(self, family: str) -> tuple[str, ...]:
         return (*self.overrides, *self.family_overrides.get(family, ()))
@@ -56,7 +67,7 @@ class Matrix:
 def read_matrix(path: str | Path) -> Matrix:
     from modelkiln.bench.settings import BenchSettings
 
-    path = Path(path)
+    path = Path(path).absolute()  # sources and data resolve the same on every node
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
@@ -72,8 +83,9 @@ def read_matrix(path: str | Path) -> Matrix:
     profiles = tuple(_relative(base, item) for item in _strings(data, "profiles", where))
     build = data.get("build", {})
     bench = data.get("bench", {})
-    if not isinstance(build, dict) or not isinstance(bench, dict):
-        raise ReportError(f"{where}: [build] and [bench] must be tables")
+    cluster = data.get("ray", {})
+    if not all(isinstance(table, dict) for table in (build, bench, cluster)):
+        raise ReportError(f"{where}: [build], [bench] and [ray] must be tables")
     from modelkiln.models import FAMILIES
 
     _known_keys(build, BUILD_KEYS | set(FAMILIES), f"{where} [build]")
@@ -90,7 +102,8 @@ def read_matrix(path: str | Path) -> Matrix:
     for key in ("data", "reference"):
         if isinstance(bench.get(key), str):
             bench = {**bench, key: _relative(base, bench[key])}
-    return Matrix(sources, profiles, output, overrides, families, bench)
+    settings = ClusterSettings.from_table(cluster, f"{where} [ray]")
+    return Matrix(sources, profiles, output, overrides, families, bench, settings)
 
 
 # `set` overrides whose value is a path: calibration.data, validation.data.
@@ -112,16 +125,28 @@ def _overrides(table: Mapping[str, Any], where: str, base: Path) -> tuple[str, .
     return tuple(resolved)
 
 
-def build_matrix(matrix: Matrix, progress: Progress | None = None) -> list[Path]:
-    """Every (source, profile of its family) artifact, built unless up to date; their paths."""
-    from modelkiln.builder import build
+@dataclass(frozen=True)
+class BuildJob:
+    """One artifact of the matrix: a source built with one of its family's profiles."""
+
+    source: str
+    profile: Profile  # overrides applied
+    target: Path
+    source_dir: Path  # where the source resolved on the machine that planned the job
+
+    @property
+    def label(self) -> str:
+        return f"{self.source} · {self.profile.name}"
+
+
+def plan_builds(matrix: Matrix) -> list[BuildJob]:
+    """Every (source, profile of its family) pair, in the matrix's order."""
     from modelkiln.models import detect_family
     from modelkiln.plan import load_profile
     from modelkiln.sources import resolve_source
 
-    progress = progress or NullProgress()
     families = {name: load_profile(name).family for name in matrix.profiles}
-    artifacts = []
+    jobs = []
     for source in matrix.sources:
         resolved = resolve_source(source)
         family = detect_family(resolved)
@@ -138,10 +163,28 @@ def build_matrix(matrix: Matrix, progress: Progress | None = None) -> list[Path]
             )
         for profile in mine:
             target = matrix.output / _slug(source) / profile.name
-            with progress.task(f"building {source} with {profile.name} (unless up to date)"):
-                build(source, profile, target, progress=progress, reuse=True)
-            artifacts.append(target)
-    return artifacts
+            jobs.append(BuildJob(source, profile, target, resolved.local_dir))
+    return jobs
+
+
+def run_build_job(
+    job: BuildJob, progress: Progress | None = None, cache: BuildCache | None = None
+) -> Path:
+    """Build one job's artifact unless the one at its target has the same build key."""
+    from modelkiln.builder import build
+
+    progress = progress or NullProgress()
+    with progress.task(f"building {job.label} (unless up to date)"):
+        return build(
+            job.source, job.profile, job.target, progress=progress, reuse=True, cache=cache
+        )
+
+
+def build_matrix(
+    matrix: Matrix, progress: Progress | None = None, cache: BuildCache | None = None
+) -> list[Path]:
+    """Every artifact of the matrix, built here one after the other; their paths."""
+    return [run_build_job(job, progress, cache) for job in plan_builds(matrix)]
 
 
 def _slug(source: str) -> str:
@@ -170,4 +213,4 @@ def _known_keys(data: Mapping[str, Any], known: set[str], where: str) -> None:
             )
 
 
-__all__ = ["Matrix", "build_matrix", "read_matrix"]
+__all__ = ["BuildJob", "Matrix", "build_matrix", "plan_builds", "read_matrix", "run_build_job"]

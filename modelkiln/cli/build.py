@@ -11,16 +11,26 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from modelkiln.cli.console import cells, describe_scores, err, out, progress_display
+from modelkiln.cli.console import (
+    ADDRESS_OPTION,
+    BUILD_CACHE_OPTION,
+    EXECUTOR_OPTION,
+    cells,
+    describe_scores,
+    err,
+    out,
+    progress_display,
+)
 from modelkiln.errors import KilnError
 
 if TYPE_CHECKING:
+    from modelkiln.build_cache import BuildCache
     from modelkiln.profiles import LoraSettings
 
 
 @click.command()
-@click.argument("source")
-@click.option("-p", "--profile", required=True, help="Bundled profile name or a .toml path.")
+@click.argument("source", required=False)
+@click.option("-p", "--profile", help="Bundled profile name or a .toml path (required).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Artifact directory.")
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a profile key."
@@ -42,19 +52,18 @@ if TYPE_CHECKING:
     help="Fuse a LoRA (.safetensors, or a peft adapter folder) at SCALE (default 1.0) before "
     "export; repeat for several. Added after the profile's [[lora]] entries.",
 )
+@BUILD_CACHE_OPTION
 @click.option(
-    "--cache",
-    "cache",
-    is_flag=False,
-    flag_value="",
-    default=None,
-    metavar="[DIR|URL]",
-    help="Build cache: restore this build from it when its inputs were built before, store "
-    "it when not. A folder or an fsspec URL (s3://...); alone: $MODELKILN_CACHE/builds.",
+    "--matrix",
+    type=click.Path(path_type=Path),
+    help="Build the sources x profiles of this TOML file (see kiln bench --matrix) instead "
+    "of SOURCE with --profile.",
 )
+@EXECUTOR_OPTION
+@ADDRESS_OPTION
 def build(
-    source: str,
-    profile: str,
+    source: str | None,
+    profile: str | None,
     output: Path | None,
     overrides: tuple[str, ...],
     revision: str | None,
@@ -62,14 +71,30 @@ def build(
     config: Path | None,
     loras: tuple[str, ...],
     cache: str | None,
+    matrix: Path | None,
+    executor: str,
+    address: str | None,
 ) -> None:
     """Export SOURCE (hub id, local dir, timm:NAME, single-file .safetensors) with PROFILE,
-    validate, write the artifact."""
+    validate, write the artifact. Or build a whole --matrix, here or on a Ray cluster."""
     from modelkiln.build_cache import open_cache
     from modelkiln.builder import build as build_artifact
     from modelkiln.loading import open_artifact
 
     build_cache = open_cache(cache)
+    if matrix is not None:
+        single = (source, profile, output, overrides, revision, allow_pickle, config, loras)
+        if any(single):
+            raise click.UsageError(
+                "--matrix builds what its file says: drop SOURCE and the single-build options "
+                "(--profile, --output, --set, --revision, --allow-pickle, --config, --lora)"
+            )
+        _build_matrix(matrix, executor, address, build_cache)
+        return
+    if source is None or profile is None:
+        raise click.UsageError("give SOURCE and --profile PROFILE (or --matrix FILE)")
+    if executor != "local" or address:
+        raise click.UsageError("--executor and --address are for --matrix builds")
     with progress_display() as progress:
         artifact = build_artifact(
             source,
@@ -101,6 +126,21 @@ def build(
         precision = record.runtime.get("inference_precision", "?")
         err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})", markup=False)
     out.print(f"[green]built[/] {escape(str(artifact))}")
+
+
+def _build_matrix(
+    matrix: Path, executor: str, address: str | None, build_cache: BuildCache | None
+) -> None:
+    from modelkiln.bench.matrix import plan_builds, read_matrix
+    from modelkiln.cluster.executors import open_executor
+
+    grid = read_matrix(matrix)
+    with progress_display() as progress:
+        jobs = plan_builds(grid)
+        with open_executor(executor, address, grid.cluster, build_cache) as runner:
+            paths = runner.build(jobs, progress, build_cache)
+    for job, path in zip(jobs, paths, strict=True):
+        out.print(f"[green]built[/] {escape(job.label)}: {escape(str(path))}")
 
 
 @click.group()

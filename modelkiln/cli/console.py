@@ -49,6 +49,30 @@ MAX_PIXELS_OPTION = click.option(
     help="Refuse images with more pixels than this (0: no limit).",
 )
 
+BUILD_CACHE_OPTION = click.option(
+    "--cache",
+    "cache",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[DIR|URL]",
+    help="Build cache: restore a build from it when its inputs were built before, store "
+    "it when not. A folder or an fsspec URL (s3://...); alone: $MODELKILN_CACHE/builds.",
+)
+EXECUTOR_OPTION = click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where a matrix's builds and measurements run: here, one after the other, or as "
+    "tasks on a Ray cluster (builds side by side, each measurement on a node of its own).",
+)
+ADDRESS_OPTION = click.option(
+    "--address",
+    help="With --executor ray: the cluster (HOST:PORT, ray://HOST:10001 or auto).  "
+    "[default: RAY_ADDRESS, else a cluster started on this machine]",
+)
+
 
 def cells(*values: str | Text) -> list[Text]:
     """Table cells as plain text: paths and labels may contain [brackets] rich would eat."""

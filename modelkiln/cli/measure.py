@@ -11,7 +11,16 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from modelkiln.cli.console import RUNTIME_OPTION, THREADS_OPTION, cells, out, progress_display
+from modelkiln.cli.console import (
+    ADDRESS_OPTION,
+    BUILD_CACHE_OPTION,
+    EXECUTOR_OPTION,
+    RUNTIME_OPTION,
+    THREADS_OPTION,
+    cells,
+    out,
+    progress_display,
+)
 from modelkiln.errors import InputError
 
 
@@ -185,6 +194,9 @@ def _read_prompts(path: Path | None) -> tuple[str, ...] | None:
 )
 @click.option("--reference", help="Load the torch reference from here instead of the source.")
 @click.option("--no-reference", is_flag=True, help="Skip the torch reference (no agreement).")
+@EXECUTOR_OPTION
+@ADDRESS_OPTION
+@BUILD_CACHE_OPTION
 def bench(
     artifacts: tuple[Path, ...],
     output: Path,
@@ -201,6 +213,9 @@ def bench(
     isolate: bool | None,
     reference: str | None,
     no_reference: bool,
+    executor: str,
+    address: str | None,
+    cache: str | None,
 ) -> None:
     """Measure built artifacts: latency, throughput, memory, size and accuracy.
 
@@ -208,8 +223,10 @@ def bench(
     PNG plots. Gate CI on it with `kiln compare BASELINE.json CURRENT.json`.
     """
     from modelkiln.bench.harness import run
-    from modelkiln.bench.matrix import build_matrix, read_matrix
+    from modelkiln.bench.matrix import plan_builds, read_matrix
     from modelkiln.bench.settings import BenchSettings
+    from modelkiln.build_cache import open_cache
+    from modelkiln.cluster.executors import open_executor
 
     if bool(artifacts) == bool(matrix):
         raise click.UsageError("give artifact directories or --matrix FILE (one of the two)")
@@ -228,13 +245,17 @@ def bench(
         "use_reference": False if no_reference else None,
     }
     chosen = {key: value for key, value in given.items() if value is not None}
-    with progress_display() as progress:
-        if matrix is not None:
-            grid = read_matrix(matrix)
+    grid = read_matrix(matrix) if matrix is not None else None
+    build_cache = open_cache(cache)
+    with (
+        progress_display() as progress,
+        open_executor(executor, address, grid.cluster if grid else None, build_cache) as runner,
+    ):
+        if grid is not None:
             chosen = {**grid.bench, **chosen}
-            artifacts = tuple(build_matrix(grid, progress))
+            artifacts = tuple(runner.build(plan_builds(grid), progress, build_cache))
         settings = BenchSettings(**chosen)
-        report = run(artifacts, settings, output=output, progress=progress)
+        report = run(artifacts, settings, output=output, progress=progress, executor=runner)
     _print_bench(report)
     out.print(f"report: {output / 'report.json'}, {output / 'report.md'} and plots in {output}")
 

@@ -148,6 +148,7 @@ class TensorRTBackend(Backend):
     settings = TensorRTSettings
     packages = ("tensorrt",)
     needs = "an NVIDIA CUDA GPU"
+    worker_resources: ClassVar[Mapping[str, float]] = {"GPU": 1}
     libraries = ("tensorrt",)
     deploy: ClassVar[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         "tensorrt": {"linux-x86_64": (TENSORRT,), "linux-aarch64": (TENSORRT,)}
