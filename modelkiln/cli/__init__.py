@@ -64,6 +64,7 @@ for command in (
     measure.demo,
     measure.bench,
     gate.compare,
+    gate.ci,
 ):
     cli.add_command(command)
 

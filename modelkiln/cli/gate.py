@@ -243,3 +243,73 @@ def _rerun(
     except KilnError as error:  # a missing or broken artifact: unusable input, not a regression
         raise ReportError(str(error)) from error
     return comparison
+
+
+@click.group()
+def ci() -> None:
+    """CI recipes for the regression gate."""
+
+
+@ci.command("init")
+@click.option(
+    "--provider",
+    type=click.Choice(["github", "gitlab"]),
+    default="github",
+    show_default=True,
+    help="Which CI the file is for.",
+)
+@click.option("--source", required=True, help="What the job builds: a repository folder or hub id.")
+@click.option("-p", "--profile", required=True, help="The profile it builds with.")
+@click.option(
+    "--baseline",
+    required=True,
+    help="The last release's artifact: a folder on the runner or a store URL (s3://...).",
+)
+@click.option(
+    "--cache", required=True, help="The build cache every job shares: a store URL (s3://...)."
+)
+@click.option(
+    "--batch-size",
+    "batch_sizes",
+    default="1,8",
+    show_default=True,
+    callback=batch_sizes_option,
+    help="Batch sizes the gate times, comma-separated.",
+)
+@click.option(
+    "--package",
+    default="modelkiln",
+    show_default=True,
+    help='What pip installs, e.g. "modelkiln @ git+https://github.com/OWNER/modelkiln".',
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The file to write.  [default: .github/workflows/kiln-gate.yml or .gitlab-ci.yml]",
+)
+@click.option("--force", is_flag=True, help="Replace the file if it exists.")
+def ci_init(
+    provider: str,
+    source: str,
+    profile: str,
+    baseline: str,
+    cache: str,
+    batch_sizes: tuple[int, ...],
+    package: str,
+    output: Path | None,
+    force: bool,
+) -> None:
+    """Write the CI job: build with the cache, compare --rerun against the baseline, keep the
+    JUnit file and the Markdown summary."""
+    from modelkiln.ci_recipe import PROVIDERS, Recipe, render
+    from modelkiln.errors import InputError
+
+    sizes = ",".join(map(str, batch_sizes))
+    text = render(provider, Recipe(source, profile, baseline, cache, sizes, package))
+    target = output or Path(PROVIDERS[provider])
+    if target.exists() and not force:
+        raise InputError(f"{target} exists; add --force to replace it, or -o another file")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(target, text.encode())
+    out.print(f"[green]wrote[/] {escape(str(target))}")
