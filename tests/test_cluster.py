@@ -176,6 +176,7 @@ batch_sizes = [1, 2]
 warmup = 1
 runs = 3
 data = "data"
+isolate = false
 [ray]
 {ray_table}
 """,
