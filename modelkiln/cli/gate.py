@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -164,8 +165,19 @@ def compare(
         if path is not None:
             check_writable(path, folder=False)
     measuring = {"batch_sizes": batch_sizes, "steps": steps, "runtime": runtime, "threads": threads}
-    if not rerun and any(value is not None for value in measuring.values()):
-        raise click.UsageError("--batch-size, --steps, --runtime and --threads apply to --rerun")
+    given = click.get_current_context().get_parameter_source
+    paired_only = [
+        name for name in ("rounds", "block") if given(name) is ParameterSource.COMMANDLINE
+    ]
+    if not rerun and (paired_only or any(value is not None for value in measuring.values())):
+        raise click.UsageError(
+            "--batch-size, --steps, --runtime, --threads, --rounds and --block apply to --rerun"
+        )
+    if rerun and (allow_different_machine or allow_missing or normalise):
+        raise click.UsageError(
+            "--allow-different-machine, --allow-missing and --normalise apply to stored "
+            "reports; --rerun times both artifacts now, on this machine"
+        )
     try:
         if rerun:
             comparison = _rerun(baseline, current, bounds, rounds, block, measuring)

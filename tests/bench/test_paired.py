@@ -112,3 +112,7 @@ def test_kiln_compare_rerun_times_two_artifacts_paired(
     assert "kiln.json" in missing.output
     misplaced = CliRunner().invoke(cli, ["compare", "a.json", "b.json", "--batch-size", "2"])
     assert misplaced.exit_code == 2 and "apply to --rerun" in misplaced.output
+    rounds = CliRunner().invoke(cli, ["compare", "a.json", "b.json", "--rounds", "5"])
+    assert rounds.exit_code == 2 and "apply to --rerun" in rounds.output
+    stored = CliRunner().invoke(cli, ["compare", "a", "b", "--rerun", "--normalise"])
+    assert stored.exit_code == 2 and "apply to stored reports" in stored.output
