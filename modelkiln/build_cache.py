@@ -72,16 +72,13 @@ def build_key(
 def folder_digest(location: str) -> str:
     """A data folder (or file) by its files' names, sizes and modification times; a name
     that is not a path (digits) by itself."""
+    from modelkiln.integrity import stat_digest
+
     path = Path(location).expanduser()
     if not path.exists():
         return location
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    listing = []
-    for file in files:
-        stat = file.stat()
-        name = file.relative_to(path) if path.is_dir() else file.name
-        listing.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    return stat_digest(path, files)
 
 
 class UpToDate(Exception):

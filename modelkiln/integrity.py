@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from modelkiln.outputs import write_file_atomic
@@ -20,6 +21,17 @@ from modelkiln.outputs import write_file_atomic
 logger = logging.getLogger(__name__)
 
 Fingerprint = list[int | str]  # inode, mtime_ns, size, sha256
+
+
+def stat_digest(root: Path, files: Iterable[Path], *extra: str) -> str:
+    """A cache key from files as they are (name under root, size, mtime) without reading them:
+    hashing gigabytes for a key would cost more than the cache saves. `extra` is appended."""
+    listing = []
+    for file in sorted(files):
+        stat = file.stat()
+        name = file.relative_to(root).as_posix() if file != root else file.name
+        listing.append(f"{name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join([*listing, *extra]).encode()).hexdigest()
 
 
 class Remembered:

@@ -12,7 +12,6 @@ and the gate's torch reference all see the fused model.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -104,15 +103,13 @@ def lora_layout(path: Path) -> str:
 
 
 def _cache_key(resolved: ResolvedSource, records: Sequence[LoraRecord]) -> str:
-    """What the fused weights depend on: the source's files as they are (path, size, mtime:
-    hashing gigabytes for a cache key would cost more than it saves) and each LoRA's hash
-    and scale, in order."""
-    parts = [str(resolved.local_dir.resolve())]
-    for file in sorted(resolved.local_dir.glob("*/*.safetensors")):
-        stat = file.stat()
-        parts.append(f"{file.relative_to(resolved.local_dir)}:{stat.st_size}:{stat.st_mtime_ns}")
-    parts += [f"{r.sha256}:{r.scale!r}" for r in records]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+    """What the fused weights depend on: the source's folder and files as they are (path,
+    size, mtime) and each LoRA's hash and scale, in order."""
+    from modelkiln.integrity import stat_digest
+
+    root = resolved.local_dir
+    loras = [f"{r.sha256}:{r.scale!r}" for r in records]
+    return stat_digest(root, root.glob("*/*.safetensors"), str(root.resolve()), *loras)[:20]
 
 
 def _require_memory(folder: Path, max_memory_gb: float | None) -> None:
