@@ -180,13 +180,6 @@ def run_build_job(
         )
 
 
-def build_matrix(
-    matrix: Matrix, progress: Progress | None = None, cache: BuildCache | None = None
-) -> list[Path]:
-    """Every artifact of the matrix, built here one after the other; their paths."""
-    return [run_build_job(job, progress, cache) for job in plan_builds(matrix)]
-
-
 def _slug(source: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).name or source).strip("-")
 
@@ -213,4 +206,4 @@ def _known_keys(data: Mapping[str, Any], known: set[str], where: str) -> None:
             )
 
 
-__all__ = ["BuildJob", "Matrix", "build_matrix", "plan_builds", "read_matrix", "run_build_job"]
+__all__ = ["BuildJob", "Matrix", "plan_builds", "read_matrix", "run_build_job"]
