@@ -30,6 +30,7 @@ CPU_FEATURES = (
     "fma",
     "avx512f",
     "avx512_vnni",
+    "avx_vnni",
     "avx512_bf16",
     "avx512_fp16",
     "amx_tile",

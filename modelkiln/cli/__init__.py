@@ -61,6 +61,7 @@ for command in (
     artifacts.package,
     artifacts.clean,
     measure.env,
+    measure.doctor,
     measure.demo,
     measure.bench,
     gate.compare,

@@ -66,6 +66,29 @@ def env(as_json: bool) -> None:
 
 
 @click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+def doctor(as_json: bool) -> None:
+    """What this machine can build, run and measure, with the pip line for what is missing."""
+    from modelkiln.doctor import report
+
+    checks = report()
+    if as_json:
+        click.echo(json.dumps(checks, indent=2))
+        return
+    titles = {"run": "runtimes", "build": "building extras", "cpu": "CPU"}
+    for area, title in titles.items():
+        table = Table(
+            "", "check", "what it means here", "to fix", title=title, title_justify="left"
+        )
+        for check in (c for c in checks if c["area"] == area):
+            mark = Text("✓", "green") if check["ok"] else Text("✗", "red")
+            table.add_row(*cells(mark, check["name"], check["detail"], check["fix"]))
+        out.print(table)
+    failing = sum(not c["ok"] for c in checks)
+    out.print(f"{len(checks) - failing} of {len(checks)} checks pass")
+
+
+@click.command()
 @click.option(
     "-w",
     "--work-dir",
