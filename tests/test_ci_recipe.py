@@ -13,10 +13,10 @@ from pathlib import Path
 import click
 import pytest
 import yaml
+from cli_support import invoke
 
 from modelkiln.ci_recipe import Recipe
 from modelkiln.cli import cli
-from tests.cli_support import invoke
 
 
 def _steps(path: Path, provider: str) -> list[str]:

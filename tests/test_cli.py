@@ -905,3 +905,27 @@ def test_progress_counts_steps_with_an_eta_and_leaves_spinners_uncounted(
     denoising, loading = (line for line in final if "denoising" in line or "loading" in line)
     assert re.search(r"5/5 .*0:00:0\d .*0:00:00", denoising), denoising
     assert "/" not in loading.split("loading")[1], loading
+
+
+def test_global_flags_go_anywhere_before_a_double_dash() -> None:
+    from modelkiln.cli import hoist_global_flags
+
+    assert hoist_global_flags(["build", "x", "-p", "y", "-v", "--", "-q"]) == [
+        "-v", "build", "x", "-p", "y", "--", "-q",
+    ]  # fmt: skip
+    assert hoist_global_flags(["-q", "env", "--quiet"]) == ["-q", "--quiet", "env"]
+
+
+def test_quiet_prints_results_without_progress_and_verbose_follows_the_subcommand(
+    kiln_main: Callable[..., Outcome], source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "artifact"
+    quiet = kiln_main("build", source_dir("hf-classifier"), "-p", PROFILE, "-o", out, "-q")
+    assert quiet.code == 0, quiet.err
+    assert quiet.out.strip() == f"built {out}"
+    assert "✓" not in quiet.err  # the validation summary stays: it is a result
+    assert "vision_model: logits: max-abs" in quiet.err
+    verbose = kiln_main("info", tmp_path / "missing", "-v")
+    assert verbose.code == 1 and "Traceback" in verbose.err
+    both = kiln_main("env", "-q", "-v")
+    assert both.code == 2 and "-v and -q contradict each other" in both.err

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_support import assert_one_line_error, invoke, kiln
 from PIL import Image
 
 from modelkiln.bench.matrix import BuildJob
@@ -23,7 +24,6 @@ from modelkiln.cluster.resources import (
 from modelkiln.errors import ClusterError, ReportError
 from modelkiln.memory_budget import OVERHEAD_BYTES, fp32_bytes
 from modelkiln.plan import load_profile
-from tests.cli_support import assert_one_line_error, invoke, kiln
 
 pytestmark = [pytest.mark.onnxruntime, pytest.mark.openvino]
 

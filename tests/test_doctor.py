@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from cli_support import invoke
 
 from modelkiln import doctor
-from tests.cli_support import invoke
 
 DECLARED = [
     "numpy>=1.24",

@@ -1,6 +1,7 @@
 """`kiln`: parse, call the library, print. All output, progress and exit codes live here.
 
-Every error is one red line on stderr (a traceback only with -v). Exit codes:
+Every error is one red line on stderr (a traceback only with -v; -v and -q, results and
+errors only, go anywhere on the line). Exit codes:
 0 done; 1 an error the user can fix (a KilnError, or the disk, permissions, memory) or a
 failed gate (`kiln compare` regression, `kiln validate` miss); 2 a bad command line or, for
 `kiln compare`, an unusable report; 70 an internal error (a modelkiln bug: please report
@@ -32,10 +33,17 @@ INTERRUPTED = 130
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="kiln")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logs, and tracebacks on errors.")
-def cli(verbose: bool) -> None:
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Debug logs, and tracebacks on errors (anywhere)."
+)
+@click.option(
+    "-q", "--quiet", is_flag=True, help="Results and errors only: no progress, no warnings."
+)
+def cli(verbose: bool, quiet: bool) -> None:
     """Compile diffusion and vision models for deployment, run and measure them."""
-    level = logging.DEBUG if verbose else logging.WARNING
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other: give one")
+    level = logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING
     # RichHandler prints the level itself; basicConfig's default format would repeat it.
     logging.basicConfig(
         level=level,
@@ -70,8 +78,20 @@ for command in (
     cli.add_command(command)
 
 
+# Flags of the whole program, accepted after the subcommand too (`kiln build ... -v`).
+GLOBAL_FLAGS = ("-v", "--verbose", "-q", "--quiet")
+
+
+def hoist_global_flags(args: Sequence[str]) -> list[str]:
+    """-v/-q moved before the subcommand, where click reads them (not past a `--`)."""
+    end = list(args).index("--") if "--" in args else len(args)
+    flags = [arg for arg in args[:end] if arg in GLOBAL_FLAGS]
+    rest = [arg for index, arg in enumerate(args) if index >= end or arg not in GLOBAL_FLAGS]
+    return [*dict.fromkeys(flags), *rest]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = hoist_global_flags(sys.argv[1:] if argv is None else argv)
     verbose = any(a in ("-v", "--verbose") for a in args)
     if not verbose:
         # transformers logs config chatter through its own handler; the CLI owns the terminal.

@@ -25,6 +25,7 @@ from rich.progress import Progress as RichProgressBar
 from rich.text import Text
 
 from modelkiln.errors import InputError
+from modelkiln.progress import NullProgress
 
 if TYPE_CHECKING:
     from modelkiln.records import OutputScore
@@ -120,8 +121,13 @@ class LineProgress:
 
 
 @contextlib.contextmanager
-def progress_display() -> Iterator[RichProgress | LineProgress]:
-    """Live bars on a terminal; plain lines where stderr is a file or a pipe (CI logs)."""
+def progress_display() -> Iterator[RichProgress | LineProgress | NullProgress]:
+    """Live bars on a terminal; plain lines where stderr is a file or a pipe (CI logs);
+    nothing with `kiln -q`."""
+    context = click.get_current_context(silent=True)
+    if context is not None and context.find_root().params.get("quiet"):
+        yield NullProgress()
+        return
     if not err.is_terminal:
         yield LineProgress()
         return

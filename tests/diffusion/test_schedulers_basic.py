@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tolerances import SIGMA_RTOL, STEP_ULPS
 
 from modelkiln.diffusion.schedulers.base import Scheduler
 from modelkiln.diffusion.schedulers.ddim import DDIM
@@ -28,7 +29,6 @@ from modelkiln.diffusion.schedulers.lcm import LCM
 from modelkiln.diffusion.schedulers.lms import LMSDiscrete, lms_coefficient
 from modelkiln.diffusion.schedulers.pndm import PNDM
 from modelkiln.errors import InputError, UnsupportedError
-from tests.diffusion.tolerances import SIGMA_RTOL, STEP_ULPS
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")

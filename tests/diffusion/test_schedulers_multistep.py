@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tolerances import SIGMA_RTOL, STEP_ULPS
 
 from modelkiln.diffusion.schedulers.base import Scheduler
 from modelkiln.diffusion.schedulers.dpm_solver import DPMSolverMultistep
 from modelkiln.diffusion.schedulers.flow_match import FlowMatchEulerDiscrete
 from modelkiln.diffusion.schedulers.unipc import UniPCMultistep
 from modelkiln.errors import InputError, UnsupportedError
-from tests.diffusion.tolerances import SIGMA_RTOL, STEP_ULPS
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
