@@ -160,6 +160,28 @@ def test_profiles_list_shows_every_bundled_profile() -> None:
     assert "bf16" in rows["vit-openvino-bf16"]
 
 
+def test_profiles_list_filters_by_every_word_and_speaks_json() -> None:
+    result = invoke("profiles", "list", "sd", "openvino", "--json")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    expected = [
+        name for name in bundled_profile_names() if name.startswith("sd-") and "openvino" in name
+    ]
+    assert [row["name"] for row in rows] == expected  # sdxl-* is another family
+    assert {row["family"] for row in rows} == {"sd"} and {row["format"] for row in rows} == {
+        "openvino"
+    }
+    assert set(rows[0]) == {
+        "name", "family", "format", "runtime", "compute", "weights", "scheme", "description"
+    }  # fmt: skip
+    schemes = json.loads(invoke("profiles", "list", "vit", "int8-static", "--json").stdout)
+    assert schemes and all(row["scheme"] == "int8-static" for row in schemes)
+    none = invoke("profiles", "list", "vit", "nothing-like-it")
+    assert none.exit_code == 1 and "no bundled profile matches 'vit nothing-like-it'" in str(
+        none.exception
+    )
+
+
 def test_profiles_schemes_prints_the_registered_handlers() -> None:
     result = invoke("profiles", "schemes")
     assert result.exit_code == 0, result.output

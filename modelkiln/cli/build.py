@@ -234,26 +234,47 @@ def profiles() -> None:
 
 
 @profiles.command("list")
-def profiles_list() -> None:
-    """The bundled profiles."""
+@click.argument("filters", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def profiles_list(filters: tuple[str, ...], as_json: bool) -> None:
+    """The bundled profiles; with FILTERS (e.g. `sd openvino`), those matching every word:
+    a part of the name, the family, format, runtime, precision or scheme."""
+    import json
+
+    from modelkiln.errors import InputError
     from modelkiln.plan import load_profile
     from modelkiln.profiles import bundled_profile_names
 
-    table = Table("name", "family", "format", "runtime", "compute", "weights", "description")
+    rows = []
     for name in bundled_profile_names():
         profile = load_profile(name)
-        table.add_row(
-            *cells(
-                name,
-                profile.family,
-                profile.export.format,
-                profile.runtime.name,
-                profile.precision.compute,
-                profile.precision.weights,
-                profile.description.split(". ")[0],
-            )
+        row = {
+            "name": name,
+            "family": profile.family,
+            "format": profile.export.format,
+            "runtime": profile.runtime.name,
+            "compute": profile.precision.compute,
+            "weights": profile.precision.weights,
+            "scheme": profile.quantization.scheme,
+            "description": profile.description.split(". ")[0],
+        }
+        words = {*name.split("-"), *(str(v) for k, v in row.items() if k != "description")}
+        if all(word.lower() in words for word in filters):
+            rows.append(row)
+    if not rows:
+        raise InputError(
+            f"no bundled profile matches {' '.join(filters)!r}; `kiln profiles list` shows them all"
         )
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(*PROFILE_COLUMNS)
+    for row in rows:
+        table.add_row(*cells(*(row[key] for key in PROFILE_COLUMNS)))
     out.print(table)
+
+
+PROFILE_COLUMNS = ("name", "family", "format", "runtime", "compute", "weights", "description")
 
 
 @profiles.command("show")
