@@ -117,3 +117,14 @@ def require_utf8_path(path: Path, error: type[KilnError], fix: str) -> None:
 
 class ReportError(KilnError, ValueError):
     """A benchmark report or matrix file is unreadable, of another schema, or malformed."""
+
+
+def check_known_keys(data: Iterable[str], known: Iterable[str], where: str) -> None:
+    """A matrix file table's keys: the first unknown one is a ReportError naming the closest."""
+    choices = sorted(known)
+    for key in data:
+        if key not in choices:
+            raise ReportError(
+                f"{where}: unknown key '{key}'{did_you_mean(key, choices)}; known: "
+                f"{', '.join(choices)}"
+            )

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelkiln.cluster.resources import ClusterSettings
-from modelkiln.errors import ReportError, did_you_mean
+from modelkiln.errors import ReportError, check_known_keys
 from modelkiln.progress import NullProgress, Progress
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ def read_matrix(path: str | Path) -> Matrix:
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ReportError(f"cannot read the matrix {path}: {error}") from error
     where = str(path)
-    _known_keys(data, TOP_KEYS, where)
+    check_known_keys(data, TOP_KEYS, where)
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ReportError(f"{where}: schema_version must be {SCHEMA_VERSION}")
     base = path.parent
@@ -88,14 +88,14 @@ def read_matrix(path: str | Path) -> Matrix:
         raise ReportError(f"{where}: [build], [bench] and [ray] must be tables")
     from modelkiln.models import FAMILIES
 
-    _known_keys(build, BUILD_KEYS | set(FAMILIES), f"{where} [build]")
-    _known_keys(bench, {f.name for f in fields(BenchSettings)}, f"{where} [bench]")
+    check_known_keys(build, BUILD_KEYS | set(FAMILIES), f"{where} [build]")
+    check_known_keys(bench, {f.name for f in fields(BenchSettings)}, f"{where} [bench]")
     families = {}
     for family in FAMILIES:
         table = build.get(family, {})
         if not isinstance(table, dict):
             raise ReportError(f"{where}: [build.{family}] must be a table")
-        _known_keys(table, {"set"}, f"{where} [build.{family}]")
+        check_known_keys(table, {"set"}, f"{where} [build.{family}]")
         families[family] = _overrides(table, f"{where} [build.{family}]", base)
     output = base / str(build.get("output", "artifacts"))
     overrides = _overrides(build, f"{where} [build]", base)
@@ -195,15 +195,6 @@ def _strings(data: Mapping[str, Any], key: str, where: str) -> list[str]:
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
         raise ReportError(f"{where}: `{key}` must be a non-empty list of strings")
     return values
-
-
-def _known_keys(data: Mapping[str, Any], known: set[str], where: str) -> None:
-    for key in data:
-        if key not in known:
-            raise ReportError(
-                f"{where}: unknown key '{key}'{did_you_mean(key, known)}; known: "
-                f"{', '.join(sorted(known))}"
-            )
 
 
 __all__ = ["BuildJob", "Matrix", "plan_builds", "read_matrix", "run_build_job"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelkiln.errors import ClusterError, ReportError
+from modelkiln.errors import ClusterError, ReportError, check_known_keys
 
 GB = 1e9
 # Ray's names for the resources we request (`ray.nodes()[i]["Resources"]`).
@@ -41,11 +41,7 @@ class ClusterSettings:
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any], where: str) -> ClusterSettings:
-        unknown = sorted(set(table) - SETTINGS_KEYS)
-        if unknown:
-            raise ReportError(
-                f"{where}: unknown key '{unknown[0]}'; known: {', '.join(sorted(SETTINGS_KEYS))}"
-            )
+        check_known_keys(table, SETTINGS_KEYS, where)
         cpus = table.get("build_cpus", DEFAULT_BUILD_CPUS)
         timeout = table.get("timeout_s", DEFAULT_TIMEOUT_S)
         resources = table.get("resources", {})
