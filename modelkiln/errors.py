@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 
@@ -128,3 +128,16 @@ def check_known_keys(data: Iterable[str], known: Iterable[str], where: str) -> N
                 f"{where}: unknown key '{key}'{did_you_mean(key, choices)}; known: "
                 f"{', '.join(choices)}"
             )
+
+
+def error_record(error: KilnError) -> dict[str, str]:
+    """A KilnError as JSON-able data: how an isolated child or a cluster task reports it."""
+    return {"type": type(error).__name__, "message": str(error)}
+
+
+def from_record(record: Mapping[str, str], prefix: str = "") -> KilnError:
+    """The error_record back as the same class (KilnError for a name it does not know)."""
+    kind = globals().get(record["type"])
+    if not (isinstance(kind, type) and issubclass(kind, KilnError)):
+        kind = KilnError
+    return kind(prefix + record["message"])

@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -143,7 +142,7 @@ class LocalExecutor:
         folders = {}
         for key, artifact in wanted.items():
             folders[key] = scratch / "references" / key
-            compute_reference(artifact.root, settings, folders[key], scratch, progress)
+            compute_reference(artifact, settings, folders[key], scratch, progress)
         return folders
 
     def measure(
@@ -170,14 +169,22 @@ def measure_one(
 
 
 def compute_reference(
-    root: Path, settings: BenchSettings, folder: Path, scratch: Path, progress: Progress
+    artifact: Artifact, settings: BenchSettings, folder: Path, scratch: Path, progress: Progress
 ) -> None:
-    """The torch reference of the artifact's source on the benchmark data, into `folder`."""
+    """The torch reference of the artifact's source on the benchmark data, into `folder`:
+    in its own child process (isolate) or in this one."""
     if settings.isolate:
-        _run_child(["reference", str(root), str(folder), _json(settings)], scratch)
+        arguments = ["reference", str(artifact.root), str(folder), settings.to_json()]
+        _run_child(arguments, scratch)
         return
+    _reference_here(artifact, settings, folder, progress)
+
+
+def _reference_here(
+    artifact: Artifact, settings: BenchSettings, folder: Path, progress: Progress
+) -> None:
     references.compute(
-        open_artifact(root).manifest,
+        artifact.manifest,
         folder,
         data=settings.data,
         prompts=settings.prompts,
@@ -233,15 +240,11 @@ def _reference_work(opened: list[Artifact], settings: BenchSettings) -> dict[str
 # --- isolation: one child process per artifact -----------------------------------------------
 
 
-def _json(settings: BenchSettings) -> str:
-    return json.dumps(asdict(settings))
-
-
 def _measure_in_child(
     root: Path, settings: BenchSettings, reference: Path | None, scratch: Path
 ) -> list[dict[str, Any]]:
     folder = "" if reference is None else str(reference)
-    result = _run_child(["measure", str(root), _json(settings), folder], scratch)
+    result = _run_child(["measure", str(root), settings.to_json(), folder], scratch)
     entries: list[dict[str, Any]] = result["entries"]
     return entries
 
@@ -256,8 +259,7 @@ def _run_child(arguments: list[str], scratch: Path) -> dict[str, Any]:
     if result_file.is_file():
         result: dict[str, Any] = json.loads(result_file.read_text(encoding="utf-8"))
         if "error" in result:
-            kind = getattr(errors, result["error"]["type"], KilnError)
-            raise kind(result["error"]["message"])
+            raise errors.from_record(result["error"])
         return result
     tail = "\n".join(done.stderr.strip().splitlines()[-15:])
     raise KilnError(
@@ -269,23 +271,16 @@ def _run_child(arguments: list[str], scratch: Path) -> dict[str, Any]:
 def _child(result_file: Path, action: str, arguments: list[str]) -> None:
     try:
         if action == "measure":
-            root, settings = Path(arguments[0]), BenchSettings(**json.loads(arguments[1]))
+            root, settings = Path(arguments[0]), BenchSettings.from_json(arguments[1])
             reference = Path(arguments[2]) if arguments[2] else None
             result: dict[str, Any] = {"entries": measure_artifact(root, settings, reference)}
         else:
-            root, folder, fields = Path(arguments[0]), Path(arguments[1]), json.loads(arguments[2])
-            references.compute(
-                open_artifact(root).manifest,
-                folder,
-                data=fields["data"],
-                prompts=tuple(fields["prompts"]),
-                steps=fields["steps"],
-                source=fields["reference"],
-                progress=NullProgress(),
-            )
+            root, folder = Path(arguments[0]), Path(arguments[1])
+            settings = BenchSettings.from_json(arguments[2])
+            _reference_here(open_artifact(root), settings, folder, NullProgress())
             result = {"reference": str(folder)}
     except KilnError as error:
-        result = {"error": {"type": type(error).__name__, "message": str(error)}}
+        result = {"error": errors.error_record(error)}
     result_file.write_text(json.dumps(result), encoding="utf-8")
 
 

@@ -3,7 +3,8 @@ processes and the measuring code alike (it travels to a child as JSON)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from modelkiln.errors import InputError
@@ -60,6 +61,14 @@ class BenchSettings:
             # these settings from JSON) on top of the load that measures accuracy.
             if self.data != DIGITS:
                 image_set(self.data, "--data", "test")
+
+    def to_json(self) -> str:
+        """What an isolated child or a cluster task rebuilds these settings from."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> BenchSettings:
+        return cls(**json.loads(text))
 
     def report_settings(self) -> dict[str, Any]:
         return {

@@ -16,9 +16,7 @@ of the backends it builds or runs, as the driver has them.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import logging
 import socket
 import tempfile
@@ -169,7 +167,7 @@ class RayExecutor:
         for key, artifact in wanted.items():
             require_fit(request, self.nodes, f"the torch reference of {key}", self.shown)
             where = self._whereabouts(artifact)
-            submitted[task.options(**_options(request)).remote(where, _json(settings))] = key
+            submitted[task.options(**_options(request)).remote(where, settings.to_json())] = key
         results = self._gather(submitted, "torch references", progress, str)
         folders = {}
         for key, result in results.items():
@@ -207,7 +205,7 @@ class RayExecutor:
                 shared[reference] = ray.put(_pack(reference))
             files = shared.get(reference) if reference is not None else None
             ref = task.options(**options).remote(
-                self._whereabouts(artifact), _json(settings), files
+                self._whereabouts(artifact), settings.to_json(), files
             )
             submitted[ref] = index
         label: Callable[[int], str] = lambda index: str(work[index][0].root)  # noqa: E731
@@ -265,8 +263,8 @@ class RayExecutor:
                     ) from error
                 if "error" in result:
                     _cancel(ray, pending)
-                    kind = getattr(errors, result["error"]["type"], KilnError)
-                    raise kind(f"{label(item)} (on {result['node']}): {result['error']['message']}")
+                    where = f"{label(item)} (on {result['node']}): "
+                    raise errors.from_record(result["error"], where)
                 results[item] = result
                 step(1)
         return results
@@ -324,10 +322,6 @@ def _cancel(ray: Any, pending: list[Any]) -> None:
         ray.cancel(ref, force=True)
 
 
-def _json(settings: BenchSettings) -> str:
-    return json.dumps(dataclasses.asdict(settings))
-
-
 # --- what travels: an artifact's whereabouts, a reference folder's files ---------------------
 
 
@@ -354,7 +348,7 @@ def _node() -> str:
 
 
 def _failure(error: KilnError) -> dict[str, Any]:
-    return {"error": {"type": type(error).__name__, "message": str(error)}, "node": _node()}
+    return {"error": errors.error_record(error), "node": _node()}
 
 
 def _build_task(
@@ -398,13 +392,15 @@ def _locate(where: Mapping[str, str | None], scratch: Path) -> Path:
 def _reference_task(where: Mapping[str, str | None], settings_json: str) -> dict[str, Any]:
     from modelkiln.bench.harness import compute_reference
     from modelkiln.bench.settings import BenchSettings
+    from modelkiln.loading import open_artifact
 
     try:
-        settings = BenchSettings(**json.loads(settings_json))
+        settings = BenchSettings.from_json(settings_json)
         with tempfile.TemporaryDirectory(prefix="kiln-ray-") as scratch:
             root = _locate(where, Path(scratch))
             folder = Path(scratch) / "reference"
-            compute_reference(root, settings, folder, Path(scratch), NullProgress())
+            artifact = open_artifact(root)
+            compute_reference(artifact, settings, folder, Path(scratch), NullProgress())
             return {"files": _pack(folder), "node": _node()}
     except KilnError as error:
         return _failure(error)
@@ -418,7 +414,7 @@ def _measure_task(
     from modelkiln.env import cpu_info
 
     try:
-        settings = BenchSettings(**json.loads(settings_json))
+        settings = BenchSettings.from_json(settings_json)
         with tempfile.TemporaryDirectory(prefix="kiln-ray-") as scratch:
             root = _locate(where, Path(scratch))
             folder = None
