@@ -213,12 +213,20 @@ class ImagePipeline(Pipeline):
         (input_name,) = spec.inputs
         shapes = profile.shapes
         batch = shapes.batch_size if not shapes.dynamic_batch else settings.batch_size
+        # A dynamic batch takes the last, smaller batch too; a static one only whole ones.
+        stop = len(images) if shapes.dynamic_batch else len(images) - batch + 1
+        if stop <= 0:
+            raise InputError(
+                f"calibration.data = '{settings.data}' has {len(images)} image(s), fewer than "
+                f"the static export's batch of {batch}; add images, or build with "
+                "shapes.dynamic_batch=true"
+            )
         feeds: Feeds = []
         with progress.task(f"preprocessing {len(images)} calibration images") as advance:
-            for start in range(0, len(images) - batch + 1, batch):
-                pixels = preprocess(load_images(images.images[start : start + batch]))
-                feeds.append({input_name: pixels})
-                advance(batch)
+            for start in range(0, stop, batch):
+                chunk = images.images[start : start + batch]
+                feeds.append({input_name: preprocess(load_images(chunk))})
+                advance(len(chunk))
         return {name: feeds for name in components}
 
     def bench_call(self, batch_size: int, steps: int) -> Callable[[], object]:
