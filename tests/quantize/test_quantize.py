@@ -322,6 +322,44 @@ def _real_pixels(pipeline: Any) -> np.ndarray:
     return pipeline.preprocessor(digits.to_pil(digits.load_split().test_images[:8]))
 
 
-def test_readme_shows_the_matrix_from_code() -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    assert matrix_markdown() in readme
+def test_the_docs_show_the_matrix_from_code() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs" / "quantization.md"
+    assert matrix_markdown() in docs.read_text(encoding="utf-8")
+
+
+@pytest.mark.openvino
+def test_fewer_calibration_images_than_a_batch_still_calibrate(
+    source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """3 images, calibration batches of 8: a dynamic batch calibrates on one batch of 3 (it
+    used to make no batch and blame a missing calibration.data); a static batch of 4 cannot
+    be filled and says so."""
+    from PIL import Image
+
+    from modelkiln.errors import InputError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        pixels = np.random.default_rng(index).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    data = f'calibration.data="{folder}"'
+    artifact = build(
+        source_dir("hf-classifier"), "vit-openvino-int8-static", tmp_path / "dynamic",
+        overrides=[data, "calibration.batch_size=8"],
+    )  # fmt: skip
+    record = open_artifact(artifact).manifest.components["vision_model"].quantization
+    assert record is not None and record.details["calibration_batches"] == 1
+    static = [
+        data,
+        "shapes.dynamic_batch=false",
+        "shapes.batch_size=4",
+        "validation.batch_sizes=[4]",
+    ]
+    with pytest.raises(InputError, match=r"has 3 image\(s\), fewer than the static export's"):
+        build(
+            source_dir("hf-classifier"),
+            "vit-openvino-int8-static",
+            tmp_path / "s",
+            overrides=static,
+        )
