@@ -12,16 +12,17 @@ LINT_PATHS := modelkiln tests $(wildcard bench)
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help demo test test-fast lint format env compat perf clean
+.PHONY: help demo test test-fast browser lint format env compat perf clean
 
 help:
 	@echo "make demo       train the digits ViT, build it for every CPU backend, print the comparison"
 	@echo "make test       run the whole test suite"
 	@echo "make test-fast  the suite without tests marked slow"
+	@echo "make browser    headless Chromium for the HTML report's render test (apt, as root)"
 	@echo "make lint       ruff check + format check + mypy"
 	@echo "make env        what this machine offers (runtimes, CPU features)"
 	@echo "make compat     load our artifacts with optimum's ORT/OV classes (second venv)"
-	@echo "make perf       the README's performance table: ViT-B/16 and an SD-1.5 UNet (~40 min)"
+	@echo "make perf       docs/performance.md's tables: ViT-B/16 and an SD-1.5 UNet (~40 min)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,11 +40,20 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PYTEST)
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(PYTEST) -m "not slow"
+
+# tests/bench/test_html_report.py renders report.html in headless Chromium. Installed where
+# that is possible (apt, as root); anywhere else that test skips, so this never fails a target.
+browser:
+	@command -v chromium >/dev/null \
+		|| (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+			&& apt-get update -qq >/dev/null \
+			&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		|| echo "no chromium: the HTML render test will skip"
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

@@ -1,4 +1,4 @@
-"""`kiln bench`: measure built artifacts and write one report (JSON, Markdown, plots).
+"""`kiln bench`: measure built artifacts and write one report (JSON, Markdown, plots, HTML).
 
 The orchestrator: checks the settings and artifacts up front, computes each source's torch
 reference once (when accuracy is asked for), then measures every artifact — in this process,

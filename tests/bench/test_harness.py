@@ -160,7 +160,15 @@ def test_cli_writes_report_markdown_and_plots(built: Callable[..., Path], tmp_pa
     assert report["settings"]["isolate"] is True  # the default
     assert report["entries"][0]["accuracy"]["metric"] == "top1"
     assert "## Latency" in (out / "report.md").read_text(encoding="utf-8")
-    for plot in ("latency.png", "size.png", "accuracy_vs_latency.png"):
+    plots = (
+        "latency-image-classification-b1.png",
+        "latency-image-classification-b2.png",
+        "size-image-classification.png",
+        "accuracy-image-classification-top1.png",
+    )
+    assert sorted(path.name for path in out.glob("*.png")) == sorted(plots)
+    assert "data:image/png;base64," in (out / "report.html").read_text(encoding="utf-8")
+    for plot in plots:
         with Image.open(out / plot) as image:
             assert image.width > 200 and len(np.unique(np.asarray(image.convert("L")))) > 2
     assert artifact.name in result.output and "p50" in result.output

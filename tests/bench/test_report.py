@@ -9,59 +9,26 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from reports import entry, latency, noisy, report
+from reports import diffusion_entry, entry, full_report, report
 
-from modelkiln.bench.plots import latency_figure
-from modelkiln.bench.report import markdown, write_report
+from modelkiln.bench.report import ReportFiles, markdown, write_report
 from modelkiln.bench.schema import read_report
 from modelkiln.errors import BackendUnavailableError, ReportError
 
-ALL_FILES = {"report.json", "report.md", "latency.png", "accuracy_vs_latency.png", "size.png"}
-
-
-def diffusion_entry(psnr: list[float | None] | None = None) -> dict[str, Any]:
-    """A 12 s generation with stage timings and PSNR / SSIM against torch fp32."""
-    psnr = [None, 31.4] if psnr is None else psnr
-    measured = hand_set("sd-openvino-int8", 1, [11.9, 12.0, 12.1], top1=None)
-    measured["family"], measured["task"] = "sd", "text-to-image"
-    measured["stages"] = {
-        "text_encoder": latency([0.0198, 0.0200, 0.0202]),
-        "unet_step": latency(noisy(2.5, seed=4)),
-        "vae_decode": latency([1.1, 1.1, 1.1]),
-    }
-    measured["images_per_s"] = 1 / 12.0
-    measured["size_bytes"] = 2_500_000_000
-    measured["peak_rss_bytes"] = 3_200_000_000
-    real = [value for value in psnr if value is not None]
-    measured["accuracy"] = {
-        "metric": "psnr_db",
-        "score": min(real) if real else None,
-        "prompts": ["a red car", "a lighthouse"][: len(psnr)],
-        "psnr_db": psnr,
-        "ssim": [1.0, 0.9876][: len(psnr)],
-    }
-    return measured
-
-
-def hand_set(profile: str, batch_size: int, samples: list[float], **kwargs: Any) -> dict[str, Any]:
-    """An entry whose latency is exactly `samples` (so its table cells are known)."""
-    measured = entry(profile, batch_size, **kwargs)
-    measured["latency"] = latency(samples)
-    measured["throughput_per_s"] = batch_size / measured["latency"]["mean_s"]
-    return measured
-
-
-def full_report() -> dict[str, Any]:
-    """Three artifacts x two batch sizes, ONNX fp32 without accuracy, one diffusion entry."""
-    return report(
-        [
-            hand_set("vit-openvino-int8", 1, [0.0121, 0.0123, 0.0125]),
-            entry("vit-openvino-int8", 8, 0.060),
-            hand_set("vit-onnxruntime-fp32", 1, [0.0246] * 3, runtime="onnxruntime", top1=None),
-            entry("vit-onnxruntime-fp32", 8, 0.200, runtime="onnxruntime", top1=None, seed=1),
-            diffusion_entry(),
-        ]
-    )
+DOCUMENTS = {"report.json", "report.md", "report.html"}
+# full_report's plots: one latency figure per (task, batch), the diffusion entry's stages, an
+# accuracy figure per (task, metric) and a size figure per task.
+PLOTS = {
+    "latency": (
+        "latency-image-classification-b1.png",
+        "latency-image-classification-b8.png",
+        "latency-text-to-image-b1.png",
+    ),
+    "stages": ("stages-text-to-image-b1.png",),
+    "accuracy": ("accuracy-image-classification-top1.png", "accuracy-text-to-image-psnr-db.png"),
+    "size": ("size-image-classification.png", "size-text-to-image.png"),
+}
+PLOT_NAMES = [name for names in PLOTS.values() for name in names]
 
 
 def no_accuracy_report() -> dict[str, Any]:
@@ -84,45 +51,56 @@ def section(text: str, title: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def written(tmp_path_factory: pytest.TempPathFactory) -> ReportFiles:
     return write_report(full_report(), tmp_path_factory.mktemp("bench"))
 
 
 # ----------------------------------------------------------------------------------- files
 
 
-def test_writes_every_file_and_nothing_else(written: dict[str, Path]) -> None:
-    assert set(written) == {"json", "markdown", "latency_plot", "accuracy_plot", "size_plot"}
-    outdir = written["json"].parent
-    assert {path.name for path in written.values()} == ALL_FILES
-    assert {path.name for path in outdir.iterdir()} == ALL_FILES  # no temporary left behind
+def test_writes_every_file_and_nothing_else(written: ReportFiles) -> None:
+    outdir = written.json.parent
+    assert (written.json.name, written.markdown.name, written.html.name) == (
+        "report.json",
+        "report.md",
+        "report.html",
+    )
+    assert {kind: tuple(path.name for path in paths) for kind, paths in written.plots.items()} == (
+        PLOTS
+    )
+    assert list(written.plots) == ["latency", "stages", "accuracy", "size"]
+    assert {path.name for path in written.paths()} == DOCUMENTS | set(PLOT_NAMES)
+    # No temporary left behind, nothing else written.
+    assert {path.name for path in outdir.iterdir()} == DOCUMENTS | set(PLOT_NAMES)
 
 
-@pytest.mark.parametrize("kind", ["latency_plot", "accuracy_plot", "size_plot"])
-def test_plots_are_real_images(written: dict[str, Path], kind: str) -> None:
-    with Image.open(written[kind]) as image:
+@pytest.mark.parametrize("name", PLOT_NAMES)
+def test_plots_are_real_images(written: ReportFiles, name: str) -> None:
+    with Image.open(written.json.parent / name) as image:
         assert image.format == "PNG"
-        assert image.width >= 400 and image.height >= 200
-        extrema = image.convert("RGB").getextrema()
-    assert any(low != high for low, high in extrema), "the plot is a single colour"
+        assert image.width == 800 and image.height >= 240
+        assert "Software" not in image.info
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
+    assert colours is not None and len(colours) > 20, "the plot is nearly a single colour"
 
 
-def test_report_json_round_trips_and_validates(written: dict[str, Path]) -> None:
-    text = written["json"].read_text(encoding="utf-8")
+def test_report_json_round_trips_and_validates(written: ReportFiles) -> None:
+    text = written.json.read_text(encoding="utf-8")
     assert text.endswith("}\n")
     assert text.startswith('{\n  "schema": "modelkiln-bench-report"')
     assert json.loads(text) == full_report()
-    assert read_report(written["json"]) == full_report()
+    assert read_report(written.json) == full_report()
 
 
-def test_report_md_is_markdown_of_the_report(written: dict[str, Path]) -> None:
-    assert written["markdown"].read_text(encoding="utf-8") == markdown(full_report())
+def test_report_md_is_markdown_of_the_report(written: ReportFiles) -> None:
+    assert written.markdown.read_text(encoding="utf-8") == markdown(full_report())
 
 
-def test_plots_are_deterministic(tmp_path: Path, written: dict[str, Path]) -> None:
+def test_report_and_plots_are_deterministic(tmp_path: Path, written: ReportFiles) -> None:
     again = write_report(full_report(), tmp_path)
-    for kind in ("latency_plot", "accuracy_plot", "size_plot"):
-        assert again[kind].read_bytes() == written[kind].read_bytes(), kind
+    for name in [*PLOT_NAMES, "report.html"]:
+        assert (tmp_path / name).read_bytes() == (written.json.parent / name).read_bytes(), name
+    assert again.plots.keys() == written.plots.keys()
 
 
 def test_invalid_report_raises_and_writes_nothing(tmp_path: Path) -> None:
@@ -149,21 +127,37 @@ def test_a_failed_write_keeps_the_old_report(
     assert [path.name for path in tmp_path.iterdir()] == ["report.json"]
 
 
-def test_without_accuracy_there_is_no_accuracy_plot(tmp_path: Path) -> None:
-    (tmp_path / "accuracy_vs_latency.png").write_bytes(b"from an earlier run")
+def test_plots_of_an_earlier_run_are_removed_and_other_files_kept(tmp_path: Path) -> None:
+    earlier = [
+        "accuracy-image-classification-top1.png",
+        "latency-image-classification-b32.png",
+        "stages-text-to-image-b1.png",
+        # The names before plots were split by task.
+        "latency.png",
+        "accuracy_vs_latency.png",
+        "size.png",
+    ]
+    kept = ["notes.png", "latency-notes.txt", "mine"]
+    for name in earlier + kept:
+        (tmp_path / name).write_bytes(b"from an earlier run")
     paths = write_report(no_accuracy_report(), tmp_path)
-    assert "accuracy_plot" not in paths
-    assert {path.name for path in tmp_path.iterdir()} == ALL_FILES - {"accuracy_vs_latency.png"}
-    text = paths["markdown"].read_text(encoding="utf-8")
-    assert "## Accuracy" not in text and "accuracy_vs_latency.png" not in text
+    assert set(paths.plots) == {"latency", "size"}
+    names = {
+        "latency-image-classification-b1.png",
+        "latency-image-classification-b8.png",
+        "size-image-classification.png",
+    }
+    assert {path.name for path in tmp_path.iterdir()} == DOCUMENTS | names | set(kept)
+    text = paths.markdown.read_text(encoding="utf-8")
+    assert "## Accuracy" not in text and "accuracy-" not in text
     assert "## Diffusion stages" not in text
 
 
 def test_identical_images_alone_give_no_accuracy_plot(tmp_path: Path) -> None:
     # Infinite PSNR has no place on an axis; the table still says so.
     paths = write_report(report([diffusion_entry(psnr=[None, None])]), tmp_path)
-    assert "accuracy_plot" not in paths
-    accuracy = section(paths["markdown"].read_text(encoding="utf-8"), "Accuracy")
+    assert set(paths.plots) == {"latency", "stages", "size"}
+    accuracy = section(paths.markdown.read_text(encoding="utf-8"), "Accuracy")
     [row] = rows(accuracy, "sd-openvino-int8")
     assert row[1:3] == ["psnr_db", "identical"]
 
@@ -171,7 +165,8 @@ def test_identical_images_alone_give_no_accuracy_plot(tmp_path: Path) -> None:
 def test_without_matplotlib_the_measurements_are_still_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    for module in ("matplotlib", "matplotlib.figure", "matplotlib.lines", "matplotlib.patches"):
+        monkeypatch.setitem(sys.modules, module, None)
     with pytest.raises(BackendUnavailableError, match=r"matplotlib.*modelkiln\[bench\]"):
         write_report(full_report(), tmp_path)
     assert {path.name for path in tmp_path.iterdir()} == {"report.json", "report.md"}
@@ -355,21 +350,16 @@ def test_artifacts_sharing_a_name_are_told_apart_by_path() -> None:
 
 def test_an_empty_report_still_renders(tmp_path: Path) -> None:
     paths = write_report(report([]), tmp_path)
-    assert "No entries." in paths["markdown"].read_text(encoding="utf-8")
-    assert set(paths) == {"json", "markdown", "latency_plot", "size_plot"}
+    assert "No entries." in paths.markdown.read_text(encoding="utf-8")
+    assert "No entries." in paths.html.read_text(encoding="utf-8")
+    assert paths.plots == {}
+    assert "## Plots" not in paths.markdown.read_text(encoding="utf-8")
 
 
-# ------------------------------------------------------------------------------------ plots
-
-
-def test_latency_axis_is_logarithmic_only_over_a_wide_range() -> None:
-    assert latency_figure(full_report()).axes[0].get_yscale() == "log"
-    assert latency_figure(report()).axes[0].get_yscale() == "linear"
-
-
-def test_latency_plot_says_units_and_machine() -> None:
-    axes = latency_figure(full_report()).axes[0]
-    assert "(ms)" in axes.get_ylabel()
-    assert "Platinum 8480+" in axes.get_title() and "2 threads" in axes.get_title()
-    labels = [text.get_text() for text in axes.get_legend().get_texts()]
-    assert labels == ["p99", "vit-openvino-int8", "vit-onnxruntime-fp32", "sd-openvino-int8"]
+def test_markdown_names_every_plot_and_the_html_page() -> None:
+    plots = section(markdown(full_report()), "Plots")
+    images = [line for line in plots.splitlines() if line.startswith("![")]
+    assert [line.rsplit("(", 1)[1].rstrip(")") for line in images] == PLOT_NAMES
+    assert "![image-classification · batch 8: latency per call]" in plots
+    assert "![text-to-image · batch 1: latency per generation]" in plots
+    assert "report.html" in plots
