@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.pop("COLUMNS", None)
 
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -185,6 +186,48 @@ def built(
         return cache[key]
 
     return get
+
+
+def _build_distributions(out: Path) -> Path:
+    """`python -m build` of this checkout into `out`: the sdist, then the wheel built from it
+    (as a user building the repository gets them). Skips where the build backend (hatchling)
+    cannot be installed from the package index."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("build")
+    except PackageNotFoundError:
+        pytest.skip("PyPA build is not installed (pip install build, or the dev extra)")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-m", "build", "--outdir", str(out), str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=out.parent,
+    )
+    if done.returncode != 0:
+        output = f"{done.stdout}\n{done.stderr}"
+        if "* Building" not in output:  # the backend never ran: installing it failed
+            pytest.skip(f"cannot install the build backend here: {output.strip()[-300:]}")
+        raise AssertionError(f"python -m build failed:\n{output.strip()[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def distributions(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(wheel, sdist) of this checkout, built once per run and shared by pytest-xdist's
+    workers. Don't modify them: install them, or copy them first."""
+    folder = _made_once(_shared_folder(tmp_path_factory, "dist"), _build_distributions)
+    (wheel,) = folder.glob("*.whl")
+    (sdist,) = folder.glob("*.tar.gz")
+    return wheel, sdist
+
+
+@pytest.fixture(scope="session")
+def wheel(distributions: tuple[Path, Path]) -> Path:
+    """The wheel `pip install` gets (built from the sdist), once per run."""
+    return distributions[0]
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ import pytest
 from modelkiln import load
 
 pytestmark = pytest.mark.torch
-ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKED = (
     "torch",
@@ -104,7 +103,7 @@ def test_load_and_run_with_torch_and_transformers_unimportable(
 @pytest.mark.slow
 @pytest.mark.onnxruntime
 def test_a_venv_with_only_numpy_pillow_and_onnxruntime_runs_an_artifact(
-    built: Callable[..., Path], tmp_path: Path
+    built: Callable[..., Path], wheel: Path, tmp_path: Path
 ) -> None:
     environment = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(environment)
@@ -130,25 +129,30 @@ def test_a_venv_with_only_numpy_pillow_and_onnxruntime_runs_an_artifact(
         pytest.skip(
             f"cannot install the runtime-only environment here: {install.stderr.strip()[-300:]}"
         )
-    # Our package from the source tree, without its dependencies: nothing else may come along.
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    # Our wheel, without its dependencies (not even tokenizers): nothing else may come along.
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
         capture_output=True,
         text=True,
+        timeout=300,
         check=True,
-    ).stdout.strip()
-    (Path(site) / "modelkiln-source.pth").write_text(str(ROOT) + "\n")
+    )
     artifact = built("hf-classifier", "vit-onnxruntime-fp32")
     script = textwrap.dedent(
         f"""
-        import importlib.util, json, numpy as np, modelkiln
+        import importlib.util, json, sys, numpy as np, modelkiln
         assert importlib.util.find_spec("torch") is None
+        assert modelkiln.__file__.startswith(sys.prefix), modelkiln.__file__
         images = [np.full((40, 50, 3), 60, np.uint8)]
         print(json.dumps(modelkiln.load({str(artifact)!r}).logits(images).tolist()))
         """
     )
     result = subprocess.run(
-        [str(python), "-c", script], capture_output=True, text=True, timeout=300
+        [str(python), "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # not the source tree: the installed package runs
     )
     assert result.returncode == 0, result.stderr
     expected = load(artifact).logits([np.full((40, 50, 3), 60, np.uint8)])
@@ -264,15 +268,16 @@ def test_diffusion_runs_with_torch_diffusers_and_transformers_unimportable(
     ],
 )
 def test_a_venv_with_only_the_runtime_extra_generates_diffusers_images(
-    extra: str, profile: str, built: Callable[..., Path], tmp_path: Path
+    extra: str, profile: str, built: Callable[..., Path], wheel: Path, tmp_path: Path
 ) -> None:
-    """`pip install "modelkiln[EXTRA]"`, nothing else: SD and SDXL artifacts and a bundle
-    generate the images the full environment makes, and torch never comes along."""
+    """`pip install "modelkiln-VERSION-py3-none-any.whl[EXTRA]"`, nothing else: SD and SDXL
+    artifacts and a bundle generate the images the full environment makes, and torch never
+    comes along."""
     environment = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(environment)
     python = environment / "bin" / "python"
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{ROOT}[{extra}]"],
+        [str(python), "-m", "pip", "install", "--quiet", f"{wheel}[{extra}]"],
         capture_output=True,
         text=True,
         timeout=900,
