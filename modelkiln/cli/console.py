@@ -40,7 +40,11 @@ THREADS_OPTION = click.option(
 )
 DEVICE_OPTION = click.option("--device", help="Device for the runtime (cpu, cuda, gpu, ...).")
 BATCH_OPTION = click.option(
-    "--batch-size", default=8, show_default=True, type=click.IntRange(min=1)
+    "--batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per model call: larger is faster, up to what memory holds.",
 )
 MAX_PIXELS_OPTION = click.option(
     "--max-pixels",
@@ -91,6 +95,21 @@ class _Counted(ProgressColumn):
         return self.column.render(task) if task.fields.get("counted") else Text("")
 
 
+class _Status(SpinnerColumn):
+    """A spinner while a step runs, ✓ once it is done, a red ✗ where it failed."""
+
+    def render(self, task: Task) -> Any:
+        if task.fields.get("failed"):
+            return Text("✗", "bold red")
+        return Text("✓", "green") if task.finished else super().render(task)
+
+
+def printable(text: str) -> str:
+    """`text` with what a terminal cannot print (a path's undecodable bytes, which Python
+    keeps as lone surrogates) written as escapes: a step's line never breaks the console."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class RichProgress:
     """The library's Progress protocol on a rich progress display (stderr)."""
 
@@ -99,25 +118,76 @@ class RichProgress:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Any]:
-        task_id = self.display.add_task(description, total=total, counted=total is not None)
+        task_id = self.display.add_task(
+            printable(description), total=total, counted=total is not None
+        )
         try:
             yield lambda n=1: self.display.advance(task_id, n)
         except BaseException:
-            # The error line says what failed; a frozen spinner above it would only repeat it.
-            self.display.remove_task(task_id)
+            # The step stays on screen, marked: the error line below says why it failed.
+            self.display.update(task_id, failed=True)
+            self.display.stop_task(task_id)
             raise
         self.display.update(task_id, completed=total if total is not None else 1, total=total or 1)
         self.display.stop_task(task_id)
 
 
 class LineProgress:
-    """Progress for logs and pipes: one line per finished step, none for a failed one."""
+    """Progress for logs and pipes: a line per finished (✓) or failed (✗) step, and for a
+    counted step that runs long, a line with its count and ETA every LINE_EVERY_S."""
+
+    LINE_EVERY_S = 15.0
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Any]:
-        started = time.perf_counter()
-        yield lambda n=1: None
-        err.print(f"✓ {escape(description)} ({time.perf_counter() - started:.1f} s)")
+        description = printable(description)
+        counter = _LineCounter(description, total, self.LINE_EVERY_S)
+        try:
+            yield counter.advance
+        except BaseException:
+            err.print(f"✗ {escape(description)} (failed after {counter.elapsed():.1f} s)")
+            raise
+        err.print(f"✓ {escape(description)}{counter.summary()} ({counter.elapsed():.1f} s)")
+
+
+class _LineCounter:
+    """A counted step's position, printed as a line now and then (logs have no live bar)."""
+
+    def __init__(self, description: str, total: int | None, every_s: float) -> None:
+        self.description, self.total, self.every_s = description, total, every_s
+        self.done = 0
+        self.started = self.printed = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def summary(self) -> str:
+        return "" if self.total is None else f" {self.done}/{self.total}"
+
+    def advance(self, steps: int = 1) -> None:
+        self.done += steps
+        now = time.perf_counter()
+        if self.total is None or now - self.printed < self.every_s or self.done >= self.total:
+            return
+        self.printed = now
+        left = self.elapsed() / self.done * (self.total - self.done)
+        err.print(
+            f"  {escape(self.description)}{self.summary()} ({self.elapsed():.0f} s, "
+            f"~{left:.0f} s left)"
+        )
+
+
+def progress_columns() -> tuple[ProgressColumn, ...]:
+    """What a step shows on a terminal: its status, name, and for a counted step its bar,
+    count and time left."""
+    return (
+        _Status(),
+        TextColumn("{task.description}"),
+        _Counted(BarColumn()),  # a step of unknown length shows no bar that cannot advance
+        _Counted(MofNCompleteColumn()),  # "12/50" denoising steps
+        TimeElapsedColumn(),
+        _Counted(TimeRemainingColumn()),  # and their ETA
+    )
 
 
 @contextlib.contextmanager
@@ -131,16 +201,7 @@ def progress_display() -> Iterator[RichProgress | LineProgress | NullProgress]:
     if not err.is_terminal:
         yield LineProgress()
         return
-    display = RichProgressBar(
-        SpinnerColumn(finished_text="[green]✓[/]"),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        _Counted(MofNCompleteColumn()),  # "12/50" denoising steps
-        TimeElapsedColumn(),
-        _Counted(TimeRemainingColumn()),  # and their ETA
-        console=err,
-        transient=False,
-    )
+    display = RichProgressBar(*progress_columns(), console=err, transient=False)
     with display:
         yield RichProgress(display)
 

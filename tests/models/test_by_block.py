@@ -150,7 +150,7 @@ def test_the_chain_of_compressed_blocks_scores_what_the_saved_component_scores(
     rounding that fusing across a block boundary changes."""
     import openvino as ov
 
-    from modelkiln.builder import _feeds
+    from modelkiln.component_checks import _feeds
     from modelkiln.evaluation.metrics import OutputMetrics
     from modelkiln.progress import NullProgress
     from modelkiln.runtimes.openvino import compile_config
