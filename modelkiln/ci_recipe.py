@@ -1,8 +1,8 @@
 """`kiln ci init`: the regression gate as a CI job (GitHub Actions or GitLab CI).
 
-The job the README describes: build the candidate with a shared build cache, fetch the last
-release's artifact, time the two paired on the same runner (`kiln compare --rerun`), and keep
-the JUnit file and the Markdown summary whatever the outcome.
+The job docs/benchmarking.md describes: build the candidate with a shared build cache, fetch
+the last release's artifact, time the two paired on the same runner (`kiln compare --rerun`),
+and keep the JUnit file, the Markdown summary and the plot whatever the outcome.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Recipe:
         )
         compare = (
             f"kiln compare baseline candidate --rerun --batch-size {self.batch_sizes} "
-            "--junit gate.xml --markdown gate.md"
+            "--junit gate.xml --markdown gate.md --plot gate.png"
         )
         return [self.install(), build, self._fetch_baseline(), compare]
 
@@ -94,7 +94,7 @@ def render(provider: str, recipe: Recipe) -> str:
         script = "".join(f"    - {_yaml(step)}\n" for step in steps)
         return (
             f"{header}kiln-gate:\n  image: python:3.11\n  script:\n{script}"
-            "  artifacts:\n    when: always\n    paths: [gate.md, gate.xml]\n"
+            "  artifacts:\n    when: always\n    paths: [gate.md, gate.xml, gate.png]\n"
             "    reports:\n      junit: gate.xml\n"
         )
     raise InputError(f"unknown CI provider '{provider}'; choose one of {', '.join(PROVIDERS)}")

@@ -46,6 +46,10 @@ class ArtifactError(KilnError, OSError):
     """An artifact directory is missing, incomplete or corrupted."""
 
 
+class IntegrityError(ArtifactError):
+    """A file of an artifact or bundle does not match its manifest: `kiln verify`'s finding."""
+
+
 class StorageError(KilnError, OSError):
     """A file or folder cannot be read or written: no space, no permission, not a folder, ..."""
 

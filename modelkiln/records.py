@@ -123,6 +123,10 @@ class ValidationRecord:
     # the previous ones' outputs) rather than run whole: a check that would not fit memory.
     chained: str | None = None
 
+    def to_json(self) -> dict[str, Any]:
+        """As kiln.json holds it (and `kiln build --json`, `kiln validate --json` print it)."""
+        return _validation_json(self)
+
 
 @dataclass(frozen=True)
 class QuantizationRecord:
@@ -340,13 +344,18 @@ def inside(relative: str, what: str, where: Path) -> str:
     return relative
 
 
+def _validation_json(record: ValidationRecord) -> dict[str, Any]:
+    validation = _compact(asdict(record))
+    validation["passed"] = record.passed  # None is meaningful: not run
+    if record.outputs:
+        validation["outputs"] = _scores_json(record.outputs)
+    if record.by_block:
+        validation["by_block"] = _scores_json(record.by_block)
+    return validation
+
+
 def _component_json(record: ComponentRecord) -> dict[str, Any]:
-    validation = _compact(asdict(record.validation))
-    validation["passed"] = record.validation.passed  # None is meaningful: not run
-    if record.validation.outputs:
-        validation["outputs"] = _scores_json(record.validation.outputs)
-    if record.validation.by_block:
-        validation["by_block"] = _scores_json(record.validation.by_block)
+    validation = record.validation.to_json()
     quantization: dict[str, Any] = {}
     if record.quantization is not None:
         quantization = _compact(asdict(record.quantization))

@@ -505,7 +505,8 @@ def kiln_main(
             main([str(a) for a in args])
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert "Traceback" not in "\n".join(lines)
-        assert all(line.startswith("✓ ") for line in lines[:-1]), lines  # progress lines
+        # Progress lines: steps done (✓) and the one the error ended (✗).
+        assert all(line.startswith(("✓ ", "✗ ")) for line in lines[:-1]), lines
         code = exited.value.code
         return (code if isinstance(code, int) else 1), lines[-1]
 
@@ -549,11 +550,11 @@ def test_cli_errors(
         "from bundle.json); package the artifact again (`kiln package`)",
     )
     assert kiln_main("package", artifact, "-t", "linux-x86_64", "-o", "vit.tar") == (
-        1,
+        2,
         "error: bundle vit.tar must end in .tar.gz or .zip; got '.tar'",
     )
     code, line = kiln_main("package", artifact, "-t", "ios", "-o", tmp_path / "v.zip")
-    assert code == 1
+    assert code == 2
     assert line.startswith("error: target 'ios' cannot run this onnx artifact; ios takes: coreml")
 
     result = invoke("package", artifact, "--target", "windows", "-o", tmp_path / "v.zip")

@@ -240,7 +240,7 @@ def test_a_relative_source_is_found_from_any_directory(
 # --- exit codes ---------------------------------------------------------------------------
 
 
-def test_a_bug_exits_70_a_user_error_1(
+def test_a_bug_exits_70_a_user_error_2(
     monkeypatch: pytest.MonkeyPatch, kiln_main: Callable[..., Outcome]
 ) -> None:
     import modelkiln.profiles
@@ -256,7 +256,7 @@ def test_a_bug_exits_70_a_user_error_1(
         "report it)"
     ]
     monkeypatch.undo()
-    assert kiln_main("profiles", "show", "no-such-profile").code == 1
+    assert kiln_main("profiles", "show", "no-such-profile").code == 2
 
 
 # --- a killed build -------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -150,6 +150,23 @@ class Row:
     def p_text(self) -> str:
         return "" if self.p_value is None else f"{self.p_value:.2g}"
 
+    def to_json(self) -> dict[str, Any]:
+        """The row's numbers in the metric's unit (change and bound as fractions for relative
+        metrics); None where there is none."""
+        return {
+            "key": self.key,
+            "name": self.name,
+            "metric": self.metric.name,
+            "unit": self.metric.unit,
+            "baseline": self.baseline,
+            "current": self.current,
+            "change": self.change,
+            "bound": self.bound,
+            "p_value": self.p_value,
+            "status": str(self.status),
+            "note": self.note,
+        }
+
     def cells(self) -> tuple[str, ...]:
         """The row as text, in COLUMNS order (the status last but one)."""
         return (
@@ -290,6 +307,25 @@ class Comparison:
             f"measured on different machines (compared anyway): baseline "
             f"{self.baseline_machine.describe()}, current {self.current_machine.describe()}"
         )
+
+    def to_json(self) -> dict[str, Any]:
+        """The verdict, the compared rows, and the entries found in one report only."""
+        only = {
+            status: [{"key": r.key, "name": r.name} for r in self.rows if r.status is status]
+            for status in (Status.NEW, Status.MISSING)
+        }
+        return {
+            "passed": not self.failed,
+            "failed": self.failed,
+            "verdict": self.verdict,
+            "bounds": asdict(self.bounds),
+            "different_machine": self.different_machine,
+            "drift": None if self.drift is None else self.drift.ratio,
+            "normalised": self.normalised,
+            "rows": [row.to_json() for row in self.compared],
+            "new": only[Status.NEW],
+            "missing": only[Status.MISSING],
+        }
 
     def to_markdown(self) -> str:
         """A summary for a CI job page or a pull-request comment."""

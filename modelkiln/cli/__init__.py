@@ -1,13 +1,13 @@
 """`kiln`: parse, call the library, print. All output, progress and exit codes live here.
 
 Every error is one red line on stderr (a traceback only with -v; -v and -q, results and
-errors only, go anywhere on the line). Exit codes:
-0 done; 1 an error the user can fix (a KilnError, or the disk, permissions, memory) or a
-failed gate (`kiln compare` regression, `kiln validate` miss); 2 a bad command line or, for
-`kiln compare`, an unusable report; 70 an internal error (a modelkiln bug: please report
-it); 130 interrupted. The commands live by verb group:
-build.py (build, profiles), run.py (classify, embed, generate), artifacts.py (info, verify,
-validate, package, clean), measure.py (env, demo, bench, compare).
+errors only, go anywhere on the line). Exit codes are in exit_codes.py: 1 a check said no,
+2 the command could not run (the user can fix it), 70 a bug of ours. The commands live by
+verb group:
+build.py (build, cache, convert), profiles.py (profiles), run.py (classify, embed, generate,
+lora-adapter), artifacts.py (info, verify, validate, package, clean), measure.py (env, doctor,
+demo, bench), gate.py (compare, ci). --json prints any command's result as one JSON document
+(jsonout.py; the fields: docs/cli.md).
 """
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from modelkiln import __version__
-from modelkiln.cli import artifacts, build, gate, measure, run
+from modelkiln.cli import artifacts, build, gate, measure, profiles, run
 from modelkiln.cli.console import err
+from modelkiln.cli.exit_codes import INTERNAL_ERROR, INTERRUPTED, USER_ERROR
 from modelkiln.errors import KilnError, storage_error
-
-USER_ERROR = 1
-INTERNAL_ERROR = 70  # sysexits' EX_SOFTWARE
-INTERRUPTED = 130
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,7 +53,7 @@ def cli(verbose: bool, quiet: bool) -> None:
 
 for command in (
     build.build,
-    build.profiles,
+    profiles.profiles,
     build.convert,
     build.cache,
     run.classify,

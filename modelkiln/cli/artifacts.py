@@ -3,7 +3,6 @@ holds, whether it is intact and valid, its bundles, and what killed builds left.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,9 @@ from modelkiln.cli.console import (
     out,
     progress_display,
 )
-from modelkiln.errors import ValidationError
+from modelkiln.cli.exit_codes import CHECK_FAILED
+from modelkiln.cli.jsonout import JSON_OPTION, emit_json, paths
+from modelkiln.errors import IntegrityError, ValidationError
 
 if TYPE_CHECKING:
     from modelkiln.records import EndToEndRecord, QuantizationRecord
@@ -46,7 +47,7 @@ class TargetChoice(click.Choice):
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@JSON_OPTION
 @click.option(
     "--probe", is_flag=True, help="Also open each component here and report what the runtime uses."
 )
@@ -63,11 +64,7 @@ def info(artifact: Path, as_json: bool, probe: bool, runtime: str | None) -> Non
             with opened.session(name, runtime) as session:
                 probed[name] = session.info
     if as_json:
-        click.echo(
-            json.dumps(
-                {**manifest.to_json(), "probed": probed} if probe else manifest.to_json(), indent=2
-            )
-        )
+        emit_json({**manifest.to_json(), "probed": probed} if probe else manifest.to_json())
         return
     summary = Table.grid(padding=(0, 2))
     summary.add_row(*cells("artifact", str(artifact)))
@@ -156,34 +153,71 @@ def _describe_runtime(facts: dict[str, Any]) -> str:
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-def verify(artifact: Path) -> None:
-    """Re-hash every file of ARTIFACT (a directory, or a bundle) against its manifest."""
-    from modelkiln.artifact import find_problems, read_manifest
-    from modelkiln.packaging import BUNDLE_MANIFEST, is_bundle, verify_bundle
+@JSON_OPTION
+def verify(artifact: Path, as_json: bool) -> None:
+    """Re-hash every file of ARTIFACT (a directory, or a bundle) against its manifest; exit 1
+    when one does not match."""
+    from modelkiln.packaging import is_bundle
 
     if is_bundle(artifact):
-        with progress_display() as progress, progress.task(f"checking {artifact.name}"):
-            bundle = verify_bundle(artifact)
-        out.print(
-            f"[green]ok[/] {escape(str(artifact))}: {len(bundle.files)} files match "
-            f"{BUNDLE_MANIFEST} ({bundle.format} for {bundle.target})"
-        )
+        _verify_bundle(artifact, as_json)
         return
+    from modelkiln.artifact import find_problems, read_manifest
+
     manifest = read_manifest(artifact)
     with progress_display() as progress, progress.task(f"hashing {len(manifest.files)} files"):
         problems = find_problems(artifact, manifest, hashes=True)
-    if problems:
+    if as_json:
+        _emit_verified(artifact, len(manifest.files), problems, bundle=False)
+    elif problems:
         for problem in problems:
             err.print(f"[red]✗[/] {escape(problem)}")
         count = len(problems)
         err.print(f"[red]error:[/] {escape(str(artifact))} failed verification: {count} problem(s)")
-        sys.exit(1)
-    out.print(f"[green]ok[/] {escape(str(artifact))}: {len(manifest.files)} files match kiln.json")
+    else:
+        count = len(manifest.files)
+        out.print(f"[green]ok[/] {escape(str(artifact))}: {count} files match kiln.json")
+    if problems:
+        sys.exit(CHECK_FAILED)
+
+
+def _verify_bundle(bundle: Path, as_json: bool) -> None:
+    from modelkiln.packaging import BUNDLE_MANIFEST, verify_bundle
+
+    try:
+        with progress_display() as progress, progress.task(f"checking {bundle.name}"):
+            manifest = verify_bundle(bundle)
+    except IntegrityError as error:  # a finding, not a failure to run: exit 1, as for folders
+        if as_json:
+            _emit_verified(bundle, None, [str(error)], bundle=True)
+        else:
+            err.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        sys.exit(CHECK_FAILED)
+    if as_json:
+        _emit_verified(bundle, len(manifest.files), [], bundle=True)
+        return
+    out.print(
+        f"[green]ok[/] {escape(str(bundle))}: {len(manifest.files)} files match "
+        f"{BUNDLE_MANIFEST} ({manifest.format} for {manifest.target})"
+    )
+
+
+def _emit_verified(path: Path, checked: int | None, problems: list[str], *, bundle: bool) -> None:
+    emit_json(
+        {
+            "artifact": str(path),
+            "bundle": bundle,
+            "passed": not problems,
+            "checked": checked,
+            "problems": problems,
+        }
+    )
 
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-def validate(artifact: Path) -> None:
+@JSON_OPTION
+def validate(artifact: Path, as_json: bool) -> None:
     """Run the validation a build could not (Core ML built off macOS) against the torch
     outputs saved in ARTIFACT; exit 1 when a component misses the profile's tolerance."""
     from modelkiln.evaluation.components import check_pending
@@ -195,22 +229,30 @@ def validate(artifact: Path) -> None:
         for name, record in loaded.manifest.components.items()
         if record.validation.passed is None and record.validation.reference is not None
     }
-    if not pending:
+    if not pending and not as_json:
         out.print(f"[green]ok[/] {escape(str(artifact))}: every component was validated at build")
         return
     failed = 0
+    results: dict[str, dict[str, Any]] = {}
     for name, record in pending.items():
         try:
             with loaded.session(name) as session:
                 result = check_pending(session, record, loaded.root)
         except ValidationError as error:
-            err.print(f"[red]✗[/] {escape(str(error))}")
+            results[name] = {"passed": False, "error": str(error)}
             failed += 1
+            if not as_json:
+                err.print(f"[red]✗[/] {escape(str(error))}")
             continue
-        out.print(f"[green]✓[/] {name}: {describe_scores(result.outputs)}", highlight=False)
-    if failed:
+        results[name] = result.to_json()
+        if not as_json:
+            out.print(f"[green]✓[/] {name}: {describe_scores(result.outputs)}", highlight=False)
+    if as_json:
+        emit_json({"artifact": str(artifact), "passed": not failed, "components": results})
+    elif failed:
         err.print(f"[red]error:[/] {failed} of {len(pending)} component(s) missed their tolerance")
-        sys.exit(1)
+    if failed:
+        sys.exit(CHECK_FAILED)
 
 
 @click.command()
@@ -229,12 +271,25 @@ def validate(artifact: Path) -> None:
     type=click.Path(path_type=Path),
     help="The bundle: BUNDLE.tar.gz or BUNDLE.zip.",
 )
-def package(artifact: Path, target: str, output: Path) -> None:
+@JSON_OPTION
+def package(artifact: Path, target: str, output: Path, as_json: bool) -> None:
     """Pack what ARTIFACT needs to run on TARGET into one file, checked by `kiln verify`."""
     from modelkiln.packaging import package as package_artifact
 
     with progress_display() as progress:
         bundle = package_artifact(artifact, target, output, progress=progress)
+    if as_json:
+        emit_json(
+            {
+                "artifact": str(artifact),
+                "target": target,
+                "files": [str(bundle.path)],
+                "size_bytes": bundle.size,
+                "left_out": list(bundle.left_out),
+                "manifest": bundle.manifest.to_json(),
+            }
+        )
+        return
     if bundle.left_out:
         err.print(f"  left out: {', '.join(bundle.left_out)}", markup=False, highlight=False)
     out.print(
@@ -245,7 +300,8 @@ def package(artifact: Path, target: str, output: Path) -> None:
 
 @click.command()
 @click.argument("directories", nargs=-1, type=click.Path(path_type=Path, file_okay=False))
-def clean(directories: tuple[Path, ...]) -> None:
+@JSON_OPTION
+def clean(directories: tuple[Path, ...], as_json: bool) -> None:
     """Remove what killed builds left in DIRECTORIES (default: artifacts/ and the cache).
 
     Staging folders of builds and unpacks that no live process owns are removed, and an
@@ -257,15 +313,28 @@ def clean(directories: tuple[Path, ...]) -> None:
     from modelkiln.packaging.unpack import cache_root
 
     chosen = directories or (DEFAULT_OUTPUT_ROOT, cache_home(), cache_root())
+    done: list[dict[str, Any]] = []
     for directory in chosen:
         if not directory.is_dir():
             if directories:
                 err.print(f"[yellow]skipped[/] {escape(str(directory))}: no such folder")
             continue
         cleared = clear_directory(directory)
+        done.append(
+            {
+                "directory": str(directory),
+                "removed": paths(cleared.removed),
+                "restored": paths(cleared.restored),
+                "freed_bytes": cleared.freed_bytes,
+            }
+        )
+        if as_json:
+            continue
         for path in cleared.restored:
             out.print(f"[green]restored[/] {escape(str(path))}")
         out.print(
             f"{escape(str(directory))}: removed {len(cleared.removed)} leftover folder(s), "
             f"{cleared.freed_bytes / 1e6:.1f} MB"
         )
+    if as_json:
+        emit_json({"directories": done})

@@ -1,9 +1,9 @@
-"""`kiln build` and `kiln profiles`: making artifacts, and the profiles that say how."""
+"""`kiln build`, `kiln cache`, `kiln convert`: making artifacts, the cache of built ones, and
+the checkpoint layouts a build reads."""
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,16 +16,17 @@ from modelkiln.cli.console import (
     BUILD_CACHE_OPTION,
     EXECUTOR_OPTION,
     cells,
-    describe_scores,
     err,
     out,
     progress_display,
 )
+from modelkiln.cli.jsonout import JSON_OPTION, emit_json
 from modelkiln.errors import KilnError
 
 if TYPE_CHECKING:
     from modelkiln.build_cache import BuildCache
     from modelkiln.profiles import LoraSettings
+    from modelkiln.records import Manifest
 
 
 @click.command()
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 )
 @EXECUTOR_OPTION
 @ADDRESS_OPTION
+@JSON_OPTION
 def build(
     source: str | None,
     profile: str | None,
@@ -74,6 +76,7 @@ def build(
     matrix: Path | None,
     executor: str,
     address: str | None,
+    as_json: bool,
 ) -> None:
     """Export SOURCE (hub id, local dir, timm:NAME, single-file .safetensors) with PROFILE,
     validate, write the artifact. Or build a whole --matrix, here or on a Ray cluster."""
@@ -89,12 +92,13 @@ def build(
                 "--matrix builds what its file says: drop SOURCE and the single-build options "
                 "(--profile, --output, --set, --revision, --allow-pickle, --config, --lora)"
             )
-        _build_matrix(matrix, executor, address, build_cache)
+        _build_matrix(matrix, executor, address, build_cache, as_json)
         return
     if source is None or profile is None:
         raise click.UsageError("give SOURCE and --profile PROFILE (or --matrix FILE)")
     if executor != "local" or address:
         raise click.UsageError("--executor and --address are for --matrix builds")
+    replaced = _say_what_is_replaced(source, profile, overrides, output)
     with progress_display() as progress:
         artifact = build_artifact(
             source,
@@ -109,6 +113,9 @@ def build(
             cache=build_cache,
         )
     manifest = open_artifact(artifact).manifest
+    if as_json:
+        emit_json(_build_json(artifact, manifest, replaced, build_cache))
+        return
     if build_cache is not None:
         key, where = manifest.build.key, escape(build_cache.location)
         if build_cache.restored:
@@ -117,19 +124,107 @@ def build(
             out.print(f"stored in the build cache {where} (key {key})")
         else:
             err.print(f"[yellow]warning:[/] not stored in the build cache {where}")
-    for name, record in manifest.components.items():
-        if record.validation.not_run is not None:
-            not_run = record.validation.not_run
-            err.print(f"  {name}: validation not run: {not_run}", markup=False, highlight=False)
-            continue
-        metrics = describe_scores(record.validation.outputs)
-        precision = record.runtime.get("inference_precision", "?")
-        err.print(f"  {name}: {metrics} ({manifest.runtime}, {precision})", markup=False)
+    err.print(validation_table(manifest))
     out.print(f"[green]built[/] {escape(str(artifact))}")
 
 
+def validation_table(manifest: Manifest) -> Table:
+    """Each component's outputs against torch, one row per output: a table shrinks to the
+    terminal where a line of every output's scores wrapped mid-record."""
+    table = Table(title="validation against torch", title_justify="left")
+    for column in ("component", "output", "max-abs", "cosine", "runs as"):
+        numeric = column in ("max-abs", "cosine")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold")
+    for name, record in manifest.components.items():
+        validation = record.validation
+        if validation.not_run is not None:
+            table.add_row(*cells(name, "—", "—", "—", f"not run: {validation.not_run}"))
+            continue
+        precision = record.runtime.get("inference_precision", "?")
+        for output, score in validation.outputs.items():
+            table.add_row(
+                *cells(
+                    name,
+                    output,
+                    f"{score.max_abs:.2e}",
+                    f"{score.min_cosine:.6f}",
+                    f"{manifest.runtime}, {precision}",
+                )
+            )
+    return table
+
+
+def _say_what_is_replaced(
+    source: str, profile: str, overrides: tuple[str, ...], output: Path | None
+) -> bool:
+    """Whether the build's output holds an artifact, which the build will replace; said on
+    stderr before minutes of building. A folder that is not an artifact is left to the build
+    (it fills an empty one and refuses the user's files)."""
+    from modelkiln.artifact import MANIFEST_NAME, read_manifest
+    from modelkiln.builder import default_output
+    from modelkiln.plan import load_profile
+
+    # Where the builder writes without -o (its source spec is the text given).
+    target = (
+        output if output is not None else default_output(source, load_profile(profile, overrides))
+    )
+    if not (target / MANIFEST_NAME).is_file():
+        return False
+    try:
+        earlier = read_manifest(target)  # JSON and its digest; no file is hashed
+    except (KilnError, OSError) as error:
+        what = f"a damaged one: {error}"
+    else:
+        what = f"{earlier.profile.name}, built {_when(earlier.build.created)}"
+    err.print(
+        f"replacing the artifact at {target} ({what})",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+    return True
+
+
+def _when(created: str) -> str:
+    """kiln.json's ISO 8601 UTC time to the minute, as a reader tells two builds apart."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(created).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        return created
+
+
+def _build_json(
+    artifact: Path, manifest: Manifest, replaced: bool, build_cache: BuildCache | None
+) -> dict[str, object]:
+    document = manifest.to_json()
+    cache = None
+    if build_cache is not None:
+        cache = {
+            "location": build_cache.location,
+            "key": manifest.build.key,
+            "restored": bool(build_cache.restored),
+            "stored": bool(build_cache.stored),
+        }
+    return {
+        "artifact": str(artifact),
+        "replaced": replaced,
+        "profile": manifest.profile.name,
+        "format": manifest.format,
+        "runtime": manifest.runtime,
+        "validation": {name: c["validation"] for name, c in document["components"].items()},
+        "end_to_end": document["end_to_end"] or None,
+        "cache": cache,
+    }
+
+
 def _build_matrix(
-    matrix: Path, executor: str, address: str | None, build_cache: BuildCache | None
+    matrix: Path,
+    executor: str,
+    address: str | None,
+    build_cache: BuildCache | None,
+    as_json: bool,
 ) -> None:
     from modelkiln.bench.matrix import plan_builds, read_matrix
     from modelkiln.cluster.executors import open_executor
@@ -139,6 +234,11 @@ def _build_matrix(
         jobs = plan_builds(grid)
         with open_executor(executor, address, grid.cluster, build_cache) as runner:
             paths = runner.build(jobs, progress, build_cache)
+    if as_json:
+        pairs = zip(jobs, paths, strict=True)
+        built = [{"label": job.label, "artifact": str(path)} for job, path in pairs]
+        emit_json({"artifacts": built})
+        return
     for job, path in zip(jobs, paths, strict=True):
         out.print(f"[green]built[/] {escape(job.label)}: {escape(str(path))}")
 
@@ -158,13 +258,25 @@ CACHE_OPTION = click.option(
 
 @cache.command("list")
 @CACHE_OPTION
-def cache_list(location: str) -> None:
+@JSON_OPTION
+def cache_list(location: str, as_json: bool) -> None:
     """Every entry: key, source, profile, size, when it was built."""
+    from dataclasses import asdict
+
     from modelkiln.build_cache import open_cache
 
     opened = open_cache(location)
     assert opened is not None
     entries = opened.entries()
+    if as_json:
+        emit_json(
+            {
+                "cache": opened.location,
+                "entries": [asdict(entry) for entry in entries],
+                "size_bytes": sum(entry.size_bytes for entry in entries),
+            }
+        )
+        return
     table = Table("key", "source", "profile", "size", "created", title=opened.location)
     for entry in entries:
         size = f"{entry.size_bytes / 1e6:.1f} MB"
@@ -183,8 +295,10 @@ def cache_list(location: str) -> None:
     help="Remove entries built more than DAYS days ago.",
 )
 @click.option("--all", "everything", is_flag=True, help="Remove every entry.")
-def cache_prune(location: str, days: float | None, everything: bool) -> None:
+@JSON_OPTION
+def cache_prune(location: str, days: float | None, everything: bool, as_json: bool) -> None:
     """Remove entries: those older than --older-than DAYS, or --all."""
+    from dataclasses import asdict
     from datetime import UTC, datetime, timedelta
 
     from modelkiln.build_cache import open_cache
@@ -194,13 +308,19 @@ def cache_prune(location: str, days: float | None, everything: bool) -> None:
     opened = open_cache(location)
     assert opened is not None
     cutoff = datetime.now(UTC) - timedelta(days=days or 0)
-    removed = 0
+    removed = []
     for entry in opened.entries():
         if everything or datetime.fromisoformat(entry.created) < cutoff:
             opened.remove(entry.key)
-            removed += entry.size_bytes
-            out.print(f"removed {entry.key} ({entry.source} · {entry.profile})")
-    out.print(f"freed {removed / 1e6:.1f} MB")
+            removed.append(entry)
+            if not as_json:  # as it goes: what an error midway leaves removed is said
+                out.print(f"removed {entry.key} ({entry.source} · {entry.profile})")
+    freed = sum(entry.size_bytes for entry in removed)
+    if as_json:
+        removed_json = [asdict(entry) for entry in removed]
+        emit_json({"cache": opened.location, "removed": removed_json, "freed_bytes": freed})
+        return
+    out.print(f"freed {freed / 1e6:.1f} MB")
 
 
 def lora_option(text: str) -> LoraSettings:
@@ -228,97 +348,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-@click.group()
-def profiles() -> None:
-    """List, show and validate deployment profiles."""
-
-
-@profiles.command("list")
-@click.argument("filters", nargs=-1)
-@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
-def profiles_list(filters: tuple[str, ...], as_json: bool) -> None:
-    """The bundled profiles; with FILTERS (e.g. `sd openvino`), those matching every word:
-    a part of the name, the family, format, runtime, precision or scheme."""
-    import json
-
-    from modelkiln.errors import InputError
-    from modelkiln.plan import load_profile
-    from modelkiln.profiles import bundled_profile_names
-
-    rows = []
-    for name in bundled_profile_names():
-        profile = load_profile(name)
-        row = {
-            "name": name,
-            "family": profile.family,
-            "format": profile.export.format,
-            "runtime": profile.runtime.name,
-            "compute": profile.precision.compute,
-            "weights": profile.precision.weights,
-            "scheme": profile.quantization.scheme,
-            "description": profile.description.split(". ")[0],
-        }
-        words = {*name.split("-"), *(str(v) for k, v in row.items() if k != "description")}
-        if all(word.lower() in words for word in filters):
-            rows.append(row)
-    if not rows:
-        raise InputError(
-            f"no bundled profile matches {' '.join(filters)!r}; `kiln profiles list` shows them all"
-        )
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    table = Table(*PROFILE_COLUMNS)
-    for row in rows:
-        table.add_row(*cells(*(row[key] for key in PROFILE_COLUMNS)))
-    out.print(table)
-
-
-PROFILE_COLUMNS = ("name", "family", "format", "runtime", "compute", "weights", "description")
-
-
-@profiles.command("show")
-@click.argument("profile")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def profiles_show(profile: str, overrides: tuple[str, ...]) -> None:
-    """Print PROFILE as TOML, with every default filled in."""
-    from modelkiln.plan import load_profile
-
-    click.echo(load_profile(profile, overrides).to_toml(), nl=False)
-
-
-@profiles.command("validate")
-@click.argument("files", nargs=-1, required=True)
-def profiles_validate(files: tuple[str, ...]) -> None:
-    """Check profile FILES against the schema and the support matrix."""
-    from modelkiln.plan import load_profile
-
-    failed = 0
-    for file in files:
-        try:
-            load_profile(file)
-            out.print(f"[green]ok[/] {escape(file)}")
-        except KilnError as error:
-            failed += 1
-            err.print(f"[red]invalid[/] {escape(str(error))}")
-    if failed:
-        sys.exit(1)
-
-
-@profiles.command("schemes")
-def profiles_schemes() -> None:
-    """Which format has which quantization scheme (the registered handlers)."""
-    from modelkiln.quantize import SCHEMES, support
-
-    table = support()
-    formats = list(table)
-    grid = Table("scheme", *formats, "what it does")
-    for name in sorted({scheme for handlers in table.values() for scheme in handlers}):
-        marks = ["yes" if name in table[f] else "—" for f in formats]
-        grid.add_row(*cells(name, *marks, SCHEMES.get(name).summary))
-    out.print(grid)
-
-
 @click.command()
 @click.argument("source", type=click.Path(path_type=Path, exists=True))
 @click.argument("destination", type=click.Path(path_type=Path))
@@ -329,7 +358,10 @@ def profiles_schemes() -> None:
     "tokenizers) instead of fetching them from the Hub.",
 )
 @click.option("--allow-pickle", is_flag=True, help="Accept a pickle checkpoint (.ckpt/.pt).")
-def convert(source: Path, destination: Path, config: Path | None, allow_pickle: bool) -> None:
+@JSON_OPTION
+def convert(
+    source: Path, destination: Path, config: Path | None, allow_pickle: bool, as_json: bool
+) -> None:
     """Convert between a diffusers pipeline folder and a single-file checkpoint (the original
     layout A1111 and ComfyUI load): a folder SOURCE becomes the file DESTINATION (.safetensors),
     a file SOURCE becomes the folder DESTINATION."""
@@ -337,4 +369,7 @@ def convert(source: Path, destination: Path, config: Path | None, allow_pickle: 
 
     with progress_display() as progress, progress.task(f"converting {source}"):
         written = convert_checkpoint(source, destination, config=config, allow_pickle=allow_pickle)
+    if as_json:
+        emit_json({"source": str(source), "files": [str(written)]})
+        return
     out.print(f"[green]wrote[/] {escape(str(written))}")

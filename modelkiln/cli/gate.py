@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from click.core import ParameterSource
@@ -14,8 +14,13 @@ from rich.table import Table
 from rich.text import Text
 
 from modelkiln.cli.console import RUNTIME_OPTION, THREADS_OPTION, cells, err, out, progress_display
+from modelkiln.cli.exit_codes import CHECK_FAILED, USER_ERROR
+from modelkiln.cli.jsonout import JSON_OPTION, emit_json, paths
 from modelkiln.cli.measure import batch_sizes_option
 from modelkiln.outputs import check_writable, write_file_atomic
+
+if TYPE_CHECKING:
+    from modelkiln.bench.comparison import Comparison
 
 
 class Percent(click.ParamType):
@@ -82,6 +87,11 @@ STATUS_STYLES = {
     "--markdown", type=click.Path(dir_okay=False, path_type=Path), help="Write a Markdown summary."
 )
 @click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a before/after PNG of the entries that moved (regressed or improved).",
+)
+@click.option(
     "--allow-different-machine", is_flag=True, help="Compare reports from different machines."
 )
 @click.option(
@@ -128,6 +138,7 @@ STATUS_STYLES = {
 )
 @RUNTIME_OPTION
 @THREADS_OPTION
+@JSON_OPTION
 def compare(
     baseline: Path,
     current: Path,
@@ -138,6 +149,7 @@ def compare(
     alpha: float,
     junit: Path | None,
     markdown: Path | None,
+    plot: Path | None,
     allow_different_machine: bool,
     allow_missing: bool,
     normalise: bool,
@@ -148,10 +160,11 @@ def compare(
     steps: int | None,
     runtime: str | None,
     threads: int | None,
+    as_json: bool,
 ) -> None:
     """Compare CURRENT bench report with BASELINE (or, with --rerun, time the two artifacts
     paired): exit 1 on a regression or something not measured, 2 on unusable input."""
-    from modelkiln.bench.comparison import COLUMNS, Bounds
+    from modelkiln.bench.comparison import Bounds
     from modelkiln.errors import ReportError
 
     bounds = Bounds(
@@ -161,7 +174,9 @@ def compare(
         max_memory_growth=max_memory_growth,
         alpha=alpha,
     )
-    for path in (junit, markdown):
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise click.BadParameter(f"'{plot}': the plot is a PNG; name it *.png", param_hint="--plot")
+    for path in (junit, markdown, plot):
         if path is not None:
             check_writable(path, folder=False)
     measuring = {"batch_sizes": batch_sizes, "steps": steps, "runtime": runtime, "threads": threads}
@@ -195,11 +210,51 @@ def compare(
     except ReportError as error:
         # Unusable input is not a regression: CI tells the two apart by exit code.
         err.print(f"[red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(USER_ERROR)
     if comparison.different_machine:
         err.print(f"[yellow]warning:[/] {escape(comparison.machine_warning)}", soft_wrap=True)
     if comparison.drift is not None:
         err.print(f"host drift: {escape(comparison.drift_note)}", soft_wrap=True)
+    if as_json:
+        written = _write_summaries(comparison, junit, markdown, plot, say=False)
+        emit_json({**comparison.to_json(), "files": paths(written)})
+    else:
+        _print_rows(comparison)
+        _write_summaries(comparison, junit, markdown, plot, say=True)
+        style = "bold red" if comparison.failed else "bold green"
+        out.print(Text(comparison.verdict, style))
+    if comparison.failed:
+        sys.exit(CHECK_FAILED)
+
+
+def _write_summaries(
+    comparison: Comparison,
+    junit: Path | None,
+    markdown: Path | None,
+    plot: Path | None,
+    *,
+    say: bool,
+) -> list[Path]:
+    """The JUnit, Markdown and plot files asked for, whatever the verdict (CI keeps them)."""
+    from modelkiln.bench.compare_plot import write_comparison_plot
+
+    written = []
+    for path, write in (
+        (junit, comparison.write_junit),
+        (markdown, lambda p: write_file_atomic(p, comparison.to_markdown().encode("utf-8"))),
+        (plot, lambda p: write_comparison_plot(comparison, p)),
+    ):
+        if path is not None:
+            write(path)
+            written.append(path)
+            if say:
+                out.print(f"[green]wrote[/] {escape(str(path))}")
+    return written
+
+
+def _print_rows(comparison: Comparison) -> None:
+    from modelkiln.bench.comparison import COLUMNS
+
     # One table per entry key, the key as its title: a key column would take half the width.
     by_name: dict[str, list[Any]] = {}
     for row in comparison.compared:
@@ -218,17 +273,6 @@ def compare(
         for row in comparison.rows:
             if row.status == status:
                 out.print(Text.assemble((label, style), f": {row.name}"))
-    for path, write in (
-        (junit, comparison.write_junit),
-        (markdown, lambda p: write_file_atomic(p, comparison.to_markdown().encode("utf-8"))),
-    ):
-        if path is not None:
-            write(path)
-            out.print(f"[green]wrote[/] {escape(str(path))}")
-    style = "bold red" if comparison.failed else "bold green"
-    out.print(Text(comparison.verdict, style))
-    if comparison.failed:
-        sys.exit(1)
 
 
 def _rerun(
@@ -301,6 +345,7 @@ def ci() -> None:
     help="The file to write.  [default: .github/workflows/kiln-gate.yml or .gitlab-ci.yml]",
 )
 @click.option("--force", is_flag=True, help="Replace the file if it exists.")
+@JSON_OPTION
 def ci_init(
     provider: str,
     source: str,
@@ -311,6 +356,7 @@ def ci_init(
     package: str,
     output: Path | None,
     force: bool,
+    as_json: bool,
 ) -> None:
     """Write the CI job: build with the cache, compare --rerun against the baseline, keep the
     JUnit file and the Markdown summary."""
@@ -324,4 +370,7 @@ def ci_init(
         raise InputError(f"{target} exists; add --force to replace it, or -o another file")
     target.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(target, text.encode())
+    if as_json:
+        emit_json({"provider": provider, "files": [str(target)]})
+        return
     out.print(f"[green]wrote[/] {escape(str(target))}")

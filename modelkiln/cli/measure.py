@@ -3,7 +3,7 @@ artifacts, and gating CI on the measurements."""
 
 from __future__ import annotations
 
-import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,18 +21,19 @@ from modelkiln.cli.console import (
     out,
     progress_display,
 )
+from modelkiln.cli.jsonout import JSON_OPTION, emit_json, paths
 from modelkiln.errors import InputError
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def env(as_json: bool) -> None:
     """Versions, available runtimes and CPU features (AMX, AVX-512, ...)."""
     from modelkiln.env import environment_report
 
     report = environment_report()
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        emit_json(report)
         return
     host = report["host"]
     cpu = host["cpu"]
@@ -66,14 +67,14 @@ def env(as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@JSON_OPTION
 def doctor(as_json: bool) -> None:
     """What this machine can build, run and measure, with the pip line for what is missing."""
     from modelkiln.doctor import report
 
     checks = report()
     if as_json:
-        click.echo(json.dumps(checks, indent=2))
+        emit_json(checks)
         return
     titles = {"run": "runtimes", "build": "building extras", "cpu": "CPU"}
     for area, title in titles.items():
@@ -95,17 +96,33 @@ def doctor(as_json: bool) -> None:
     default=Path("artifacts/demo"),
     show_default=True,
     type=click.Path(path_type=Path),
+    help="Folder for the test images and the artifacts built for each backend.",
 )
 @click.option(
-    "--runs", default=100, show_default=True, type=int, help="Timed batch-1 runs per backend."
+    "--runs",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Timed batch-1 runs per backend.",
 )
 @THREADS_OPTION
-def demo(work_dir: Path, runs: int, threads: int | None) -> None:
+@JSON_OPTION
+def demo(work_dir: Path, runs: int, threads: int | None, as_json: bool) -> None:
     """Train (or reuse) a ViT on scikit-learn's digits, build it for every CPU backend, compare."""
     from modelkiln.demo import run_demo
 
     with progress_display() as progress:
         result = run_demo(work_dir, runs=runs, threads=threads, progress=progress)
+    if as_json:
+        emit_json(
+            {
+                "model": str(result.model_dir),
+                "work_dir": str(work_dir),
+                "test_images": result.test_images,
+                "rows": [asdict(row) for row in result.rows],
+            }
+        )
+        return
     table = Table(
         "backend",
         "profile",
@@ -220,6 +237,7 @@ def _read_prompts(path: Path | None) -> tuple[str, ...] | None:
 @EXECUTOR_OPTION
 @ADDRESS_OPTION
 @BUILD_CACHE_OPTION
+@JSON_OPTION
 def bench(
     artifacts: tuple[Path, ...],
     output: Path,
@@ -239,17 +257,21 @@ def bench(
     executor: str,
     address: str | None,
     cache: str | None,
+    as_json: bool,
 ) -> None:
-    """Measure built artifacts: latency, throughput, memory, size and accuracy.
+    """Measure built ARTIFACTS (directories or bundles): latency, throughput, memory, size and
+    accuracy.
 
-    Writes OUTPUT/report.json (schema: modelkiln/bench/report.schema.json), report.md and
-    PNG plots. Gate CI on it with `kiln compare BASELINE.json CURRENT.json`.
+    Writes OUTPUT/report.json (schema: modelkiln/bench/report.schema.json), report.md,
+    report.html and PNG plots. Gate CI on it with `kiln compare BASELINE.json CURRENT.json`.
     """
     from modelkiln.bench.harness import run
     from modelkiln.bench.matrix import plan_builds, read_matrix
+    from modelkiln.bench.report import write_report
     from modelkiln.bench.settings import BenchSettings
     from modelkiln.build_cache import open_cache
     from modelkiln.cluster.executors import open_executor
+    from modelkiln.outputs import check_writable
 
     if bool(artifacts) == bool(matrix):
         raise click.UsageError("give artifact directories or --matrix FILE (one of the two)")
@@ -270,6 +292,7 @@ def bench(
     chosen = {key: value for key, value in given.items() if value is not None}
     grid = read_matrix(matrix) if matrix is not None else None
     build_cache = open_cache(cache)
+    check_writable(output, folder=True)  # not after minutes of measuring
     with (
         progress_display() as progress,
         open_executor(executor, address, grid.cluster if grid else None, build_cache) as runner,
@@ -278,9 +301,40 @@ def bench(
             chosen = {**grid.bench, **chosen}
             artifacts = tuple(runner.build(plan_builds(grid), progress, build_cache))
         settings = BenchSettings(**chosen)
-        report = run(artifacts, settings, output=output, progress=progress, executor=runner)
+        report = run(artifacts, settings, progress=progress, executor=runner)
+    # Written here, not by run(output=...): --json lists the files it wrote.
+    written = write_report(report, output)
+    if as_json:
+        emit_json(
+            {
+                "report": str(written.json),
+                "files": paths(written.paths()),
+                "entries": [_entry_summary(entry) for entry in report["entries"]],
+            }
+        )
+        return
     _print_bench(report)
-    out.print(f"report: {output / 'report.json'}, {output / 'report.md'} and plots in {output}")
+    out.print(f"report: {written.json}, {written.markdown}, {written.html} and plots in {output}")
+
+
+def _entry_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """What a script reads of one measured entry; report.json holds everything."""
+    latency = entry["latency"]
+    accuracy = entry["accuracy"]
+    return {
+        "key": entry["key"],
+        "name": entry["name"],
+        "artifact": entry["artifact"],
+        "profile": entry["profile"],
+        "runtime": entry["runtime"],
+        "batch_size": entry["batch_size"],
+        "p50_s": latency["p50_s"],
+        "p90_s": latency["p90_s"],
+        "throughput_per_s": entry["throughput_per_s"],
+        "peak_rss_bytes": entry["peak_rss_bytes"],
+        "size_bytes": entry["size_bytes"],
+        "accuracy": None if accuracy is None else {k: accuracy[k] for k in ("metric", "score")},
+    }
 
 
 def _print_bench(report: dict[str, Any]) -> None:

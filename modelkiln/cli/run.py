@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from modelkiln.cli.console import (
     out,
     progress_display,
 )
+from modelkiln.cli.jsonout import JSON_OPTION, emit_json
 from modelkiln.errors import InputError
 from modelkiln.outputs import atomic_file, check_writable
 from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
@@ -30,9 +30,16 @@ from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("-k", "--top-k", default=5, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "-k",
+    "--top-k",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Predictions per image, best first (at most the model's number of labels).",
+)
 @BATCH_OPTION
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@JSON_OPTION
 @RUNTIME_OPTION
 @THREADS_OPTION
 @DEVICE_OPTION
@@ -85,7 +92,7 @@ def classify(
             {"image": path, "predictions": [p.__dict__ for p in predictions]}
             for path, predictions in zip(paths, results, strict=True)
         ]
-        click.echo(json.dumps(payload, indent=2))
+        emit_json(payload)
         return
     table = Table("image", "rank", "label", "score")
     for path, predictions in zip(paths, results, strict=True):
@@ -104,12 +111,20 @@ def classify(
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="A .npy file.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The .npy file to write (.npy is added to a name without it).",
+)
 @click.option(
     "--pooling",
     type=click.Choice(["auto", "cls", "mean", "pooled"]),
     default="auto",
     show_default=True,
+    help="How a vector is made from the tokens: the class token, their mean, the model's "
+    "pooled output, or auto (what the model was trained with).",
 )
 @click.option("--layer", type=int, help="Embed the tokens of this transformer block (1-based).")
 @click.option("--no-normalize", is_flag=True, help="Keep raw vectors (default: L2-normalised).")
@@ -118,6 +133,7 @@ def classify(
 @THREADS_OPTION
 @DEVICE_OPTION
 @MAX_PIXELS_OPTION
+@JSON_OPTION
 def embed(
     artifact: Path,
     images: tuple[str, ...],
@@ -130,6 +146,7 @@ def embed(
     threads: int | None,
     device: str | None,
     max_pixels: int,
+    as_json: bool,
 ) -> None:
     """Embed IMAGES with an image-feature-extraction ARTIFACT into a (N, D) .npy file."""
     import numpy as np
@@ -154,6 +171,17 @@ def embed(
         )
     with atomic_file(output) as staged, staged.open("wb") as file:
         np.save(file, vectors)
+    if as_json:
+        emit_json(
+            {
+                "files": [str(output)],
+                "images": paths,  # row i is the vector of images[i]
+                "shape": list(vectors.shape),
+                "dtype": str(vectors.dtype),
+                "normalized": not no_normalize,
+            }
+        )
+        return
     out.print(
         f"[green]wrote[/] {escape(str(output))}: {vectors.shape[0]} × {vectors.shape[1]} float32"
     )
@@ -218,10 +246,28 @@ def _require_task(pipeline: Any, expected: type) -> None:
     "when needed: for models near the machine's memory, slower by the loading.",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Same seed, same pixels.")
-@click.option("--width", type=int, help="Default: the size the artifact was built for.")
-@click.option("--height", type=int)
-@click.option("--num-images", default=1, show_default=True, type=click.IntRange(1, MAX_IMAGES))
-@click.option("--scheduler", help="euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, ddim, ...")
+@click.option(
+    "--width",
+    type=int,
+    help="Image width in pixels, a multiple of 8.  [default: the size the artifact was built for]",
+)
+@click.option(
+    "--height",
+    type=int,
+    help="Image height in pixels, a multiple of 8.  [default: the size the artifact was built for]",
+)
+@click.option(
+    "--num-images",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, MAX_IMAGES),
+    help="Images per prompt; several are written OUT-0.png, OUT-1.png, ...",
+)
+@click.option(
+    "--scheduler",
+    help="The sampler: euler, euler-ancestral, dpmpp-2m, dpmpp-2m-karras, ddim, ...  "
+    "[default: the artifact's: the build's [generation] scheduler, else the model's own]",
+)
 @click.option("--image", "init_image", help="Start from this image (image-to-image, inpaint).")
 @click.option(
     "--strength",
@@ -251,10 +297,17 @@ def _require_task(pipeline: Any, expected: type) -> None:
     help="Artifacts built with [runtime_lora]: apply this LoRA (.safetensors, peft folder or "
     ".onnx_adapter) at SCALE (default 1.0) without a rebuild; repeat for several.",
 )
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.png")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The image to write, OUT.png (.jpg, .webp, ...: the suffix picks the format).",
+)
 @RUNTIME_OPTION
 @THREADS_OPTION
 @DEVICE_OPTION
+@JSON_OPTION
 def generate(
     artifact: Path,
     prompt: str,
@@ -278,6 +331,7 @@ def generate(
     runtime: str | None,
     threads: int | None,
     device: str | None,
+    as_json: bool,
 ) -> None:
     """Text-to-image, image-to-image (--image) or inpainting (--image --mask) with ARTIFACT,
     conditioned on --control-image where the artifact has a ControlNet."""
@@ -330,26 +384,49 @@ def generate(
             images = pipeline.image_to_image(prompt, init_image, strength=strength, **settings)
         else:
             images = pipeline.text_to_image(prompt, **settings)
-    for image, path in zip(images, numbered_outputs(output, len(images)), strict=True):
+    written = numbered_outputs(output, len(images))
+    for image, path in zip(images, written, strict=True):
         with atomic_file(path) as staged:
             image.save(staged, format=image_format(path))
-        out.print(f"[green]wrote[/] {escape(str(path))} ({image.width}×{image.height})")
+        if not as_json:
+            out.print(f"[green]wrote[/] {escape(str(path))} ({image.width}×{image.height})")
+    if as_json:
+        emit_json(
+            {
+                "files": [str(path) for path in written],
+                "width": images[0].width,
+                "height": images[0].height,
+                "seed": seed,
+                "prompt": prompt,
+            }
+        )
 
 
 @click.command("lora-adapter")
 @click.argument("artifact", type=click.Path(path_type=Path, exists=True))
 @click.argument("loras", nargs=-1, required=True, metavar="LORA[:SCALE]...")
 @click.option(
-    "-o", "--output", required=True, type=click.Path(path_type=Path), help="OUT.onnx_adapter"
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The adapter file to write, OUT.onnx_adapter.",
 )
-def lora_adapter(artifact: Path, loras: tuple[str, ...], output: Path) -> None:
-    """Write LoRAs (at their scales, default 1.0) as one ONNX Runtime adapter file for
-    ARTIFACT's run-time LoRA slots: `kiln generate --lora OUT.onnx_adapter` and ONNX Runtime's
-    own LoraAdapter (C++, C#, Java, mobile) run it without torch."""
+@JSON_OPTION
+def lora_adapter(artifact: Path, loras: tuple[str, ...], output: Path, as_json: bool) -> None:
+    """Write LORAS (.safetensors or peft folders, each LORA[:SCALE], default 1.0) as one ONNX
+    Runtime adapter file for ARTIFACT's run-time LoRA slots: `kiln generate --lora
+    OUT.onnx_adapter` and ONNX Runtime's own LoraAdapter (C++, C#, Java, mobile) run it
+    without torch."""
     from modelkiln.checkpoints.lora_slots import write_artifact_adapter
 
     check_writable(output, folder=False)
-    written = write_artifact_adapter(artifact, [lora_option(text) for text in loras], output)
+    chosen = [lora_option(text) for text in loras]
+    written = write_artifact_adapter(artifact, chosen, output)
+    if as_json:
+        applied = [{"path": lora.path, "scale": lora.scale} for lora in chosen]
+        emit_json({"artifact": str(artifact), "files": [str(written)], "loras": applied})
+        return
     out.print(f"[green]wrote[/] {escape(str(written))}")
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
-from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.errors import ArtifactError, IntegrityError, UnsupportedError
 from modelkiln.outputs import atomic_file
 
 SUFFIXES = (".tar.gz", ".zip")
@@ -137,12 +137,12 @@ class _Sizes:
 
     def of(self, name: str, size: int) -> int:
         if name not in self.sizes:
-            raise ArtifactError(
+            raise IntegrityError(
                 f"bundle {self.bundle} failed verification: {name} is not listed in "
                 f"{self.index}; package the artifact again (`kiln package`)"
             )
         if size != self.sizes[name]:
-            raise ArtifactError(
+            raise IntegrityError(
                 f"bundle {self.bundle} failed verification: {name} has {size} bytes, "
                 f"{self.index} says {self.sizes[name]}; package the artifact again"
             )

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from modelkiln.artifact import MANIFEST_NAME, read_manifest, record_files, sha256_file
-from modelkiln.errors import ArtifactError
+from modelkiln.errors import ArtifactError, IntegrityError
 from modelkiln.jsonfile import read_json_object
 from modelkiln.records import FileRecord
 
@@ -90,7 +90,7 @@ def check_unpacked(root: Path, bundle: Path) -> BundleManifest:
     problems = find_bundle_problems(root, manifest)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ArtifactError(
+        raise IntegrityError(
             f"bundle {bundle} failed verification: {problems[0]}{more}; "
             "package the artifact again (`kiln package`)"
         )

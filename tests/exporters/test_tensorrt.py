@@ -742,7 +742,7 @@ def _cli_error(capsys: pytest.CaptureFixture[str], *args: object) -> str:
 
     with pytest.raises(SystemExit) as exited:
         main([str(a) for a in args])
-    assert exited.value.code == 1
+    assert exited.value.code == 2  # a user error
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert "Traceback" not in err and len(lines) == 1, err

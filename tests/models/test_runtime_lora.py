@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_support import kiln_json
 from diffusion_checks import diffusers_reference, generate, psnr
 from PIL import Image
 
@@ -102,8 +103,14 @@ def test_one_build_runs_any_lora_at_any_scale_like_diffusers_fused_pipeline(
 
     # The CLI: --lora on generate, and an adapter file that runs without torch.
     adapter = tmp_path / "both.onnx_adapter"
-    outcome = kiln_main("lora-adapter", artifact, f"{kohya}:0.5", f"{style}:0.8", "-o", adapter)
-    assert outcome.code == 0, outcome.err
+    written = kiln_json(
+        "lora-adapter", "lora-adapter", artifact, f"{kohya}:0.5", f"{style}:0.8", "-o", adapter
+    )
+    assert written["files"] == [str(adapter)] and adapter.is_file()
+    assert written["loras"] == [
+        {"path": str(kohya), "scale": 0.5},
+        {"path": str(style), "scale": 0.8},
+    ]
     from_files = tmp_path / "files.png"
     from_adapter = tmp_path / "adapter.png"
     common = ("--prompt", "a red door", "--steps", "2")
