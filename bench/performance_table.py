@@ -1,6 +1,6 @@
-"""The README's performance table: torch eager fp32 against every bundled CPU profile, one run.
+"""docs/performance.md's table: torch eager fp32 against every bundled CPU profile, one run.
 
-    python bench/performance_table.py --work /tmp/kiln-perf [--peers] [--readme README.md]
+    python bench/performance_table.py --work /tmp/kiln-perf [--peers] [--doc docs/performance.md]
                                       [--rounds 3] [--runs 5] [--sd-runs 2] [--set KEY=VALUE]
 
 Runs, one after the other on this machine:
@@ -10,7 +10,7 @@ Runs, one after the other on this machine:
   bench/sd_speed.py    one SD-1.5-sized UNet step (random weights from the SD-1.5 configs,
                        batch 2, 64x64 latents), every bundled SD-1.x CPU profile (WORK/sd)
 Both build their artifacts once and reuse them. Writes WORK/performance.md: the machine, the
-command, both tables as ratios to torch fp32 with absolute medians. --readme replaces the block
+command, both tables as ratios to torch fp32 with absolute medians. --doc replaces the block
 between the performance-table markers of that file with it.
 """
 
@@ -71,13 +71,13 @@ def table(args: argparse.Namespace) -> str:
     )
 
 
-def update_readme(readme: Path, block: str) -> None:
-    text = readme.read_text(encoding="utf-8")
+def update_doc(doc: Path, block: str) -> None:
+    text = doc.read_text(encoding="utf-8")
     if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme} has no performance-table markers ({BEGIN} ... {END})")
+        raise SystemExit(f"{doc} has no performance-table markers ({BEGIN} ... {END})")
     before, rest = text.split(BEGIN, 1)
     _, after = rest.split(END, 1)
-    readme.write_text(before + block + after, encoding="utf-8")
+    doc.write_text(before + block + after, encoding="utf-8")
 
 
 def main() -> None:
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--sd-runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--readme", type=Path, help="rewrite this file's performance block")
+    parser.add_argument("--doc", type=Path, help="rewrite this file's performance block")
     parser.add_argument(
         "--only",
         choices=["vit", "sd"],
@@ -106,9 +106,9 @@ def main() -> None:
     block = table(args)
     (args.work / "performance.md").write_text(block + "\n", encoding="utf-8")
     print(block)
-    if args.readme is not None:
-        update_readme(args.readme, block)
-        print(f"updated {args.readme}")
+    if args.doc is not None:
+        update_doc(args.doc, block)
+        print(f"updated {args.doc}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ the softmax (torch's SDPA decomposition zeroes fully masked rows), and GELU as E
 ONNX Runtime fuses neither pattern when it loads a model. onnxscript's rewriter turns them into
 ONNX Runtime's com.microsoft Attention and Gelu, and onnxruntime's dynamic quantizer turns that
 Attention into QAttention (int8 Q/K/V projection), as optimum's ORTOptimizer does for graphs of
-the TorchScript exporter. What it buys on ViT-B/16: README, "Quantization results".
+the TorchScript exporter. What it buys on ViT-B/16: docs/quantization.md, "Quantization results".
 
 Not SkipLayerNormalization or BiasGelu, which onnxscript offers too: on ViT-B/16 they ran slower
 than LayerNormalization + Add and Gelu + Add (onnxruntime 1.32, AVX-512/AMX CPU).

@@ -128,7 +128,7 @@ def handler_for(format: str, scheme: str, origin: str) -> Handler:
 
 
 def matrix_markdown() -> str:
-    """The README's support table, from the registered handlers."""
+    """docs/quantization.md's support table, from the registered handlers."""
     table = support()
     names = list(table)
     lines = ["| scheme | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
