@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import configparser
 import json
-import os
 import subprocess
 import sys
 import tarfile
-import venv
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cli_support import Outcome
+from venv_support import clean_environment, fresh_venv, installed_packages
 
 import modelkiln
 
@@ -138,34 +137,17 @@ def test_pip_builds_the_same_wheel_from_the_sdist(
 # --- a fresh venv with the wheel and its onnxruntime extra ------------------------------------
 
 
-def clean_environment() -> dict[str, str]:
-    """This process's environment without anything that would put the checkout on the path."""
-    return {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-
-
 @pytest.fixture(scope="module")
 def installed(distributions: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bin folder of a venv made with `pip install "WHEEL[onnxruntime]"`, nothing else."""
     wheel, _ = distributions
-    environment = tmp_path_factory.mktemp("wheel-venv")
-    venv.EnvBuilder(with_pip=True).create(environment)
-    python = environment / "bin" / "python"
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{wheel}[onnxruntime]"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=clean_environment(),
+    python = fresh_venv(
+        tmp_path_factory.mktemp("wheel-venv"), f"{wheel}[onnxruntime]", what=wheel.name
     )
-    if install.returncode != 0:
-        pytest.skip(f"cannot install {wheel.name}[onnxruntime] here: {install.stderr[-300:]}")
-    listed = subprocess.run(
-        [str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True
-    )
-    packages = {package["name"].lower() for package in json.loads(listed.stdout)}
+    packages = installed_packages(python)
     assert {"modelkiln", "onnxruntime", "numpy", "pillow", "click", "rich"} <= packages
     assert not packages & {"torch", "transformers", "diffusers", "onnx", "openvino", "scipy"}
-    return environment / "bin"
+    return python.parent
 
 
 def run_installed(installed: Path, cwd: Path, *args: object) -> subprocess.CompletedProcess[str]:

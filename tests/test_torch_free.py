@@ -10,12 +10,12 @@ import json
 import subprocess
 import sys
 import textwrap
-import venv
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from venv_support import clean_environment, fresh_venv, installed_packages
 
 from modelkiln import load
 
@@ -105,30 +105,8 @@ def test_load_and_run_with_torch_and_transformers_unimportable(
 def test_a_venv_with_only_numpy_pillow_and_onnxruntime_runs_an_artifact(
     built: Callable[..., Path], wheel: Path, tmp_path: Path
 ) -> None:
-    environment = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(environment)
-    python = environment / "bin" / "python"
-    install = subprocess.run(
-        [
-            str(python),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "numpy",
-            "pillow",
-            "click",
-            "rich",
-            "onnxruntime",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if install.returncode != 0:
-        pytest.skip(
-            f"cannot install the runtime-only environment here: {install.stderr.strip()[-300:]}"
-        )
+    runtime = ("numpy", "pillow", "click", "rich", "onnxruntime")
+    python = fresh_venv(tmp_path / "venv", *runtime, what="the runtime-only environment")
     # Our wheel, without its dependencies (not even tokenizers): nothing else may come along.
     subprocess.run(
         [str(python), "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)],
@@ -136,6 +114,7 @@ def test_a_venv_with_only_numpy_pillow_and_onnxruntime_runs_an_artifact(
         text=True,
         timeout=300,
         check=True,
+        env=clean_environment(),
     )
     artifact = built("hf-classifier", "vit-onnxruntime-fp32")
     script = textwrap.dedent(
@@ -153,6 +132,7 @@ def test_a_venv_with_only_numpy_pillow_and_onnxruntime_runs_an_artifact(
         text=True,
         timeout=300,
         cwd=tmp_path,  # not the source tree: the installed package runs
+        env=clean_environment(),
     )
     assert result.returncode == 0, result.stderr
     expected = load(artifact).logits([np.full((40, 50, 3), 60, np.uint8)])
@@ -273,21 +253,8 @@ def test_a_venv_with_only_the_runtime_extra_generates_diffusers_images(
     """`pip install "modelkiln-VERSION-py3-none-any.whl[EXTRA]"`, nothing else: SD and SDXL
     artifacts and a bundle generate the images the full environment makes, and torch never
     comes along."""
-    environment = tmp_path / "venv"
-    venv.EnvBuilder(with_pip=True).create(environment)
-    python = environment / "bin" / "python"
-    install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{wheel}[{extra}]"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if install.returncode != 0:
-        pytest.skip(f"cannot install modelkiln[{extra}] here: {install.stderr.strip()[-300:]}")
-    listed = subprocess.run(
-        [str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True
-    )
-    installed = {package["name"].lower() for package in json.loads(listed.stdout)}
+    python = fresh_venv(tmp_path / "venv", f"{wheel}[{extra}]", what=f"modelkiln[{extra}]")
+    installed = installed_packages(python)
     assert not installed & {"torch", "diffusers", "transformers", "onnx", "nncf", "scipy"}
     artifacts = diffusion_artifacts(built, profile, tmp_path)
     out = tmp_path / "images"
@@ -298,6 +265,7 @@ def test_a_venv_with_only_the_runtime_extra_generates_diffusers_images(
         text=True,
         timeout=600,
         cwd=tmp_path,  # not the source tree: the installed package runs
+        env=clean_environment(),
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
@@ -312,7 +280,7 @@ def test_a_venv_with_only_the_runtime_extra_generates_diffusers_images(
             text=True,
             timeout=300,
             cwd=bundle.parent,
-            env={"PATH": f"{environment / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)},
+            env={"PATH": f"{python.parent}:/usr/bin:/bin", "HOME": str(tmp_path)},
         )
         assert done.returncode == 0, (command, done.stderr)
     assert (bundle.parent / "image.png").is_file()
