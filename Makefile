@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # What `make demo` / `make test` install: the build side, both CPU runtimes and coremltools
 # (Core ML conversion and compression run anywhere; prediction needs macOS).
-EXTRAS := torchao,build,onnx,openvino-build,coreml-build,demo,bench,dev
+EXTRAS := torchao,build,onnx,openvino-build,coreml-build,executorch,demo,bench,dev
 # Re-install when the dependency declarations change.
 STAMP := $(VENV)/.installed
 LINT_PATHS := modelkiln tests $(wildcard bench)

@@ -1,10 +1,11 @@
 """Backends: one descriptor per backend, and the one registry of them.
 
-A backend (onnxruntime, openvino, coreml, tensorrt, torch) has one name everywhere: registry
-key, runtime name, pip extra, pytest marker, and its own ``[<name>]`` section of a profile. Its
-descriptor is a `Backend` subclass in its runtime file (``runtimes/<name>.py``, the file every
-install of it has, torch-free) and names its exporter(s) and quantizer module by dotted path,
-so that reading descriptors imports no backend library. The build plan, loading, packaging,
+A backend (onnxruntime, openvino, coreml, tensorrt, torch, executorch) has one name
+everywhere: registry key, runtime name, pip extra, pytest marker, and its own ``[<name>]``
+section of a profile. Its descriptor is a `Backend` subclass in its runtime file
+(``runtimes/<name>.py``, the file every install of it has, torch-free) and names its
+exporter(s) and quantizer module by dotted path, so that reading descriptors imports no
+backend library. The build plan, loading, packaging,
 ``kiln env`` and the test markers ask descriptors: nothing outside a backend's own files
 names it.
 """
@@ -126,6 +127,7 @@ BACKENDS: Registry[type[Backend]] = Registry(
         "coreml": "modelkiln.runtimes.coreml:CoreMLBackend",
         "tensorrt": "modelkiln.runtimes.tensorrt:TensorRTBackend",
         "torch": "modelkiln.runtimes.torch:TorchBackend",
+        "executorch": "modelkiln.runtimes.executorch:ExecuTorchBackend",
     },
 )
 

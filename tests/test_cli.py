@@ -188,7 +188,9 @@ def test_profiles_schemes_prints_the_registered_handlers() -> None:
     assert result.exit_code == 0, result.output
     rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if "│" in line}
     header = [cell.strip() for cell in result.stdout.splitlines()[1].split("┃")[1:-1]]
-    assert header == ["scheme", "onnx", "openvino", "coreml", "tensorrt", "torch", "what it does"]
+    assert header == [
+        "scheme", "onnx", "openvino", "coreml", "tensorrt", "torch", "executorch", "what it does"
+    ]  # fmt: skip
     cells = [cell.strip() for cell in rows["int8-hybrid"].split("│")[1:-1]]
     assert cells[:6] == ["int8-hybrid", "—", "yes", "—", "—", "—"]
     assert "palettize4-weights" in rows and "int8-dynamic" in rows

@@ -69,12 +69,14 @@ QUANTIZED = (
     "vit-openvino-int8-static",
     "vit-openvino-nf4",
     "vit-torch-int8",
+    "vit-executorch-int8",
 )
 
 
 @pytest.mark.slow
 @pytest.mark.onnxruntime
 @pytest.mark.openvino
+@pytest.mark.executorch
 def test_quantized_profiles_keep_digits_accuracy_within_their_bounds(tmp_path: Path) -> None:
     result = run_demo(tmp_path, profiles=("vit-torch-fp32", *QUANTIZED), runs=3)
     reference = result.reference

@@ -188,7 +188,7 @@ def test_unknown_bundled_name_suggests_one() -> None:
         ),
         (
             ["export.format=tflite"],
-            r"export\.format = 'tflite' is unknown; known: onnx, openvino, coreml, tensorrt, torch",
+            r"export\.format = 'tflite' is unknown; known: onnx, openvino, coreml, tensorrt, torch, executorch",
         ),
         (["export.opset=13"], r"export\.opset 13 < 17"),
         (

@@ -36,7 +36,7 @@ def test_every_backend_names_its_runtime_exporters_and_settings() -> None:
 
 
 def test_every_format_has_one_owner_whose_runtime_runs_it() -> None:
-    assert formats() == ["onnx", "openvino", "coreml", "tensorrt", "torch"]
+    assert formats() == ["onnx", "openvino", "coreml", "tensorrt", "torch", "executorch"]
     assert len(set(formats())) == len(formats())
     for format in formats():
         owner = format_owner(format)
@@ -88,7 +88,7 @@ def test_every_family_has_a_bundled_profile_and_tests() -> None:
 def test_unknown_names_list_known_ones_with_a_suggestion() -> None:
     with pytest.raises(
         UnsupportedError,
-        match=r"unknown runtime 'openvion' \(did you mean 'openvino'\?\); known: coreml, onnxruntime, openvino, tensorrt, torch",
+        match=r"unknown runtime 'openvion' \(did you mean 'openvino'\?\); known: coreml, executorch, onnxruntime, openvino, tensorrt, torch",
     ):
         runtime_named("openvion")
     with pytest.raises(UnsupportedError, match=r"unknown format 'onx' \(did you mean 'onnx'\?\)"):

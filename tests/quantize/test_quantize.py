@@ -38,6 +38,7 @@ QUANTIZED = [
     pytest.param("vit-torch-int4", SMALL_GROUPS, "int4-weights"),
     pytest.param("vit-torch-nf4", SMALL_GROUPS, "nf4-weights"),
     pytest.param("vit-tensorrt-int8", CALIBRATE, "int8-static", marks=TRT),
+    pytest.param("vit-executorch-int8", CALIBRATE, "int8-static", marks=pytest.mark.executorch),
 ]
 # Tiny model, random weights: 4-bit groups of 16 cost a few hundredths of cosine.
 COSINE_FLOOR = {"int8": 0.99, "int4": 0.97, "nf4": 0.97}
@@ -46,6 +47,7 @@ FP32 = {
     "openvino": "vit-openvino-fp32",
     "tensorrt": "vit-onnxruntime-fp32",  # the fp32 reference runs on the CPU
     "torch": "vit-torch-fp32",
+    "executorch": "vit-executorch-fp32",
 }
 
 

@@ -1,0 +1,154 @@
+"""torch -> ExecuTorch program (`model.pte`): torch.export, then
+`executorch.exir.to_edge_transform_and_lower` with the partitioner of `[executorch]
+partitioner`, then `to_executorch()`.
+
+- xnnpack (default): XnnpackPartitioner; what XNNPACK does not take (LayerNorm, the attention
+  mask's ops on this ViT) stays on the portable kernels.
+- coreml: executorch.backends.apple's CoreMLPartitioner (coremltools converts the partitions
+  here; running needs a runtime built with the Core ML delegate).
+- vulkan: VulkanPartitioner (running needs a Vulkan build of the runtime).
+- portable: no partitioner, every op on the portable kernels (slow; a reference).
+A dynamic batch is a `torch.export.Dim` bounded by `shapes.max_batch_size` (ExecuTorch plans
+memory for the bound). Beside the program, `delegation.json` says how much of the graph the
+delegate took and which ops it left on the portable kernels; the session reports it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from modelkiln.errors import ExportError, first_line
+from modelkiln.exporters.base import Exporter, dim_ranges, export_dims
+from modelkiln.quiet import printing_into
+from modelkiln.runtimes.executorch import DELEGATION_FILE, MODEL_FILE, ExecuTorchSettings
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import Profile
+    from modelkiln.specs import ComponentSpec
+
+logger = logging.getLogger(__name__)
+
+# The op namespaces of quantized graphs: PT2E's quantize / dequantize pairs, torchao's
+# quantize_affine / choose_qparams.
+QUANTIZED_OPS = ("quantized_decomposed", "torchao")
+
+
+def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
+    """torch.export of the component's wrapper; the batch symbolic (1..max_batch_size) when
+    the profile's batch is dynamic."""
+    import torch
+
+    dims, dynamic = export_dims(spec, profile)
+    example = spec.dummy_inputs(dims, seed=profile.validation.seed)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(example[name])) for name in spec.inputs)
+    ranges = dim_ranges(spec, profile)
+    symbols = {
+        name: torch.export.Dim(name, min=low, max=high)
+        for name, (low, _, high) in ranges.items()
+        if name in dynamic
+    }
+    shapes = tuple(
+        {i: symbols[d] for i, d in enumerate(tensor.shape) if d in symbols} or None
+        for tensor in spec.inputs.values()
+    )
+    with torch.no_grad():
+        return torch.export.export(
+            module, args, dynamic_shapes=shapes if symbols else None, strict=False
+        )
+
+
+def partitioners(name: str) -> list[Any]:
+    """to_edge_transform_and_lower's partitioner list for our partitioner name."""
+    if name == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+    if name == "coreml":
+        logging.getLogger("coremltools").setLevel(logging.ERROR)
+        from executorch.backends.apple.coreml.partition import CoreMLPartitioner
+
+        return [CoreMLPartitioner()]
+    if name == "vulkan":
+        from executorch.backends.vulkan.partitioner.vulkan_partitioner import VulkanPartitioner
+
+        return [VulkanPartitioner()]
+    return []  # portable
+
+
+def lower(program: Any, partitioner: str) -> tuple[bytes, dict[str, Any]]:
+    """The .pte bytes of an ExportedProgram lowered to `partitioner`, and what it delegated."""
+    from executorch.devtools.backend_debug import get_delegation_info
+    from executorch.exir import to_edge_transform_and_lower
+
+    quantized = any(
+        any(namespace in str(node.target) for namespace in QUANTIZED_OPS)
+        for node in program.graph.nodes
+        if node.op == "call_function"
+    )
+    edge = to_edge_transform_and_lower(program, partitioner=partitioners(partitioner))
+    info = get_delegation_info(edge.exported_program().graph_module)
+    portable = {
+        op: breakdown.non_delegated
+        for op, breakdown in sorted(info.delegation_by_operator.items())
+        if breakdown.non_delegated
+    }
+    delegation = {
+        "partitioner": partitioner,
+        # int8 where a before-export scheme put quantize / dequantize pairs in the graph.
+        "inference_precision": "int8" if quantized else "f32",
+        "delegated_subgraphs": info.num_delegated_subgraphs,
+        "delegated_nodes": info.num_delegated_nodes,
+        "portable_nodes": info.num_non_delegated_nodes,
+        "portable_ops": portable,
+    }
+    return edge.to_executorch().buffer, delegation
+
+
+class ExecuTorchExporter(Exporter):
+    format = "executorch"
+    backend = "executorch"
+    extra = "executorch"
+    # fp32 programs (a before-export scheme makes the int8 ones).
+    weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
+    packages = ("torch", "executorch")
+
+    def export(
+        self, spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, root: Path
+    ) -> Path:
+        out_dir = self.directory(spec, root)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / MODEL_FILE
+        partitioner = ExecuTorchSettings.of(profile).partitioner
+        captured = io.StringIO()
+        try:
+            # coremltools draws progress bars on stderr; the library never prints.
+            with printing_into(captured, stderr=True):
+                program = exported_program(spec, load_module(), profile)
+                buffer, delegation = lower(program, partitioner)
+        except Exception as error:  # torch.export and exir raise many unrelated types
+            logger.debug("executorch output:\n%s", captured.getvalue())
+            raise ExportError(
+                f"ExecuTorch lowering of {spec.name} to {partitioner} failed: "
+                f"{first_line(error)} (run with -v for details)"
+            ) from error
+        path.write_bytes(buffer)
+        text = json.dumps(delegation, indent=2) + "\n"
+        (out_dir / DELEGATION_FILE).write_text(text, encoding="utf-8")
+        logger.info(
+            "%s: %d node(s) in %d %s subgraph(s), %d on portable kernels",
+            spec.name,
+            delegation["delegated_nodes"],
+            delegation["delegated_subgraphs"],
+            partitioner,
+            delegation["portable_nodes"],
+        )
+        if spec.config_file is not None:
+            (out_dir / "config.json").write_bytes(spec.config_file)
+        return path

@@ -1,0 +1,210 @@
+"""The executorch format's scheme handlers, before the export: the quantized module is then
+lowered to XNNPACK, which runs its int8 kernels.
+
+- int8-static: PT2E with ExecuTorch's XNNPACKQuantizer on the Linear layers: int8 weights
+  (symmetric, per output channel or per tensor) and int8 inputs and outputs (asymmetric, per
+  tensor), their ranges observed on the build's calibration feeds (`prepare_pt2e`, the
+  feeds run through it, `convert_pt2e`);
+- int8-dynamic: torchao's Int8DynamicActivationIntxWeightConfig on every Linear (int8
+  weights, activations quantized per call), no calibration.
+XNNPACK's int8 is symmetric weights with asymmetric activations (nncf's "mixed" preset):
+`quantization.symmetric = true` is refused, not approximated. Both need the XNNPACK
+partitioner: the quantize / dequantize pairs are what it fuses into its int8 kernels.
+
+A handler gets the module and the calibration feeds, not the component's spec: PT2E's graph
+is captured from the first feed with every input's first axis as a free batch (what the
+ViT's pixel_values is), so the exporter exports it again with its own batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from modelkiln.backends import ProfileContext
+from modelkiln.errors import QuantizationError, UnsupportedError, first_line
+from modelkiln.quantize.handlers import Stage, handles
+from modelkiln.quantize.schemes import Int8Dynamic, Int8Static
+from modelkiln.quantize.torch import module_bytes
+from modelkiln.runtimes.executorch import ExecuTorchSettings
+
+if TYPE_CHECKING:
+    from modelkiln.quantize import Calibration
+
+logger = logging.getLogger(__name__)
+
+XnnpackScheme = Int8Static | Int8Dynamic
+# The ops whose weights the quantizer gives one dequantize each: what we count as quantized.
+WEIGHT_DEQUANTIZE = ("dequantize_per_channel", "dequantize_per_tensor")
+
+
+def xnnpack_only(config: XnnpackScheme, context: ProfileContext) -> None:
+    """XNNPACK's int8: the xnnpack partitioner, symmetric weights with asymmetric activations,
+    and (static) min/max activation ranges."""
+    partitioner = ExecuTorchSettings.of(context.profile).partitioner
+    if partitioner != "xnnpack":
+        raise UnsupportedError(
+            f"{context.origin}: {config.name} quantizes for XNNPACK's int8 kernels, and "
+            f"executorch.partitioner is '{partitioner}'; set executorch.partitioner = 'xnnpack' "
+            "or quantization.scheme = 'none'"
+        )
+    if config.symmetric:
+        raise UnsupportedError(
+            f"{context.origin}: XNNPACK's {config.name} has symmetric int8 weights and "
+            "asymmetric activations; set quantization.symmetric = false"
+        )
+    if isinstance(config, Int8Dynamic) and not config.per_channel:
+        raise UnsupportedError(
+            f"{context.origin}: torchao's int8 dynamic-activation weights for XNNPACK have one "
+            "scale per output channel (or group), not per tensor; set "
+            "quantization.per_channel = true"
+        )
+    if isinstance(config, Int8Static) and config.method != "minmax":
+        raise UnsupportedError(
+            f"{context.origin}: the executorch {config.name} takes activation ranges by "
+            f"min/max, not {config.method}; set quantization.method = 'minmax'"
+        )
+
+
+def quantization_config(config: XnnpackScheme) -> Any:
+    """XNNPACKQuantizer's symmetric config, with min/max observers for static activations (the
+    quantizer's default is a histogram observer)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        get_symmetric_quantization_config,
+    )
+
+    dynamic = isinstance(config, Int8Dynamic)
+    base = get_symmetric_quantization_config(is_per_channel=config.per_channel, is_dynamic=dynamic)
+    if dynamic:
+        return base
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    observer = MinMaxObserver.with_args(eps=2**-12)
+    spec = replace(base.input_activation, observer_or_fake_quant_ctr=observer)
+    return replace(base, input_activation=spec, output_activation=spec)
+
+
+def _captured(module: Any, calibration: Calibration) -> Any:
+    """The module as a graph (torch.export, then .module()), every input's first axis free."""
+    import torch
+
+    first = calibration[0]
+    # An example batch of 1 would specialise the axis: the first feed, twice.
+    example = tuple(
+        torch.from_numpy(np.ascontiguousarray(np.concatenate([a, a]) if len(a) == 1 else a))
+        for a in first.values()
+    )
+    batch = torch.export.Dim("batch")
+    shapes = tuple({0: batch} for _ in example)
+    with torch.no_grad():
+        return torch.export.export(module, example, dynamic_shapes=shapes, strict=False).module()
+
+
+def _count(graph_module: Any) -> tuple[int, int]:
+    """(weight dequantizes, activation quantizes) in a converted graph."""
+    weights = activations = 0
+    for node in graph_module.graph.nodes:
+        target = str(node.target)
+        if node.op != "call_function" or "quantized_decomposed" not in target:
+            continue
+        first = node.args[0] if node.args else None
+        constant = getattr(first, "op", None) == "get_attr"
+        if constant and any(name in target for name in WEIGHT_DEQUANTIZE):
+            weights += 1
+        elif not constant and "quantize_per_tensor" in target and "dequantize" not in target:
+            activations += 1
+    return weights, activations
+
+
+def _constant_bytes(graph_module: Any) -> int:
+    """Bytes of the tensors a converted graph reads (get_attr: its int8 weights and the float
+    parameters left), each once; parameters the graph no longer reads are not counted."""
+    import torch
+
+    used: dict[int, torch.Tensor] = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "get_attr":
+            value = graph_module
+            for part in str(node.target).split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.Tensor):
+                used[id(value)] = value
+    return sum(t.numel() * t.element_size() for t in used.values())
+
+
+@handles(Int8Static, "executorch", stage=Stage.BEFORE_EXPORT, check=xnnpack_only)
+def pt2e_int8_static(
+    module: Any, settings: Int8Static, calibration: Calibration = ()
+) -> tuple[Any, dict[str, Any]]:
+    """The module quantized by PT2E for XNNPACK: a GraphModule holding int8 weights and the
+    quantize / dequantize pairs the XNNPACK partitioner lowers to its int8 kernels."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    if not calibration:
+        raise QuantizationError(
+            f"{settings.name} needs calibration data: set [calibration] data in the profile "
+            "(--set calibration.data=DIR), or pick int8-dynamic"
+        )
+    before = module_bytes(module)
+    # Linear layers only: quantizing the residual adds as well (set_global) costs the tiny
+    # ViT a cosine of 0.95 instead of 0.995, and XNNPACK runs them in fp32 at little cost.
+    quantizer = XNNPACKQuantizer().set_module_type(torch.nn.Linear, quantization_config(settings))
+    try:
+        prepared = prepare_pt2e(_captured(module, calibration), quantizer)
+        with torch.no_grad():
+            for feed in calibration:
+                prepared(*(torch.from_numpy(np.ascontiguousarray(a)) for a in feed.values()))
+        converted = convert_pt2e(prepared)
+    except (RuntimeError, ValueError, TypeError) as error:  # torch.export / PT2E failures
+        raise QuantizationError(f"PT2E {settings.name} failed: {first_line(error)}") from error
+    weights, activations = _count(converted)
+    return converted, {
+        "quantized_weights": weights,
+        "quantized_activations": activations,
+        "quantizer": "XNNPACKQuantizer (PT2E)",
+        "per_channel": settings.per_channel,
+        "activations": "int8 around each Linear, static per tensor, min/max of the feeds",
+        "calibration_batches": len(calibration),
+        "bytes_before": before,
+        "bytes_after": _constant_bytes(converted),
+    }
+
+
+@handles(Int8Dynamic, "executorch", stage=Stage.BEFORE_EXPORT, check=xnnpack_only)
+def torchao_int8_dynamic(
+    module: Any, settings: Int8Dynamic, calibration: Calibration = ()
+) -> tuple[Any, dict[str, Any]]:
+    """Every Linear quantized in place by torchao's Int8DynamicActivationIntxWeightConfig
+    (int8 weights, activations quantized per call per token), which the XNNPACK partitioner
+    lowers to its dynamically quantized kernels. No calibration: nothing is observed."""
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    # A copy: the family's loader may hand the same module to the torch reference.
+    module = copy.deepcopy(module)
+    before = module_bytes(module)
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int8,
+        weight_granularity=PerAxis(0),
+    )
+    try:
+        quantize_(module, config)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise QuantizationError(f"torchao {settings.name} failed: {first_line(error)}") from error
+    quantized = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for m in linears)
+    return module, {
+        "quantized_weights": quantized,
+        "quantizer": "torchao Int8DynamicActivationIntxWeightConfig",
+        "per_channel": settings.per_channel,
+        "activations": "int8, dynamic per token",
+        "bytes_before": before,
+        "bytes_after": module_bytes(module),
+    }

@@ -1,0 +1,132 @@
+"""ExecuTorch: the tiny ViT lowered to XNNPACK and run by executorch.runtime against torch,
+the CLI on it, int8 through PT2E, the not-run path of a Core ML-partitioned program, and the
+profile errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from modelkiln import load, open_artifact
+from modelkiln.errors import InputError, ProfileError, UnsupportedError
+from modelkiln.plan import load_profile
+
+if TYPE_CHECKING:
+    from cli_support import Outcome
+
+pytestmark = [pytest.mark.torch, pytest.mark.executorch]
+
+CALIBRATE = ('calibration.data="digits"', "calibration.size=16", "calibration.batch_size=4")
+
+
+@pytest.mark.parametrize(
+    ("source", "output"), [("hf-classifier", "logits"), ("hf-backbone", "pooler_output")]
+)
+def test_program_runs_every_batch_up_to_its_bound_like_torch(
+    source: str, output: str, built: Callable[..., Path]
+) -> None:
+    artifact = built(source, "vit-executorch-fp32")
+    manifest = open_artifact(artifact, verify=True).manifest
+    (record,) = manifest.components.values()
+    assert record.entry == "model.pte" and record.validation.passed
+    assert record.runtime["delegate"] == "xnnpack" and record.runtime["delegated_nodes"] > 0
+    delegation = json.loads((artifact / "delegation.json").read_text())
+    assert delegation["partitioner"] == "xnnpack" and delegation["inference_precision"] == "f32"
+    atol = load_profile("vit-executorch-fp32").validation.atol
+    assert atol is not None
+    with load(artifact) as pipeline, load(built(source, "vit-torch-fp32")) as reference:
+        rng = np.random.default_rng(0)
+        for batch in (1, 3, 32):  # 32: shapes.max_batch_size
+            pixels = rng.standard_normal((batch, 3, 32, 32)).astype(np.float32)
+            ours = pipeline.session.run({"pixel_values": pixels})
+            theirs = reference.session.run({"pixel_values": pixels})
+            assert set(theirs) <= set(ours)
+            assert np.abs(ours[output] - theirs[output]).max() <= atol
+            if output == "logits":
+                assert (ours[output].argmax(1) == theirs[output].argmax(1)).all()
+        too_many = np.zeros((33, 3, 32, 32), np.float32)
+        with pytest.raises(InputError, match=r"beyond the largest .*shapes\.max_batch_size"):
+            pipeline.session.run({"pixel_values": too_many})
+
+
+def test_classify_and_embed_through_the_cli(
+    built: Callable[..., Path],
+    kiln_main: Callable[..., Outcome],
+    image_files: list[Path],
+    tmp_path: Path,
+) -> None:
+    classifier = built("hf-classifier", "vit-executorch-fp32")
+    outcome = kiln_main("classify", str(classifier), *map(str, image_files), "-k", "2", "--json")
+    assert outcome.code == 0, outcome
+    classified = json.loads(outcome.out)
+    assert [len(item["predictions"]) for item in classified] == [2] * len(image_files)
+    backbone = built("hf-backbone", "vit-executorch-fp32")
+    vectors = tmp_path / "vectors.npy"
+    outcome = kiln_main("embed", str(backbone), *map(str, image_files), "-o", str(vectors))
+    assert outcome.code == 0, outcome
+    assert np.load(vectors).shape == (len(image_files), 32)
+
+
+def test_build_through_the_cli(
+    source_dir: Callable[[str], Path], kiln_main: Callable[..., Outcome], tmp_path: Path
+) -> None:
+    out = tmp_path / "artifact"
+    outcome = kiln_main(
+        "build", str(source_dir("hf-classifier")), "--profile", "vit-executorch-fp32",
+        "--output", str(out), "--set", "shapes.dynamic_batch=false",
+        "--set", "validation.batch_sizes=[1]",
+    )  # fmt: skip
+    assert outcome.code == 0, outcome
+    (record,) = open_artifact(out).manifest.components.values()
+    # A static batch: the program takes exactly shapes.batch_size images.
+    assert record.inputs["pixel_values"].shape == (1, 3, 32, 32)
+    assert record.validation.passed
+
+
+def test_int8_static_build_passes_its_gate_and_records_pt2e(built: Callable[..., Path]) -> None:
+    artifact = built("hf-classifier", "vit-executorch-int8", *CALIBRATE)
+    (record,) = open_artifact(artifact).manifest.components.values()
+    quantization = record.quantization
+    assert quantization is not None and quantization.scheme == "int8-static"
+    assert quantization.quantized_weights >= 12  # 2 blocks x 6 Linear layers
+    assert quantization.details["calibration_batches"] == 4
+    assert quantization.bytes_after < quantization.bytes_before
+    assert record.validation.passed and record.validation.inputs is not None
+    assert record.runtime["inference_precision"] == "int8"
+    assert record.validation.outputs["logits"].min_cosine >= 0.99
+
+
+def test_a_core_ml_program_lowers_here_and_is_recorded_as_not_run(
+    built: Callable[..., Path],
+) -> None:
+    artifact = built("hf-classifier", "vit-executorch-fp32", "executorch.partitioner=coreml")
+    (record,) = open_artifact(artifact).manifest.components.values()
+    validation = record.validation
+    assert validation.passed is None and validation.reference is not None
+    assert validation.not_run is not None and "CoreMLBackend" in validation.not_run
+    delegation = json.loads((artifact / "delegation.json").read_text())
+    assert delegation["delegated_nodes"] > 0
+    with pytest.raises(UnsupportedError, match="no CoreMLBackend"):
+        load(artifact)
+
+
+def test_profile_errors_are_one_line_and_name_the_fix() -> None:
+    with pytest.raises(
+        ProfileError, match=r"executorch\.partitioner.*xnnpak.*did you mean 'xnnpack'"
+    ):
+        load_profile("vit-executorch-fp32", ["executorch.partitioner=xnnpak"])
+    with pytest.raises(UnsupportedError, match=r"set executorch\.partitioner = 'xnnpack'"):
+        load_profile("vit-executorch-int8", ["executorch.partitioner=vulkan"])
+    with pytest.raises(UnsupportedError, match=r"set quantization\.symmetric = false"):
+        load_profile("vit-executorch-int8", ["quantization.symmetric=true"])
+    with pytest.raises(UnsupportedError, match=r"shapes\.dynamic_resolution = false"):
+        load_profile("vit-executorch-fp32", ["shapes.dynamic_resolution=true"])
+    with pytest.raises(UnsupportedError, match=r"int8 activations: use int8-dynamic"):
+        load_profile("vit-executorch-fp32", ["quantization.scheme=int8-weights"])
+    with pytest.raises(UnsupportedError, match=r"serve the vit family so far"):
+        load_profile("sd-onnxruntime-fp32", ["export.format=executorch", "runtime.name=auto"])
