@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# What `make demo` / `make test` install: the build side, both CPU runtimes and coremltools
-# (Core ML conversion and compression run anywhere; prediction needs macOS).
+# What `make demo` / `make test` install: the build side, both CPU runtimes, coremltools
+# (Core ML conversion and compression run anywhere; prediction needs macOS) and ExecuTorch
+# (its XNNPACK programs run here).
 EXTRAS := torchao,build,onnx,openvino-build,coreml-build,executorch,demo,bench,dev
 # Re-install when the dependency declarations change.
 STAMP := $(VENV)/.installed
