@@ -59,6 +59,29 @@ class Exporter(ABC):
         return entry
 
 
+def write_config(spec: ComponentSpec, directory: Path) -> None:
+    """The component's config.json beside its files, where the family has one (what
+    optimum's classes and the pipelines read)."""
+    if spec.config_file is not None:
+        (directory / "config.json").write_bytes(spec.config_file)
+
+
+def per_input_shapes(
+    spec: ComponentSpec, symbols: Mapping[str, Any]
+) -> tuple[dict[int, Any] | None, ...]:
+    """torch.export's dynamic_shapes, one entry per input in order: axis -> the symbol of
+    its dim, None for an input with no symbolic axis."""
+    return tuple(
+        {
+            axis: symbols[dim]
+            for axis, dim in enumerate(tensor.shape)
+            if isinstance(dim, str) and dim in symbols
+        }
+        or None
+        for tensor in spec.inputs.values()
+    )
+
+
 def export_dims(spec: ComponentSpec, profile: Profile) -> tuple[dict[str, int], set[str]]:
     """Example sizes for every symbolic dim, and which dims stay dynamic in the export."""
     shapes = profile.shapes

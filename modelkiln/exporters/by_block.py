@@ -29,6 +29,7 @@ import numpy as np
 from modelkiln import memory_budget
 from modelkiln.errors import ProfileError
 from modelkiln.exporters import by_block_openvino
+from modelkiln.exporters.base import write_config
 from modelkiln.exporters.block_run import (
     WHOLE_CHECK_ACTIVATIONS,
     WHOLE_CHECK_COPIES,
@@ -180,8 +181,7 @@ def export_onnx(
     entry = directory / ONNX_FILE
     with progress.task(f"exporting {spec.name} to onnx, {scheme.name} quantized as written"):
         report = onnx_streamed_int4(spec, component.profile, scheme, entry)
-    if spec.config_file is not None:
-        (directory / "config.json").write_bytes(spec.config_file)
+    write_config(spec, directory)
     report["bytes_before"] = sum(piece.weight_bytes() for piece in pieces)
     report["bytes_after"] = model_bytes(entry, external_data_path(entry))
     return BlockBuild(entry, expected, QuantizationRecord.of(scheme.name, report))

@@ -28,7 +28,7 @@ import numpy as np
 from modelkiln.env import release_memory, resident_bytes
 from modelkiln.errors import ExportError, ValidationError, first_line
 from modelkiln.evaluation.metrics import OutputMetrics
-from modelkiln.exporters.base import export_dims
+from modelkiln.exporters.base import export_dims, write_config
 from modelkiln.exporters.block_run import (
     OPENVINO_FOUR_BIT_COPIES,
     WHOLE_CHECK_COPIES,
@@ -147,8 +147,7 @@ def export(
     ov.save_model(joined, str(entry), compress_to_fp16=profile.precision.weights == "fp16")
     del joined
     release_memory()  # the whole component, before the runtime loads it back for the check
-    if spec.config_file is not None:
-        (directory / "config.json").write_bytes(spec.config_file)
+    write_config(spec, directory)
     expected_outputs = [
         {name: chain[name].numpy() for name in spec.outputs} for chain in chains[checked:]
     ]

@@ -27,6 +27,8 @@ from modelkiln.exporters.base import (
     Exporter,
     dim_ranges,
     export_dims,
+    per_input_shapes,
+    write_config,
 )
 from modelkiln.quiet import printing_into
 from modelkiln.runtimes.coreml import CoreMLSettings, import_coremltools
@@ -110,17 +112,13 @@ def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
         else torch.export.Dim(name, min=low, max=high)
         for name, (low, _, high) in bounds.items()
     }
-    dynamic_shapes = {
-        name: {i: symbols[d] for i, d in enumerate(tensor.shape) if d in symbols} or None
-        for name, tensor in spec.inputs.items()
-    }
     # An example batch of 1 would specialise the dim; export_dims gives DYNAMIC_EXAMPLE_SIZE.
     assert "batch" not in bounds or dims["batch"] == DYNAMIC_EXAMPLE_SIZE
     with torch.no_grad():
         program = torch.export.export(
             module,
             args,
-            dynamic_shapes=tuple(dynamic_shapes.values()) if symbols else None,
+            dynamic_shapes=per_input_shapes(spec, symbols) if symbols else None,
             strict=False,
         ).run_decompositions(_decompositions())
     remove_aliases(program)
@@ -229,6 +227,5 @@ class CoreMLExporter(Exporter):
                 f"Core ML conversion of {spec.name} failed: {first_line(error)} "
                 "(run with -v for details)"
             ) from error
-        if spec.config_file is not None:
-            (out_dir / "config.json").write_bytes(spec.config_file)
+        write_config(spec, out_dir)
         return path

@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from modelkiln.errors import ExportError, first_line
-from modelkiln.exporters.base import Exporter, dim_ranges, export_dims
+from modelkiln.exporters.base import (
+    Exporter,
+    dim_ranges,
+    export_dims,
+    per_input_shapes,
+    write_config,
+)
 from modelkiln.quiet import printing_into
 from modelkiln.runtimes.executorch import DELEGATION_FILE, MODEL_FILE, ExecuTorchSettings
 
@@ -54,14 +60,9 @@ def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
         for name, (low, _, high) in ranges.items()
         if name in dynamic
     }
-    shapes = tuple(
-        {i: symbols[d] for i, d in enumerate(tensor.shape) if d in symbols} or None
-        for tensor in spec.inputs.values()
-    )
+    shapes = per_input_shapes(spec, symbols) if symbols else None
     with torch.no_grad():
-        return torch.export.export(
-            module, args, dynamic_shapes=shapes if symbols else None, strict=False
-        )
+        return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
 
 
 def partitioners(name: str) -> list[Any]:
@@ -149,6 +150,5 @@ class ExecuTorchExporter(Exporter):
             partitioner,
             delegation["portable_nodes"],
         )
-        if spec.config_file is not None:
-            (out_dir / "config.json").write_bytes(spec.config_file)
+        write_config(spec, out_dir)
         return path

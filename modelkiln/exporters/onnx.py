@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.errors import ExportError, first_line
-from modelkiln.exporters.base import Exporter, export_dims, export_signature
+from modelkiln.exporters.base import Exporter, export_dims, export_signature, write_config
 from modelkiln.exporters.onnx_fusions import fuse_for_onnxruntime, fusions_wanted
 from modelkiln.quiet import printing_into
 from modelkiln.runtimes.onnxruntime import FUSED_OPS_KEY
@@ -346,6 +346,5 @@ class OnnxExporter(Exporter):
             from modelkiln.quantize.onnx import to_fp16
 
             to_fp16(path)  # fp32 inputs and outputs stay: callers feed what they always fed
-        if spec.config_file is not None:
-            (directory / "config.json").write_bytes(spec.config_file)
+        write_config(spec, directory)
         return path
