@@ -70,6 +70,7 @@ QUANTIZED = (
     "vit-openvino-nf4",
     "vit-torch-int8",
     "vit-executorch-int8",
+    "vit-executorch-int4",
 )
 
 

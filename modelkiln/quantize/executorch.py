@@ -1,14 +1,17 @@
 """The executorch format's scheme handlers, before the export: the quantized module is then
-lowered to XNNPACK, which runs its int8 kernels.
+lowered to XNNPACK, which runs its int8 (and int8 x int4) kernels.
 
 - int8-static: PT2E with ExecuTorch's XNNPACKQuantizer on the Linear layers: int8 weights
   (symmetric, per output channel or per tensor) and int8 inputs and outputs (asymmetric, per
   tensor), their ranges observed on the build's calibration feeds (`prepare_pt2e`, the
   feeds run through it, `convert_pt2e`);
 - int8-dynamic: torchao's Int8DynamicActivationIntxWeightConfig on every Linear (int8
-  weights, activations quantized per call), no calibration.
+  weights, activations quantized per call), no calibration;
+- int4-weights: the same config with int4 weights in groups of `group_size` input channels
+  (ExecuTorch's "8da4w"): XNNPACK's blockwise 4-bit kernels, activations int8 per call.
 XNNPACK's int8 is symmetric weights with asymmetric activations (nncf's "mixed" preset):
-`quantization.symmetric = true` is refused, not approximated. Both need the XNNPACK
+`quantization.symmetric = true` is refused, not approximated. Its grouped int4 has no zero
+point, so there `symmetric` (of the weights) must be true. All need the XNNPACK
 partitioner: the quantize / dequantize pairs are what it fuses into its int8 kernels.
 
 A handler gets the module and the calibration feeds, not the component's spec: PT2E's graph
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +32,8 @@ import numpy as np
 from modelkiln.backends import ProfileContext
 from modelkiln.errors import QuantizationError, UnsupportedError, first_line
 from modelkiln.quantize.handlers import Stage, handles
-from modelkiln.quantize.schemes import Int8Dynamic, Int8Static
-from modelkiln.quantize.torch import module_bytes
+from modelkiln.quantize.schemes import Int4Weights, Int8Dynamic, Int8Static, SchemeConfig
+from modelkiln.quantize.torch import module_bytes, tensor_bytes
 from modelkiln.runtimes.executorch import ExecuTorchSettings
 
 if TYPE_CHECKING:
@@ -40,11 +44,12 @@ logger = logging.getLogger(__name__)
 XnnpackScheme = Int8Static | Int8Dynamic
 # The ops whose weights the quantizer gives one dequantize each: what we count as quantized.
 WEIGHT_DEQUANTIZE = ("dequantize_per_channel", "dequantize_per_tensor")
+# XNNPACK's blockwise 4-bit weights take groups of a multiple of this many input channels
+# (its lowering asserts it; torchao quantizes any group size that divides in_features).
+XNNPACK_GROUP_MULTIPLE = 32
 
 
-def xnnpack_only(config: XnnpackScheme, context: ProfileContext) -> None:
-    """XNNPACK's int8: the xnnpack partitioner, symmetric weights with asymmetric activations,
-    and (static) min/max activation ranges."""
+def _needs_xnnpack(config: SchemeConfig, context: ProfileContext) -> None:
     partitioner = ExecuTorchSettings.of(context.profile).partitioner
     if partitioner != "xnnpack":
         raise UnsupportedError(
@@ -52,6 +57,12 @@ def xnnpack_only(config: XnnpackScheme, context: ProfileContext) -> None:
             f"executorch.partitioner is '{partitioner}'; set executorch.partitioner = 'xnnpack' "
             "or quantization.scheme = 'none'"
         )
+
+
+def xnnpack_only(config: XnnpackScheme, context: ProfileContext) -> None:
+    """XNNPACK's int8: the xnnpack partitioner, symmetric weights with asymmetric activations,
+    and (static) min/max activation ranges."""
+    _needs_xnnpack(config, context)
     if config.symmetric:
         raise UnsupportedError(
             f"{context.origin}: XNNPACK's {config.name} has symmetric int8 weights and "
@@ -67,6 +78,32 @@ def xnnpack_only(config: XnnpackScheme, context: ProfileContext) -> None:
         raise UnsupportedError(
             f"{context.origin}: the executorch {config.name} takes activation ranges by "
             f"min/max, not {config.method}; set quantization.method = 'minmax'"
+        )
+
+
+def xnnpack_int4(config: Int4Weights, context: ProfileContext) -> None:
+    """XNNPACK's blockwise int4 weights: the xnnpack partitioner, every Linear in 4 bits,
+    symmetric groups of a multiple of 32 input channels."""
+    _needs_xnnpack(config, context)
+    if config.ratio != 1.0:
+        raise UnsupportedError(
+            f"{context.origin}: the executorch int4-weights puts every Linear in int4 (there "
+            f"is no int8 share to split, as nncf does), got quantization.ratio = "
+            f"{config.ratio}; set quantization.ratio = 1.0"
+        )
+    if not config.symmetric:
+        # XNNPACK's grouped int4 stores scales only: the lowering drops torchao's zero points
+        # and the program silently computes other numbers (cosine 0.91 to the eager module
+        # on the tiny ViT), although every Linear is delegated.
+        raise UnsupportedError(
+            f"{context.origin}: XNNPACK's 4-bit grouped weights have no zero point (lowering "
+            "drops asymmetric ones and changes the results); set quantization.symmetric = true"
+        )
+    if config.group_size % XNNPACK_GROUP_MULTIPLE:
+        raise UnsupportedError(
+            f"{context.origin}: XNNPACK's 4-bit kernels take groups of a multiple of "
+            f"{XNNPACK_GROUP_MULTIPLE} weights, got quantization.group_size = "
+            f"{config.group_size}; set quantization.group_size = 32 (or 64, 128, ...)"
         )
 
 
@@ -208,3 +245,91 @@ def torchao_int8_dynamic(
         "bytes_before": before,
         "bytes_after": module_bytes(module),
     }
+
+
+@handles(Int4Weights, "executorch", stage=Stage.BEFORE_EXPORT, check=xnnpack_int4)
+def torchao_int4_weights(
+    module: Any, settings: Int4Weights, calibration: Calibration = ()
+) -> tuple[Any, dict[str, Any]]:
+    """Every Linear quantized in place by torchao's Int8DynamicActivationIntxWeightConfig with
+    symmetric int4 weights in groups of `group_size` input channels (ExecuTorch's 8da4w),
+    which the XNNPACK partitioner lowers to its blockwise 4-bit kernels with int8 activations
+    quantized per call. No calibration."""
+    import torch
+    from torchao.quantization import (
+        Int8DynamicActivationIntxWeightConfig,
+        MappingType,
+        quantize_,
+    )
+    from torchao.quantization.granularity import PerGroup
+
+    module = copy.deepcopy(module)  # as int8-dynamic: the torch reference may share it
+    before = module_bytes(module)
+    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    _check_groups(linears, settings.group_size)
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4,  # type: ignore[attr-defined]  # absent from torch's stubs
+        weight_granularity=PerGroup(settings.group_size),
+        # The profile check refuses asymmetric: XNNPACK has no int4 zero point.
+        weight_mapping_type=MappingType.SYMMETRIC,
+    )
+    try:
+        quantize_(module, config)
+    except (AssertionError, RuntimeError, ValueError, TypeError) as error:  # torchao asserts
+        raise QuantizationError(f"torchao {settings.name} failed: {first_line(error)}") from error
+    quantized = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for _, m in linears)
+    return module, {
+        "quantized_weights": quantized,
+        "quantizer": "torchao Int8DynamicActivationIntxWeightConfig",
+        "symmetric": True,
+        "group_size": settings.group_size,
+        "activations": "int8, dynamic per token",
+        "bytes_before": before,
+        "bytes_after": _packed_bytes(module),
+    }
+
+
+def _check_groups(linears: list[tuple[str, Any]], group_size: int) -> None:
+    """Every Linear's in_features a multiple of group_size (torchao asserts it mid-module),
+    else the error names the layer and the largest group size that suits every layer."""
+    widths = [layer.in_features for _, layer in linears]
+    for name, layer in linears:
+        if layer.in_features % group_size == 0:
+            continue
+        common = math.gcd(*widths)
+        fits = [
+            size
+            for size in range(XNNPACK_GROUP_MULTIPLE, common + 1, XNNPACK_GROUP_MULTIPLE)
+            if common % size == 0
+        ]
+        fix = (
+            f"set quantization.group_size = "
+            f"{max((s for s in fits if s <= group_size), default=fits[0])}"
+            if fits
+            else f"no multiple of {XNNPACK_GROUP_MULTIPLE} divides every Linear's in_features: "
+            "use scheme 'int8-dynamic'"
+        )
+        raise QuantizationError(
+            f"Linear '{name}' has in_features {layer.in_features}, which "
+            f"quantization.group_size {group_size} does not divide; {fix}"
+        )
+
+
+def _packed_bytes(module: Any) -> int:
+    """Bytes of the module's tensors as the lowered program stores them. torchao holds each
+    int4 value in an int8 byte (IntxUnpackedToInt8Tensor); XNNPACK packs two to a byte, keeps
+    one bf16 scale per group and no zero point (all 0: symmetric). ViT-B/16: 57.0 MB counting
+    the module's fp32 scales, 51.7 MB so, and the .pte is 51.5 MB. Other tensors as
+    module_bytes counts them."""
+    import torch
+    from torchao.quantization.quant_primitives import _DTYPE_TO_BIT_WIDTH
+
+    total = 0
+    for tensor in [*module.parameters(), *module.buffers()]:
+        bits = _DTYPE_TO_BIT_WIDTH.get(getattr(tensor, "target_dtype", None))
+        if bits is None or not hasattr(tensor, "qdata"):
+            total += tensor_bytes(tensor)
+            continue
+        scales = tensor.scale.numel() * torch.bfloat16.itemsize
+        total += math.ceil(tensor.qdata.numel() * bits / 8) + scales
+    return total

@@ -175,7 +175,7 @@ def apply(module: torch.nn.Module, quantization: Mapping[str, Any]) -> int:
 def module_bytes(module: torch.nn.Module) -> int:
     """Bytes of the module's parameters and buffers, counting what quantized tensors hold."""
     tensors = [*module.parameters(), *module.buffers()]
-    return sum(_tensor_bytes(tensor) for tensor in tensors)
+    return sum(tensor_bytes(tensor) for tensor in tensors)
 
 
 def _layer_quantizer(
@@ -226,12 +226,13 @@ def _linears(module: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
     ]
 
 
-def _tensor_bytes(tensor: torch.Tensor) -> int:
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor holds: a torchao tensor subclass, the sum of its inner tensors."""
     flatten = getattr(tensor, "__tensor_flatten__", None)
     if flatten is None:  # a plain tensor or parameter
         return tensor.numel() * tensor.element_size()
     names, _ = flatten()
-    return sum(_tensor_bytes(getattr(tensor, name)) for name in names)
+    return sum(tensor_bytes(getattr(tensor, name)) for name in names)
 
 
 def _largest_divisor(number: int, limit: int) -> int:
@@ -301,4 +302,11 @@ def _quiet_logger(name: str) -> Iterator[None]:
         target.setLevel(level)
 
 
-__all__ = ["SCHEMES", "apply", "module_bytes", "quantization_record", "quantize_weights"]
+__all__ = [
+    "SCHEMES",
+    "apply",
+    "module_bytes",
+    "quantization_record",
+    "quantize_weights",
+    "tensor_bytes",
+]
