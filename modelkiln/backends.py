@@ -24,6 +24,7 @@ from modelkiln.registry import Registry, load_object
 if TYPE_CHECKING:
     from modelkiln.exporters.base import Exporter
     from modelkiln.models.base import ModelFamily
+    from modelkiln.records import Manifest
     from modelkiln.runtimes.base import Runtime
 
 
@@ -99,8 +100,16 @@ class Backend:
 
     @classmethod
     def requirements(cls, format: str, target: str, profile: Profile) -> tuple[str, ...] | None:
-        """What `target` needs installed to run an artifact of `format` (None: it cannot)."""
+        """What `target` needs installed to run an artifact of `format` (None: it cannot; a
+        backend that knows why raises UnsupportedError saying so)."""
         return cls.deploy.get(format, {}).get(target)
+
+    @classmethod
+    def runner_readme(cls, format: str, target: str, manifest: Manifest) -> str:
+        """Markdown a bundle's README adds under "Run it" (### headings): how `target` runs
+        `format` without modelkiln, with the runtime's own API, written from the manifest's
+        components. Empty: the README's table of component files is all it says."""
+        return ""
 
     @classmethod
     def runtime_class(cls) -> type[Runtime]:

@@ -44,6 +44,14 @@ class TargetChoice(click.Choice):
     def choices(self, value: object) -> None:
         pass
 
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """An alias (linux-arm64) becomes the target's own name (linux-aarch64)."""
+        from modelkiln.packaging.targets import canonical_target
+
+        return super().convert(
+            canonical_target(value) if isinstance(value, str) else value, param, ctx
+        )
+
 
 @click.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
@@ -262,7 +270,8 @@ def validate(artifact: Path, as_json: bool) -> None:
     "--target",
     required=True,
     type=TargetChoice(),
-    help="Where the bundle runs; it decides which artifact formats are accepted.",
+    help="Where the bundle runs (linux-arm64 is linux-aarch64); it decides which artifact "
+    "formats are accepted.",
 )
 @click.option(
     "-o",

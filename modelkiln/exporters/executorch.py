@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 # The op namespaces of quantized graphs: PT2E's quantize / dequantize pairs, torchao's
 # quantize_affine / choose_qparams.
 QUANTIZED_OPS = ("quantized_decomposed", "torchao")
+# torchao's dequantize_affine of int4 weights (8da4w): int8 storage, quant range [-8, 7].
+INT4_RANGE = (-8, 7)
 
 
 def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
@@ -53,7 +55,11 @@ def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
 
     dims, dynamic = export_dims(spec, profile)
     example = spec.dummy_inputs(dims, seed=profile.validation.seed)
-    args = tuple(torch.from_numpy(np.ascontiguousarray(example[name])) for name in spec.inputs)
+    # np.require keeps a 0-d input 0-d (the UNet's timestep): ascontiguousarray makes it (1,),
+    # and the program would then take a shape other than the one kiln.json records.
+    args = tuple(
+        torch.from_numpy(np.require(example[name], requirements="C")) for name in spec.inputs
+    )
     ranges = dim_ranges(spec, profile)
     symbols = {
         name: torch.export.Dim(name, min=low, max=high)
@@ -83,17 +89,54 @@ def partitioners(name: str) -> list[Any]:
     return []  # portable
 
 
+def symbolic_axes(program: Any) -> set[str]:
+    """The user inputs' symbolic axes in an ExportedProgram, as "input[axis]". Read before
+    the lowering and after it: a pass that guards on a dynamic size pins it (in the shared
+    shape environment, so the program given to the lowering changes too)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    names = set(program.graph_signature.user_inputs)
+    return {
+        f"{node.name}[{axis}]"
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in names and "val" in node.meta
+        for axis, dim in enumerate(node.meta["val"].shape)
+        if not is_concrete_int(dim)
+    }
+
+
+def inference_precision(program: Any) -> str:
+    """f32; int8 where a before-export scheme put quantize / dequantize pairs in the graph;
+    "int8, int4 weights" where torchao dequantizes weights from the int4 range (int4-weights:
+    XNNPACK's int8 x int4 kernels)."""
+    calls = [(str(n.target), n.args) for n in program.graph.nodes if n.op == "call_function"]
+    if not any(namespace in target for target, _ in calls for namespace in QUANTIZED_OPS):
+        return "f32"
+    # dequantize_affine(input, block_size, scale, zero_point, input_dtype, quant_min, quant_max)
+    int4 = any("dequantize_affine" in t and tuple(a[5:7]) == INT4_RANGE for t, a in calls)
+    return "int8, int4 weights" if int4 else "int8"
+
+
 def lower(program: Any, partitioner: str) -> tuple[bytes, dict[str, Any]]:
     """The .pte bytes of an ExportedProgram lowered to `partitioner`, and what it delegated."""
     from executorch.devtools.backend_debug import get_delegation_info
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    quantized = any(
-        any(namespace in str(node.target) for namespace in QUANTIZED_OPS)
-        for node in program.graph.nodes
-        if node.op == "call_function"
+    precision = inference_precision(program)
+    # exir's IR verifier re-runs the graph and takes len() of the first tensor an op returns
+    # in a list (the UNet's GEGLU chunk), which pins a symbolic batch to the example's size:
+    # a program with a symbolic dim skips it (the build validates the program against torch).
+    config = EdgeCompileConfig(_check_ir_validity=not program.range_constraints)
+    dynamic = symbolic_axes(program)
+    edge = to_edge_transform_and_lower(
+        program, partitioner=partitioners(partitioner), compile_config=config
     )
-    edge = to_edge_transform_and_lower(program, partitioner=partitioners(partitioner))
+    pinned = sorted(dynamic - symbolic_axes(edge.exported_program()))
+    if pinned:
+        raise ExportError(
+            f"the lowering fixed the dynamic {', '.join(pinned)} to the example's size; "
+            "set shapes.dynamic_batch = false (a fixed batch of shapes.batch_size)"
+        )
     info = get_delegation_info(edge.exported_program().graph_module)
     portable = {
         op: breakdown.non_delegated
@@ -102,8 +145,7 @@ def lower(program: Any, partitioner: str) -> tuple[bytes, dict[str, Any]]:
     }
     delegation = {
         "partitioner": partitioner,
-        # int8 where a before-export scheme put quantize / dequantize pairs in the graph.
-        "inference_precision": "int8" if quantized else "f32",
+        "inference_precision": precision,
         "delegated_subgraphs": info.num_delegated_subgraphs,
         "delegated_nodes": info.num_delegated_nodes,
         "portable_nodes": info.num_non_delegated_nodes,

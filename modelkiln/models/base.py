@@ -14,10 +14,13 @@ from modelkiln.registry import load_object
 from modelkiln.specs import ComponentSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     import torch
 
     from modelkiln.pipelines.base import Pipeline
     from modelkiln.profiles import Profile
+    from modelkiln.records import Manifest
     from modelkiln.sources import ResolvedSource
 
 IMAGES = "images"
@@ -95,6 +98,13 @@ class ModelFamily(ABC):
             )
         pipeline: type[Pipeline] = load_object(cls.pipelines[name])  # type: ignore[assignment]
         return pipeline
+
+    @classmethod
+    def app_notes(cls, manifest: Manifest, files: Collection[str]) -> str:
+        """Markdown a bundle's README adds under "Run it" (### headings): what an app that runs
+        the component files itself does around them (preprocessing, tokenizing, scheduling),
+        naming the bundle's `files`. Empty: nothing beyond running them."""
+        return ""
 
     @classmethod
     def export_spec(cls, spec: ComponentSpec, format: str) -> ComponentSpec:

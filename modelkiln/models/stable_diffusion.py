@@ -44,9 +44,12 @@ from modelkiln.sources import ResolvedSource, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Collection
+
     import torch
 
     from modelkiln.profiles import Profile
+    from modelkiln.records import Manifest
 
 TEXT_TO_IMAGE = "text-to-image"
 INPAINTING = "inpainting"
@@ -116,6 +119,14 @@ class StableDiffusionFamily(ModelFamily):
             "-o image.png"
         ),
     }
+
+    @classmethod
+    def app_notes(cls, manifest: Manifest, files: Collection[str]) -> str:
+        """Tokenizing, guidance, the scheduler and decoding around the UNet (SD3's and Flux's
+        transformers get none yet: the notes need a unet)."""
+        from modelkiln.models.app_notes import diffusion_notes
+
+        return diffusion_notes(manifest, files)
 
     @classmethod
     def export_spec(cls, spec: ComponentSpec, format: str) -> ComponentSpec:

@@ -9,7 +9,7 @@ One component, `vision_model`, stored at the artifact root as optimum does for V
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from modelkiln.profiles import Profile
+    from modelkiln.records import Manifest
 
 COMPONENT = "vision_model"
 # model_type -> the architecture a config without `architectures` is loaded as.
@@ -78,6 +79,13 @@ class ViTFamily(ModelFamily):
     def matches(cls, source: ResolvedSource) -> bool:
         config = source.read_json("config.json")
         return config is not None and _library(config) is not None
+
+    @classmethod
+    def app_notes(cls, manifest: Manifest, files: Collection[str]) -> str:
+        """The preprocessing that makes pixel_values, and what the outputs index."""
+        from modelkiln.models.app_notes import vision_notes
+
+        return vision_notes(manifest, files)
 
     @classmethod
     def load(cls, source: ResolvedSource, profile: Profile) -> LoadedModel:

@@ -14,7 +14,7 @@ from modelkiln.packaging.archive import require_suffix, write_archive
 from modelkiln.packaging.contents import bundle_files
 from modelkiln.packaging.manifest import BUNDLE_MANIFEST, BundleManifest, write_bundle_manifest
 from modelkiln.packaging.readme import render_readme
-from modelkiln.packaging.targets import requirement_name, requirements
+from modelkiln.packaging.targets import canonical_target, requirement_name, requirements
 from modelkiln.packaging.unpack import artifact_root
 from modelkiln.progress import NullProgress, Progress
 from modelkiln.records import FileRecord, seal
@@ -43,6 +43,7 @@ def package(
     not shipped. output appears (or replaces an earlier bundle) only once it is complete.
     """
     progress = progress or NullProgress()
+    target = canonical_target(target)  # an alias (linux-arm64) is recorded under our name
     output = Path(output)
     require_suffix(output)
     check_writable(output, folder=False)
@@ -64,7 +65,7 @@ def package(
     with tempfile.TemporaryDirectory(prefix="kiln-package-") as scratch:
         generated = {MANIFEST_NAME: Path(scratch, MANIFEST_NAME), README: Path(scratch, README)}
         _write_narrowed_manifest(root / MANIFEST_NAME, selected, generated[MANIFEST_NAME])
-        text = render_readme(manifest, target, needs, validated_with, output.name)
+        text = render_readme(manifest, target, needs, validated_with, output.name, selected)
         generated[README].write_text(text, encoding="utf-8")
         for name, path in generated.items():
             files[name] = FileRecord(path.stat().st_size, sha256_file(path))

@@ -1,7 +1,15 @@
-"""The README.md a bundle carries: what it is, what it needs, how to run it."""
+"""The README.md a bundle carries: what it is, what it needs, how to run it.
+
+What is particular to a format or a family comes from their hooks: the backend that writes
+the format says how its runtime runs the files without modelkiln (Backend.runner_readme), the
+family what an app does around them (ModelFamily.app_notes).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
+from modelkiln.backends import format_owner
 from modelkiln.models import FAMILIES
 from modelkiln.packaging.targets import requirement_name
 from modelkiln.records import Manifest
@@ -13,7 +21,9 @@ def render_readme(
     requirements: tuple[str, ...],
     validated_with: dict[str, str],
     bundle_name: str,
+    files: Collection[str],
 ) -> str:
+    """The README of a bundle of `artifact` for target holding `files` (artifact-relative)."""
     profile = artifact.profile.name
     needs = [
         f"- `{requirement}`"
@@ -25,7 +35,12 @@ def render_readme(
         f"| {name} | `{record.entry}` | {', '.join(record.inputs)} | {', '.join(record.outputs)} |"
         for name, record in artifact.components.items()
     ]
-    usage = FAMILIES.get(artifact.family).usage
+    family = FAMILIES.get(artifact.family)
+    sections = [
+        format_owner(artifact.format).runner_readme(artifact.format, target, artifact),
+        family.app_notes(artifact, files),
+    ]
+    usage = family.usage
     command = usage.get(artifact.task, "kiln info {bundle}").format(bundle=bundle_name)
     lines = [
         f"# {profile} for {target}",
@@ -64,6 +79,7 @@ def render_readme(
         "| --- | --- | --- | --- |",
         *components,
         "",
+        *(section.rstrip("\n") + "\n" for section in sections if section),
         "## Files",
         "",
         "`bundle.json` lists the size and sha256 of every file; `kiln.json` is the artifact's "

@@ -9,6 +9,7 @@ versions that validated the build.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from modelkiln.backends import backends, format_owner
@@ -16,6 +17,18 @@ from modelkiln.errors import UnsupportedError, did_you_mean
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
+
+
+# Other names for our targets, as users type them. `linux-arm64` is .NET's runtime id, Docker's
+# linux/arm64 and Go's GOARCH; ONNX Runtime ships both names (NuGet's runtimes/linux-arm64, the
+# release archives' onnxruntime-linux-aarch64-*.tgz). Accepted wherever a target is, and
+# recorded in bundle.json under our name, so that one target has one name in every bundle.
+TARGET_ALIASES: Mapping[str, str] = {"linux-arm64": "linux-aarch64"}
+
+
+def canonical_target(target: str) -> str:
+    """Our name for target: "linux-arm64" -> "linux-aarch64"; any other name as given."""
+    return TARGET_ALIASES.get(target, target)
 
 
 def deployment_targets() -> dict[str, dict[str, tuple[str, ...]]]:
@@ -29,8 +42,10 @@ def deployment_targets() -> dict[str, dict[str, tuple[str, ...]]]:
 
 
 def target_formats(target: str) -> dict[str, tuple[str, ...]]:
-    """The formats target runs, each with its requirements; an unknown target raises."""
+    """The formats target (or an alias of one) runs, each with its requirements; an unknown
+    target raises."""
     table = deployment_targets()
+    target = canonical_target(target)
     if target not in table:
         raise UnsupportedError(
             f"unknown target '{target}'{did_you_mean(target, table)}; targets: {', '.join(table)}"
@@ -40,7 +55,8 @@ def target_formats(target: str) -> dict[str, tuple[str, ...]]:
 
 def requirements(target: str, format: str, profile: Profile) -> tuple[str, ...]:
     """What target needs to run an artifact of format built with `profile`; raises if it
-    cannot run it at all."""
+    cannot run it at all (with the backend's reason where it gives one)."""
+    target = canonical_target(target)
     formats = target_formats(target)
     needs = (
         format_owner(format).requirements(format, target, profile) if format in formats else None
@@ -54,5 +70,6 @@ def requirements(target: str, format: str, profile: Profile) -> tuple[str, ...]:
 
 
 def requirement_name(requirement: str) -> str:
-    """The package or OS a requirement names: "onnxruntime>=1.19" -> "onnxruntime"."""
+    """The package or OS a requirement names: "onnxruntime>=1.19" -> "onnxruntime",
+    "org.pytorch:executorch-android>=1.5,<1.7" -> "org.pytorch:executorch-android"."""
     return requirement.split(">=")[0]

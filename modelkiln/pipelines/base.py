@@ -158,7 +158,7 @@ class ImagePipeline(Pipeline):
         """Load, preprocess and run images chunk by chunk (memory stays bounded)."""
         if batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {batch_size}")
-        step = self.fixed_batch or batch_size
+        step = self.fixed_batch or min(batch_size, self.session.max_batch or batch_size)
         for start in range(0, len(images), step):
             chunk = load_images(images[start : start + step], max_pixels=max_pixels)
             pixels = self.preprocessor(chunk)
@@ -260,32 +260,32 @@ def run_padded(
     feeds: dict[str, np.ndarray],
     unbatched: frozenset[str] = frozenset(),
 ) -> dict[str, np.ndarray]:
-    """Run a session; a static batch axis gets the feed in chunks, the last one zero-padded.
+    """Run a session; a static batch axis gets the feed in chunks, the last one zero-padded,
+    and a bounded dynamic one (Session.max_batch) in chunks of at most its bound.
 
     The batch is the first axis of every input of rank 2 or more but those in `unbatched`
     (Flux's token positions) and optional ones (a run-time LoRA's matrices); a one-element
     vector (a UNet's timestep, shape (1,)) is not batched.
     """
-    fixed = {
+    batched = {
         name: spec.shape[0]
         for name, spec in session.input_specs.items()
-        if len(spec.shape) >= 2
-        and isinstance(spec.shape[0], int)
-        and name not in unbatched
-        and not spec.optional
+        if len(spec.shape) >= 2 and name not in unbatched and not spec.optional and name in feeds
     }
-    if not fixed:
+    static = [size for size in batched.values() if isinstance(size, int)]
+    size = static[0] if static else session.max_batch
+    count = next((len(feeds[name]) for name in batched), 0)
+    if size is None or (not static and count <= size):
         return session.run(feeds)
-    size = next(iter(fixed.values()))
-    count = next(len(feeds[name]) for name in fixed)
     parts = []
     for start in range(0, count, size):
         chunk = {}
         for name, value in feeds.items():
-            if name in fixed:
+            if name in batched:
                 piece = value[start : start + size]
-                padding = np.zeros((size - len(piece), *piece.shape[1:]), piece.dtype)
-                chunk[name] = np.concatenate([piece, padding]) if len(padding) else piece
+                short = size - len(piece) if static else 0
+                padding = np.zeros((short, *piece.shape[1:]), piece.dtype)
+                chunk[name] = np.concatenate([piece, padding]) if short else piece
             else:
                 chunk[name] = value
         taken = min(size, count - start)

@@ -125,6 +125,9 @@ class Session(Closeable, ABC):
         self.output_specs = dict(outputs)
         # Seconds of every backend call while a benchmark records them (None: not recording).
         self.call_times: list[float] | None = None
+        # The largest batch a bounded dynamic batch axis takes (ExecuTorch plans its memory
+        # for it); None: no bound. Pipelines run larger batches in chunks of it.
+        self.max_batch: int | None = None
         self._bound: dict[str, np.ndarray] = {}
 
     @property

@@ -39,6 +39,7 @@ from modelkiln.specs import TensorSpec
 
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
+    from modelkiln.records import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ MODEL_FILE = "model.pte"
 DELEGATION_FILE = "delegation.json"
 PIP_RUNTIME = "executorch>=1.5,<1.6"
 # The families whose components this backend exports and validates so far.
-FAMILIES_SERVED = ("vit",)
+FAMILIES_SERVED = ("vit", "sd", "sdxl")
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,14 @@ class ExecuTorchSession(Session):
             input_name: tuple(meta.input_tensor_meta(index).sizes())
             for index, input_name in enumerate(self.input_specs)
         }
+        # The bound of the batch axis (pipelines chunk larger batches): the planned size of
+        # the first input whose first dim is the symbolic batch.
+        batch_bounds = [
+            self._largest[input_name][0]
+            for input_name, spec in self.input_specs.items()
+            if spec.shape and spec.shape[0] == "batch"
+        ]
+        self.max_batch = batch_bounds[0] if batch_bounds else None
         # One Method holds one set of planned buffers: one call at a time.
         self._lock = threading.Lock()
         self._delegation = read_delegation(Path(entry).with_name(DELEGATION_FILE))
@@ -219,7 +228,10 @@ class ExecuTorchSession(Session):
                     f"the largest the program was built for, {list(largest)}: run smaller "
                     "batches, or rebuild with a larger shapes.max_batch_size"
                 )
-        tensors = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in self.input_specs]
+        # np.require keeps 0-d feeds 0-d, as the program was exported (the UNet's timestep).
+        tensors = [
+            torch.from_numpy(np.require(feeds[name], requirements="C")) for name in self.input_specs
+        ]
         with self._lock:
             results = self._method.execute(tensors)
             # Copied inside the lock: the next call writes the same planned memory.
@@ -245,6 +257,43 @@ class ExecuTorchRuntime(Runtime):
         return delegate_problem(options.backend(ExecuTorchSettings).partitioner)
 
 
+# ExecuTorch's Android runtime, the AAR on Maven Central: `executorch-android` has XNNPACK and
+# the portable kernels, `executorch-android-vulkan` adds the Vulkan delegate (the flavors of
+# extension/android/executorch_android/build.gradle's coordinates).
+ANDROID_AAR = "org.pytorch:executorch-android"
+ANDROID_VULKAN_AAR = "org.pytorch:executorch-android-vulkan"
+# Which AARs run our programs. ExecuTorch promises no forward compatibility (an older runtime
+# may refuse a newer program) and that a program runs on its own release and at least the next
+# minor one (runtime/COMPATIBILITY.md): PIP_RUNTIME exports 1.5 programs, so 1.5 and 1.6. The
+# README's Gradle line names 1.5.1, the first 1.5 AAR (Maven Central has no 1.5.0).
+ANDROID_RUNTIME_RANGE = ">=1.5,<1.7"
+ANDROID_AAR_VERSION = "1.5.1"
+# What the Vulkan delegate needs of the device (backends/vulkan's docs: Vulkan 1.1).
+VULKAN_DEVICE = "Vulkan>=1.1"
+
+
+def undeployable(partitioner: str, target: str) -> str:
+    """Why target cannot run a program lowered to partitioner (coreml, or vulkan off Android)."""
+    refused = f"target '{target}' cannot run this executorch program"
+    if partitioner == "coreml" and target == "macos":
+        return (
+            f"{refused}: modelkiln does not package Core ML-partitioned programs yet; for Core "
+            "ML on macOS build the coreml format (`kiln profiles list coreml`), or rebuild "
+            "with executorch.partitioner = 'xnnpack'"
+        )
+    if partitioner == "coreml":
+        gpu = " (CPU) or 'vulkan' (GPU)" if target == "android" else ""
+        return (
+            f"{refused}: it is lowered to Core ML (executorch.partitioner = 'coreml'), which "
+            f"only Apple devices run; rebuild with executorch.partitioner = 'xnnpack'{gpu}"
+        )
+    return (
+        f"{refused}: it is lowered to Vulkan (executorch.partitioner = '{partitioner}') and "
+        f"the pip runtime has no Vulkan delegate; package it for android ({ANDROID_VULKAN_AAR}), "
+        "or rebuild with executorch.partitioner = 'xnnpack'"
+    )
+
+
 class ExecuTorchBackend(Backend):
     name = "executorch"
     summary = (
@@ -260,12 +309,15 @@ class ExecuTorchBackend(Backend):
     packages = ("executorch",)
     needs = "the delegate's runtime for coreml / vulkan programs (xnnpack runs anywhere)"
     libraries = ("executorch", "torch")
-    # The pip runtime (XNNPACK and portable programs); see `requirements`.
+    # The pip runtime and the Android AAR (XNNPACK and portable programs); see `requirements`.
     deploy: ClassVar[Mapping[str, Mapping[str, tuple[str, ...]]]] = {
         "executorch": {
-            target: (PIP_RUNTIME,) for target in ("linux-x86_64", "linux-aarch64", "macos")
+            **{target: (PIP_RUNTIME,) for target in ("linux-x86_64", "linux-aarch64", "macos")},
+            "android": (f"{ANDROID_AAR}{ANDROID_RUNTIME_RANGE}",),
         }
     }
+    # Packed on every target though only our session reads it (`info`): it lists the ops left
+    # on portable kernels, which a runtime built with selected kernels must include.
     companions: ClassVar[Mapping[str, tuple[str, ...]]] = {"executorch": (DELEGATION_FILE,)}
     unsupported_schemes: ClassVar[Mapping[str, str]] = {
         "int8-weights": "XNNPACK runs int8 weights with int8 activations: use int8-dynamic",
@@ -273,11 +325,31 @@ class ExecuTorchBackend(Backend):
 
     @classmethod
     def requirements(cls, format: str, target: str, profile: Profile) -> tuple[str, ...] | None:
-        """A Core ML or Vulkan program needs a runtime built with its delegate, which no pip
-        bundle brings: only xnnpack and portable programs deploy as a bundle."""
-        if DELEGATES[ExecuTorchSettings.of(profile).partitioner] not in (None, "XnnpackBackend"):
-            return None
-        return super().requirements(format, target, profile)
+        """By the delegate the programs were lowered to: xnnpack and portable programs run on
+        the pip runtime and the Android AAR; a vulkan program needs Android's Vulkan AAR and a
+        Vulkan GPU; a coreml one none of our targets' runtimes (raises, saying why)."""
+        needs = super().requirements(format, target, profile)
+        partitioner = ExecuTorchSettings.of(profile).partitioner
+        if needs is None or DELEGATES[partitioner] in (None, "XnnpackBackend"):
+            return needs
+        if partitioner == "vulkan" and target == "android":
+            return (f"{ANDROID_VULKAN_AAR}{ANDROID_RUNTIME_RANGE}", VULKAN_DEVICE)
+        raise UnsupportedError(undeployable(partitioner, target))
+
+    @classmethod
+    def runner_readme(cls, format: str, target: str, manifest: Manifest) -> str:
+        """The programs run with ExecuTorch's own APIs (runtimes/executorch_runner.py)."""
+        from modelkiln.runtimes.executorch_runner import runner_readme
+
+        partitioner = ExecuTorchSettings.of(manifest.profile).partitioner
+        return runner_readme(
+            target,
+            manifest,
+            aar=ANDROID_VULKAN_AAR if partitioner == "vulkan" else ANDROID_AAR,
+            aar_version=ANDROID_AAR_VERSION,
+            pip_runtime=PIP_RUNTIME,
+            xnnpack=partitioner == "xnnpack",
+        )
 
     @classmethod
     def check_profile(cls, context: ProfileContext) -> None:
@@ -287,7 +359,7 @@ class ExecuTorchBackend(Backend):
         if context.family.name not in FAMILIES_SERVED:
             raise UnsupportedError(
                 f"{context.origin}: ExecuTorch builds serve the {', '.join(FAMILIES_SERVED)} "
-                f"family so far, not {context.family.name}; pick an onnx, openvino or coreml "
+                f"families so far, not {context.family.name}; pick an onnx, openvino or coreml "
                 "profile for it"
             )
         if profile.shapes.dynamic_resolution:

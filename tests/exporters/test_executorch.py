@@ -1,19 +1,21 @@
 """ExecuTorch: the tiny ViT lowered to XNNPACK and run by executorch.runtime against torch,
-the CLI on it, int8 through PT2E, the not-run path of a Core ML-partitioned program, and the
-profile errors."""
+the CLI on it, int8 through PT2E, the not-run path of Core ML- and Vulkan-partitioned
+programs, a dynamic batch that the lowering must not pin, the SD programs' bounded batch, and
+the profile errors. (SD and SDXL images against the torch runtime: tests/models.)"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 
 from modelkiln import load, open_artifact
-from modelkiln.errors import InputError, ProfileError, UnsupportedError
+from modelkiln.errors import ExportError, InputError, ProfileError, UnsupportedError
+from modelkiln.image_quality import psnr
 from modelkiln.plan import load_profile
 
 if TYPE_CHECKING:
@@ -101,18 +103,102 @@ def test_int8_static_build_passes_its_gate_and_records_pt2e(built: Callable[...,
     assert record.validation.outputs["logits"].min_cosine >= 0.99
 
 
-def test_a_core_ml_program_lowers_here_and_is_recorded_as_not_run(
-    built: Callable[..., Path],
+@pytest.mark.parametrize(
+    ("partitioner", "delegate"), [("coreml", "CoreMLBackend"), ("vulkan", "VulkanBackend")]
+)
+def test_a_program_for_a_delegate_this_runtime_lacks_is_recorded_as_not_run(
+    partitioner: str, delegate: str, built: Callable[..., Path]
 ) -> None:
-    artifact = built("hf-classifier", "vit-executorch-fp32", "executorch.partitioner=coreml")
+    artifact = built(
+        "hf-classifier", "vit-executorch-fp32", f"executorch.partitioner={partitioner}"
+    )
     (record,) = open_artifact(artifact).manifest.components.values()
     validation = record.validation
     assert validation.passed is None and validation.reference is not None
-    assert validation.not_run is not None and "CoreMLBackend" in validation.not_run
+    assert validation.not_run is not None and delegate in validation.not_run
     delegation = json.loads((artifact / "delegation.json").read_text())
-    assert delegation["delegated_nodes"] > 0
-    with pytest.raises(UnsupportedError, match="no CoreMLBackend"):
+    assert delegation["partitioner"] == partitioner and delegation["delegated_nodes"] > 0
+    with pytest.raises(UnsupportedError, match=f"no {delegate}"):
         load(artifact)
+
+
+def geglu() -> tuple[Any, Any]:
+    """The UNet's feed-forward gate in small (`chunk` returns a list of tensors), and its
+    torch.export with a batch of 1..16."""
+    import torch
+
+    class Geglu(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            value, gate = (x * 2.0).chunk(2, dim=-1)
+            return value * torch.nn.functional.gelu(gate)
+
+    batch = torch.export.Dim("batch", min=1, max=16)
+    with torch.no_grad():
+        program = torch.export.export(
+            Geglu(), (torch.randn(2, 8),), dynamic_shapes=({0: batch},), strict=False
+        )
+    return Geglu(), program
+
+
+def test_a_list_returning_op_keeps_the_batch_dynamic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """exir's IR verifier pins a symbolic batch that reaches an op returning a tensor list
+    (it takes len() of the first tensor): lower() skips it for dynamic programs, and refuses
+    a program whose batch was pinned anyway instead of writing one that fails at run time."""
+    import executorch.exir
+    import torch
+    from executorch.runtime import Runtime as ETRuntime
+
+    from modelkiln.exporters.executorch import lower, symbolic_axes
+
+    module, program = geglu()
+    assert symbolic_axes(program) == {"x[0]"}
+    buffer, _ = lower(program, "xnnpack")
+    method = ETRuntime.get().load_program(buffer).load_method("forward")
+    for batch in (1, 5, 16):
+        x = torch.randn(batch, 8)
+        (out,) = method.execute([x])
+        torch.testing.assert_close(out, module(x), atol=1e-5, rtol=1e-5)
+    verifying = executorch.exir.EdgeCompileConfig
+    monkeypatch.setattr(
+        executorch.exir, "EdgeCompileConfig", lambda **_: verifying(_check_ir_validity=True)
+    )
+    with pytest.raises(ExportError, match=r"fixed the dynamic x\[0\] to the example's size"):
+        lower(geglu()[1], "xnnpack")
+
+
+@pytest.mark.slow
+def test_sd_programs_run_any_number_of_images_in_chunks_of_their_bound(
+    built: Callable[..., Path],
+) -> None:
+    artifact = built("sd", "sd-executorch-fp32")
+    manifest = open_artifact(artifact, verify=True).manifest
+    assert set(manifest.components) == {"text_encoder", "unet", "vae_encoder", "vae_decoder"}
+    for record in manifest.components.values():
+        assert record.entry.endswith("/model.pte") and record.validation.passed
+        assert record.runtime["delegate"] == "xnnpack" and record.runtime["delegated_nodes"] > 0
+    with load(artifact) as pipeline, load(built("sd", "sd-torch-fp32")) as reference:
+        unet = pipeline.sessions["unet"]
+        # shapes.max_batch_size = 2 images; the UNet takes the CFG pair of each.
+        assert (unet.max_batch, pipeline.sessions["text_encoder"].max_batch) == (4, 2)
+        ours = pipeline.text_to_image("a cat", steps=2, num_images=5, seed=1)
+        theirs = reference.text_to_image("a cat", steps=2, num_images=5, seed=1)
+        assert len(ours) == 5
+        assert all(psnr(a, b) >= 35 for a, b in zip(ours, theirs, strict=True))
+        feeds = {name: spec.default() for name, spec in unet.input_specs.items()}
+        feeds = {n: np.repeat(v, 5, axis=0) if v.ndim > 1 else v for n, v in feeds.items()}
+        with pytest.raises(InputError, match=r"shape \[5, 4, 16, 16\], beyond the largest"):
+            unet.run(feeds)
+
+
+def test_a_classifier_takes_batches_beyond_its_bound(built: Callable[..., Path]) -> None:
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8) for _ in range(35)]
+    with load(built("hf-classifier", "vit-executorch-fp32")) as classifier:
+        assert classifier.session.max_batch == 32
+        big = classifier.logits(images, batch_size=64)
+        small = classifier.logits(images, batch_size=8)
+    assert big.shape == (35, 10)
+    np.testing.assert_allclose(big, small, atol=1e-5)
 
 
 def test_profile_errors_are_one_line_and_name_the_fix() -> None:
@@ -128,5 +214,5 @@ def test_profile_errors_are_one_line_and_name_the_fix() -> None:
         load_profile("vit-executorch-fp32", ["shapes.dynamic_resolution=true"])
     with pytest.raises(UnsupportedError, match=r"int8 activations: use int8-dynamic"):
         load_profile("vit-executorch-fp32", ["quantization.scheme=int8-weights"])
-    with pytest.raises(UnsupportedError, match=r"serve the vit family so far"):
-        load_profile("sd-onnxruntime-fp32", ["export.format=executorch", "runtime.name=auto"])
+    with pytest.raises(UnsupportedError, match=r"serve the vit, sd, sdxl families so far"):
+        load_profile("sd3-onnxruntime-fp32", ["export.format=executorch", "runtime.name=auto"])

@@ -44,6 +44,7 @@ BACKENDS = [
     ),
     pytest.param("sd-openvino-fp32", "openvino", 35, marks=pytest.mark.openvino, id="ir-ov"),
     pytest.param("sd-openvino-bf16", "openvino", 30, marks=pytest.mark.openvino, id="ir-bf16-ov"),
+    pytest.param("sd-executorch-fp32", "executorch", 35, marks=pytest.mark.executorch, id="pte-et"),
 ]
 
 

@@ -31,6 +31,9 @@ BACKENDS = [
         "sdxl-onnxruntime-fp32", "onnxruntime", 35, marks=pytest.mark.onnxruntime, id="onnx-ort"
     ),
     pytest.param("sdxl-openvino-fp32", "openvino", 35, marks=pytest.mark.openvino, id="ir-ov"),
+    pytest.param(
+        "sdxl-executorch-fp32", "executorch", 35, marks=pytest.mark.executorch, id="pte-et"
+    ),
 ]
 # OpenVINO's bf16 compute on a UNet is compared mode by mode with SD (test_sd.py); the SDXL bf16
 # build passes its end-to-end gate in test_bf16_profile_keeps_the_vae_decoder_in_fp32.
