@@ -11,7 +11,8 @@ Runs, one after the other on this machine:
                        batch 2, 64x64 latents), every bundled SD-1.x CPU profile (WORK/sd)
 Both build their artifacts once and reuse them. Writes WORK/performance.md: the machine, the
 command, both tables as ratios to torch fp32 with absolute medians. --doc replaces the block
-between the performance-table markers of that file with it.
+of this machine's CPU kind (vendor, AMX or not) between the performance-table markers of that
+file with it, or adds one: the doc keeps a table per CPU kind.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-BEGIN = "<!-- performance-table:begin (bench/performance_table.py writes this block) -->"
+# One block per CPU kind (docs/performance.md keeps each): the begin marker names the kind.
+BEGIN = "<!-- performance-table:begin {kind} (bench/performance_table.py writes this block) -->"
 END = "<!-- performance-table:end -->"
+ROUNDS = 3
 HERE = Path(__file__).parent
 
 
@@ -38,23 +41,50 @@ def machine_line(threads: int) -> str:
 
     machine = machine_report()
     cpu = machine["cpu"]
-    features = ", ".join(f for f in cpu["features"] if f.startswith(("amx", "avx512_")))
+    listed = [f for f in cpu["features"] if f.startswith(("amx", "avx512_"))]
+    # AMX decides the bf16 / int8 paths: its absence is worth a word too.
+    features = ", ".join(listed + ([] if "amx_tile" in listed else ["no AMX"]))
     versions = ", ".join(
-        f"{name} {machine['libraries'].get(name)}" for name in ("torch", "onnxruntime", "openvino")
+        f"{name} {machine['libraries'].get(name)}"
+        for name in ("torch", "onnxruntime", "openvino", "executorch")
     )
     return (
         f"{cpu['model']}, {cpu['usable_cores']} cores ({features}), {threads} threads; {versions}"
     )
 
 
+def cpu_kind() -> str:
+    """What decides which paths are fast: the vendor and whether it has AMX ("intel-amx",
+    "amd-avx512"), the key of this machine's block in the doc."""
+    from modelkiln.env import machine_report
+
+    cpu = machine_report()["cpu"]
+    vendor = "amd" if "AMD" in cpu["model"] else "intel"
+    features = set(cpu["features"])
+    vector = "avx512" if "avx512f" in features else "avx2"
+    return f"{vendor}-{'amx' if 'amx_tile' in features else vector}"
+
+
 def table(args: argparse.Namespace) -> str:
     today = datetime.date.today().isoformat()
-    command = "python bench/performance_table.py --work WORK" + (" --peers" if args.peers else "")
+    # The options that change what was measured, as the command was given.
+    options = [
+        *(["--peers"] if args.peers else []),
+        *([f"--only {args.only}"] if args.only else []),
+        *([f"--rounds {args.rounds}"] if args.rounds != ROUNDS else []),
+    ]
+    command = " ".join(["python bench/performance_table.py --work WORK", *options])
     vit = (args.work / "vit" / "vit_speed.md").read_text(encoding="utf-8").strip()
-    sd = (args.work / "sd" / "sd_speed.md").read_text(encoding="utf-8").strip()
+    sd_table = args.work / "sd" / "sd_speed.md"
+    # --only vit on a fresh WORK has no SD half: the block says so instead.
+    sd = (
+        sd_table.read_text(encoding="utf-8").strip()
+        if sd_table.is_file()
+        else "Not measured in this run (`--only vit`)."
+    )
     return "\n".join(
         [
-            BEGIN,
+            BEGIN.format(kind=cpu_kind()),
             f"Measured {today} by `{command}` on {machine_line(args.threads)}.",
             "Ratios are torch eager fp32 time / time in the same run (above 1× is faster);",
             "models have random weights from the published configs (the same compute).",
@@ -72,11 +102,18 @@ def table(args: argparse.Namespace) -> str:
 
 
 def update_doc(doc: Path, block: str) -> None:
+    """Replace this CPU kind's block; a kind not yet in the doc gets its block after the
+    last one."""
     text = doc.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{doc} has no performance-table markers ({BEGIN} ... {END})")
-    before, rest = text.split(BEGIN, 1)
-    _, after = rest.split(END, 1)
+    begin = BEGIN.format(kind=cpu_kind())
+    if begin in text:
+        before, rest = text.split(begin, 1)
+        _, after = rest.split(END, 1)
+    elif END in text:
+        before, after = text.rsplit(END, 1)
+        before += END + "\n\n"
+    else:
+        raise SystemExit(f"{doc} has no performance-table markers ({begin} ... {END})")
     doc.write_text(before + block + after, encoding="utf-8")
 
 
@@ -84,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--peers", action="store_true", help="optimum's exports (make compat)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--sd-runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)

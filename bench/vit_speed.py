@@ -187,10 +187,15 @@ def main() -> None:
         raise SystemExit(f"--peers needs {PEER_VENV}: run `make compat` once")
     results: dict[str, dict[str, Any]] = {}
     # This machine's speed drifts by 2x over minutes (shared host): rounds interleave every
-    # configuration, so that drift hits them alike instead of favouring whoever ran late.
+    # configuration, so that drift hits them alike instead of favouring whoever ran late;
+    # odd rounds run the order backwards (and later pairs rotate it), so no configuration is
+    # always first or last.
     failed: set[str] = set()
+    order = names + peers
     for round_index in range(args.rounds):
-        for name in [n for n in names + peers if n not in failed]:
+        shift = (round_index // 2) % len(order)
+        rotated = order[shift:] + order[:shift]
+        for name in [n for n in rotated[:: -1 if round_index % 2 else 1] if n not in failed]:
             print(f"round {round_index + 1}/{args.rounds}: measuring {name} ...", flush=True)
             python = str(PEER_VENV) if name in PEERS else sys.executable
             try:
