@@ -221,29 +221,18 @@ def torchao_int8_dynamic(
     (int8 weights, activations quantized per call per token), which the XNNPACK partitioner
     lowers to its dynamically quantized kernels. No calibration: nothing is observed."""
     import torch
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis
 
-    # A copy: the family's loader may hand the same module to the torch reference.
-    module = copy.deepcopy(module)
-    before = module_bytes(module)
-    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
-    config = Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int8,
-        weight_granularity=PerAxis(0),
+    quantized, count, before = _torchao_linears(
+        module, settings, weight_dtype=torch.int8, weight_granularity=PerAxis(0)
     )
-    try:
-        quantize_(module, config)
-    except (RuntimeError, ValueError, TypeError) as error:
-        raise QuantizationError(f"torchao {settings.name} failed: {first_line(error)}") from error
-    quantized = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for m in linears)
-    return module, {
-        "quantized_weights": quantized,
+    return quantized, {
+        "quantized_weights": count,
         "quantizer": "torchao Int8DynamicActivationIntxWeightConfig",
         "per_channel": settings.per_channel,
         "activations": "int8, dynamic per token",
         "bytes_before": before,
-        "bytes_after": module_bytes(module),
+        "bytes_after": module_bytes(quantized),
     }
 
 
@@ -256,37 +245,53 @@ def torchao_int4_weights(
     which the XNNPACK partitioner lowers to its blockwise 4-bit kernels with int8 activations
     quantized per call. No calibration."""
     import torch
-    from torchao.quantization import (
-        Int8DynamicActivationIntxWeightConfig,
-        MappingType,
-        quantize_,
-    )
+    from torchao.quantization import MappingType
     from torchao.quantization.granularity import PerGroup
 
-    module = copy.deepcopy(module)  # as int8-dynamic: the torch reference may share it
-    before = module_bytes(module)
-    linears = [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
-    _check_groups(linears, settings.group_size)
-    config = Int8DynamicActivationIntxWeightConfig(
+    _check_groups(_linears(module), settings.group_size)
+    quantized, count, before = _torchao_linears(
+        module,
+        settings,
         weight_dtype=torch.int4,  # type: ignore[attr-defined]  # absent from torch's stubs
         weight_granularity=PerGroup(settings.group_size),
         # The profile check refuses asymmetric: XNNPACK has no int4 zero point.
         weight_mapping_type=MappingType.SYMMETRIC,
     )
-    try:
-        quantize_(module, config)
-    except (AssertionError, RuntimeError, ValueError, TypeError) as error:  # torchao asserts
-        raise QuantizationError(f"torchao {settings.name} failed: {first_line(error)}") from error
-    quantized = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for _, m in linears)
-    return module, {
-        "quantized_weights": quantized,
+    return quantized, {
+        "quantized_weights": count,
         "quantizer": "torchao Int8DynamicActivationIntxWeightConfig",
         "symmetric": True,
         "group_size": settings.group_size,
         "activations": "int8, dynamic per token",
         "bytes_before": before,
-        "bytes_after": _packed_bytes(module),
+        "bytes_after": _packed_bytes(quantized),
     }
+
+
+def _linears(module: Any) -> list[tuple[str, Any]]:
+    """The module's Linear layers with their names."""
+    import torch
+
+    return [(n, m) for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _torchao_linears(module: Any, settings: SchemeConfig, **weights: Any) -> tuple[Any, int, int]:
+    """A copy of module with every Linear quantized by torchao's
+    Int8DynamicActivationIntxWeightConfig(**weights) (int8 activations per call, what the
+    XNNPACK partitioner lowers): (the copy, its quantized Linears, the bytes before)."""
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+
+    # A copy: the family's loader may hand the same module to the torch reference.
+    module = copy.deepcopy(module)
+    before = module_bytes(module)
+    linears = [layer for _, layer in _linears(module)]
+    try:
+        quantize_(module, Int8DynamicActivationIntxWeightConfig(**weights))
+    except (AssertionError, RuntimeError, ValueError, TypeError) as error:  # torchao asserts
+        raise QuantizationError(f"torchao {settings.name} failed: {first_line(error)}") from error
+    quantized = sum(type(m.weight) not in (torch.Tensor, torch.nn.Parameter) for m in linears)
+    return module, quantized, before
 
 
 def _check_groups(linears: list[tuple[str, Any]], group_size: int) -> None:
