@@ -101,10 +101,14 @@ def check(
             accuracy_drop=accuracy.drop_points if accuracy else None,
         )
     if problems:
+        # The pipeline's own approximation costs quality too: the fix may be there.
+        approximated = profile.generation.guidance_end is not None
         raise ValidationError(
             f"end-to-end quality {where} missed the profile's bounds: {'; '.join(problems)}. "
             "Pick a milder scheme (or keep a component in fp32 with [components.<name>] "
-            'scheme = "none"), or loosen [validation] if this is expected'
+            'scheme = "none")'
+            + (", guide more steps (raise generation.guidance_end)" if approximated else "")
+            + ", or loosen [validation] if this is expected"
         )
     return record
 

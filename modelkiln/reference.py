@@ -19,7 +19,7 @@ import numpy as np
 
 from modelkiln.exporters.base import export_signature
 from modelkiln.models import FAMILIES
-from modelkiln.pipelines.base import Pipeline, PipelineParts
+from modelkiln.pipelines.base import APPROXIMATIONS, Pipeline, PipelineParts
 from modelkiln.runtimes.base import Session
 from modelkiln.runtimes.torch import TorchModuleSession
 
@@ -73,7 +73,10 @@ def reference_pipeline(
             configs = {
                 spec.name: json.loads(spec.config_file or b"{}") for spec in loaded.components
             }
-            parts = PipelineParts(root, sessions, configs, loaded.model_info, loaded.task)
+            # The reference is the exact pipeline: the artifact's approximations are measured
+            # against it, never made by it.
+            info = {k: v for k, v in loaded.model_info.items() if k != APPROXIMATIONS}
+            parts = PipelineParts(root, sessions, configs, info, loaded.task)
             yield pipeline_class(loaded).from_parts(parts)
     finally:
         for session in sessions.values():

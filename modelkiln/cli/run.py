@@ -240,6 +240,13 @@ def _require_task(pipeline: Any, expected: type) -> None:
     "1024x1024), the same image.",
 )
 @click.option(
+    "--guidance-end",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    help="Guide only the first fraction of the steps; the rest run the prompt's half alone, "
+    "at half the denoiser's work: faster, a slightly different image.  [default: the "
+    "build's [generation] guidance_end, else 1.0]",
+)
+@click.option(
     "--low-memory",
     is_flag=True,
     help="Hold one component in memory at a time (text encoders, denoiser, VAE), each loaded "
@@ -315,6 +322,7 @@ def generate(
     steps: int | None,
     guidance: float | None,
     split_guidance: bool,
+    guidance_end: float | None,
     low_memory: bool,
     seed: int,
     width: int | None,
@@ -354,6 +362,7 @@ def generate(
         "steps": steps,
         "guidance": guidance,
         "split_guidance": split_guidance,
+        "guidance_end": guidance_end,
         "seed": seed,
         "width": width,
         "height": height,

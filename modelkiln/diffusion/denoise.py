@@ -10,6 +10,7 @@ steps), so that a generator reproducing torch's gives diffusers' pixels.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -140,40 +141,52 @@ def denoise(
     inpainting: Inpainting | None = None,
     on_step: StepCallback | None = None,
     split_guidance: bool = False,
+    guidance_end: float = 1.0,
 ) -> np.ndarray:
     """Run the denoiser and the scheduler over `timesteps`; the final latents.
 
     Guided, the denoiser takes the negative and positive halves in one call of twice the
     batch (diffusers' way), or with `split_guidance` in two calls: the denoiser's activations
-    are those of one half (a large transformer at 1024x1024: most of its memory)."""
-    guided = guidance > 1.0
-    split = guided and split_guidance
-    copies = 2 if guided and not split else 1
-    mask = masked = None
-    if inpainting is not None and inpainting.unet_reads_mask:
-        mask = np.concatenate([inpainting.mask] * copies)
-        masked = np.concatenate([inpainting.masked_image_latents] * copies)
+    are those of one half (a large transformer at 1024x1024: most of its memory). Only the
+    first ceil(guidance_end × steps) steps are guided; the later ones take the positive half
+    alone, which costs half the denoiser's work (late steps refine detail, where guidance
+    changes the image least)."""
+    guided_steps = guided_count(len(timesteps), guidance, guidance_end)
+    positive = conditioning.half(1) if guided_steps < len(timesteps) else conditioning
     for index, timestep in enumerate(timesteps):
+        guided = index < guided_steps
+        split = guided and split_guidance
+        copies = 2 if guided and not split else 1
         model_input = np.concatenate([latents] * copies)
         model_input = scheduler.scale_model_input(model_input, timestep)
-        if mask is not None and masked is not None:
+        if inpainting is not None and inpainting.unet_reads_mask:
+            mask = np.concatenate([inpainting.mask] * copies)
+            masked = np.concatenate([inpainting.masked_image_latents] * copies)
             model_input = np.concatenate([model_input, mask, masked], axis=1)
         if split:
             unconditional, text = (
                 model(model_input, float(timestep), conditioning.half(half)) for half in (0, 1)
             )
             noise_prediction = unconditional + guidance * (text - unconditional)
-        else:
-            noise_prediction = model(model_input, float(timestep), conditioning)
-        if guided and not split:
-            unconditional, text = np.split(noise_prediction, 2)
+        elif guided:
+            unconditional, text = np.split(model(model_input, float(timestep), conditioning), 2)
             noise_prediction = unconditional + guidance * (text - unconditional)
+        else:
+            noise_prediction = model(model_input, float(timestep), positive)
         latents = scheduler.step(noise_prediction, timestep, latents, generator)
         if inpainting is not None and not inpainting.unet_reads_mask:
             latents = _keep_unmasked(scheduler, timesteps, index, latents, inpainting)
         if on_step is not None:
             on_step(index, float(timestep), latents)
     return latents
+
+
+def guided_count(steps: int, guidance: float, guidance_end: float) -> int:
+    """How many of `steps` (the first ones) run classifier-free guidance: none at a scale
+    of 1 or less, else the first ceil(guidance_end × steps), at least one."""
+    if guidance <= 1.0:
+        return 0
+    return max(1, min(steps, math.ceil(guidance_end * steps - 1e-9)))
 
 
 def unet_denoiser(unet: Session) -> Denoiser:
@@ -223,6 +236,7 @@ __all__ = [
     "StepCallback",
     "Vae",
     "denoise",
+    "guided_count",
     "run_conformed",
     "start_timesteps",
     "unet_denoiser",

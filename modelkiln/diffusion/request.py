@@ -44,6 +44,8 @@ class Request:
     progress: Progress
     # Guidance's two halves in two denoiser calls: half the activation memory (denoise.py).
     split_guidance: bool = False
+    # The fraction of the steps that are guided (the first ones); the rest run unguided.
+    guidance_end: float = 1.0
     # One conditioning image per ControlNet, and the scales of their residuals (diffusers'
     # default 1); () without a control image.
     control_images: tuple[Image.Image, ...] = ()
@@ -60,6 +62,7 @@ class Defaults:
 
     steps: Mapping[str, int]  # per mode: text, image, inpaint
     guidance: Mapping[str, float]
+    guidance_end: float = 1.0  # the build's [generation] guidance_end
 
 
 def parse_request(
@@ -93,6 +96,15 @@ def parse_request(
         raise InputError(f"num_images must be in 1..{MAX_IMAGES} per prompt, got {num_images}")
     if not 0 <= guidance <= MAX_GUIDANCE:  # NaN fails this too
         raise InputError(f"guidance must be a number in 0..{MAX_GUIDANCE}, got {guidance}")
+    guidance_end_value = options.pop("guidance_end", None)
+    guidance_end = float(
+        defaults.guidance_end if guidance_end_value is None else guidance_end_value
+    )
+    if not 0 < guidance_end <= 1:  # NaN fails this too
+        raise InputError(
+            f"guidance_end must be the fraction of the steps that are guided, in (0, 1]; got "
+            f"{guidance_end}"
+        )
     strength = float(options.pop("strength", 1.0))
     if not 0.0 < strength <= 1.0:  # NaN fails this too
         raise InputError(f"strength must be in (0, 1], got {strength}")
@@ -119,6 +131,7 @@ def parse_request(
         callback=options.pop("callback", None),
         progress=options.pop("progress", None) or NullProgress(),
         split_guidance=bool(options.pop("split_guidance", False)),
+        guidance_end=guidance_end,
         control_images=control_images,
         control_scales=control_scales,
     )

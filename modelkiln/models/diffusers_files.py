@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelkiln.diffusion.schedulers import SCHEDULERS
 from modelkiln.errors import SourceError, first_line
+from modelkiln.pipelines.base import APPROXIMATIONS
 from modelkiln.sources import find_weights
 
 if TYPE_CHECKING:
@@ -48,16 +49,18 @@ def require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) -
 
 
 def generation_defaults(profile: Profile) -> dict[str, Any]:
-    """[generation]'s steps and guidance, which the pipeline takes where a call leaves them."""
+    """[generation]'s steps and guidance, which the pipeline takes where a call leaves them,
+    and its approximations (guidance_end), which the torch reference never makes."""
+    settings = profile.generation
     chosen = {
         key: value
-        for key, value in (
-            ("steps", profile.generation.steps),
-            ("guidance", profile.generation.guidance),
-        )
+        for key, value in (("steps", settings.steps), ("guidance", settings.guidance))
         if value is not None
     }
-    return {"generation": chosen} if chosen else {}
+    info: dict[str, Any] = {"generation": chosen} if chosen else {}
+    if settings.guidance_end is not None:
+        info[APPROXIMATIONS] = {"guidance_end": settings.guidance_end}
+    return info
 
 
 def with_scheduler(files: dict[str, bytes], profile: Profile) -> dict[str, bytes]:

@@ -39,6 +39,10 @@ PIXEL_VALUES = "pixel_values"
 # Images per call when a pipeline runs a whole data set (evaluation).
 EVALUATION_BATCH = 16
 Feeds = list[dict[str, np.ndarray]]
+# The model_info key of what an artifact's pipeline does to run faster than the torch
+# reference (e.g. guidance stopped early): the reference pipeline runs without them, so the
+# build's end-to-end gate measures what they cost.
+APPROXIMATIONS = "approximations"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from modelkiln.diffusion.tokenizer import ClipTokenizer
 from modelkiln.errors import ArtifactError, InputError, UnsupportedError
 from modelkiln.images import ImageInput
 from modelkiln.jsonfile import read_json_object
-from modelkiln.pipelines.base import PipelineParts, run_padded
+from modelkiln.pipelines.base import APPROXIMATIONS, PipelineParts, run_padded
 from modelkiln.pipelines.generation import ImageGenerator
 from modelkiln.profiles import MAX_PIXELS_PER_SIDE
 from modelkiln.runtimes.base import Session
@@ -196,6 +196,7 @@ class SDPipeline(ImageGenerator):
                 inpainting=inpainting,
                 on_step=on_step,
                 split_guidance=request.split_guidance,
+                guidance_end=request.guidance_end,
             )
         return pixels_to_images(self._vae.decode(self._unpacked(latents, request)))
 
@@ -329,7 +330,8 @@ class SDPipeline(ImageGenerator):
         guidance = {
             kind: float(chosen.get("guidance", g)) for kind, g in self.default_guidance.items()
         }
-        defaults = Defaults(steps, guidance)
+        approximations = self.model_info.get(APPROXIMATIONS) or {}
+        defaults = Defaults(steps, guidance, float(approximations.get("guidance_end", 1.0)))
         request = parse_request(mode, prompt, settings, defaults, self._check_size)
         nets = len(controlnet_names(self.sessions))
         given = len(request.control_images)

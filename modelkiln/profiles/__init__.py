@@ -322,6 +322,12 @@ class Profile:
         ):
             if value is not None and not low <= value <= high:
                 raise ProfileError(f"{origin}: {key} must be in {low}..{high}, got {value}")
+        end = self.generation.guidance_end
+        if end is not None and not 0.0 < end <= 1.0:  # NaN fails this too
+            raise ProfileError(
+                f"{origin}: generation.guidance_end must be a fraction of the steps in (0, 1], "
+                f"got {end}"
+            )
         sizes = validation.batch_sizes
         if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
             raise ProfileError(

@@ -13,11 +13,18 @@ class GenerationSettings:
     `scheduler` (a `kiln generate --scheduler` name) is written into the artifact's scheduler
     config, so optimum and OpenVINO GenAI run it too; steps and guidance become the pipeline's
     defaults. Few-step models: LCM (scheduler "lcm", 4 steps, guidance 1.0), SD/SDXL-Turbo
-    (1 to 4 steps, guidance 0)."""
+    (1 to 4 steps, guidance 0).
+
+    `guidance_end` trades quality for speed: only the first ceil(guidance_end × steps) steps
+    are guided, the rest run the denoiser on the prompt's half alone (half the batch; the
+    "dynamic classifier-free guidance" of diffusers' docs). It is an approximation the torch
+    reference never makes, so the build's end-to-end gate ([validation] min_psnr_db /
+    min_ssim) measures its cost against the fully guided pipeline."""
 
     scheduler: str | None = None
     steps: int | None = None
     guidance: float | None = None
+    guidance_end: float | None = None
 
 
 @dataclass(frozen=True)

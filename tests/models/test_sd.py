@@ -245,6 +245,73 @@ def test_callback_sees_every_step_and_negative_prompts_count(built: Callable[...
     assert psnr(plain, negative) < 60
 
 
+def test_guidance_end_is_diffusers_dynamic_cfg_at_half_the_unet_batch(
+    built: Callable[..., Path], source_dir: Callable[[str], Path]
+) -> None:
+    from modelkiln.reference import RecordingSession
+
+    def stop_guidance(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+        # diffusers' "dynamic classifier-free guidance" recipe: after the last guided step,
+        # drop the negative half and the guidance scale.
+        if step == 1:
+            tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[-1]
+            pipe._guidance_scale = 0.0
+        return tensors
+
+    # Euler: one UNet call per step (the source's PNDM runs 5 timesteps in 4 steps).
+    expected = diffusers_reference(
+        source_dir("sd"),
+        "text",
+        "euler",
+        num_inference_steps=4,
+        callback_on_step_end=stop_guidance,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    )
+    with load(built("sd", "sd-torch-fp32")) as pipeline:
+        recorder = RecordingSession(pipeline.sessions["unet"])
+        pipeline.sessions["unet"] = recorder
+        ours = generate(pipeline, "text", steps=4, guidance_end=0.5, scheduler="euler")
+        full = generate(pipeline, "text", steps=4, scheduler="euler")
+    # ceil(0.5 × 4) = 2 guided steps at twice the batch, then 2 on the prompt alone
+    batches = [len(feeds["sample"]) for feeds in recorder.feeds]
+    assert batches == [2, 2, 1, 1] + [2] * 4
+    assert psnr(ours, expected) >= 40
+    assert psnr(ours, full) < 60  # it is an approximation: the image changed
+
+
+def test_build_gates_guidance_end_against_the_fully_guided_reference(
+    built: Callable[..., Path], source_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    from modelkiln import build
+    from modelkiln.errors import ValidationError
+
+    gate = ('validation.prompts=["a red fox in a forest"]', "validation.steps=4")
+    artifact = built(
+        "sd", "sd-torch-fp32", "generation.guidance_end=0.5", *gate, "validation.min_psnr_db=20"
+    )
+    manifest = open_artifact(artifact).manifest
+    assert manifest.model_info["approximations"] == {"guidance_end": 0.5}
+    assert manifest.end_to_end is not None
+    # Measured against the fully guided torch pipeline: a finite cost, inside the bound.
+    (measured,) = manifest.end_to_end.psnr_db
+    assert measured is not None and 20 <= measured < 80
+    with pytest.raises(ValidationError, match=r"raise generation\.guidance_end"):
+        build(
+            source_dir("sd"),
+            "sd-torch-fp32",
+            tmp_path / "strict",
+            overrides=["generation.guidance_end=0.5", *gate, "validation.min_psnr_db=99"],
+        )
+    assert not (tmp_path / "strict").exists()
+    with pytest.raises(ProfileError, match=r"generation\.guidance_end must be a fraction"):
+        build(
+            source_dir("sd"),
+            "sd-torch-fp32",
+            tmp_path / "x",
+            overrides=["generation.guidance_end=2"],
+        )
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -264,6 +331,10 @@ def test_callback_sees_every_step_and_negative_prompts_count(built: Callable[...
             r"built for 32×32 images only, not 64×32; rebuild with --set shapes.dynamic_resolution=true",
         ),
         (lambda p: p.text_to_image(PROMPT, steps=0), "steps must be in 1..1000, got 0"),
+        (
+            lambda p: p.text_to_image(PROMPT, guidance_end=0),
+            r"guidance_end must be the fraction of the steps that are guided, in \(0, 1\]",
+        ),
         (
             lambda p: p.text_to_image(PROMPT, scheduler="eulr"),
             r"unknown scheduler 'eulr' \(did you mean 'euler'\?\); available: euler, euler-ancestral",
