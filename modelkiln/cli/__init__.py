@@ -6,8 +6,8 @@ errors only, go anywhere on the line). Exit codes are in exit_codes.py: 1 a chec
 verb group:
 build.py (build, cache, convert), profiles.py (profiles), run.py (classify, embed, generate,
 lora-adapter), artifacts.py (info, verify, validate, package, clean), measure.py (env, doctor,
-demo, bench), gate.py (compare, ci). --json prints any command's result as one JSON document
-(jsonout.py; the fields: docs/cli.md).
+demo, bench), gate.py (compare, ci), tune.py (tune). --json prints any command's result as one
+JSON document (jsonout.py; the fields: docs/cli.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from modelkiln import __version__
-from modelkiln.cli import artifacts, build, gate, measure, profiles, run
+from modelkiln.cli import artifacts, build, gate, measure, profiles, run, tune
 from modelkiln.cli.console import err
 from modelkiln.cli.exit_codes import INTERNAL_ERROR, INTERRUPTED, USER_ERROR
 from modelkiln.errors import KilnError, storage_error
@@ -71,6 +71,7 @@ for command in (
     measure.bench,
     gate.compare,
     gate.ci,
+    tune.tune,
 ):
     cli.add_command(command)
 

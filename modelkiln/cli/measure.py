@@ -174,7 +174,7 @@ def batch_sizes_option(ctx: click.Context, param: click.Parameter, value: str | 
     return sizes
 
 
-def _read_prompts(path: Path | None) -> tuple[str, ...] | None:
+def read_prompts(path: Path | None) -> tuple[str, ...] | None:
     if path is None:
         return None
     prompts = tuple(
@@ -283,7 +283,7 @@ def bench(
         "threads": threads,
         "runtime": runtime,
         "data": data,
-        "prompts": _read_prompts(prompts_file),
+        "prompts": read_prompts(prompts_file),
         "steps": steps,
         "isolate": isolate,
         "reference": reference,

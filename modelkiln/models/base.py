@@ -51,6 +51,10 @@ class ModelFamily(ABC):
     pipelines: ClassVar[Mapping[str, str | type[Pipeline]]]
     # What calibration and end-to-end validation feed it: image files, or text prompts.
     real_inputs: ClassVar[str] = IMAGES
+    # Overrides `kiln tune` tries on its models beside the schemes' and precisions' knobs,
+    # each a variant of its own: the pipeline's approximations, which its build gates end to
+    # end against the exact torch pipeline.
+    tuning_knobs: ClassVar[tuple[str, ...]] = ()
     # Ops its components contain that some converters cannot make flexible (Core ML's batch
     # and group norm): backends' profile checks read them before anything loads.
     notable_ops: ClassVar[frozenset[str]] = frozenset()

@@ -135,6 +135,7 @@ class FluxFamily(StableDiffusion3Family):
     t5_sequence_length: ClassVar[int] = 512  # FluxPipeline's max_sequence_length
     # Flux runs without classifier-free guidance: one transformer call per image.
     denoiser_batch_factor: ClassVar[int] = 1
+    tuning_knobs: ClassVar[tuple[str, ...]] = ()  # guidance-distilled: no guidance batch to drop
     inpainting_channels: ClassVar[int] = 0  # Flux Fill (384 channels) is not supported
     bundle_configs: ClassVar[tuple[str, ...]] = (
         "model_index.json",

@@ -106,6 +106,8 @@ class StableDiffusionFamily(ModelFamily):
         "stable-diffusion": "modelkiln.pipelines.diffusion:SDPipeline"
     }
     real_inputs: ClassVar[str] = PROMPTS
+    # Guidance on the first half of the steps only: half the denoiser's batch on the rest.
+    tuning_knobs: ClassVar[tuple[str, ...]] = ("generation.guidance_end=0.5",)
     fuses_lora: ClassVar[bool] = True
     runtime_lora: ClassVar[bool] = True
     schedulers: ClassVar[tuple[str, ...]] = tuple(n for n in SCHEDULERS if n != FLOW_MATCH)
