@@ -4,6 +4,8 @@
                                       [--rounds 3] [--runs 5] [--sd-runs 2] [--set KEY=VALUE]
 
 Runs, one after the other on this machine:
+  bench/roofline.py    the matmul peaks (fp32, bf16, int8) and the FLOP floors of both models
+                       (WORK/roofline.json): each ViT row's "x floor"
   bench/vit_speed.py   ViT-B/16 224 (random weights from ViTConfig), batch 1 and 8, every
                        bundled ViT CPU profile (+ optimum's exports with --peers), interleaved
                        rounds (WORK/vit)
@@ -75,6 +77,7 @@ def table(args: argparse.Namespace) -> str:
     ]
     command = " ".join(["python bench/performance_table.py --work WORK", *options])
     vit = (args.work / "vit" / "vit_speed.md").read_text(encoding="utf-8").strip()
+    roofline = (args.work / "roofline.md").read_text(encoding="utf-8").strip()
     sd_table = args.work / "sd" / "sd_speed.md"
     # --only vit on a fresh WORK has no SD half: the block says so instead.
     sd = (
@@ -96,6 +99,12 @@ def table(args: argparse.Namespace) -> str:
             "**SD-1.5-sized UNet**, one denoising step:",
             "",
             sd,
+            "",
+            "**The floor** (bench/roofline.py): dense matmul peaks on these threads, and each "
+            "model's FLOPs over them; a row's × floor is its time over the floor of the "
+            "precision its matmuls run in.",
+            "",
+            roofline,
             END,
         ]
     )
@@ -135,8 +144,11 @@ def main() -> None:
     args = parser.parse_args()
     threads = ["--threads", str(args.threads)]
     vit = ["--work", str(args.work / "vit"), "--rounds", str(args.rounds), "--runs", str(args.runs)]
+    roofline = args.work / "roofline.json"
+    run("roofline.py", "--out", str(roofline), *threads)
     if args.only in (None, "vit"):
-        run("vit_speed.py", *vit, *threads, *(["--peers"] if args.peers else []))
+        peers = ["--peers"] if args.peers else []
+        run("vit_speed.py", *vit, *threads, *peers, "--roofline", str(roofline))
     sd = ["--work", str(args.work / "sd"), "--unet-only", "--runs", str(args.sd_runs)]
     if args.only in (None, "sd"):
         run("sd_speed.py", *sd, *threads, *(f"--set={item}" for item in args.overrides))

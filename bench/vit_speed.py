@@ -22,6 +22,11 @@ same precision.
 Random weights: the logits of a random ViT-B are small and nearly tied, so builds here record
 but do not gate their validation metrics (the table shows the logits' SQNR against torch);
 accuracy is measured on real data by bench/digits_accuracy.py.
+
+--roofline FILE (bench/roofline.py --out FILE, which bench/performance_table.py runs first)
+adds each row's distance from the floor at batch 8: its time over ViT-B/16's FLOPs at this
+machine's matmul peak for the fastest precision its matmuls may run in (int8 for every
+quantized profile, else bf16 or fp32 as the runtime computes).
 Writes WORK/vit_speed.json and WORK/vit_speed.md.
 """
 
@@ -161,6 +166,7 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peers", action="store_true", help="optimum's exports, same run")
+    parser.add_argument("--roofline", type=Path, help="bench/roofline.py's JSON: x floor")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.source = args.work / "vit-b16"
@@ -232,6 +238,8 @@ def main() -> None:
         "runs_per_round": args.runs,
         "rounds": args.rounds,
     }
+    if args.roofline is not None:
+        add_floors(results, json.loads(args.roofline.read_text(encoding="utf-8")))
     report["results"] = results
     (args.work / "vit_speed.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(results, args.threads)
@@ -241,18 +249,57 @@ def main() -> None:
     print(table)
 
 
+def floor_precision(name: str, backend: str) -> str:
+    """The fastest precision a row's matmuls may run in, so that its floor is a lower bound:
+    int8 for every quantized profile (int8 activations, or weights of 8 bits or fewer that a
+    runtime may multiply in int8: ONNX Runtime's int4 MatMulNBits does), else the runtime's
+    compute precision."""
+    scheme = "none"
+    if name != BASELINE and name not in PEERS:
+        from modelkiln.plan import load_profile
+
+        scheme = load_profile(name).quantization.scheme
+    if scheme != "none" or "int8" in backend:
+        return "int8"
+    return "bf16" if "bf16" in backend else "fp32"
+
+
+def add_floors(results: dict[str, dict[str, Any]], roofline: dict[str, Any]) -> None:
+    """Each row's batch-8 time over its floor (bench/roofline.py's peaks and FLOPs)."""
+    peaks = {peak["precision"]: peak["ops_per_s"] for peak in roofline["peaks"]}
+    (flops,) = [
+        m["flops"] for m in roofline["models"] if m["model"].startswith("ViT-B/16 224, batch 8")
+    ]
+    for name, result in results.items():
+        precision = floor_precision(name, result["backend"])
+        if precision in peaks:
+            result["floor_precision"] = precision
+            result["batch8_x_floor"] = result["batch8_s"] / (flops / peaks[precision])
+
+
 def markdown(results: dict[str, dict[str, Any]], threads: int) -> str:
+    floors = any("batch8_x_floor" in r for r in results.values())
+    header = (
+        f"| ViT-B/16 224, {threads} threads | runs as | size | logits SQNR | batch 1 | batch 8 |"
+    )
     lines = [
-        f"| ViT-B/16 224, {threads} threads | runs as | size | logits SQNR | batch 1 | batch 8 |",
-        "| --- | --- | --- | --- | --- | --- |",
+        header + (" batch 8 × floor |" if floors else ""),
+        "| --- | --- | --- | --- | --- | --- |" + (" --- |" if floors else ""),
     ]
     for name, r in results.items():
         sqnr = r.get("sqnr_db", "—")
         sqnr = "exact" if sqnr is None else sqnr if isinstance(sqnr, str) else f"{sqnr:.1f} dB"
+        floor = ""
+        if floors:
+            floor = (
+                f" {r['batch8_x_floor']:.2f}× ({r['floor_precision']}) |"
+                if "batch8_x_floor" in r
+                else " — |"
+            )
         lines.append(
             f"| {name} | {r['backend']} | {r['size_mb']:.0f} MB | {sqnr} "
             f"| {1e3 * r['batch1_s']:.0f} ms ({r['batch1_speedup']:.2f}×) "
-            f"| {1e3 * r['batch8_s']:.0f} ms ({r['batch8_speedup']:.2f}×) |"
+            f"| {1e3 * r['batch8_s']:.0f} ms ({r['batch8_speedup']:.2f}×) |{floor}"
         )
     return "\n".join(lines) + "\n"
 
