@@ -152,7 +152,9 @@ def denoise(
     alone, which costs half the denoiser's work (late steps refine detail, where guidance
     changes the image least)."""
     guided_steps = guided_count(len(timesteps), guidance, guidance_end)
-    positive = conditioning.half(1) if guided_steps < len(timesteps) else conditioning
+    # Unguided (a scale of 1 or less), the conditioning has the prompt's half only.
+    stops_early = 0 < guided_steps < len(timesteps)
+    positive = conditioning.half(1) if stops_early else conditioning
     for index, timestep in enumerate(timesteps):
         guided = index < guided_steps
         split = guided and split_guidance

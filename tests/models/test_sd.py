@@ -272,6 +272,9 @@ def test_guidance_end_is_diffusers_dynamic_cfg_at_half_the_unet_batch(
         pipeline.sessions["unet"] = recorder
         ours = generate(pipeline, "text", steps=4, guidance_end=0.5, scheduler="euler")
         full = generate(pipeline, "text", steps=4, scheduler="euler")
+        # unguided (LCM's guidance 1.0): nothing to stop, the same image
+        unguided = generate(pipeline, "text", steps=4, guidance=1.0)
+        assert generate(pipeline, "text", steps=4, guidance=1.0, guidance_end=0.5) == unguided
     # ceil(0.5 × 4) = 2 guided steps at twice the batch, then 2 on the prompt alone
     batches = [len(feeds["sample"]) for feeds in recorder.feeds]
     assert batches == [2, 2, 1, 1] + [2] * 4
