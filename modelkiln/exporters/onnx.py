@@ -51,8 +51,9 @@ def onnx_from_torch(
     # The fusions read q/k/v projections as constant weights plus a bias: a run-time LoRA's
     # addition (optional inputs) would be fused as a bias of the wrong shape.
     run_time_inputs = any(tensor.optional for tensor in spec.inputs.values())
-    if fusions_wanted(profile) and not run_time_inputs:
-        fused = fuse_for_onnxruntime(program.model)
+    level = fusions_wanted(profile)
+    if level is not None and not run_time_inputs:
+        fused = fuse_for_onnxruntime(program.model, level)
         program.model.metadata_props[FUSED_OPS_KEY] = json.dumps(fused)
     _save(program, spec, profile, path)
     return path

@@ -23,29 +23,40 @@ from modelkiln.runtimes.onnxruntime import OnnxRuntimeSettings
 if TYPE_CHECKING:
     from modelkiln.profiles import Profile
 # The quantization schemes whose quantizer reaches inside a fused Attention (onnxruntime's
-# dynamic quantizer has QAttention); the others quantize MatMuls only and would leave the
-# attention's Q/K/V weights in fp32.
+# dynamic quantizer has QAttention): their graphs get Attention, one packed Q/K/V projection.
 SCHEMES_THAT_QUANTIZE_ATTENTION = frozenset({"none", "int8-dynamic"})
+# The static quantizer (QDQ) quantizes MatMuls only: its graphs stop at MultiHeadAttention,
+# whose Q, K and V come from projections left as MatMuls for it to quantize, so that only the
+# attention's core (scores, softmax, weighted sum) is the fused fp32 kernel.
+SCHEMES_THAT_QUANTIZE_PROJECTIONS = frozenset({"int8-static"})
+ATTENTION = "attention"
+MULTI_HEAD = "multi-head attention"
 
 
-def fusions_wanted(profile: Profile) -> bool:
-    """Whether `[onnxruntime] fusions = "auto"` fuses this component's graph.
+def fusions_wanted(profile: Profile) -> str | None:
+    """How far `[onnxruntime] fusions = "auto"` fuses this component's graph: ATTENTION,
+    MULTI_HEAD (projections left for the quantizer), or None.
 
     The fused ops are ONNX Runtime's own (other runtimes of an ONNX file, TensorRT or OpenVINO's
-    ONNX reader, would not know them), and its CPU Attention kernel is fp32 only.
+    ONNX reader, would not know them), and its CPU attention kernels are fp32 only.
     """
-    return (
+    if not (
         OnnxRuntimeSettings.of(profile).fusions == "auto"
         and profile.export.format == "onnx"
         and resolved_runtime(profile) == "onnxruntime"
         and profile.runtime.device == "cpu"
         and profile.precision.weights == "fp32"
-        and profile.quantization.scheme in SCHEMES_THAT_QUANTIZE_ATTENTION
-    )
+    ):
+        return None
+    scheme = profile.quantization.scheme
+    if scheme in SCHEMES_THAT_QUANTIZE_ATTENTION:
+        return ATTENTION
+    return MULTI_HEAD if scheme in SCHEMES_THAT_QUANTIZE_PROJECTIONS else None
 
 
-def fuse_for_onnxruntime(model: Any) -> dict[str, int]:
-    """Rewrite the onnx_ir model in place; returns how many of each com.microsoft op it has."""
+def fuse_for_onnxruntime(model: Any, level: str = ATTENTION) -> dict[str, int]:
+    """Rewrite the onnx_ir model in place, fusing up to `level`; returns how many of each
+    com.microsoft op it has."""
     import onnx_ir
     from onnxscript.optimizer import fold_constants, optimize
     from onnxscript.rewriter.ort_fusions import shape_optimization
@@ -55,7 +66,7 @@ def fuse_for_onnxruntime(model: Any) -> dict[str, int]:
         onnx_ir.passes.common.ShapeInferencePass()(model)
         shape_optimization.rules.apply_to_model(model)
         optimize(model)
-        for fuse in _fusions():
+        for fuse in _fusions(pack_projections=level == ATTENTION):
             fuse(model)
         optimize(model)
         # The fused Attention takes Q, K and V weights as one Concat of the three: fold it into
@@ -71,7 +82,7 @@ def fuse_for_onnxruntime(model: Any) -> dict[str, int]:
     return _fused_ops(model)
 
 
-def _fusions() -> tuple[Callable[[Any], int], ...]:
+def _fusions(pack_projections: bool) -> tuple[Callable[[Any], int], ...]:
     from onnxscript.rewriter.ort_fusions import (
         attention,
         erfgelu,
@@ -84,12 +95,13 @@ def _fusions() -> tuple[Callable[[Any], int], ...]:
     # In this order: each step matches what the one before produced (SDPA -> MultiHeadAttention
     # -> MultiHeadAttention with bias -> Attention with one packed Q/K/V projection); an SDPA
     # that no MultiHeadAttention pattern matched (timm's packed qkv) becomes one directly.
+    packed = (attention.fuse_attention,) if pack_projections else ()
     return (
         erfgelu.fuse_erfgelu,
         lambda model: sdpa.fuse_sdpa(model, apply_shape_inference=True),
         mha.fuse_mha2,
         mha_bias.fuse_mha_bias,
-        attention.fuse_attention,
+        *packed,
         sdpa_via_mha.replace_sdpa_by_mha,
     )
 

@@ -182,7 +182,14 @@ def int8_static(entry: Path, settings: Int8Static, calibration: Calibration = ()
         activations="uint8",
         # Weights stay symmetric (ORT's default, zero point 0 as the kernels prefer); the
         # setting picks symmetric or asymmetric activations, like openvino's presets.
-        extra_options={"ActivationSymmetric": settings.symmetric},
+        # A MatMul's float output is what its consumers read (attention, Add, LayerNorm):
+        # quantizing it too made each MatMul a QLinearMatMul plus a DequantizeLinear pass;
+        # without, ONNX Runtime runs it as MatMulIntegerToFloat (its output dequantized in
+        # the kernel), as its dynamic quantization does.
+        extra_options={
+            "ActivationSymmetric": settings.symmetric,
+            "OpTypesToExcludeOutputQuantization": list(STATIC_OPS),
+        },
         symmetric=settings.symmetric,
         alternative="scheme 'int8-dynamic' (no calibration)",
     )

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from modelkiln import load, open_artifact
-from modelkiln.exporters.onnx_fusions import fusions_wanted
+from modelkiln.exporters.onnx_fusions import ATTENTION, MULTI_HEAD, fusions_wanted
 from modelkiln.plan import load_profile
 
 pytestmark = [pytest.mark.torch, pytest.mark.onnxruntime]
@@ -63,19 +63,49 @@ def test_onnxruntime_exports_are_fused_and_match_the_unfused_graph(
 @pytest.mark.parametrize(
     ("profile", "overrides", "wanted"),
     [
-        ("vit-onnxruntime-fp32", (), True),
-        ("vit-onnxruntime-int8", (), True),  # QAttention: int8 Q/K/V inside the attention
-        ("vit-onnxruntime-fp32", ("onnxruntime.fusions=none",), False),
-        ("vit-onnxruntime-fp16", (), False),  # the fused CPU kernels are fp32
-        ("vit-onnxruntime-int8-static", (), False),  # QDQ quantizes MatMuls, not Attention
-        ("vit-onnxruntime-int4", (), False),
-        ("vit-onnxruntime-nf4", (), False),
-        ("vit-openvino-fp32", ("openvino.via=onnx",), False),  # other readers lack the ops
-        ("vit-onnxruntime-fp32", ("runtime.device=cuda",), False),
+        ("vit-onnxruntime-fp32", (), ATTENTION),
+        ("vit-onnxruntime-int8", (), ATTENTION),  # QAttention: int8 Q/K/V inside the attention
+        ("vit-onnxruntime-fp32", ("onnxruntime.fusions=none",), None),
+        ("vit-onnxruntime-fp16", (), None),  # the fused CPU kernels are fp32
+        # QDQ quantizes MatMuls, not Attention: the projections stay MatMuls
+        ("vit-onnxruntime-int8-static", (), MULTI_HEAD),
+        ("vit-onnxruntime-int4", (), None),
+        ("vit-onnxruntime-nf4", (), None),
+        ("vit-openvino-fp32", ("openvino.via=onnx",), None),  # other readers lack the ops
+        ("vit-onnxruntime-fp32", ("runtime.device=cuda",), None),
     ],
 )
-def test_which_profiles_fuse(profile: str, overrides: tuple[str, ...], wanted: bool) -> None:
-    assert fusions_wanted(load_profile(profile, overrides)) is wanted
+def test_which_profiles_fuse(profile: str, overrides: tuple[str, ...], wanted: str | None) -> None:
+    assert fusions_wanted(load_profile(profile, overrides)) == wanted
+
+
+def test_static_int8_fuses_the_attention_core_and_quantizes_its_projections(
+    built: Callable[..., Path], rgb_images: list[np.ndarray]
+) -> None:
+    calibrated = 'calibration.data="digits"'
+    artifact = built("hf-classifier", "vit-onnxruntime-int8-static", calibrated)
+    plain = built(
+        "hf-classifier", "vit-onnxruntime-int8-static", calibrated, "onnxruntime.fusions=none"
+    )
+    ops, plain_ops = _ops(artifact), _ops(plain)
+    assert (ops["MultiHeadAttention"], ops["Gelu"], ops["Attention"]) == (2, 2, 0)
+    assert not any(ops[op] for op in UNFUSED_OPS)
+    # The same int8 weights and activations: each layer's two score/value MatMuls (never
+    # quantized) moved into MultiHeadAttention, the projections stayed for the quantizer.
+    assert ops["DequantizeLinear"] == plain_ops["DequantizeLinear"] > 0
+    assert ops["QuantizeLinear"] == plain_ops["QuantizeLinear"] > 0
+    assert ops["MatMul"] == plain_ops["MatMul"] - 2 * 2
+    (record,) = open_artifact(artifact).manifest.components.values()
+    assert record.runtime["fused_ops"] == {"Gelu": 2, "MultiHeadAttention": 2}
+    with load(artifact) as fused_model, load(plain) as plain_model:
+        pixels = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+        ours = fused_model.session.run({"pixel_values": pixels})["logits"]
+        theirs = plain_model.session.run({"pixel_values": pixels})["logits"]
+        cosine = (ours * theirs).sum() / np.linalg.norm(ours) / np.linalg.norm(theirs)
+        assert cosine > 0.9999
+        assert [p[0].index for p in fused_model(rgb_images)] == [
+            p[0].index for p in plain_model(rgb_images)
+        ]
 
 
 def test_a_failing_fusion_fails_the_build_and_names_the_way_out(
@@ -88,7 +118,7 @@ def test_a_failing_fusion_fails_the_build_and_names_the_way_out(
     def broken(model: object) -> int:
         raise ValueError("pattern matcher exploded")
 
-    monkeypatch.setattr(onnx_fusions, "_fusions", lambda: (broken,))
+    monkeypatch.setattr(onnx_fusions, "_fusions", lambda pack_projections: (broken,))
     target = tmp_path / "artifact"
     with pytest.raises(
         ExportError, match=r"pattern matcher exploded.*\[onnxruntime\] fusions = 'none'"

@@ -1,0 +1,58 @@
+"""Image-model artifacts timed interleaved in one process: the check of a speed ratio that a
+drifting host cannot skew.
+
+    python bench/interleaved_artifacts.py NAME=ARTIFACT [NAME=ARTIFACT ...] [--batch 8]
+                                          [--rounds 5] [--block 3] [--threads 2]
+
+Each artifact is loaded once (modelkiln.load) and its exported model called on the same
+seeded pixels at --batch; modelkiln.bench.interleaved times them in --rounds rounds of
+--block calls each, the order reversed every other round, after 2 untimed calls each. Prints
+each one's median of its rounds' block medians, every round's, and the ratio to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifacts", nargs="+", metavar="NAME=ARTIFACT")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--block", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import numpy as np
+
+    from modelkiln import load
+    from modelkiln.bench.interleaved import time_interleaved
+
+    paths = dict(item.split("=", 1) for item in args.artifacts)
+    pixels: dict[str, np.ndarray] = {}
+
+    @contextmanager
+    def opener(name: str) -> Iterator[Callable[[], object]]:
+        with load(paths[name], threads=args.threads) as pipeline:
+            (spec,) = pipeline.session.input_specs.values()
+            shape = (args.batch, *(int(d) for d in spec.shape[1:]))
+            feed = pixels.setdefault(
+                str(shape), np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            )
+            yield lambda: pipeline.session.run({"pixel_values": feed})
+
+    timings = time_interleaved(list(paths), opener, rounds=args.rounds, block=args.block, warmup=2)
+    first = timings[next(iter(paths))].median
+    print(f"batch {args.batch}, {args.threads} threads, {args.rounds} rounds of {args.block}")
+    for name, timing in timings.items():
+        rounds = ", ".join(f"{value * 1e3:.0f}" for value in timing.rounds)
+        print(
+            f"{name}: {timing.median * 1e3:.0f} ms ({first / timing.median:.2f}x the first) "
+            f"[{rounds}]"
+        )
+
+
+if __name__ == "__main__":
+    main()
