@@ -62,7 +62,7 @@ def reference_pipeline(
     try:
         for spec in loaded.components:
             inputs, outputs = export_signature(spec, profile.for_component(spec.name))
-            module = spec.module()
+            module = (spec.exact_module or spec.module)()
             sessions[spec.name] = wrap(TorchModuleSession(module, spec.name, inputs, outputs))
         with tempfile.TemporaryDirectory(prefix="kiln-reference-") as scratch:
             root = Path(scratch)

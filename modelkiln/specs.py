@@ -184,6 +184,9 @@ class ComponentSpec:
     # Symbolic dims every export keeps dynamic, whatever the profile's shapes say (the rank
     # of run-time LoRA matrices, which differs per LoRA).
     dynamic_dims: frozenset[str] = frozenset()
+    # The module without the build's approximations (merged tokens), where `module` makes
+    # some: the torch reference the end-to-end gate compares with. None: `module` is exact.
+    exact_module: Callable[[], torch.nn.Module] | None = None
 
     def dummy_inputs(self, dims: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)

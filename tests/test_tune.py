@@ -27,9 +27,12 @@ def test_budget_becomes_the_builds_end_to_end_gate() -> None:
     assert budget.overrides("digits", (), None) == [
         "validation.max_accuracy_drop=1.0",
         "validation.min_cosine=0.99",
+        # top-1 is the budget: the profile's bound on moved logits is not
+        "validation.min_top1_agreement=0.0",
         'validation.data="digits"',
         'calibration.data="digits"',
     ]
+    assert "validation.min_cosine=0.0" in parse_budget("top1-drop=1").overrides("digits", (), None)
     generated = parse_budget("psnr=30,ssim=0.9").overrides(None, ("a fox",), 4)
     assert generated[-2:] == ['validation.prompts=["a fox"]', "validation.steps=4"]
     profile = load_profile("vit-openvino-int8", budget.overrides("digits", (), None))
@@ -59,6 +62,7 @@ def test_candidates_turn_one_knob_the_plan_accepts() -> None:
     assert "vit-openvino-int8-static [quantization.per_channel=true]" in labels
     assert "vit-openvino-int4 [quantization.group_size=64]" in labels
     assert "vit-openvino-fp32 [precision.compute=bf16]" in labels
+    assert "vit-openvino-int8-static [model.token_merging=8]" in labels  # the family's knob
     assert all(candidate.base.startswith("vit-openvino-") for candidate in space)
     # bf16 only where the CPU computes it natively (kiln env's features)
     plain = {c.label for c in candidate_space("vit", ["openvino"], cpu_features=["avx2"])}
@@ -84,6 +88,10 @@ def test_candidate_space_errors_name_the_fix() -> None:
         candidate_space("vit", None, bases=["sd-openvino-int8"])
     with pytest.raises(ProfileError, match="vit-openvino-int9"):
         candidate_space("vit", None, bases=["vit-openvino-int9"])
+    # a budget that does not suit the family is the user's error, not an empty search
+    accuracy = parse_budget("top1-drop=1").overrides(None, (), None)
+    with pytest.raises(ProfileError, match="max_accuracy_drop needs labelled images"):
+        candidate_space("vit", ["openvino"], overrides=accuracy)
 
 
 @pytest.mark.parametrize("keep_open", [True, False])
@@ -123,9 +131,11 @@ def test_tune_finds_the_fastest_digits_build_inside_the_budget(tmp_path: Path) -
     labels = [t.candidate.label for t in result.tried]
     assert labels == [
         "vit-onnxruntime-fp32",
+        "vit-onnxruntime-fp32 [model.token_merging=8]",
         "vit-onnxruntime-int8",
         "vit-onnxruntime-int8 [quantization.symmetric=true]",
         "vit-onnxruntime-int8 [quantization.per_channel=true]",
+        "vit-onnxruntime-int8 [model.token_merging=8]",
     ]
     inside = [t for t in result.tried if t.status == INSIDE]
     assert inside, [t.reason for t in result.tried]
@@ -149,7 +159,7 @@ def test_tune_finds_the_fastest_digits_build_inside_the_budget(tmp_path: Path) -
     assert [c["label"] for c in recorded["candidates"]] == labels
     table = (tmp_path / "tune.md").read_text()
     assert f"| {winner.candidate.label} **(winner)** | inside budget |" in table
-    assert table.count("\n| vit-onnxruntime") == 4
+    assert table.count("\n| vit-onnxruntime") == 6
 
     # The same search from the command line: every build comes from the cache of the first.
     document = kiln_json(

@@ -55,6 +55,8 @@ class ModelFamily(ABC):
     # each a variant of its own: the pipeline's approximations, which its build gates end to
     # end against the exact torch pipeline.
     tuning_knobs: ClassVar[tuple[str, ...]] = ()
+    # Whether its exports can merge tokens between transformer blocks ([model] token_merging).
+    merges_tokens: ClassVar[bool] = False
     # Ops its components contain that some converters cannot make flexible (Core ML's batch
     # and group norm): backends' profile checks read them before anything loads.
     notable_ops: ClassVar[frozenset[str]] = frozenset()
@@ -128,6 +130,11 @@ class ModelFamily(ABC):
             raise UnsupportedError(
                 f"{origin}: [runtime_lora] does not apply to {cls.name} models; run-time LoRA "
                 "slots are built into SD 1.x/2.x and SDXL UNets (fuse LoRAs with [[lora]])"
+            )
+        if profile.model.token_merging and not cls.merges_tokens:
+            raise UnsupportedError(
+                f"{origin}: model.token_merging does not apply to {cls.name} models; it merges "
+                "the tokens of vision transformers (vit)"
             )
         generation = profile.generation
         if not cls.schedulers and any(v is not None for v in asdict(generation).values()):

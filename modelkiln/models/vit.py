@@ -17,6 +17,7 @@ from modelkiln.errors import ProfileError, UnsupportedError
 from modelkiln.models import vit_zero_shot
 from modelkiln.models.base import LoadedModel, ModelFamily
 from modelkiln.models.vit_zero_shot import ZERO_SHOT
+from modelkiln.pipelines.base import APPROXIMATIONS
 from modelkiln.preprocess import ImagePreprocessor
 from modelkiln.sources import ResolvedSource, find_weights, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
@@ -24,7 +25,7 @@ from modelkiln.specs import ComponentSpec, TensorSpec
 if TYPE_CHECKING:
     import torch
 
-    from modelkiln.profiles import Profile
+    from modelkiln.profiles import ModelSettings, Profile
     from modelkiln.records import Manifest
 
 COMPONENT = "vision_model"
@@ -69,6 +70,9 @@ class ViTFamily(ModelFamily):
     # The pipelines read preprocessing and labels from kiln.json; config.json and
     # preprocessor_config.json are what optimum's ORT/OV classes load.
     bundle_configs = ("config.json", "preprocessor_config.json", "tokenizer/")
+    merges_tokens = True
+    # ToMe's setting for ViT-B/16 at 224 (197 tokens): 8 per block, 96 by the last.
+    tuning_knobs = ("model.token_merging=8",)
     usage: ClassVar[Mapping[str, str]] = {
         CLASSIFICATION: "kiln classify {bundle} IMAGE.png",
         FEATURES: "kiln embed {bundle} IMAGE.png -o vectors.npy",
@@ -116,7 +120,9 @@ class ViTFamily(ModelFamily):
         task = _resolve_task(settings.task, has_head, source.spec)
         facts = _model_facts(model, library, config)
         _check_hidden_layers(settings.hidden_layers, facts["num_layers"])
-        module = vit_modules.wrap(model, library, task, settings.hidden_layers)
+        exact = vit_modules.wrap(model, library, task, settings.hidden_layers)
+        module = _merging(exact, model, task, facts, settings)
+        merging = settings.token_merging
         preprocessor = _preprocessor(source, model, library, facts["image_size"])
         spec = ComponentSpec(
             name=COMPONENT,
@@ -125,13 +131,18 @@ class ViTFamily(ModelFamily):
             outputs=_outputs(task, facts, module, settings.hidden_layers),
             save_reference=lambda out: _save_reference(model, library, source, out),
             atol=FP32_ATOL,
+            exact_module=None if module is exact else lambda: exact,
         )
         return LoadedModel(
             family=cls.name,
             task=task,
             pipeline=cls.pipeline_for(task),
             components=[spec],
-            model_info={**facts, "preprocessing": preprocessor.to_dict()},
+            model_info={
+                **facts,
+                "preprocessing": preprocessor.to_dict(),
+                **({} if module is exact else {APPROXIMATIONS: {"token_merging": merging}}),
+            },
             config_files=_config_files(source, library, facts["labels"], preprocessor),
             weights=weights_digest(weights),
         )
@@ -159,6 +170,25 @@ class ViTFamily(ModelFamily):
     @classmethod
     def pipeline_for(cls, task: str) -> str:
         return task  # one pipeline per task, named after it
+
+
+def _merging(
+    exact: Any, model: Any, task: str, facts: Mapping[str, Any], settings: ModelSettings
+) -> Any:
+    """The export wrapper with [model] token_merging's hooks on the model's blocks, or
+    `exact` itself without merging."""
+    from modelkiln.models.token_merging import Merged, TokenMerging, transformer_blocks
+
+    if not settings.token_merging:
+        return exact
+    if task != CLASSIFICATION or settings.hidden_layers:
+        raise UnsupportedError(
+            "model.token_merging applies to image classification without model.hidden_layers: "
+            "merged tokens would leave the other outputs with fewer tokens than the model's"
+        )
+    blocks = transformer_blocks(model, facts["num_layers"])
+    merging = TokenMerging(blocks, settings.token_merging, facts["num_prefix_tokens"])
+    return Merged(exact, merging).eval()
 
 
 def _architecture(config: Mapping[str, Any]) -> str:

@@ -56,6 +56,9 @@ class ModelSettings:
     task: str = "auto"
     # Extra outputs hidden_state_<k>: the output of transformer block k (1-based).
     hidden_layers: tuple[int, ...] = ()
+    # Tokens merged after each transformer block (ToMe; 0: none): an approximation the
+    # end-to-end gate measures against the unmerged model (models/token_merging.py).
+    token_merging: int = 0
 
 
 @dataclass(frozen=True)
@@ -318,6 +321,7 @@ class Profile:
             ("calibration.size", self.calibration.size, 1, MAX_CALIBRATION),
             ("calibration.batch_size", self.calibration.batch_size, 1, MAX_BATCH),
             ("runtime.threads", self.runtime.threads, 1, 4096),
+            ("model.token_merging", self.model.token_merging, 0, 4096),
             ("build.max_memory_gb", self.build.max_memory_gb, 0.001, 1e6),
         ):
             if value is not None and not low <= value <= high:

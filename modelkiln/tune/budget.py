@@ -39,6 +39,16 @@ class Budget:
         """The --set overrides that make a build gate on this budget: the bounds, the
         labelled images (which calibrate too, where a scheme needs it) or the prompts."""
         found = [f"validation.{key}={value!r}" for key, value in self.bounds]
+        bounded = dict(self.bounds)
+        if "max_accuracy_drop" in bounded:
+            # The budget is top-1 on real images: the profile's own bounds on how far the
+            # logits may move (tight for fp32) would refuse what the budget allows (merged
+            # tokens, 4-bit weights) before it was asked. A cosine budget still sets one.
+            found += [
+                f"validation.{key}=0.0"
+                for key in ("min_cosine", "min_top1_agreement")
+                if key not in bounded
+            ]
         if data is not None:
             found += [f"validation.data={json.dumps(data)}", f"calibration.data={json.dumps(data)}"]
         if prompts:
