@@ -183,8 +183,9 @@ def time_candidates(
             rounds=settings.rounds,
             block=settings.block,
             keep_open=keep_open,
-            on_round=lambda index: advance(1) if index else None,
+            on_round=lambda index: advance(1) if index else None,  # the round before it
         )
+        advance(1)
     for label, timing in timings.items():
         inside[label].latency_s = timing.median
         inside[label].spread_s = timing.spread

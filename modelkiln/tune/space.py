@@ -72,9 +72,8 @@ def candidate_space(
     candidates: list[Candidate] = []
     for name in chosen:
         base = Candidate(name)
-        plan = _plan(base, overrides)
-        if plan is None:
-            continue
+        # The budget's and the user's overrides must suit every base: their error is theirs.
+        plan = load_plan(name, overrides)
         candidates.append(base)
         if wide:
             candidates += [
@@ -124,6 +123,7 @@ def _check_base(name: str, family: str) -> None:
 
 
 def _plan(candidate: Candidate, overrides: Sequence[str]) -> BuildPlan | None:
+    """A variant's plan, or None where the plan refuses its knob."""
     try:
         return load_plan(candidate.base, [*overrides, *candidate.changes])
     except KilnError as error:
