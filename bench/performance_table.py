@@ -145,7 +145,7 @@ def main() -> None:
     threads = ["--threads", str(args.threads)]
     vit = ["--work", str(args.work / "vit"), "--rounds", str(args.rounds), "--runs", str(args.runs)]
     roofline = args.work / "roofline.json"
-    run("roofline.py", "--out", str(roofline), *threads)
+    run("roofline.py", "--out", str(roofline), "--seconds", "2", *threads)
     if args.only in (None, "vit"):
         peers = ["--peers"] if args.peers else []
         run("vit_speed.py", *vit, *threads, *peers, "--roofline", str(roofline))

@@ -76,7 +76,7 @@ class TuneResult:
             mark = " **(winner)**" if tried is self.winner else ""
             lines.append(
                 f"| {tried.candidate.label}{mark} | {tried.status} | "
-                f"{_quality(tried) if tried.status == INSIDE else tried.reason or ''} | "
+                f"{quality_text(tried) if tried.status == INSIDE else tried.reason or ''} | "
                 f"{_megabytes(tried.size_bytes)} | {_latency(tried)} | {_ratio(reference, tried)} |"
             )
         return "\n".join(lines) + "\n"
@@ -130,7 +130,8 @@ def _order(tried: Tried) -> tuple[int, float]:
     return (0, tried.latency_s) if tried.latency_s is not None else (1, math.inf)
 
 
-def _quality(tried: Tried) -> str:
+def quality_text(tried: Tried) -> str:
+    """What the gate measured, as a reader says it (top-1, drop, PSNR, SSIM, cosine)."""
     names = {
         "top1": "top-1 {:.2%}",
         "top1_drop": "drop {:+.2f} pt",
@@ -158,4 +159,11 @@ def _ratio(reference: Tried | None, tried: Tried) -> str:
     return f"{reference.latency_s / tried.latency_s:.2f}×"
 
 
-__all__ = ["RESULT_JSON", "RESULT_MARKDOWN", "WINNER_PROFILE", "TuneResult", "tune"]
+__all__ = [
+    "RESULT_JSON",
+    "RESULT_MARKDOWN",
+    "WINNER_PROFILE",
+    "TuneResult",
+    "quality_text",
+    "tune",
+]
