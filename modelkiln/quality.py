@@ -101,13 +101,23 @@ def check(
             accuracy_drop=accuracy.drop_points if accuracy else None,
         )
     if problems:
-        # The pipeline's own approximation costs quality too: the fix may be there.
-        approximated = profile.generation.guidance_end is not None
+        # The build's own approximations cost quality too: the fix may be there.
+        hints = [
+            hint
+            for hint, applies in (
+                (
+                    "guide more steps (raise generation.guidance_end)",
+                    profile.generation.guidance_end is not None,
+                ),
+                ("merge fewer tokens (lower model.token_merging)", profile.model.token_merging > 0),
+            )
+            if applies
+        ]
         raise ValidationError(
             f"end-to-end quality {where} missed the profile's bounds: {'; '.join(problems)}. "
             "Pick a milder scheme (or keep a component in fp32 with [components.<name>] "
             'scheme = "none")'
-            + (", guide more steps (raise generation.guidance_end)" if approximated else "")
+            + "".join(f", {hint}" for hint in hints)
             + ", or loosen [validation] if this is expected"
         )
     return record
