@@ -323,14 +323,20 @@ def nf4_weights(entry: Path, settings: NF4Weights, calibration: Calibration = ()
     }
 
 
+# Ops the fp16 conversion leaves in fp32 beyond the converter's own list (to_fp16).
+FP32_ONLY_OPS = ("ScatterElements",)
+
+
 def to_fp16(entry: Path) -> dict[str, Any]:
     """fp16 weights and compute, fp32 graph inputs and outputs (Casts at the edges).
 
-    No op block list beyond the converter's default: ORT's CPU provider inserts Casts around
-    the ops it has no fp16 kernel for (113 Casts in a ViT-S) and runs those in fp32, so the
-    result runs everywhere; on CPU it mostly halves the file, GPUs get the fp16 compute.
+    ORT's CPU provider inserts Casts around the ops it has no fp16 kernel for (113 Casts in
+    a ViT-S) and runs those in fp32, so the result runs everywhere; on CPU it mostly halves
+    the file, GPUs get the fp16 compute. Blocked beyond the converter's defaults:
+    ScatterElements, whose fp16 kernel exists but refuses a reduction at run time (token
+    merging's summed tokens), and whose sums want fp32 anyway.
     """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
     data = external_data_path(entry)
     before = model_bytes(entry, data)
@@ -338,7 +344,11 @@ def to_fp16(entry: Path) -> dict[str, Any]:
         try:
             # A path, not a ModelProto: the converter then infers shapes with
             # infer_shapes_path, which works past protobuf's 2 GB limit.
-            model = convert_float_to_float16(str(entry), keep_io_types=True)
+            model = convert_float_to_float16(
+                str(entry),
+                keep_io_types=True,
+                op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP32_ONLY_OPS],
+            )
         except Exception as error:  # the converter raises many unrelated types
             raise ExportError(f"fp16 conversion failed: {first_line(error)}") from error
         save_model(model, entry, scratch)

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from modelkiln.backends import Backend, BackendSettings
-from modelkiln.errors import ArtifactError, UnsupportedError
+from modelkiln.errors import ArtifactError, UnsupportedError, first_line
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
 from modelkiln.specs import TensorSpec
 
@@ -129,7 +129,18 @@ class OnnxRuntimeSession(Session):
     def _run(self, feeds: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         if self._adapter_names:
             feeds = {k: v for k, v in feeds.items() if k not in self._adapter_names}
-        results = self._session.run(output_names, feeds, self._run_options)
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, RuntimeException
+        from onnxruntime.capi.onnxruntime_pybind11_state import NotImplemented as Missing
+
+        try:
+            results = self._session.run(output_names, feeds, self._run_options)
+        except (Fail, Missing, RuntimeException) as error:
+            # A kernel this build of ONNX Runtime lacks for an op and type (fp16 scatter on
+            # the CPU): the model is valid, this runtime cannot run it.
+            raise UnsupportedError(
+                f"{self.name}: ONNX Runtime cannot run this model: {first_line(error)}; build "
+                "it in another precision, or for another runtime"
+            ) from error
         return dict(zip(output_names, results, strict=True))
 
     def close(self) -> None:

@@ -128,3 +128,42 @@ def test_token_merging_is_refused_where_it_does_not_apply(
             tmp_path / "features",
             overrides=["model.token_merging=4", 'model.task="image-feature-extraction"'],
         )
+
+
+@pytest.mark.onnxruntime
+def test_fp16_exports_merge_in_fp32_and_a_kernel_onnxruntime_lacks_is_one_clear_error(
+    built: Callable[..., Path], tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from modelkiln.runtimes.base import RuntimeOptions
+    from modelkiln.runtimes.onnxruntime import OnnxRuntime
+    from modelkiln.specs import TensorSpec
+
+    # ONNX Runtime's CPU ScatterElements has no fp16 reduction: the fp16 conversion keeps it
+    # (and the merge's sums) in fp32.
+    artifact = built("hf-classifier", "vit-onnxruntime-fp16", "model.token_merging=3")
+    (record,) = open_artifact(artifact).manifest.components.values()
+    assert record.validation.passed
+    # Had it not, running the model would have been this error, not a raw ONNX Runtime one.
+    data = helper.make_tensor_value_info("data", TensorProto.FLOAT16, [2, 2])
+    graph = helper.make_graph(
+        [
+            helper.make_node(
+                "ScatterElements", ["data", "index", "data"], ["out"], axis=0, reduction="add"
+            )
+        ],
+        "fp16-scatter",
+        [data],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT16, [2, 2])],
+        [helper.make_tensor("index", TensorProto.INT64, [2, 2], [0, 0, 1, 1])],
+    )
+    path = tmp_path / "scatter.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    spec = {"data": TensorSpec("float16", (2, 2))}
+    session = OnnxRuntime().open(
+        path, "scatter", spec, {"out": TensorSpec("float16", (2, 2))}, RuntimeOptions()
+    )
+    with pytest.raises(UnsupportedError, match=r"scatter: ONNX Runtime cannot run this model: "):
+        session.run({"data": np.ones((2, 2), np.float16)})
