@@ -29,6 +29,7 @@ def test_budget_becomes_the_builds_end_to_end_gate() -> None:
         "validation.min_cosine=0.99",
         # top-1 is the budget: the profile's bound on moved logits is not
         "validation.min_top1_agreement=0.0",
+        "validation.min_sqnr_db=",
         'validation.data="digits"',
         'calibration.data="digits"',
     ]

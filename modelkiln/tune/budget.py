@@ -49,6 +49,7 @@ class Budget:
                 for key in ("min_cosine", "min_top1_agreement")
                 if key not in bounded
             ]
+            found.append("validation.min_sqnr_db=")  # none
         if data is not None:
             found += [f"validation.data={json.dumps(data)}", f"calibration.data={json.dumps(data)}"]
         if prompts:
