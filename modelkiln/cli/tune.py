@@ -96,7 +96,7 @@ def tune(
     interleaved, and write the fastest as a profile (WORK/tune.md lists what was tried)."""
     from modelkiln.tune import TuneSettings, parse_budget
     from modelkiln.tune import tune as run_tune
-    from modelkiln.tune.tuner import quality_text
+    from modelkiln.tune.tuner import outcome_text, size_text
 
     settings = TuneSettings(
         budget=parse_budget(budget),
@@ -125,13 +125,12 @@ def tune(
     else:
         columns = ("candidate", "status", "quality, or why not", "size", "latency")
         table = Table(*columns, title=result.machine)
-        for tried in sorted(result.tried, key=lambda t: (t.latency_s is None, t.latency_s or 0)):
+        for tried in result.ranked():
             latency = "" if tried.latency_s is None else f"{tried.latency_s * 1000:.1f} ms"
-            size = "" if tried.size_bytes is None else f"{tried.size_bytes / 1e6:.1f} MB"
             winner = tried is result.winner
             label = f"{tried.candidate.label} (winner)" if winner else tried.candidate.label
-            note = quality_text(tried) if tried.reason is None else tried.reason
-            table.add_row(*cells(label, tried.status, note, size, latency))
+            row = (label, tried.status, outcome_text(tried), size_text(tried), latency)
+            table.add_row(*cells(*row))
         out.print(table)
         out.print(f"results: {work / 'tune.md'}")
         if result.profile_file is not None:

@@ -53,8 +53,8 @@ def merge_tokens(
         moved = first.gather(1, move.expand(-1, -1, width))
         return torch.cat([unmatched, second.scatter_add(1, into.expand(-1, -1, width), moved)], 1)
 
-    # Summed in fp32: ONNX Runtime's CPU ScatterElements has no fp16 reduction, and half
-    # precision would round the sums of large merged tokens.
+    # Summed in fp32: half precision would round the sums of large merged tokens (an ONNX
+    # fp16 export keeps its ScatterElements in fp32 too: quantize/onnx.py's to_fp16).
     summed, counts = merged(weighted.float()), merged(token_sizes.float())
     merged_tokens = (summed / counts).to(hidden.dtype)
     return torch.cat([kept, merged_tokens], 1), torch.cat([kept_sizes, counts.to(sizes.dtype)], 1)

@@ -122,7 +122,6 @@ class ViTFamily(ModelFamily):
         _check_hidden_layers(settings.hidden_layers, facts["num_layers"])
         exact = vit_modules.wrap(model, library, task, settings.hidden_layers)
         module = _merging(exact, model, task, facts, settings)
-        merging = settings.token_merging
         preprocessor = _preprocessor(source, model, library, facts["image_size"])
         spec = ComponentSpec(
             name=COMPONENT,
@@ -141,7 +140,11 @@ class ViTFamily(ModelFamily):
             model_info={
                 **facts,
                 "preprocessing": preprocessor.to_dict(),
-                **({} if module is exact else {APPROXIMATIONS: {"token_merging": merging}}),
+                **(
+                    {APPROXIMATIONS: {"token_merging": settings.token_merging}}
+                    if settings.token_merging
+                    else {}
+                ),
             },
             config_files=_config_files(source, library, facts["labels"], preprocessor),
             weights=weights_digest(weights),

@@ -63,6 +63,10 @@ class TuneResult:
             "candidates": [t.to_json() for t in self.tried],
         }
 
+    def ranked(self) -> list[Tried]:
+        """Timed candidates fastest first, then the rest as they were tried."""
+        return sorted(self.tried, key=_order)
+
     def to_markdown(self) -> str:
         lines = [
             f"`kiln tune {self.source}`: {self.family} model, budget {self.settings.budget.text}, "
@@ -72,12 +76,11 @@ class TuneResult:
             "| --- | --- | --- | --- | --- | --- |",
         ]
         reference = self.best_bundled
-        for tried in sorted(self.tried, key=_order):
+        for tried in self.ranked():
             mark = " **(winner)**" if tried is self.winner else ""
             lines.append(
-                f"| {tried.candidate.label}{mark} | {tried.status} | "
-                f"{quality_text(tried) if tried.status == INSIDE else tried.reason or ''} | "
-                f"{_megabytes(tried.size_bytes)} | {_latency(tried)} | {_ratio(reference, tried)} |"
+                f"| {tried.candidate.label}{mark} | {tried.status} | {outcome_text(tried)} | "
+                f"{size_text(tried)} | {_latency(tried)} | {_ratio(reference, tried)} |"
             )
         return "\n".join(lines) + "\n"
 
@@ -126,7 +129,6 @@ def tune(
 
 
 def _order(tried: Tried) -> tuple[int, float]:
-    """Timed candidates fastest first, then the rest as they were tried."""
     return (0, tried.latency_s) if tried.latency_s is not None else (1, math.inf)
 
 
@@ -142,8 +144,13 @@ def quality_text(tried: Tried) -> str:
     return ", ".join(names[key].format(value) for key, value in tried.quality.items())
 
 
-def _megabytes(size: int | None) -> str:
-    return "" if size is None else f"{size / 1e6:.1f} MB"
+def outcome_text(tried: Tried) -> str:
+    """What its gate measured when it was inside the budget, else why it was not."""
+    return quality_text(tried) if tried.status == INSIDE else tried.reason or ""
+
+
+def size_text(tried: Tried) -> str:
+    return "" if tried.size_bytes is None else f"{tried.size_bytes / 1e6:.1f} MB"
 
 
 def _latency(tried: Tried) -> str:
@@ -164,6 +171,8 @@ __all__ = [
     "RESULT_MARKDOWN",
     "WINNER_PROFILE",
     "TuneResult",
+    "outcome_text",
     "quality_text",
+    "size_text",
     "tune",
 ]
