@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 def main() -> None:
@@ -25,25 +26,8 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    import numpy as np
-
-    from modelkiln import load
-    from modelkiln.bench.interleaved import time_interleaved
-
     paths = dict(item.split("=", 1) for item in args.artifacts)
-    pixels: dict[str, np.ndarray] = {}
-
-    @contextmanager
-    def opener(name: str) -> Iterator[Callable[[], object]]:
-        with load(paths[name], threads=args.threads) as pipeline:
-            (spec,) = pipeline.session.input_specs.values()
-            shape = (args.batch, *(int(d) for d in spec.shape[1:]))
-            feed = pixels.setdefault(
-                str(shape), np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-            )
-            yield lambda: pipeline.session.run({"pixel_values": feed})
-
-    timings = time_interleaved(list(paths), opener, rounds=args.rounds, block=args.block, warmup=2)
+    timings = interleaved(paths, args.batch, args.threads, args.rounds, args.block)
     first = timings[next(iter(paths))].median
     print(f"batch {args.batch}, {args.threads} threads, {args.rounds} rounds of {args.block}")
     for name, timing in timings.items():
@@ -52,6 +36,31 @@ def main() -> None:
             f"{name}: {timing.median * 1e3:.0f} ms ({first / timing.median:.2f}x the first) "
             f"[{rounds}]"
         )
+
+
+def interleaved(
+    paths: dict[str, str], batch: int, threads: int, rounds: int, block: int
+) -> dict[str, Any]:
+    """name -> its Timing (modelkiln.bench.interleaved): each artifact's exported model on
+    the same seeded pixels at `batch`, all loaded at once."""
+    import numpy as np
+
+    from modelkiln import load
+    from modelkiln.bench.interleaved import time_interleaved
+
+    pixels: dict[str, np.ndarray] = {}
+
+    @contextmanager
+    def opener(name: str) -> Iterator[Callable[[], object]]:
+        with load(paths[name], threads=threads) as pipeline:
+            (spec,) = pipeline.session.input_specs.values()
+            shape = (batch, *(int(d) for d in spec.shape[1:]))
+            feed = pixels.setdefault(
+                str(shape), np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+            )
+            yield lambda: pipeline.session.run({"pixel_values": feed})
+
+    return time_interleaved(list(paths), opener, rounds=rounds, block=block, warmup=2)
 
 
 if __name__ == "__main__":

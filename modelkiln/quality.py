@@ -110,6 +110,10 @@ def check(
                     profile.generation.guidance_end is not None,
                 ),
                 ("merge fewer tokens (lower model.token_merging)", profile.model.token_merging > 0),
+                (
+                    "reuse the UNet's features less (lower model.deep_cache)",
+                    profile.model.deep_cache > 0,
+                ),
             )
             if applies
         ]

@@ -53,8 +53,12 @@ def reference_pipeline(
     loaded: LoadedModel,
     profile: Profile,
     wrap: Callable[[Session], Session] = lambda session: session,
+    *,
+    exact: bool = True,
 ) -> Iterator[Pipeline]:
-    """The model's pipeline over the source's torch modules, at the profile's export shapes.
+    """The model's pipeline over the source's torch modules, at the profile's export shapes;
+    `exact`: without the build's approximations (what the gate compares with), else as the
+    artifact will run (what calibration records, the shallow UNet's inputs included).
 
     Every component's module is in memory while it is open (SD-1.5: 4.3 GB fp32).
     """
@@ -62,7 +66,8 @@ def reference_pipeline(
     try:
         for spec in loaded.components:
             inputs, outputs = export_signature(spec, profile.for_component(spec.name))
-            module = (spec.exact_module or spec.module)()
+            exact_module = spec.exact_module if exact else None
+            module = (exact_module or spec.module)()
             sessions[spec.name] = wrap(TorchModuleSession(module, spec.name, inputs, outputs))
         with tempfile.TemporaryDirectory(prefix="kiln-reference-") as scratch:
             root = Path(scratch)
@@ -75,7 +80,7 @@ def reference_pipeline(
             }
             # The reference is the exact pipeline: the artifact's approximations are measured
             # against it, never made by it.
-            info = {k: v for k, v in loaded.model_info.items() if k != APPROXIMATIONS}
+            info = {k: v for k, v in loaded.model_info.items() if k != APPROXIMATIONS or not exact}
             parts = PipelineParts(root, sessions, configs, info, loaded.task)
             yield pipeline_class(loaded).from_parts(parts)
     finally:

@@ -75,6 +75,10 @@ def test_candidates_turn_one_knob_the_plan_accepts() -> None:
     # SD's pipeline stops guidance early; LCM's and Turbo's profiles only when named
     sd = {c.label for c in candidate_space("sd", ["openvino"], cpu_features=bf16_cpu)}
     assert "sd-openvino-int8 [generation.guidance_end=0.5]" in sd
+    assert "sd-openvino-int8 [model.deep_cache=3]" in sd  # and reuses the UNet's features
+    sd3 = {c.label for c in candidate_space("sd3", ["openvino"], cpu_features=bf16_cpu)}
+    assert "sd3-openvino-int8 [generation.guidance_end=0.5]" in sd3
+    assert not any("deep_cache" in label for label in sd3)  # a transformer: no UNet to split
     assert not any(label.startswith("sd-lcm") for label in sd)
     bundled = candidate_space("sd", ["openvino"], bases=["sd-openvino-int8"], wide=False)
     assert [c.label for c in bundled] == ["sd-openvino-int8"]
@@ -173,7 +177,7 @@ def test_tune_finds_the_fastest_digits_build_inside_the_budget(tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_tune_on_a_tiny_sd_gates_guidance_end_and_reports_what_missed(
+def test_tune_on_a_tiny_sd_gates_its_approximations_and_reports_what_missed(
     source_dir: Callable[[str], Path], tmp_path: Path
 ) -> None:
     settings = TuneSettings(parse_budget("psnr=99"), prompts=("a red fox",), steps=4, rounds=2)
@@ -188,6 +192,9 @@ def test_tune_on_a_tiny_sd_gates_guidance_end_and_reports_what_missed(
     early = by_label["sd-torch-fp32 [generation.guidance_end=0.5]"]
     assert early.status == OUTSIDE and early.latency_s is None
     assert early.reason is not None and "< validation.min_psnr_db = 99.0" in early.reason
+    cached = by_label["sd-torch-fp32 [model.deep_cache=3]"]
+    assert cached.status == OUTSIDE and cached.reason is not None
+    assert "lower model.deep_cache" in cached.reason
     assert result.winner is exact
     recorded = json.loads((tmp_path / "tune.json").read_text())
     assert recorded["candidates"][0]["quality"]["min_psnr_db"] is None  # identical: no number

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -50,6 +50,14 @@ class Conditioning:
 
 # One denoiser call: (latents, timestep, conditioning) -> the model's prediction.
 Denoiser = Callable[[np.ndarray, float, Conditioning], np.ndarray]
+
+
+@runtime_checkable
+class StepAware(Protocol):
+    """A denoiser that is told where each step begins (one that reuses work across steps):
+    its calls until the next start_step belong to step `index`, guided or not."""
+
+    def start_step(self, index: int, guided: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -157,6 +165,8 @@ def denoise(
     positive = conditioning.half(1) if stops_early else conditioning
     for index, timestep in enumerate(timesteps):
         guided = index < guided_steps
+        if isinstance(model, StepAware):
+            model.start_step(index, guided)
         split = guided and split_guidance
         copies = 2 if guided and not split else 1
         model_input = np.concatenate([latents] * copies)
@@ -195,15 +205,62 @@ def unet_denoiser(unet: Session) -> Denoiser:
     """SD's and SDXL's UNet: sample, a scalar timestep, the conditioning -> out_sample."""
 
     def predict(sample: np.ndarray, timestep: float, conditioning: Conditioning) -> np.ndarray:
-        feeds = {
-            "sample": sample,
-            "timestep": np.asarray(timestep),
-            "encoder_hidden_states": conditioning.encoder_hidden_states,
-            **conditioning.extra,
-        }
-        return run_conformed(unet, feeds)["out_sample"]
+        return run_conformed(unet, unet_feeds(sample, timestep, conditioning))["out_sample"]
 
     return predict
+
+
+# The UNet's output that DeepCache keeps, and the component that takes it back: the shallow
+# UNet (models/deep_cache.py builds both).
+DEEP_FEATURES = "deep_features"
+SHALLOW_UNET = "unet_shallow"
+
+
+class DeepCacheDenoiser:
+    """DeepCache (Ma et al., 2023) over a UNet exported with `deep_features` and its
+    shallow half (models/deep_cache.py): the whole UNet runs on one step in `interval`
+    and its deep features are kept; the steps between run the shallow UNet on them. A step
+    whose batch changed (guidance ended) runs the whole UNet again: the kept features
+    belong to the guided batch. Kept per call within a step, so split guidance's two calls
+    each reuse their own."""
+
+    def __init__(self, unet: Session, shallow: Session, interval: int) -> None:
+        self.unet = unet
+        self.shallow = shallow
+        self.interval = interval
+        self._features: dict[int, np.ndarray] = {}
+        self._whole = True
+        self._guided: bool | None = None
+        self._call = 0
+
+    def start_step(self, index: int, guided: bool) -> None:
+        self._whole = index % self.interval == 0 or guided != self._guided
+        self._guided = guided
+        self._call = 0
+
+    def __call__(
+        self, sample: np.ndarray, timestep: float, conditioning: Conditioning
+    ) -> np.ndarray:
+        call, self._call = self._call, self._call + 1
+        feeds = unet_feeds(sample, timestep, conditioning)
+        kept = self._features.get(call)
+        if self._whole or kept is None or len(kept) != len(sample):
+            outputs = run_conformed(self.unet, feeds)
+            self._features[call] = outputs[DEEP_FEATURES]
+            return outputs["out_sample"]
+        return run_conformed(self.shallow, {**feeds, DEEP_FEATURES: kept})["out_sample"]
+
+
+def unet_feeds(
+    sample: np.ndarray, timestep: float, conditioning: Conditioning
+) -> dict[str, np.ndarray]:
+    """A UNet's inputs by name: SD's three, and SDXL's added conditioning."""
+    return {
+        "sample": sample,
+        "timestep": np.asarray(timestep),
+        "encoder_hidden_states": conditioning.encoder_hidden_states,
+        **conditioning.extra,
+    }
 
 
 def run_conformed(
@@ -232,9 +289,13 @@ def _keep_unmasked(
 
 
 __all__ = [
+    "DEEP_FEATURES",
+    "SHALLOW_UNET",
     "Conditioning",
+    "DeepCacheDenoiser",
     "Denoiser",
     "Inpainting",
+    "StepAware",
     "StepCallback",
     "Vae",
     "denoise",
@@ -242,4 +303,5 @@ __all__ = [
     "run_conformed",
     "start_timesteps",
     "unet_denoiser",
+    "unet_feeds",
 ]

@@ -46,6 +46,8 @@ class Request:
     split_guidance: bool = False
     # The fraction of the steps that are guided (the first ones); the rest run unguided.
     guidance_end: float = 1.0
+    # DeepCache: the whole UNet runs on one step in `cache_interval` (1: every step).
+    cache_interval: int = 1
     # One conditioning image per ControlNet, and the scales of their residuals (diffusers'
     # default 1); () without a control image.
     control_images: tuple[Image.Image, ...] = ()
@@ -63,6 +65,7 @@ class Defaults:
     steps: Mapping[str, int]  # per mode: text, image, inpaint
     guidance: Mapping[str, float]
     guidance_end: float = 1.0  # the build's [generation] guidance_end
+    cache_interval: int = 1  # the build's [model] deep_cache (1: off)
 
 
 def parse_request(
@@ -105,6 +108,15 @@ def parse_request(
             f"guidance_end must be the fraction of the steps that are guided, in (0, 1]; got "
             f"{guidance_end}"
         )
+    interval_value = options.pop("cache_interval", None)
+    cache_interval = defaults.cache_interval if interval_value is None else interval_value
+    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int | np.integer):
+        raise InputError(f"cache_interval must be a whole number of steps, got {cache_interval!r}")
+    if not 1 <= cache_interval <= MAX_STEPS:
+        raise InputError(
+            f"cache_interval must be in 1..{MAX_STEPS} (1: the whole UNet every step), got "
+            f"{cache_interval}"
+        )
     strength = float(options.pop("strength", 1.0))
     if not 0.0 < strength <= 1.0:  # NaN fails this too
         raise InputError(f"strength must be in (0, 1], got {strength}")
@@ -132,6 +144,7 @@ def parse_request(
         progress=options.pop("progress", None) or NullProgress(),
         split_guidance=bool(options.pop("split_guidance", False)),
         guidance_end=guidance_end,
+        cache_interval=int(cache_interval),
         control_images=control_images,
         control_scales=control_scales,
     )

@@ -142,7 +142,17 @@ def diffusion_notes(manifest: Manifest, files: Collection[str]) -> str:
             "latents' mean and log-variance as channel halves: latents = (mean + exp(logvar / "
             "2) × noise) × `scaling_factor`."
         )
-    others = sorted(set(components) - {"unet", "vae_decoder", "vae_encoder", *encoders})
+    interval = (info.get("approximations") or {}).get("deep_cache")
+    if "unet_shallow" in components and interval:
+        notes.append(
+            f"DeepCache: run `unet` on one step in {interval} and keep its `deep_features`; on "
+            "the steps between run `unet_shallow` on the same inputs plus the kept features "
+            "(run `unet` again when the batch changes). Running `unet` every step is the exact "
+            "pipeline."
+        )
+    others = sorted(
+        set(components) - {"unet", "unet_shallow", "vae_decoder", "vae_encoder", *encoders}
+    )
     if others:
         notes.append(f"For {', '.join(f'`{name}`' for name in others)} see the reference.")
     lines = [

@@ -57,6 +57,8 @@ class ModelFamily(ABC):
     tuning_knobs: ClassVar[tuple[str, ...]] = ()
     # Whether its exports can merge tokens between transformer blocks ([model] token_merging).
     merges_tokens: ClassVar[bool] = False
+    # Whether its denoiser can reuse deep features between steps ([model] deep_cache).
+    caches_steps: ClassVar[bool] = False
     # Ops its components contain that some converters cannot make flexible (Core ML's batch
     # and group norm): backends' profile checks read them before anything loads.
     notable_ops: ClassVar[frozenset[str]] = frozenset()
@@ -135,6 +137,11 @@ class ModelFamily(ABC):
             raise UnsupportedError(
                 f"{origin}: model.token_merging does not apply to {cls.name} models; it merges "
                 "the tokens of vision transformers (vit)"
+            )
+        if profile.model.deep_cache and not cls.caches_steps:
+            raise UnsupportedError(
+                f"{origin}: model.deep_cache does not apply to {cls.name} models; it reuses "
+                "the deep features of SD 1.x/2.x and SDXL UNets between denoising steps"
             )
         generation = profile.generation
         if not cls.schedulers and any(v is not None for v in asdict(generation).values()):

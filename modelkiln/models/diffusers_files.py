@@ -50,7 +50,8 @@ def require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) -
 
 def generation_defaults(profile: Profile) -> dict[str, Any]:
     """[generation]'s steps and guidance, which the pipeline takes where a call leaves them,
-    and its approximations (guidance_end), which the torch reference never makes."""
+    and its approximations (guidance_end, [model] deep_cache), which the torch reference never
+    makes."""
     settings = profile.generation
     chosen = {
         key: value
@@ -58,8 +59,13 @@ def generation_defaults(profile: Profile) -> dict[str, Any]:
         if value is not None
     }
     info: dict[str, Any] = {"generation": chosen} if chosen else {}
+    approximations: dict[str, Any] = {}
     if settings.guidance_end is not None:
-        info[APPROXIMATIONS] = {"guidance_end": settings.guidance_end}
+        approximations["guidance_end"] = settings.guidance_end
+    if profile.model.deep_cache:
+        approximations["deep_cache"] = profile.model.deep_cache
+    if approximations:
+        info[APPROXIMATIONS] = approximations
     return info
 
 

@@ -63,6 +63,13 @@ def unet_signature(
     return inputs, outputs
 
 
+def deep_features_spec(config: Mapping[str, Any]) -> TensorSpec:
+    """DeepCache's kept features (models/deep_cache.py): the output of the UNet's last up
+    block's first layer, the shallowest block's width at the latents' resolution."""
+    width = int(config["block_out_channels"][0])
+    return TensorSpec("float32", ("batch", width, "latent_height", "latent_width"))
+
+
 def controlnet_residuals(
     config: Mapping[str, Any], latent_height: int, latent_width: int
 ) -> dict[str, TensorSpec]:

@@ -42,6 +42,8 @@ class StableDiffusion3Family(StableDiffusionFamily):
     }
     denoiser: ClassVar[str] = "transformer"
     runtime_lora: ClassVar[bool] = False  # LoRA slots are built into UNets only
+    caches_steps: ClassVar[bool] = False  # DeepCache splits UNets only
+    tuning_knobs: ClassVar[tuple[str, ...]] = ("generation.guidance_end=0.5",)
     tokenizer_folders: ClassVar[Mapping[str, str]] = {
         "text_encoder": "tokenizer",
         "text_encoder_2": "tokenizer_2",

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from modelkiln.diffusion.control import CONTROLNET, controlnet_names, is_controlnet
+from modelkiln.diffusion.denoise import DEEP_FEATURES, SHALLOW_UNET
 from modelkiln.diffusion.schedulers import SCHEDULERS
 from modelkiln.errors import ProfileError, SourceError, UnsupportedError
 from modelkiln.models.base import PROMPTS, LoadedModel, ModelFamily
@@ -35,6 +36,7 @@ from modelkiln.models.diffusion_signatures import (
     component_config,
     controlnet_residuals,
     controlnet_signature,
+    deep_features_spec,
     lora_slot_inputs,
     text_encoder_signature,
     unet_signature,
@@ -106,8 +108,10 @@ class StableDiffusionFamily(ModelFamily):
         "stable-diffusion": "modelkiln.pipelines.diffusion:SDPipeline"
     }
     real_inputs: ClassVar[str] = PROMPTS
-    # Guidance on the first half of the steps only: half the denoiser's batch on the rest.
-    tuning_knobs: ClassVar[tuple[str, ...]] = ("generation.guidance_end=0.5",)
+    # Guidance on the first half of the steps only (half the denoiser's batch on the rest);
+    # the whole UNet on one step in 3, its shallow half on the others (DeepCache).
+    tuning_knobs: ClassVar[tuple[str, ...]] = ("generation.guidance_end=0.5", "model.deep_cache=3")
+    caches_steps: ClassVar[bool] = True
     fuses_lora: ClassVar[bool] = True
     runtime_lora: ClassVar[bool] = True
     schedulers: ClassVar[tuple[str, ...]] = tuple(n for n in SCHEDULERS if n != FLOW_MATCH)
@@ -144,6 +148,11 @@ class StableDiffusionFamily(ModelFamily):
         super().check_profile(profile, origin)
         if profile.runtime_lora.enabled:
             _check_runtime_lora(profile, cls.denoiser, origin)
+            if profile.model.deep_cache:
+                raise UnsupportedError(
+                    f"{origin}: model.deep_cache and [runtime_lora] do not combine (the shallow "
+                    "UNet has no LoRA slots); fuse LoRAs at build ([[lora]]) to cache steps"
+                )
 
     @classmethod
     def matches(cls, source: ResolvedSource) -> bool:
@@ -166,15 +175,17 @@ class StableDiffusionFamily(ModelFamily):
                 f"{root}: a ControlNet pipeline is built at a fixed resolution (its residuals' "
                 "sizes are the UNet's inputs); set shapes.dynamic_resolution = false"
             )
+        if profile.model.deep_cache:
+            _check_deep_cache(root, denoiser_config)
         sequences = cls._sequences(root)
         slots = profile.runtime_lora.targets if profile.runtime_lora.enabled else ()
         weights: dict[str, str] = {}
         components = []
-        for name, folder in cls._component_folders(root):
+        for name, folder in cls._component_folders(root, profile.model.deep_cache > 0):
             files = weight_files(root / folder, source.allow_pickle)
             weights.update({f"{folder}/{k}": v for k, v in weights_digest(files).items()})
             component = cls._component(
-                name, root / folder, files, source.allow_pickle, dims, sequences
+                name, root / folder, files, source.allow_pickle, dims, sequences, profile
             )
             if name == cls.denoiser and slots:
                 component = with_lora_slots(component, root / folder, slots)
@@ -249,9 +260,10 @@ class StableDiffusionFamily(ModelFamily):
         }
 
     @classmethod
-    def _component_folders(cls, root: Path) -> list[tuple[str, str]]:
+    def _component_folders(cls, root: Path, deep_cache: bool = False) -> list[tuple[str, str]]:
         """The text encoders the pipeline has (SD3 may lack T5, and runs with zeros in its
-        place; the required ones were checked), each with its tokenizer, then the rest."""
+        place; the required ones were checked), each with its tokenizer, then the rest (with
+        `deep_cache`, the shallow UNet after the UNet, from the same folder)."""
         present = [encoder for encoder in cls.tokenizer_folders if (root / encoder).is_dir()]
         for encoder in present:
             tokenizer = cls.tokenizer_folders[encoder]
@@ -265,8 +277,10 @@ class StableDiffusionFamily(ModelFamily):
         # controlnet_1, ...) run before the denoiser, on the same inputs.
         folders = {path.name for path in root.iterdir() if path.is_dir()}
         control = [(name, name) for name in controlnet_names(folders)]
-        denoiser = (cls.denoiser, cls.denoiser)
-        return [*text, *control, denoiser, ("vae_encoder", "vae"), ("vae_decoder", "vae")]
+        denoisers = [(cls.denoiser, cls.denoiser)]
+        if deep_cache:
+            denoisers.append((SHALLOW_UNET, cls.denoiser))
+        return [*text, *control, *denoisers, ("vae_encoder", "vae"), ("vae_decoder", "vae")]
 
     @classmethod
     def _component(
@@ -277,11 +291,15 @@ class StableDiffusionFamily(ModelFamily):
         pickle: bool,
         dims: Mapping[str, int],
         sequences: Mapping[str, int],
+        profile: Profile,
     ) -> ComponentSpec:
         from modelkiln.models import stable_diffusion_modules as modules
 
         config = read_config(folder)
         inputs, outputs = cls._signature(name, config, sequences, dims)
+        deep_cache = profile.model.deep_cache > 0
+        if deep_cache and name == "unet":
+            outputs = {**outputs, DEEP_FEATURES: deep_features_spec(config)}
         # A ControlNet pipeline's UNet also takes the ControlNet's residuals.
         controlled = name == "unet" and (folder.parent / CONTROLNET).is_dir()
         if controlled:
@@ -297,9 +315,15 @@ class StableDiffusionFamily(ModelFamily):
                 family,
                 kind,
                 controlled=controlled,
+                deep_cache=deep_cache,
             ),
             meta_module=lambda: modules.wrap(
-                name, modules.meta_component(folder), family, kind, controlled=controlled
+                name,
+                modules.meta_component(folder),
+                family,
+                kind,
+                controlled=controlled,
+                deep_cache=deep_cache,
             ),
             checkpoint=safetensors,
             inputs=inputs,
@@ -309,7 +333,9 @@ class StableDiffusionFamily(ModelFamily):
             reference_path=folder.name,
             atol=ATOL.get(CONTROLNET if is_controlnet(name) else name, VAE_ATOL),
             batch_factor=(
-                cls.denoiser_batch_factor if name == cls.denoiser or is_controlnet(name) else 1
+                cls.denoiser_batch_factor
+                if name in (cls.denoiser, SHALLOW_UNET) or is_controlnet(name)
+                else 1
             ),
             default_dims=dict(dims),
             config_file=component_config(name, config, kind),
@@ -328,6 +354,9 @@ class StableDiffusionFamily(ModelFamily):
             return text_encoder_signature(kind, config, sequences[name])
         if name == "unet":
             return unet_signature(config, sequences["text_encoder"], cls.xl)
+        if name == SHALLOW_UNET:
+            inputs, outputs = unet_signature(config, sequences["text_encoder"], cls.xl)
+            return {**inputs, DEEP_FEATURES: deep_features_spec(config)}, outputs
         if is_controlnet(name):
             return controlnet_signature(config, sequences["text_encoder"], dims, cls.xl)
         return vae_signature(name, config)
@@ -342,7 +371,10 @@ class StableDiffusionFamily(ModelFamily):
         # A ControlNet artifact's UNet takes the residuals (its ControlNet lies beside it).
         controlled = component == "unet" and (model_dir.parent / CONTROLNET).is_dir()
         kind = TEXT_ENCODERS[cls.name].get(component)
-        return modules.wrap(component, model, cls.name, kind, controlled=controlled)
+        deep_cache = bool(settings.get("deep_cache"))
+        return modules.wrap(
+            component, model, cls.name, kind, controlled=controlled, deep_cache=deep_cache
+        )
 
     @classmethod
     def pipeline_for(cls, task: str) -> str:
@@ -415,6 +447,33 @@ def _check_runtime_lora(profile: Profile, denoiser: str, origin: str) -> None:
         )
     if not profile.runtime_lora.targets:
         raise ProfileError(f"{origin}: runtime_lora.targets is empty; name the layers to adapt")
+
+
+def _check_deep_cache(root: Path, unet_config: Mapping[str, Any]) -> None:
+    """A UNet DeepCache can split: SD's or SDXL's conditioning, more than one block, no
+    ControlNet (whose residuals the shallow UNet would also need)."""
+    where = f"{root}: model.deep_cache"
+    if (root / CONTROLNET).is_dir():
+        raise UnsupportedError(
+            f"{where} is not built for ControlNet pipelines (the shallow UNet takes no "
+            "residuals); build without it"
+        )
+    if len(unet_config.get("block_out_channels", ())) < 2:
+        raise UnsupportedError(f"{where}: a UNet of one block has no deep features to reuse")
+    if not isinstance(unet_config.get("layers_per_block", 2), int):
+        raise UnsupportedError(
+            f"{where}: the shallow UNet is built for one layers_per_block for every block, not "
+            f"{unet_config['layers_per_block']}; build without model.deep_cache"
+        )
+    keys = ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
+    named = [f"{key} = {unet_config[key]}" for key in keys if unet_config.get(key) is not None]
+    if unet_config.get("addition_embed_type") not in (None, "text_time"):
+        named.append(f"addition_embed_type = {unet_config['addition_embed_type']}")
+    if named:
+        raise UnsupportedError(
+            f"{where}: the shallow UNet is built for SD's and SDXL's conditioning, not "
+            f"{', '.join(named)}; build without model.deep_cache"
+        )
 
 
 def _resolution(

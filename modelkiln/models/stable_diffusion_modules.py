@@ -303,10 +303,14 @@ def wrap(
     text_kind: str | None,
     *,
     controlled: bool = False,
+    deep_cache: bool = False,
 ) -> nn.Module:
     """The export wrapper of one component of a `family` (sd, sdxl, sd3, flux) pipeline;
     `text_kind`: how a text encoder exports (diffusion_signatures.TEXT_ENCODERS), else None;
-    `controlled`: the UNet also takes a ControlNet's residuals."""
+    `controlled`: the UNet also takes a ControlNet's residuals; `deep_cache`: the UNet also
+    outputs its deep features (models/deep_cache.py), which unet_shallow takes."""
+    from modelkiln.models import deep_cache as caching
+
     if text_kind == "t5":
         return T5Encoder(model).eval()
     if text_kind == "clip-projection":
@@ -317,6 +321,10 @@ def wrap(
         return ControlNet(model, xl=family == "sdxl").eval()
     if component == "unet" and controlled:
         return ControlledUNet(model, xl=family == "sdxl").eval()
+    if component == caching.SHALLOW_UNET:
+        return caching.shallow_unet(model, xl=family == "sdxl").eval()
+    if component == "unet" and deep_cache:
+        return caching.with_deep_features(model, xl=family == "sdxl").eval()
     if component == "unet":
         return (UNetXL(model) if family == "sdxl" else UNet(model)).eval()
     if component == "transformer":

@@ -62,6 +62,9 @@ class Pipeline(Closeable):
 
     # session name -> the stage `kiln bench` reports its calls as (default: the name).
     stages: ClassVar[Mapping[str, str]] = {}
+    # Sessions that low_memory keeps resident beside the others (a small one the pipeline
+    # alternates with a large one, which would otherwise reload at every switch).
+    resident_apart: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, sessions: Mapping[str, Session], task: str) -> None:
         self.sessions = dict(sessions)
@@ -93,8 +96,9 @@ class Pipeline(Closeable):
             for name, record in manifest.components.items():
                 if low_memory:
                     opener = partial(artifact.session, name, runtime, **options)
+                    group = Residency() if name in cls.resident_apart else residency
                     sessions[name] = OnDemandSession(
-                        opener, record.name, record.inputs, record.outputs, residency
+                        opener, record.name, record.inputs, record.outputs, group
                     )
                 else:
                     sessions[name] = artifact.session(name, runtime, **options)

@@ -20,7 +20,9 @@ import numpy as np
 
 from modelkiln.diffusion.control import control_to_pixels, controlled_denoiser, controlnet_names
 from modelkiln.diffusion.denoise import (
+    SHALLOW_UNET,
     Conditioning,
+    DeepCacheDenoiser,
     Denoiser,
     Inpainting,
     Vae,
@@ -55,10 +57,13 @@ class SDPipeline(ImageGenerator):
     tokenizers: ClassVar[tuple[str, ...]] = ("tokenizer",)
     stages: ClassVar[Mapping[str, str]] = {
         "unet": "unet_step",
+        SHALLOW_UNET: "unet_shallow_step",
         "controlnet": "controlnet_step",
         "vae_encoder": "vae_encode",
         "vae_decoder": "vae_decode",
     }
+    # DeepCache's shallow UNet alternates with the UNet: low_memory keeps it open apart.
+    resident_apart: ClassVar[frozenset[str]] = frozenset({SHALLOW_UNET})
     # diffusers' __call__ defaults for the family, per mode: the same call, the same image.
     default_steps: ClassVar[Mapping[str, int]] = {"text": 50, "image": 50, "inpaint": 50}
     default_guidance: ClassVar[Mapping[str, float]] = {"text": 7.5, "image": 7.5, "inpaint": 7.5}
@@ -275,6 +280,8 @@ class SDPipeline(ImageGenerator):
 
     def _denoiser(self, request: Request) -> Denoiser:
         unet = self.sessions["unet"]
+        if request.cache_interval > 1:
+            return self._caching_denoiser(unet, request.cache_interval)
         names = controlnet_names(self.sessions)
         if not names:
             return unet_denoiser(unet)
@@ -282,6 +289,16 @@ class SDPipeline(ImageGenerator):
         controls = [control_to_pixels(image, *size) for image in request.control_images]
         nets = [self.sessions[name] for name in names] if controls else []
         return controlled_denoiser(nets, unet, controls, request.control_scales)
+
+    def _caching_denoiser(self, unet: Session, interval: int) -> Denoiser:
+        shallow = self.sessions.get(SHALLOW_UNET)
+        if shallow is None:
+            raise UnsupportedError(
+                f"cache_interval {interval} reuses the UNet's deep features, and this artifact "
+                f"has no {SHALLOW_UNET}: rebuild it with --set model.deep_cache={interval}, or "
+                "run with cache_interval 1"
+            )
+        return DeepCacheDenoiser(unet, shallow, interval)
 
     def _guidance_scale(self, request: Request) -> float:
         """Classifier-free guidance's scale (1: none)."""
@@ -331,7 +348,12 @@ class SDPipeline(ImageGenerator):
             kind: float(chosen.get("guidance", g)) for kind, g in self.default_guidance.items()
         }
         approximations = self.model_info.get(APPROXIMATIONS) or {}
-        defaults = Defaults(steps, guidance, float(approximations.get("guidance_end", 1.0)))
+        defaults = Defaults(
+            steps,
+            guidance,
+            float(approximations.get("guidance_end", 1.0)),
+            int(approximations.get("deep_cache", 1)),
+        )
         request = parse_request(mode, prompt, settings, defaults, self._check_size)
         nets = len(controlnet_names(self.sessions))
         given = len(request.control_images)

@@ -61,6 +61,15 @@ class FlowPipeline(SDPipeline):
             else None
         )
 
+    def _request(self, mode: str, prompt: Any, settings: Mapping[str, Any]) -> Request:
+        request = super()._request(mode, prompt, settings)
+        if request.cache_interval > 1:
+            raise UnsupportedError(
+                "cache_interval reuses a UNet's deep features (SD 1.x/2.x, SDXL); this "
+                "pipeline's denoiser is a transformer: leave cache_interval at 1"
+            )
+        return request
+
     def _check_denoiser(self, configs: Mapping[str, Mapping[str, Any]]) -> None:
         """Nothing to refuse up front (SD's check is of a UNet's config); the scheduler is
         checked per call (_scheduler)."""

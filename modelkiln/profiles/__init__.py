@@ -26,6 +26,7 @@ from typing import Any, Literal
 from modelkiln.errors import ProfileError, did_you_mean
 from modelkiln.profiles.diffusion import GenerationSettings, LoraSettings, RuntimeLoraSettings
 from modelkiln.profiles.history import MOVED_IN_V2, SCHEMA_VERSION, upgrade
+from modelkiln.profiles.model import ModelSettings
 from modelkiln.profiles.parsing import (
     apply_override,
     parse_section,
@@ -46,19 +47,6 @@ MAX_IMAGES = 64  # generated per prompt in one call
 
 Precision = Literal["fp32", "bf16", "fp16"]
 NO_SCHEME = "none"
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """[model]: what to take from the source."""
-
-    # auto: as the family decides (a ViT with a head classifies); the family lists its tasks.
-    task: str = "auto"
-    # Extra outputs hidden_state_<k>: the output of transformer block k (1-based).
-    hidden_layers: tuple[int, ...] = ()
-    # Tokens merged after each transformer block (ToMe; 0: none): an approximation the
-    # end-to-end gate measures against the unmerged model (models/token_merging.py).
-    token_merging: int = 0
 
 
 @dataclass(frozen=True)
@@ -322,10 +310,12 @@ class Profile:
             ("calibration.batch_size", self.calibration.batch_size, 1, MAX_BATCH),
             ("runtime.threads", self.runtime.threads, 1, 4096),
             ("model.token_merging", self.model.token_merging, 0, 4096),
+            ("model.deep_cache", self.model.deep_cache, 0, MAX_STEPS),
             ("build.max_memory_gb", self.build.max_memory_gb, 0.001, 1e6),
         ):
             if value is not None and not low <= value <= high:
                 raise ProfileError(f"{origin}: {key} must be in {low}..{high}, got {value}")
+        self.model.check(origin)
         end = self.generation.guidance_end
         if end is not None and not 0.0 < end <= 1.0:  # NaN fails this too
             raise ProfileError(

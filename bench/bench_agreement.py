@@ -1,0 +1,87 @@
+"""Does `kiln bench` tell the same time as an in-process interleaved measurement?
+
+    python bench/bench_agreement.py NAME=ARTIFACT [NAME=ARTIFACT ...] --work WORK
+                                    [--batch 8] [--threads 2] [--runs 20] [--rounds 5]
+
+`kiln bench` measures each artifact in a process of its own, one after the other (its
+default, --isolate), and reports each one's median latency. bench/interleaved_artifacts.py
+loads them all in one process and times them in alternating rounds, which a drifting host
+cannot skew. Run both, back to back, on the same artifacts and batch; each row is kiln
+bench's median over the interleaved median (1.00: the same time) and whether they agree
+within --tolerance (10 %). Writes WORK/bench_agreement.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from interleaved_artifacts import interleaved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifacts", nargs="+", metavar="NAME=ARTIFACT")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=20, help="kiln bench's timed calls")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 3 calls")
+    parser.add_argument("--tolerance", type=float, default=0.10)
+    args = parser.parse_args()
+    paths = dict(item.split("=", 1) for item in args.artifacts)
+    command = [sys.executable, "-m", "modelkiln", "bench", *paths.values()]
+    command += ["--batch-size", str(args.batch), "--threads", str(args.threads)]
+    command += ["--runs", str(args.runs), "--no-reference", "--json"]
+    command += ["-o", str(args.work / "kiln-bench")]
+    done = subprocess.run(command, check=True, capture_output=True, text=True)
+    entries = json.loads(done.stdout)["entries"]
+    bench = {
+        name: next(e["p50_s"] for e in entries if Path(e["artifact"]) == Path(path).resolve())
+        for name, path in paths.items()
+    }
+    timings = interleaved(paths, args.batch, args.threads, args.rounds, block=3)
+    from modelkiln.env import cpu_info
+
+    cpu = cpu_info()
+    rows = [
+        {
+            "name": name,
+            "kiln_bench_s": bench[name],
+            "interleaved_s": timings[name].median,
+            "ratio": bench[name] / timings[name].median,
+            "agrees": abs(bench[name] / timings[name].median - 1) <= args.tolerance,
+        }
+        for name in paths
+    ]
+    report = {
+        "machine": f"{cpu['model']} ({', '.join(cpu['features'])}), {args.threads} threads",
+        "batch": args.batch,
+        "tolerance": args.tolerance,
+        "rows": rows,
+    }
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "bench_agreement.json").write_text(json.dumps(report, indent=2))
+    lines = [
+        f"batch {args.batch}; {report['machine']}; kiln bench: median of {args.runs} calls per "
+        f"artifact, each in its own process; interleaved: median of {args.rounds} rounds",
+        "",
+        f"| artifact | kiln bench | interleaved | ratio | within {args.tolerance:.0%} |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['name']} | {row['kiln_bench_s'] * 1e3:.0f} ms "
+            f"| {row['interleaved_s'] * 1e3:.0f} ms | {row['ratio']:.2f} "
+            f"| {'yes' if row['agrees'] else 'no'} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (args.work / "bench_agreement.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
