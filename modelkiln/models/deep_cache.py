@@ -84,8 +84,8 @@ class WithDeepFeaturesXL(WithDeepFeatures):
 
 class ShallowUNet(nn.Module):
     """sample, timestep, encoder_hidden_states, deep_features -> out_sample: the UNet's
-    forward (diffusers' UNet2DConditionModel) with its deep blocks replaced by the kept
-    features."""
+    forward (diffusers' UNet2DConditionModel) through its shallowest layers only, the kept
+    features standing in for everything between them."""
 
     model: Any  # diffusers UNet2DConditionModel
 
