@@ -78,8 +78,8 @@ def reference_pipeline(
             configs = {
                 spec.name: json.loads(spec.config_file or b"{}") for spec in loaded.components
             }
-            # The reference is the exact pipeline: the artifact's approximations are measured
-            # against it, never made by it.
+            # The gate's reference is the exact pipeline: the artifact's approximations are
+            # measured against it, never made by it (calibration asks for them: not exact).
             info = {k: v for k, v in loaded.model_info.items() if k != APPROXIMATIONS or not exact}
             parts = PipelineParts(root, sessions, configs, info, loaded.task)
             yield pipeline_class(loaded).from_parts(parts)

@@ -1,13 +1,14 @@
 """DeepCache (Ma et al., 2023) for SD's and SDXL's UNets: the torch side.
 
 Adjacent denoising steps change a UNet's deep features little. With `[model] deep_cache = N`
-the UNet also outputs `deep_features`, the output of its last up block's first layer, and a
-second component, `unet_shallow`, computes a step from the same inputs plus those features:
-the time embedding, conv_in, the first down block's layers but its last, the last up block's
-layers but its first, and the output convolution (DeepCache's shallowest branch, its
-default), on the steps between those where the whole UNet runs (one in N;
-diffusion/denoise.py decides which). The wrappers keep the UNet as `self.model`, so
-weights keep their checkpoint names and the ONNX export streams them.
+the UNet's wrapper also outputs `deep_features`, the output of its last up block's first
+layer (stable_diffusion_modules.UNet), and a second component, `unet_shallow`, computes a
+step from the same inputs plus those features: the time embedding, conv_in, the first down
+block's layers but its last, the last up block's layers but its first, and the output
+convolution (DeepCache's shallowest branch, its default), on the steps between those where
+the whole UNet runs (one in N; diffusion/denoise.py decides which). The wrappers keep the
+UNet as `self.model`, so weights keep their checkpoint names and the ONNX export streams
+them.
 """
 
 from __future__ import annotations
@@ -18,68 +19,6 @@ import torch
 from torch import nn
 
 from modelkiln.diffusion.denoise import SHALLOW_UNET
-
-
-class WithDeepFeatures(nn.Module):
-    """sample, timestep, encoder_hidden_states -> out_sample, deep_features: SD's UNet, also
-    returning the output of its last up block's first layer (kept by a hook, so diffusers'
-    forward runs unchanged). Named arguments, as torch.export's dynamic shapes (ExecuTorch)
-    need them."""
-
-    model: Any  # diffusers UNet2DConditionModel
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self._kept: list[torch.Tensor] = []
-        last = self.model.up_blocks[-1]
-        attentions = getattr(last, "attentions", None)
-        first_layer = attentions[0] if attentions is not None else last.resnets[0]
-        first_layer.register_forward_hook(self._keep)
-
-    def _keep(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        # A transformer returns a tuple (return_dict=False), a resnet its tensor.
-        self._kept.append(output[0] if isinstance(output, tuple) else output)
-
-    def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._run(sample, timestep, encoder_hidden_states, None)
-
-    def _run(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        conditions: dict[str, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        self._kept.clear()
-        try:
-            out = self.model(
-                sample,
-                timestep,
-                encoder_hidden_states,
-                added_cond_kwargs=conditions,
-                return_dict=False,
-            )[0]
-            return out, self._kept[-1]
-        finally:
-            self._kept.clear()
-
-
-class WithDeepFeaturesXL(WithDeepFeatures):
-    """SDXL's: also the pooled text_embeds and the six time_ids."""
-
-    def forward(  # type: ignore[override]
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        text_embeds: torch.Tensor,
-        time_ids: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        conditions = {"text_embeds": text_embeds, "time_ids": time_ids}
-        return self._run(sample, timestep, encoder_hidden_states, conditions)
 
 
 class ShallowUNet(nn.Module):
@@ -167,11 +106,6 @@ def _layer(
     return hidden
 
 
-def with_deep_features(model: nn.Module, xl: bool) -> nn.Module:
-    """The UNet's export wrapper (SD's or SDXL's), also returning its deep features."""
-    return WithDeepFeaturesXL(model) if xl else WithDeepFeatures(model)
-
-
 def shallow_unet(model: Any, xl: bool) -> ShallowUNet:
     """`model` (a UNet of its own) as the shallow UNet, its deep blocks let go: the
     reference pipeline holds this beside the whole UNet."""
@@ -187,8 +121,5 @@ __all__ = [
     "SHALLOW_UNET",
     "ShallowUNet",
     "ShallowUNetXL",
-    "WithDeepFeatures",
-    "WithDeepFeaturesXL",
     "shallow_unet",
-    "with_deep_features",
 ]

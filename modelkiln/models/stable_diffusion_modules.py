@@ -97,16 +97,42 @@ class TextEncoderWithProjection(nn.Module):
 
 
 class UNet(nn.Module):
-    """sample, timestep, encoder_hidden_states -> out_sample."""
+    """sample, timestep, encoder_hidden_states -> out_sample [, deep_features].
 
-    def __init__(self, model: nn.Module) -> None:
+    `deep_features` (DeepCache, models/deep_cache.py): also the output of the last up block's
+    first layer, which the shallow UNet takes back; a forward hook keeps it, so diffusers'
+    forward runs unchanged."""
+
+    model: Any  # diffusers UNet2DConditionModel
+
+    def __init__(self, model: nn.Module, deep_features: bool = False) -> None:
         super().__init__()
         self.model = model
+        self._kept: list[torch.Tensor] | None = None
+        if deep_features:
+            self._kept = []
+            last = self.model.up_blocks[-1]
+            attentions = getattr(last, "attentions", None)
+            first_layer = attentions[0] if attentions is not None else last.resnets[0]
+            first_layer.register_forward_hook(self._keep)
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor]:
-        return (self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0],)
+    ) -> tuple[torch.Tensor, ...]:
+        return self._outputs(self.model(sample, timestep, encoder_hidden_states, return_dict=False))
+
+    def _keep(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        assert self._kept is not None  # registered only when keeping
+        # A transformer returns a tuple (return_dict=False), a resnet its tensor.
+        self._kept.append(output[0] if isinstance(output, tuple) else output)
+
+    def _outputs(self, result: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self._kept is None:
+            return (result[0],)
+        try:
+            return (result[0], self._kept[-1])
+        finally:
+            self._kept.clear()
 
 
 class ControlledUNet(nn.Module):
@@ -179,26 +205,22 @@ def _added_conditions(
     return {"text_embeds": text_embeds, "time_ids": time_ids}, tuple(rest)
 
 
-class UNetXL(nn.Module):
+class UNetXL(UNet):
     """SDXL's UNet: also the pooled text_embeds and the six time_ids."""
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(
+    def forward(  # type: ignore[override]
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         text_embeds: torch.Tensor,
         time_ids: torch.Tensor,
-    ) -> tuple[torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         conditions = {"text_embeds": text_embeds, "time_ids": time_ids}
         result = self.model(
             sample, timestep, encoder_hidden_states, added_cond_kwargs=conditions, return_dict=False
         )
-        return (result[0],)
+        return self._outputs(result)
 
 
 class VaeEncoder(nn.Module):
@@ -323,10 +345,8 @@ def wrap(
         return ControlledUNet(model, xl=family == "sdxl").eval()
     if component == caching.SHALLOW_UNET:
         return caching.shallow_unet(model, xl=family == "sdxl").eval()
-    if component == "unet" and deep_cache:
-        return caching.with_deep_features(model, xl=family == "sdxl").eval()
     if component == "unet":
-        return (UNetXL(model) if family == "sdxl" else UNet(model)).eval()
+        return (UNetXL if family == "sdxl" else UNet)(model, deep_features=deep_cache).eval()
     if component == "transformer":
         return (FluxTransformer(model) if family == "flux" else SD3Transformer(model)).eval()
     if component == "vae_encoder":

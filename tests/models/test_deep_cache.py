@@ -29,11 +29,11 @@ def test_shallow_unet_on_the_kept_features_is_the_whole_unet(
     import torch
 
     from modelkiln.models import stable_diffusion_modules as modules
-    from modelkiln.models.deep_cache import ShallowUNet, ShallowUNetXL, with_deep_features
+    from modelkiln.models.deep_cache import ShallowUNet, ShallowUNetXL
 
     unet = modules.load_component(source_dir(source) / "unet", pickle=False)
     xl = source == "sdxl"
-    whole = with_deep_features(unet, xl)
+    whole = modules.wrap("unet", unet, source, None, deep_cache=True)
     shallow_class = ShallowUNetXL if xl else ShallowUNet
     torch.manual_seed(0)
     sample, timestep = torch.randn(2, 4, 16, 16), torch.tensor(401.0)
@@ -63,7 +63,8 @@ def test_shallow_unet_takes_the_skips_of_deeper_first_blocks(
     import torch
     from diffusers import UNet2DConditionModel
 
-    from modelkiln.models.deep_cache import ShallowUNet, with_deep_features
+    from modelkiln.models import stable_diffusion_modules as modules
+    from modelkiln.models.deep_cache import ShallowUNet
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -78,7 +79,9 @@ def test_shallow_unet_takes_the_skips_of_deeper_first_blocks(
     ).eval()
     sample, timestep, text = torch.randn(2, 4, 8, 8), torch.tensor(300.0), torch.randn(2, 7, 32)
     with torch.no_grad():
-        out, features = with_deep_features(unet, xl=False)(sample, timestep, text)
+        out, features = modules.wrap("unet", unet, "sd", None, deep_cache=True)(
+            sample, timestep, text
+        )
         (shallow,) = ShallowUNet(unet)(sample, timestep, text, features)
     assert torch.equal(shallow, out)
 
