@@ -1,14 +1,16 @@
-"""Does `kiln bench` tell the same time as an in-process interleaved measurement?
+"""Does `kiln bench` tell the same time as an interleaved measurement?
 
     python bench/bench_agreement.py NAME=ARTIFACT [NAME=ARTIFACT ...] --work WORK
                                     [--batch 8] [--threads 2] [--runs 20] [--rounds 5]
+                                    [--in-process]
 
 `kiln bench` measures each artifact in a process of its own, one after the other (its
 default, --isolate), and reports each one's median latency. bench/interleaved_artifacts.py
-loads them all in one process and times them in alternating rounds, which a drifting host
-cannot skew. Run both, back to back, on the same artifacts and batch; each row is kiln
-bench's median over the interleaved median (1.00: the same time) and whether they agree
-within --tolerance (10 %). Writes WORK/bench_agreement.json and .md.
+loads them all at once, each in a child process (--in-process: all in this one), and times
+them in alternating rounds, which a drifting host cannot skew. Run both, back to back, on
+the same artifacts and batch; each row is kiln bench's median over the interleaved median
+(1.00: the same time) and whether they agree within --tolerance (10 %). Writes
+WORK/bench_agreement.json and .md.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20, help="kiln bench's timed calls")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of 3 calls")
     parser.add_argument("--tolerance", type=float, default=0.10)
+    parser.add_argument("--in-process", action="store_true", help="interleave in one process")
     args = parser.parse_args()
     paths = dict(item.split("=", 1) for item in args.artifacts)
     command = [sys.executable, "-m", "modelkiln", "bench", *paths.values()]
@@ -43,7 +46,9 @@ def main() -> None:
         name: next(e["p50_s"] for e in entries if Path(e["artifact"]) == Path(path).resolve())
         for name, path in paths.items()
     }
-    timings = interleaved(paths, args.batch, args.threads, args.rounds, block=3)
+    timings = interleaved(
+        paths, args.batch, args.threads, args.rounds, block=3, isolate=not args.in_process
+    )
     from modelkiln.env import cpu_info
 
     cpu = cpu_info()
@@ -61,13 +66,16 @@ def main() -> None:
         "machine": f"{cpu['model']} ({', '.join(cpu['features'])}), {args.threads} threads",
         "batch": args.batch,
         "tolerance": args.tolerance,
+        "in_process": args.in_process,
         "rows": rows,
     }
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "bench_agreement.json").write_text(json.dumps(report, indent=2))
+    where = "all in one process" if args.in_process else "each in a child process"
     lines = [
         f"batch {args.batch}; {report['machine']}; kiln bench: median of {args.runs} calls per "
-        f"artifact, each in its own process; interleaved: median of {args.rounds} rounds",
+        f"artifact, each in its own process; interleaved ({where}): median of {args.rounds} "
+        "rounds",
         "",
         f"| artifact | kiln bench | interleaved | ratio | within {args.tolerance:.0%} |",
         "| --- | --- | --- | --- | --- |",

@@ -2,19 +2,22 @@
 drifting host cannot skew.
 
     python bench/interleaved_artifacts.py NAME=ARTIFACT [NAME=ARTIFACT ...] [--batch 8]
-                                          [--rounds 5] [--block 3] [--threads 2]
+                                          [--rounds 5] [--block 3] [--threads 2] [--in-process]
 
-Each artifact is loaded once (modelkiln.load) and its exported model called on the same
-seeded pixels at --batch; modelkiln.bench.interleaved times them in --rounds rounds of
---block calls each, the order reversed every other round, after 2 untimed calls each. Prints
-each one's median of its rounds' block medians, every round's, and the ratio to the first.
+Each artifact is loaded once (modelkiln.load), in a process of its own
+(modelkiln/bench/child_call.py; --in-process: all in this one), and its exported model called
+on the same seeded pixels at --batch; modelkiln.bench.interleaved times them in --rounds
+rounds of --block calls each, the order reversed every other round, after 2 untimed calls
+each. Prints each one's median of its rounds' block medians, every round's, and the ratio to
+the first.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from typing import Any
 
 
@@ -25,9 +28,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--block", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--in-process", action="store_true", help="all runtimes in one process")
     args = parser.parse_args()
     paths = dict(item.split("=", 1) for item in args.artifacts)
-    timings = interleaved(paths, args.batch, args.threads, args.rounds, args.block)
+    timings = interleaved(
+        paths, args.batch, args.threads, args.rounds, args.block, isolate=not args.in_process
+    )
     first = timings[next(iter(paths))].median
     print(f"batch {args.batch}, {args.threads} threads, {args.rounds} rounds of {args.block}")
     for name, timing in timings.items():
@@ -39,28 +45,39 @@ def main() -> None:
 
 
 def interleaved(
-    paths: dict[str, str], batch: int, threads: int, rounds: int, block: int
+    paths: dict[str, str],
+    batch: int,
+    threads: int,
+    rounds: int,
+    block: int,
+    *,
+    isolate: bool = True,
 ) -> dict[str, Any]:
     """name -> its Timing (modelkiln.bench.interleaved): each artifact's exported model on
-    the same seeded pixels at `batch`, all loaded at once."""
+    the same seeded pixels at `batch`, all loaded at once, each in a child process unless
+    not `isolate`."""
+    from modelkiln.bench.child_call import call_in_child
+    from modelkiln.bench.interleaved import time_interleaved
+
+    def opener(name: str) -> AbstractContextManager[Callable[[], object]]:
+        factory = partial(open_pixel_call, paths[name], batch, threads)
+        return call_in_child(factory) if isolate else factory()
+
+    return time_interleaved(list(paths), opener, rounds=rounds, block=block, warmup=2)
+
+
+@contextmanager
+def open_pixel_call(path: str, batch: int, threads: int) -> Iterator[Callable[[], Any]]:
+    """The artifact loaded, and its exported model's call on seeded pixels at `batch`."""
     import numpy as np
 
     from modelkiln import load
-    from modelkiln.bench.interleaved import time_interleaved
 
-    pixels: dict[str, np.ndarray] = {}
-
-    @contextmanager
-    def opener(name: str) -> Iterator[Callable[[], object]]:
-        with load(paths[name], threads=threads) as pipeline:
-            (spec,) = pipeline.session.input_specs.values()
-            shape = (batch, *(int(d) for d in spec.shape[1:]))
-            feed = pixels.setdefault(
-                str(shape), np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-            )
-            yield lambda: pipeline.session.run({"pixel_values": feed})
-
-    return time_interleaved(list(paths), opener, rounds=rounds, block=block, warmup=2)
+    with load(path, threads=threads) as pipeline:
+        (spec,) = pipeline.session.input_specs.values()
+        shape = (batch, *(int(d) for d in spec.shape[1:]))
+        feed = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        yield lambda: pipeline.session.run({"pixel_values": feed})
 
 
 if __name__ == "__main__":

@@ -1,19 +1,19 @@
 """What each of SD's speed approximations saves end to end, and what it costs in quality.
 
-    python bench/sd_approximations.py --work /tmp/kiln-bench [--profile sd-openvino-int8]
+    python bench/sd_approximations.py --work /tmp/kiln-bench [--profiles sd-openvino-int8,...]
         [--deep-cache 3] [--variants "exact;guidance_end=0.5;cache_interval=3"] [--torch]
         [--steps 20] [--runs 2] [--threads 2]
 
-One artifact of an SD-1.5-sized pipeline with random weights (WORK/sd15, shared with
-bench/sd_speed.py), built once with `model.deep_cache = --deep-cache` (so that it can run
-DeepCache; `cache_interval=1` runs its whole UNet every step: the exact pipeline) under
-WORK/artifacts/PROFILE-deep-cache-N, loaded once. Each variant is a set of generation
-settings (`exact`: none; `guidance_end=0.5,cache_interval=3`: both); each runs a 512x512
-text-to-image generation (--steps steps, guidance 7.5, seed 0). With --torch, diffusers'
-own pipeline in fp32 (the baseline of the `vs torch` column) is one more label. All of them
-are timed interleaved in rounds (bench/interleaved.py), after one untimed 1-step call each.
-Quality: PSNR and SSIM of each image against the exact variant's, same seed. Writes
-WORK/sd_approximations.json and .md.
+An SD-1.5-sized pipeline with random weights (WORK/sd15, shared with bench/sd_speed.py),
+built once per profile with `model.deep_cache = --deep-cache` (so that it can run DeepCache;
+`cache_interval=1` runs its whole UNet every step: the exact pipeline) under
+WORK/artifacts/PROFILE-deep-cache-N, each loaded once. Each variant is a set of generation
+settings (`exact`: none; `guidance_end=0.5,cache_interval=3`: both) run on every profile's
+artifact; each runs a 512x512 text-to-image generation (--steps steps, guidance 7.5, seed 0).
+With --torch, diffusers' own pipeline in fp32 (the baseline of the `vs torch` column) is one
+more label. All of them are timed interleaved in rounds (bench/interleaved.py), in this one
+process, after one untimed 1-step call each. Quality: PSNR and SSIM of each image against
+its profile's exact variant's, same seed. Writes WORK/sd_approximations.json and .md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ GUIDANCE = 7.5
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--profile", default="sd-openvino-int8")
+    parser.add_argument("--profiles", default="sd-openvino-int8", help="comma-separated")
     parser.add_argument("--deep-cache", type=int, default=3, help="the build's model.deep_cache")
     parser.add_argument("--variants", default="exact;guidance_end=0.5;cache_interval=3")
     parser.add_argument("--torch", action="store_true", help="diffusers fp32 as a baseline")
@@ -53,18 +54,24 @@ def main() -> None:
         print(f"writing a random pipeline ({maker}) to {source} ...", flush=True)
         code = f"from modelkiln.testing import {maker}; {maker}({str(source)!r})"
         subprocess.run([sys.executable, "-c", code], check=True)
-    artifact = args.work / "artifacts" / f"{args.profile}-deep-cache-{args.deep_cache}"
-    if not (artifact / "kiln.json").is_file():
-        print(f"building {artifact.name} ...", flush=True)
-        command = [sys.executable, "-m", "modelkiln", "build", str(source)]
-        command += ["--profile", args.profile, "-o", str(artifact)]
-        command += ["--set", f"model.deep_cache={args.deep_cache}"]
-        subprocess.run(command, check=True)
-    report = measure(artifact, source, variants, args)
+    artifacts = {profile: built(source, profile, args) for profile in args.profiles.split(",")}
+    report = measure(artifacts, source, variants, args)
     (args.work / "sd_approximations.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (args.work / "sd_approximations.md").write_text(table)
     print(table)
+
+
+def built(source: Path, profile: str, args: argparse.Namespace) -> Path:
+    """The profile's artifact of `source` with deep_cache, built unless it is there."""
+    artifact = args.work / "artifacts" / f"{profile}-deep-cache-{args.deep_cache}"
+    if not (artifact / "kiln.json").is_file():
+        print(f"building {artifact.name} ...", flush=True)
+        command = [sys.executable, "-m", "modelkiln", "build", str(source)]
+        command += ["--profile", profile, "-o", str(artifact)]
+        command += ["--set", f"model.deep_cache={args.deep_cache}"]
+        subprocess.run(command, check=True)
+    return artifact
 
 
 def settings_of(label: str) -> dict[str, float | int]:
@@ -79,7 +86,10 @@ def settings_of(label: str) -> dict[str, float | int]:
 
 
 def measure(
-    artifact: Path, source: Path, variants: dict[str, dict[str, Any]], args: argparse.Namespace
+    artifacts: dict[str, Path],
+    source: Path,
+    variants: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
 ) -> dict[str, Any]:
     import torch
 
@@ -90,20 +100,19 @@ def measure(
 
     torch.set_num_threads(args.threads)
     images: dict[str, Any] = {}
-    with load(artifact, threads=args.threads) as pipeline:
-        size = pipeline.size
-
-        def generate(label: str, steps: int) -> Any:
-            # cache_interval 1 unless the variant says: the artifact's default is its build's.
-            settings = {"cache_interval": 1, **variants[label]}
-            settings |= {"steps": steps, "guidance": GUIDANCE, "seed": 0}
-            return pipeline.text_to_image(PROMPT, **settings)[0]
-
-        calls: dict[str, Callable[[int], Any]] = {
-            label: (lambda steps, label=label: generate(label, steps)) for label in variants
-        }
+    calls: dict[str, Callable[[int], Any]] = {}
+    runs: dict[str, tuple[str, str]] = {}  # label -> (profile, variant)
+    with ExitStack() as stack:
+        for profile, artifact in artifacts.items():
+            pipeline = stack.enter_context(load(artifact, threads=args.threads))
+            size = pipeline.size
+            for variant, chosen in variants.items():
+                label = f"{profile}: {variant}"
+                runs[label] = (profile, variant)
+                calls[label] = partial(generate, pipeline, chosen)
         if args.torch:
             calls[TORCH] = diffusers_call(source)
+            runs[TORCH] = ("diffusers", "exact")
 
         @contextmanager
         def opener(label: str) -> Iterator[Callable[[], object]]:
@@ -115,25 +124,27 @@ def measure(
         for call in calls.values():  # compile and first-call costs, untimed
             call(1)
         timings = time_interleaved(list(calls), opener, rounds=args.runs, block=1, warmup=0)
-    exact = images[EXACT]
     cpu = cpu_info()
     rows = []
     for label, timing in timings.items():
-        compared = label not in (EXACT, TORCH)
+        profile, variant = runs[label]
+        exact = f"{profile}: {EXACT}"
+        compared = label != TORCH and variant != EXACT
         rows.append(
             {
-                "variant": label,
+                "profile": profile,
+                "variant": variant,
                 "seconds": timing.median,
                 "rounds_s": list(timing.rounds),
-                "vs_exact": timings[EXACT].median / timing.median,
+                "vs_exact": timings[exact].median / timing.median if label != TORCH else None,
                 "vs_torch": timings[TORCH].median / timing.median if TORCH in timings else None,
-                "psnr_db": psnr(images[label], exact) if compared else None,
-                "ssim": ssim(images[label], exact) if compared else None,
+                "psnr_db": psnr(images[label], images[exact]) if compared else None,
+                "ssim": ssim(images[label], images[exact]) if compared else None,
             }
         )
     return {
         "machine": f"{cpu['model']} ({', '.join(cpu['features'])}), {args.threads} threads",
-        "profile": args.profile,
+        "profiles": list(artifacts),
         "deep_cache": args.deep_cache,
         "model": "a tiny SD" if args.tiny else "SD-1.5-sized",
         "size": list(size),
@@ -141,6 +152,13 @@ def measure(
         "runs": args.runs,
         "rows": rows,
     }
+
+
+def generate(pipeline: Any, chosen: dict[str, Any], steps: int) -> Any:
+    """One seeded image; cache_interval 1 unless the variant says (the artifact's default is
+    its build's deep_cache)."""
+    settings = {"cache_interval": 1, **chosen, "steps": steps, "guidance": GUIDANCE, "seed": 0}
+    return pipeline.text_to_image(PROMPT, **settings)[0]
 
 
 def diffusers_call(source: Path) -> Callable[[int], Any]:
@@ -164,19 +182,21 @@ def diffusers_call(source: Path) -> Callable[[int], Any]:
 def markdown(report: dict[str, Any]) -> str:
     height, width = report["size"]
     lines = [
-        f"`{report['profile']}` built with `model.deep_cache = {report['deep_cache']}`, "
+        f"{', '.join(f'`{p}`' for p in report['profiles'])}, each built with "
+        f"`model.deep_cache = {report['deep_cache']}`, "
         f"{report['model']} with random weights, {width}×{height}, {report['steps']} steps, "
         f"guidance {GUIDANCE}, one image; {report['machine']}; medians of {report['runs']} "
         "interleaved runs.",
         "",
-        "| variant | end to end | vs exact | vs torch fp32 | PSNR / SSIM vs exact |",
-        "| --- | --- | --- | --- | --- |",
+        "| profile | variant | end to end | vs exact | vs torch fp32 | PSNR / SSIM vs exact |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["rows"]:
         quality = "—" if row["psnr_db"] is None else f"{row['psnr_db']:.1f} dB / {row['ssim']:.3f}"
         versus_torch = "—" if row["vs_torch"] is None else f"{row['vs_torch']:.2f}×"
+        versus_exact = "—" if row["vs_exact"] is None else f"{row['vs_exact']:.2f}×"
         lines.append(
-            f"| {row['variant']} | {row['seconds']:.1f} s | {row['vs_exact']:.2f}× "
+            f"| {row['profile']} | {row['variant']} | {row['seconds']:.1f} s | {versus_exact} "
             f"| {versus_torch} | {quality} |"
         )
     return "\n".join(lines) + "\n"

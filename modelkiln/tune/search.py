@@ -1,12 +1,14 @@
 """`kiln tune`: build every candidate under the quality budget, time the ones inside it
-interleaved in one process, and keep the fastest.
+interleaved, each in a process of its own, and keep the fastest.
 
 Each candidate is an ordinary build (the build cache makes a rerun cheap) whose end-to-end
 gate is the budget, so "inside the budget" means exactly what it means for any build. The
 candidates inside it are then timed with bench/interleaved.py, one `bench_call` per call
 (a classifier's batch, or one whole generation), so the ranking does not follow the host's
-load. The result lists every candidate with its status, quality, size and time; the winner
-is written as a profile file that builds it again.
+load. Each candidate runs in a child process (bench/child_call.py): runtimes loaded side by
+side slow each other down, and `kiln bench` times each alone. The result lists every
+candidate with its status, quality, size and time; the winner is written as a profile file
+that builds it again.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
+from modelkiln.bench.child_call import call_in_child
 from modelkiln.bench.interleaved import time_interleaved
 from modelkiln.bench.settings import BenchSettings
 from modelkiln.errors import KilnError, ValidationError, first_line
@@ -159,8 +163,6 @@ def time_candidates(
     tried: list[Tried], settings: TuneSettings, progress: Progress | None = None
 ) -> None:
     """Every candidate inside the budget timed interleaved; sets its latency."""
-    from modelkiln.loading import load
-
     inside = {t.candidate.label: t for t in tried if t.status == INSIDE}
     if not inside:
         return
@@ -168,12 +170,14 @@ def time_candidates(
     together = sum(t.size_bytes or 0 for t in inside.values())
     keep_open = together <= SIDE_BY_SIDE_SHARE * machine_memory_bytes()
 
-    @contextmanager
-    def opener(label: str) -> Iterator[Callable[[], object]]:
+    steps = settings.steps or BenchSettings().steps
+
+    def opener(label: str) -> AbstractContextManager[Callable[[], object]]:
         artifact = inside[label].artifact
         assert artifact is not None  # set for every candidate inside the budget
-        with load(artifact, threads=settings.threads) as pipeline:
-            yield pipeline.bench_call(settings.batch, settings.steps or BenchSettings().steps)
+        return call_in_child(
+            partial(open_bench_call, artifact, settings.threads, settings.batch, steps)
+        )
 
     description = f"timing {len(inside)} candidates, interleaved"
     with progress.task(description, total=settings.rounds) as advance:
@@ -189,6 +193,17 @@ def time_candidates(
     for label, timing in timings.items():
         inside[label].latency_s = timing.median
         inside[label].spread_s = timing.spread
+
+
+@contextmanager
+def open_bench_call(
+    artifact: Path, threads: int | None, batch: int, steps: int
+) -> Iterator[Callable[[], object]]:
+    """The artifact loaded, and the call `kiln bench` times on it (runs in the child)."""
+    from modelkiln.loading import load
+
+    with load(artifact, threads=threads) as pipeline:
+        yield pipeline.bench_call(batch, steps)
 
 
 def fastest(tried: Sequence[Tried]) -> Tried | None:

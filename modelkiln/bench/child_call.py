@@ -1,0 +1,106 @@
+"""A call that runs in a process of its own, for interleaved timing across runtimes.
+
+Loaded side by side in one process, runtimes slow each other down even while only one of them
+runs: on an AMD EPYC with 2 threads, ExecuTorch's XNNPACK program took 12 % longer beside
+ONNX Runtime, OpenVINO and torch than alone, with the others idle (and a 0.5 s pause before
+each of its blocks did not help). `kiln bench` runs each artifact in a process of its own, so
+an in-process ranking disagreed with it. In a child process per configuration, the parent
+still interleaves the blocks, one configuration at a time, and each runtime runs as it would
+alone. The parent's time of a call includes one pipe round trip (tens of microseconds).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from multiprocessing.connection import Connection
+from typing import Any
+
+from modelkiln.errors import KilnError
+
+# Opens the call to time, in the child: a picklable (module-level, or a functools.partial of
+# one) function whose context manager yields it.
+CallFactory = Callable[[], AbstractContextManager[Callable[[], object]]]
+
+_RUN = "run"
+_STOP = "stop"
+
+
+class TimingProcessError(KilnError, RuntimeError):
+    """The child process died or failed with an error that is not one of ours."""
+
+
+@contextmanager
+def call_in_child(factory: CallFactory) -> Iterator[Callable[[], None]]:
+    """Start a process that opens `factory()` and waits; yield a call that runs the opened
+    call there once and returns when it is done. A KilnError raised in the child (while
+    opening or calling) is raised here as it was."""
+    # spawn: a fork would inherit the parent's runtimes and their thread pools.
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_serve, args=(child, factory), daemon=True)
+    process.start()
+    child.close()
+    try:
+        _answer(parent, process)  # opened
+
+        def call() -> None:
+            parent.send(_RUN)
+            _answer(parent, process)
+
+        yield call
+    finally:
+        if process.is_alive():
+            with suppress(OSError):  # the child is gone already
+                parent.send(_STOP)
+        process.join(timeout=60)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        parent.close()
+
+
+def _answer(connection: Connection, process: Any) -> None:
+    try:
+        status, error = connection.recv()
+    except EOFError:
+        process.join(timeout=5)
+        raise TimingProcessError(
+            f"the timing process exited (code {process.exitcode}) before it answered; "
+            "run the configuration alone (kiln bench ARTIFACT) to see why"
+        ) from None
+    if status != "ok":
+        raise error
+
+
+def _serve(connection: Connection, factory: CallFactory) -> None:
+    try:
+        with factory() as call:
+            connection.send(("ok", None))
+            while connection.recv() == _RUN:
+                call()
+                connection.send(("ok", None))
+    except EOFError:  # the parent is gone
+        pass
+    except BaseException as error:  # sent to the parent, which raises it
+        with suppress(OSError):
+            connection.send(("error", _portable(error)))
+    finally:
+        connection.close()
+
+
+def _portable(error: BaseException) -> BaseException:
+    """The error itself where it survives pickling (our KilnErrors do), else its line."""
+    if isinstance(error, KilnError):
+        try:
+            pickle.loads(pickle.dumps(error))
+            return error
+        except Exception:  # an unpicklable argument: keep the message
+            pass
+    line = (str(error).strip().splitlines() or [""])[0]
+    return TimingProcessError(f"the timing process failed: {type(error).__name__}: {line}")
+
+
+__all__ = ["CallFactory", "TimingProcessError", "call_in_child"]
