@@ -15,7 +15,9 @@ import multiprocessing
 import pickle
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, suppress
+from functools import partial
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from modelkiln.errors import KilnError
@@ -62,6 +64,24 @@ def call_in_child(factory: CallFactory) -> Iterator[Callable[[], None]]:
         parent.close()
 
 
+@contextmanager
+def open_bench_call(
+    artifact: Path, batch: int, steps: int, threads: int | None, runtime: str | None = None
+) -> Iterator[Callable[[], object]]:
+    """The artifact loaded, and the call `kiln bench` times on it (what a child opens)."""
+    from modelkiln.loading import load
+
+    with load(artifact, runtime=runtime, threads=threads) as pipeline:
+        yield pipeline.bench_call(batch, steps)
+
+
+def bench_call_in_child(
+    artifact: Path, batch: int, steps: int, threads: int | None, runtime: str | None = None
+) -> AbstractContextManager[Callable[[], None]]:
+    """`kiln bench`'s call on the artifact, in a child process of its own."""
+    return call_in_child(partial(open_bench_call, artifact, batch, steps, threads, runtime))
+
+
 def _answer(connection: Connection, process: Any) -> None:
     try:
         status, error = connection.recv()
@@ -103,4 +123,10 @@ def _portable(error: BaseException) -> BaseException:
     return TimingProcessError(f"the timing process failed: {type(error).__name__}: {line}")
 
 
-__all__ = ["CallFactory", "TimingProcessError", "call_in_child"]
+__all__ = [
+    "CallFactory",
+    "TimingProcessError",
+    "bench_call_in_child",
+    "call_in_child",
+    "open_bench_call",
+]

@@ -1,5 +1,6 @@
-"""Paired measurement: a baseline and a candidate timed in one process, alternating in short
-blocks, and gated on the ratio of their latencies (`kiln compare --rerun`).
+"""Paired measurement: a baseline and a candidate timed alternating in short blocks, each in a
+child process of its own (child_call.py: runtimes in one process slow each other down), and
+gated on the ratio of their latencies (`kiln compare --rerun`).
 
 Two reports measured at different times compare the host's speed at those times as much as
 the builds: on a shared runner the same artifact measured twice differs by +40..100 %. Timed
@@ -141,36 +142,42 @@ def compare_rerun(
     bounds: Bounds,
     progress: Progress | None = None,
 ) -> Comparison:
-    """Load both artifacts (or bundles) and time them paired at each batch size."""
+    """Load both artifacts (or bundles), each in a child process, and time them paired at
+    each batch size."""
+    from modelkiln.bench.child_call import bench_call_in_child
     from modelkiln.env import machine_report
-    from modelkiln.loading import load, open_artifact
+    from modelkiln.loading import open_artifact
 
     progress = progress or NullProgress()
     names = [
         f"{Path(p).name} · {open_artifact(p).manifest.profile.name}" for p in (baseline, candidate)
     ]
     timings: list[PairedTiming] = []
-    with (
-        load(baseline, runtime=bench.runtime, threads=bench.threads) as base_pipeline,
-        load(candidate, runtime=bench.runtime, threads=bench.threads) as candidate_pipeline,
-    ):
-        for batch in bench.batch_sizes:
-            label = f"{names[1]} vs {names[0]} · b{batch}"
-            with progress.task(f"paired: {label}", total=paired.rounds) as advance:
+    for batch in bench.batch_sizes:
+        label = f"{names[1]} vs {names[0]} · b{batch}"
+        with (
+            bench_call_in_child(
+                baseline, batch, bench.steps, bench.threads, bench.runtime
+            ) as base_call,
+            bench_call_in_child(
+                candidate, batch, bench.steps, bench.threads, bench.runtime
+            ) as candidate_call,
+            progress.task(f"paired: {label}", total=paired.rounds) as advance,
+        ):
 
-                def next_round(_index: int, step: Callable[..., None] = advance) -> None:
-                    step()
+            def next_round(_index: int, step: Callable[..., None] = advance) -> None:
+                step()
 
-                timings.append(
-                    time_pair(
-                        base_pipeline.bench_call(batch, bench.steps),
-                        candidate_pipeline.bench_call(batch, bench.steps),
-                        paired,
-                        warmup=bench.warmup,
-                        label=label,
-                        on_round=next_round,
-                    )
+            timings.append(
+                time_pair(
+                    base_call,
+                    candidate_call,
+                    paired,
+                    warmup=bench.warmup,
+                    label=label,
+                    on_round=next_round,
                 )
+            )
     machine = Machine.from_report({"machine": machine_report()})
     rows = tuple(gate_row(timing, bounds) for timing in timings)
     return Comparison(machine, machine, bounds, rows)

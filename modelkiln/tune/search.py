@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 
-from modelkiln.bench.child_call import call_in_child
+from modelkiln.bench.child_call import bench_call_in_child
 from modelkiln.bench.interleaved import time_interleaved
 from modelkiln.bench.settings import BenchSettings
 from modelkiln.errors import KilnError, ValidationError, first_line
@@ -175,9 +174,7 @@ def time_candidates(
     def opener(label: str) -> AbstractContextManager[Callable[[], object]]:
         artifact = inside[label].artifact
         assert artifact is not None  # set for every candidate inside the budget
-        return call_in_child(
-            partial(open_bench_call, artifact, settings.threads, settings.batch, steps)
-        )
+        return bench_call_in_child(artifact, settings.batch, steps, settings.threads)
 
     description = f"timing {len(inside)} candidates, interleaved"
     with progress.task(description, total=settings.rounds) as advance:
@@ -193,17 +190,6 @@ def time_candidates(
     for label, timing in timings.items():
         inside[label].latency_s = timing.median
         inside[label].spread_s = timing.spread
-
-
-@contextmanager
-def open_bench_call(
-    artifact: Path, threads: int | None, batch: int, steps: int
-) -> Iterator[Callable[[], object]]:
-    """The artifact loaded, and the call `kiln bench` times on it (runs in the child)."""
-    from modelkiln.loading import load
-
-    with load(artifact, threads=threads) as pipeline:
-        yield pipeline.bench_call(batch, steps)
 
 
 def fastest(tried: Sequence[Tried]) -> Tried | None:

@@ -1,5 +1,5 @@
-"""The paired gate (kiln compare --rerun): both sides timed in alternating blocks in one
-process, so that load which hits one run hits both; gated on the ratio with a bootstrap
+"""The paired gate (kiln compare --rerun): both sides timed in alternating blocks (each in
+a child process), so that load which hits one run hits both; gated on the ratio with a bootstrap
 interval. A deterministic slowdown (a longer sleep) fails it; the same work on a host that
 slows down halfway passes."""
 
