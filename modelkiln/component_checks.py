@@ -31,6 +31,7 @@ from modelkiln.profiles import Profile
 from modelkiln.progress import Progress
 from modelkiln.records import ComponentRecord, ValidationRecord
 from modelkiln.runtimes import Runtime
+from modelkiln.runtimes.base import AUTO_COMPUTE, resolve_compute
 from modelkiln.runtimes.torch import TorchModuleSession
 from modelkiln.specs import ComponentSpec
 
@@ -131,7 +132,10 @@ def _tolerance(spec: ComponentSpec, profile: Profile) -> Tolerance:
 def _label(runtime: Runtime, component: ComponentPlan) -> str:
     """What a validation ran: format, runtime, precision and scheme."""
     profile = component.profile
-    label = f"{profile.export.format} on {runtime.name}, {profile.precision.compute}"
+    compute: str = profile.precision.compute
+    if compute == AUTO_COMPUTE:  # what it picked on this CPU
+        compute = f"auto: {resolve_compute(compute, type(runtime))}"
+    label = f"{profile.export.format} on {runtime.name}, {compute}"
     return label if component.scheme is None else f"{label}, {component.scheme.name}"
 
 

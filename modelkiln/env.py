@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modelkiln.cpu import cpu_info
+
 # Libraries whose versions go into every manifest and report, besides each backend's own.
 LIBRARIES = (
     "modelkiln",
@@ -23,20 +25,6 @@ LIBRARIES = (
     "diffusers",
     "safetensors",
     "huggingface-hub",
-)
-# CPU flags that change what runs fast (and, for OpenVINO, which precision it picks).
-CPU_FEATURES = (
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512_vnni",
-    "avx_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-    "amx_fp16",
 )
 
 
@@ -51,25 +39,6 @@ def library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(encoding="utf-8", errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    return {
-        "model": model,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "features": [f for f in CPU_FEATURES if f in flags],
-    }
 
 
 def host_info() -> dict[str, Any]:

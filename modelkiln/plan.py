@@ -38,7 +38,7 @@ from modelkiln.profiles import (
     read_profile,
 )
 from modelkiln.quantize import SCHEMES, Handler, SchemeConfig, handler_for
-from modelkiln.runtimes.base import RuntimeOptions
+from modelkiln.runtimes.base import AUTO_COMPUTE, RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,15 @@ def _check_precisions(
                 f"{origin}: format '{format}' cannot store {where}weights in "
                 f"{precision.weights}; supported: {', '.join(sorted(stores))}"
             )
+        if precision.compute == AUTO_COMPUTE:
+            if not runtime.native_bf16 or runtime.compute_follows_weights:
+                raise UnsupportedError(
+                    f"{origin}: compute 'auto' picks bf16 or fp32 for the CPU the artifact "
+                    f"runs on, and runtime '{runner.name}' has no native bf16 path to pick; "
+                    f"set {where}compute to one of: "
+                    f"{', '.join(sorted(runtime.compute_precisions))}"
+                )
+            continue
         if precision.compute not in runtime.compute_precisions:
             raise UnsupportedError(
                 f"{origin}: runtime '{runner.name}' cannot compute {where}in "

@@ -20,7 +20,7 @@ from cli_support import Outcome, assert_one_line_error, invoke, kiln
 from PIL import Image
 
 from modelkiln import load
-from modelkiln.env import CPU_FEATURES
+from modelkiln.cpu import CPU_FEATURES
 from modelkiln.errors import ArtifactError, InputError, ProfileError, UnsupportedError
 from modelkiln.plan import load_profile
 from modelkiln.profiles import bundled_profile_names, bundled_profiles_dir

@@ -46,6 +46,9 @@ MAX_CALIBRATION = 100_000
 MAX_IMAGES = 64  # generated per prompt in one call
 
 Precision = Literal["fp32", "bf16", "fp16"]
+# What a runtime computes in; "auto": bf16 where the CPU it runs on computes bf16 natively
+# (AVX512-BF16 or AMX) and fp32 elsewhere, decided when the artifact is loaded.
+Compute = Literal["fp32", "bf16", "fp16", "auto"]
 NO_SCHEME = "none"
 
 
@@ -78,7 +81,7 @@ class ShapeSettings:
 class PrecisionSettings:
     """[precision]: what the runtime computes in and what the weights are stored as."""
 
-    compute: Precision = "fp32"
+    compute: Compute = "fp32"
     weights: Precision = "fp32"
 
 
@@ -152,7 +155,7 @@ class ComponentSettings:
     """[components.<name>]: one component's overrides of [precision], [quantization] and
     [validation] (e.g. an int8 UNet beside an fp32 VAE)."""
 
-    compute: Precision | None = None
+    compute: Compute | None = None
     weights: Precision | None = None
     scheme: str | None = None
     atol: float | None = None

@@ -17,7 +17,7 @@ import numpy as np
 
 from modelkiln.backends import Backend, BackendSettings
 from modelkiln.errors import ArtifactError, UnsupportedError
-from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
+from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session, resolve_compute
 from modelkiln.runtimes.pool import Pool
 from modelkiln.specs import TensorSpec
 
@@ -40,7 +40,8 @@ class OpenVINOSettings(BackendSettings):
 
 
 def compile_config(options: RuntimeOptions) -> dict[str, str]:
-    config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[options.compute_precision]}
+    precision = resolve_compute(options.compute_precision, OpenVINORuntime)
+    config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[precision]}
     hint = options.backend(OpenVINOSettings).performance_hint
     if hint:
         config["PERFORMANCE_HINT"] = hint.upper()
@@ -123,6 +124,7 @@ class OpenVINORuntime(Runtime):
     name = "openvino"
     formats: ClassVar[frozenset[str]] = frozenset({"openvino", "onnx"})
     compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16", "fp16"})
+    native_bf16 = True
     package = "openvino"
     distribution = "openvino"
     session_class = OpenVINOSession

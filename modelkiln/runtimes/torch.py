@@ -17,7 +17,7 @@ import numpy as np
 
 from modelkiln.backends import Backend
 from modelkiln.errors import ArtifactError, UnsupportedError
-from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session
+from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session, resolved
 from modelkiln.specs import TensorSpec
 
 if TYPE_CHECKING:
@@ -89,6 +89,7 @@ class TorchRuntime(Runtime):
     name = "torch"
     formats: ClassVar[frozenset[str]] = frozenset({"torch"})
     compute_precisions: ClassVar[frozenset[str]] = frozenset({"fp32", "bf16"})
+    native_bf16 = True
     package = "torch"
     distribution = "torch"
     session_class = TorchModuleSession  # opened from an in-memory module; open() rebuilds it
@@ -119,7 +120,7 @@ class TorchRuntime(Runtime):
             from modelkiln.quantize.torch import apply
 
             apply(module, recipe["quantization"])
-        return TorchModuleSession(module, name, inputs, outputs, options)
+        return TorchModuleSession(module, name, inputs, outputs, resolved(options, type(self)))
 
 
 class TorchBackend(Backend):

@@ -18,14 +18,13 @@ from dataclasses import dataclass, fields
 from modelkiln.errors import InputError, KilnError
 from modelkiln.plan import BuildPlan, load_plan
 from modelkiln.profiles import NO_SCHEME, bundled_profile_names
+from modelkiln.runtimes.base import NATIVE_BF16
 
 logger = logging.getLogger(__name__)
 
 # The 4-bit block sizes tried (weights per scale) and the share of layers kept in int8.
 GROUP_SIZES = (64, 128)
 MIXED_RATIO = 0.8
-# The CPU features with which bf16 is computed natively (not emulated in fp32).
-NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @dataclass(frozen=True)
