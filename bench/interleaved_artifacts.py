@@ -67,7 +67,7 @@ def interleaved(
 
 
 @contextmanager
-def open_pixel_call(path: str, batch: int, threads: int) -> Iterator[Callable[[], Any]]:
+def open_pixel_call(path: str, batch: int, threads: int) -> Iterator[Callable[[], None]]:
     """The artifact loaded, and its exported model's call on seeded pixels at `batch`."""
     import numpy as np
 
@@ -77,7 +77,11 @@ def open_pixel_call(path: str, batch: int, threads: int) -> Iterator[Callable[[]
         (spec,) = pipeline.session.input_specs.values()
         shape = (batch, *(int(d) for d in spec.shape[1:]))
         feed = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-        yield lambda: pipeline.session.run({"pixel_values": feed})
+
+        def call() -> None:  # the outputs stay where they were computed
+            pipeline.session.run({"pixel_values": feed})
+
+        yield call
 
 
 if __name__ == "__main__":

@@ -11,9 +11,10 @@ WORK/artifacts/PROFILE-deep-cache-N, each loaded once. Each variant is a set of 
 settings (`exact`: none; `guidance_end=0.5,cache_interval=3`: both) run on every profile's
 artifact; each runs a 512x512 text-to-image generation (--steps steps, guidance 7.5, seed 0).
 With --torch, diffusers' own pipeline in fp32 (the baseline of the `vs torch` column) is one
-more label. All of them are timed interleaved in rounds (bench/interleaved.py), in this one
-process, after one untimed 1-step call each. Quality: PSNR and SSIM of each image against
-its profile's exact variant's, same seed. Writes WORK/sd_approximations.json and .md.
+more label. Each pipeline runs in a child process of its own (modelkiln/bench/child_call.py;
+runtimes in one process slow each other down); all labels are timed interleaved in rounds
+(bench/interleaved.py), after one untimed 1-step call each. Quality: PSNR and SSIM of each
+image against its profile's exact variant's, same seed. Writes WORK/sd_approximations.json and .md.
 """
 
 from __future__ import annotations
@@ -91,27 +92,29 @@ def measure(
     variants: dict[str, dict[str, Any]],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    import torch
-
-    from modelkiln import load
+    from modelkiln.bench.child_call import call_in_child
     from modelkiln.bench.interleaved import time_interleaved
     from modelkiln.env import cpu_info
     from modelkiln.image_quality import psnr, ssim
 
-    torch.set_num_threads(args.threads)
     images: dict[str, Any] = {}
     calls: dict[str, Callable[[int], Any]] = {}
     runs: dict[str, tuple[str, str]] = {}  # label -> (profile, variant)
     with ExitStack() as stack:
+        # One child process per pipeline: runtimes in one process slow each other down.
         for profile, artifact in artifacts.items():
-            pipeline = stack.enter_context(load(artifact, threads=args.threads))
-            size = pipeline.size
+            generator = stack.enter_context(
+                call_in_child(partial(open_generator, artifact, args.threads))
+            )
             for variant, chosen in variants.items():
                 label = f"{profile}: {variant}"
                 runs[label] = (profile, variant)
-                calls[label] = partial(generate, pipeline, chosen)
+                calls[label] = partial(generator, chosen)
         if args.torch:
-            calls[TORCH] = diffusers_call(source)
+            diffusers = stack.enter_context(
+                call_in_child(partial(open_diffusers, source, args.threads))
+            )
+            calls[TORCH] = partial(diffusers, {})
             runs[TORCH] = ("diffusers", "exact")
 
         @contextmanager
@@ -124,6 +127,7 @@ def measure(
         for call in calls.values():  # compile and first-call costs, untimed
             call(1)
         timings = time_interleaved(list(calls), opener, rounds=args.runs, block=1, warmup=0)
+        size = images[next(iter(calls))].size[::-1]
     cpu = cpu_info()
     rows = []
     for label, timing in timings.items():
@@ -154,29 +158,41 @@ def measure(
     }
 
 
-def generate(pipeline: Any, chosen: dict[str, Any], steps: int) -> Any:
-    """One seeded image; cache_interval 1 unless the variant says (the artifact's default is
-    its build's deep_cache)."""
-    settings = {"cache_interval": 1, **chosen, "steps": steps, "guidance": GUIDANCE, "seed": 0}
-    return pipeline.text_to_image(PROMPT, **settings)[0]
+@contextmanager
+def open_generator(artifact: Path, threads: int) -> Iterator[Callable[..., Any]]:
+    """In a child: the artifact loaded; (settings, steps) -> one seeded image, with
+    cache_interval 1 unless the settings say (the artifact's default is its build's)."""
+    from modelkiln import load
+
+    with load(artifact, threads=threads) as pipeline:
+
+        def generate(chosen: dict[str, Any], steps: int) -> Any:
+            settings = {"cache_interval": 1, **chosen}
+            settings |= {"steps": steps, "guidance": GUIDANCE, "seed": 0}
+            return pipeline.text_to_image(PROMPT, **settings)[0]
+
+        yield generate
 
 
-def diffusers_call(source: Path) -> Callable[[int], Any]:
-    """diffusers' StableDiffusionPipeline in fp32, eager: the torch baseline."""
+@contextmanager
+def open_diffusers(source: Path, threads: int) -> Iterator[Callable[..., Any]]:
+    """In a child: diffusers' StableDiffusionPipeline in fp32, eager (the torch baseline);
+    (settings, steps) -> one seeded image (settings: none apply)."""
     import torch
     from diffusers import StableDiffusionPipeline
 
+    torch.set_num_threads(threads)
     pipeline = StableDiffusionPipeline.from_pretrained(source)
     pipeline.set_progress_bar_config(disable=True)
 
-    def call(steps: int) -> Any:
+    def generate(chosen: dict[str, Any], steps: int) -> Any:
         with torch.inference_mode():
             generator = torch.Generator().manual_seed(0)
             return pipeline(
                 PROMPT, num_inference_steps=steps, guidance_scale=GUIDANCE, generator=generator
             ).images[0]
 
-    return call
+    yield generate
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -23,8 +23,8 @@ from typing import Any
 from modelkiln.errors import KilnError
 
 # Opens the call to time, in the child: a picklable (module-level, or a functools.partial of
-# one) function whose context manager yields it.
-CallFactory = Callable[[], AbstractContextManager[Callable[[], object]]]
+# one) function whose context manager yields it. What the call returns goes back pickled.
+CallFactory = Callable[[], AbstractContextManager[Callable[..., Any]]]
 
 _RUN = "run"
 _STOP = "stop"
@@ -35,10 +35,11 @@ class TimingProcessError(KilnError, RuntimeError):
 
 
 @contextmanager
-def call_in_child(factory: CallFactory) -> Iterator[Callable[[], None]]:
+def call_in_child(factory: CallFactory) -> Iterator[Callable[..., Any]]:
     """Start a process that opens `factory()` and waits; yield a call that runs the opened
-    call there once and returns when it is done. A KilnError raised in the child (while
-    opening or calling) is raised here as it was."""
+    call there once, with the (picklable) arguments it is given, and returns what it
+    returned. A KilnError raised in the child (while opening or calling) is raised here as it
+    was."""
     # spawn: a fork would inherit the parent's runtimes and their thread pools.
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
@@ -48,9 +49,9 @@ def call_in_child(factory: CallFactory) -> Iterator[Callable[[], None]]:
     try:
         _answer(parent, process)  # opened
 
-        def call() -> None:
-            parent.send(_RUN)
-            _answer(parent, process)
+        def call(*args: Any) -> Any:
+            parent.send((_RUN, args))
+            return _answer(parent, process)
 
         yield call
     finally:
@@ -67,12 +68,17 @@ def call_in_child(factory: CallFactory) -> Iterator[Callable[[], None]]:
 @contextmanager
 def open_bench_call(
     artifact: Path, batch: int, steps: int, threads: int | None, runtime: str | None = None
-) -> Iterator[Callable[[], object]]:
+) -> Iterator[Callable[[], None]]:
     """The artifact loaded, and the call `kiln bench` times on it (what a child opens)."""
     from modelkiln.loading import load
 
     with load(artifact, runtime=runtime, threads=threads) as pipeline:
-        yield pipeline.bench_call(batch, steps)
+        timed = pipeline.bench_call(batch, steps)
+
+        def call() -> None:  # its result stays in the child: only the time matters
+            timed()
+
+        yield call
 
 
 def bench_call_in_child(
@@ -82,9 +88,9 @@ def bench_call_in_child(
     return call_in_child(partial(open_bench_call, artifact, batch, steps, threads, runtime))
 
 
-def _answer(connection: Connection, process: Any) -> None:
+def _answer(connection: Connection, process: Any) -> Any:
     try:
-        status, error = connection.recv()
+        status, value = connection.recv()
     except EOFError:
         process.join(timeout=5)
         raise TimingProcessError(
@@ -92,16 +98,17 @@ def _answer(connection: Connection, process: Any) -> None:
             "run the configuration alone (kiln bench ARTIFACT) to see why"
         ) from None
     if status != "ok":
-        raise error
+        raise value
+    return value
 
 
 def _serve(connection: Connection, factory: CallFactory) -> None:
     try:
         with factory() as call:
             connection.send(("ok", None))
-            while connection.recv() == _RUN:
-                call()
-                connection.send(("ok", None))
+            while (command := connection.recv()) != _STOP:
+                _, args = command
+                connection.send(("ok", call(*args)))
     except EOFError:  # the parent is gone
         pass
     except BaseException as error:  # sent to the parent, which raises it

@@ -85,3 +85,15 @@ def test_other_failures_are_one_line_naming_the_error() -> None:
         pytest.raises(TimingProcessError, match=r"exited \(code 3\) before it answered"),
     ):
         call()
+
+
+@contextmanager
+def doubler() -> Iterator[Callable[..., object]]:
+    yield lambda value: {"doubled": value * 2, "pid": os.getpid()}
+
+
+def test_the_call_takes_arguments_and_returns_its_result() -> None:
+    with call_in_child(doubler) as call:
+        result = call(21)
+        assert result["doubled"] == 42 and result["pid"] != os.getpid()
+        assert call(0.5)["doubled"] == 1.0
