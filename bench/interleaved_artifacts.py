@@ -1,12 +1,13 @@
-"""Image-model artifacts timed interleaved in one process: the check of a speed ratio that a
-drifting host cannot skew.
+"""Image-model artifacts timed interleaved: the check of a speed ratio that a drifting host
+cannot skew.
 
     python bench/interleaved_artifacts.py NAME=ARTIFACT [NAME=ARTIFACT ...] [--batch 8]
                                           [--rounds 5] [--block 3] [--threads 2] [--in-process]
 
 Each artifact is loaded once (modelkiln.load), in a process of its own
-(modelkiln/bench/child_call.py; --in-process: all in this one), and its exported model called
-on the same seeded pixels at --batch; modelkiln.bench.interleaved times them in --rounds
+(modelkiln/bench/child_call.py; --in-process: all in this one), and the call `kiln bench`
+times on it made at --batch (its exported model on one preprocessed image, repeated);
+modelkiln.bench.interleaved times them in --rounds
 rounds of --block calls each, the order reversed every other round, after 2 untimed calls
 each. Prints each one's median of its rounds' block medians, every round's, and the ratio to
 the first.
@@ -15,9 +16,10 @@ the first.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 
@@ -53,35 +55,18 @@ def interleaved(
     *,
     isolate: bool = True,
 ) -> dict[str, Any]:
-    """name -> its Timing (modelkiln.bench.interleaved): each artifact's exported model on
-    the same seeded pixels at `batch`, all loaded at once, each in a child process unless
-    not `isolate`."""
-    from modelkiln.bench.child_call import call_in_child
+    """name -> its Timing (modelkiln.bench.interleaved): each artifact's `kiln bench` call at
+    `batch` (its exported model on a preprocessed image repeated), all loaded at once, each in
+    a child process unless not `isolate`."""
+    from modelkiln.bench.child_call import call_in_child, open_bench_call
     from modelkiln.bench.interleaved import time_interleaved
 
     def opener(name: str) -> AbstractContextManager[Callable[[], object]]:
-        factory = partial(open_pixel_call, paths[name], batch, threads)
+        # steps: only generators take them; these are image models
+        factory = partial(open_bench_call, Path(paths[name]), batch, 1, threads)
         return call_in_child(factory) if isolate else factory()
 
     return time_interleaved(list(paths), opener, rounds=rounds, block=block, warmup=2)
-
-
-@contextmanager
-def open_pixel_call(path: str, batch: int, threads: int) -> Iterator[Callable[[], None]]:
-    """The artifact loaded, and its exported model's call on seeded pixels at `batch`."""
-    import numpy as np
-
-    from modelkiln import load
-
-    with load(path, threads=threads) as pipeline:
-        (spec,) = pipeline.session.input_specs.values()
-        shape = (batch, *(int(d) for d in spec.shape[1:]))
-        feed = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-
-        def call() -> None:  # the outputs stay where they were computed
-            pipeline.session.run({"pixel_values": feed})
-
-        yield call
 
 
 if __name__ == "__main__":
