@@ -114,6 +114,10 @@ def check(
                     "reuse the UNet's features less (lower model.deep_cache)",
                     profile.model.deep_cache > 0,
                 ),
+                (
+                    "skip the transformer's blocks less (lower model.first_block_cache)",
+                    profile.model.first_block_cache > 0,
+                ),
             )
             if applies
         ]

@@ -79,11 +79,13 @@ def test_candidates_turn_one_knob_the_plan_accepts() -> None:
     sd3 = {c.label for c in candidate_space("sd3", ["openvino"], cpu_features=bf16_cpu)}
     assert "sd3-openvino-int8 [generation.guidance_end=0.5]" in sd3
     assert not any("deep_cache" in label for label in sd3)  # a transformer: no UNet to split
+    assert "sd3-openvino-int8 [model.first_block_cache=0.1]" in sd3  # but blocks to skip
     assert not any(label.startswith("sd-lcm") for label in sd)
     bundled = candidate_space("sd", ["openvino"], bases=["sd-openvino-int8"], wide=False)
     assert [c.label for c in bundled] == ["sd-openvino-int8"]
     flux = {c.label for c in candidate_space("flux", ["openvino"], cpu_features=bf16_cpu)}
     assert flux and not any("guidance_end" in label for label in flux)
+    assert "flux-openvino-int8 [model.first_block_cache=0.1]" in flux
 
 
 def test_candidate_space_errors_name_the_fix() -> None:

@@ -255,6 +255,15 @@ def _require_task(pipeline: Any, expected: type) -> None:
     "model.deep_cache, else 1]",
 )
 @click.option(
+    "--cache-threshold",
+    type=click.FloatRange(0.0, 1.0),
+    help="Skip the transformer's later blocks on the steps where its first block's output "
+    "changed less than this fraction since the last computed step, reusing what they added "
+    "then (First Block Cache; SD3 and Flux, the artifact needs model.first_block_cache): "
+    "faster, a slightly different image; 0 computes every step.  [default: the build's "
+    "model.first_block_cache, else 0]",
+)
+@click.option(
     "--low-memory",
     is_flag=True,
     help="Hold one component in memory at a time (text encoders, denoiser, VAE), each loaded "
@@ -332,6 +341,7 @@ def generate(
     split_guidance: bool,
     guidance_end: float | None,
     cache_interval: int | None,
+    cache_threshold: float | None,
     low_memory: bool,
     seed: int,
     width: int | None,
@@ -373,6 +383,7 @@ def generate(
         "split_guidance": split_guidance,
         "guidance_end": guidance_end,
         "cache_interval": cache_interval,
+        "cache_threshold": cache_threshold,
         "seed": seed,
         "width": width,
         "height": height,

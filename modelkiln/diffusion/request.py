@@ -48,6 +48,9 @@ class Request:
     guidance_end: float = 1.0
     # DeepCache: the whole UNet runs on one step in `cache_interval` (1: every step).
     cache_interval: int = 1
+    # First Block Cache: a transformer's later blocks are skipped on the steps whose first
+    # block changed less than this fraction (0: never).
+    cache_threshold: float = 0.0
     # One conditioning image per ControlNet, and the scales of their residuals (diffusers'
     # default 1); () without a control image.
     control_images: tuple[Image.Image, ...] = ()
@@ -66,6 +69,7 @@ class Defaults:
     guidance: Mapping[str, float]
     guidance_end: float = 1.0  # the build's [generation] guidance_end
     cache_interval: int = 1  # the build's [model] deep_cache (1: off)
+    cache_threshold: float = 0.0  # the build's [model] first_block_cache (0: off)
 
 
 def parse_request(
@@ -117,6 +121,15 @@ def parse_request(
             f"cache_interval must be in 1..{MAX_STEPS} (1: the whole UNet every step), got "
             f"{cache_interval}"
         )
+    threshold_value = options.pop("cache_threshold", None)
+    cache_threshold = float(
+        defaults.cache_threshold if threshold_value is None else threshold_value
+    )
+    if not 0.0 <= cache_threshold <= 1.0:  # NaN fails this too
+        raise InputError(
+            f"cache_threshold must be the relative change of the first block's output under "
+            f"which a step reuses the later blocks, in 0..1 (0: never); got {cache_threshold}"
+        )
     strength = float(options.pop("strength", 1.0))
     if not 0.0 < strength <= 1.0:  # NaN fails this too
         raise InputError(f"strength must be in (0, 1], got {strength}")
@@ -145,6 +158,7 @@ def parse_request(
         split_guidance=bool(options.pop("split_guidance", False)),
         guidance_end=guidance_end,
         cache_interval=int(cache_interval),
+        cache_threshold=cache_threshold,
         control_images=control_images,
         control_scales=control_scales,
     )

@@ -59,6 +59,9 @@ class ModelFamily(ABC):
     merges_tokens: ClassVar[bool] = False
     # Whether its denoiser can reuse deep features between steps ([model] deep_cache).
     caches_steps: ClassVar[bool] = False
+    # Whether its transformer can skip its later blocks between steps ([model]
+    # first_block_cache).
+    caches_blocks: ClassVar[bool] = False
     # Ops its components contain that some converters cannot make flexible (Core ML's batch
     # and group norm): backends' profile checks read them before anything loads.
     notable_ops: ClassVar[frozenset[str]] = frozenset()
@@ -142,6 +145,13 @@ class ModelFamily(ABC):
             raise UnsupportedError(
                 f"{origin}: model.deep_cache does not apply to {cls.name} models; it reuses "
                 "the deep features of SD 1.x/2.x and SDXL UNets between denoising steps"
+                + ("; use model.first_block_cache" if cls.caches_blocks else "")
+            )
+        if profile.model.first_block_cache and not cls.caches_blocks:
+            raise UnsupportedError(
+                f"{origin}: model.first_block_cache does not apply to {cls.name} models; it "
+                "skips the later blocks of SD3's and Flux's transformers between denoising steps"
+                + ("; use model.deep_cache" if cls.caches_steps else "")
             )
         generation = profile.generation
         if not cls.schedulers and any(v is not None for v in asdict(generation).values()):

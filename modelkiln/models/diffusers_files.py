@@ -50,8 +50,8 @@ def require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) -
 
 def generation_defaults(profile: Profile) -> dict[str, Any]:
     """[generation]'s steps and guidance, which the pipeline takes where a call leaves them,
-    and its approximations (guidance_end, [model] deep_cache), which the torch reference never
-    makes."""
+    and its approximations (guidance_end, [model] deep_cache and first_block_cache), which
+    the torch reference never makes."""
     settings = profile.generation
     chosen = {
         key: value
@@ -64,6 +64,8 @@ def generation_defaults(profile: Profile) -> dict[str, Any]:
         approximations["guidance_end"] = settings.guidance_end
     if profile.model.deep_cache:
         approximations["deep_cache"] = profile.model.deep_cache
+    if profile.model.first_block_cache:
+        approximations["first_block_cache"] = profile.model.first_block_cache
     if approximations:
         info[APPROXIMATIONS] = approximations
     return info

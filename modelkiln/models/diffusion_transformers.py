@@ -13,14 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from modelkiln.diffusion.block_cache import (
+    FIRST_BLOCK_RESIDUAL,
+    TAIL_BLOCKS_RESIDUAL,
+    TRANSFORMER_HEAD,
+)
 from modelkiln.errors import ProfileError
 from modelkiln.models.stable_diffusion import (
     TEXT_TO_IMAGE,
     StableDiffusionFamily,
 )
+from modelkiln.models.step_caches import check_block_cache
 from modelkiln.specs import TensorSpec
+
+if TYPE_CHECKING:
+    from modelkiln.profiles import Profile
 
 # Flow-matching timesteps: SD3's transformer takes 1000 * sigma, Flux's sigma itself.
 SD3_TIMESTEPS = (0.0, 1000.0)
@@ -43,7 +52,13 @@ class StableDiffusion3Family(StableDiffusionFamily):
     denoiser: ClassVar[str] = "transformer"
     runtime_lora: ClassVar[bool] = False  # LoRA slots are built into UNets only
     caches_steps: ClassVar[bool] = False  # DeepCache splits UNets only
-    tuning_knobs: ClassVar[tuple[str, ...]] = ("generation.guidance_end=0.5",)
+    caches_blocks: ClassVar[bool] = True  # First Block Cache splits transformers
+    # Guidance on the first half of the steps only; the later blocks skipped on the steps
+    # whose first block moved less than 10 % (ParaAttention's range for Flux: 0.08-0.12).
+    tuning_knobs: ClassVar[tuple[str, ...]] = (
+        "generation.guidance_end=0.5",
+        "model.first_block_cache=0.1",
+    )
     tokenizer_folders: ClassVar[Mapping[str, str]] = {
         "text_encoder": "tokenizer",
         "text_encoder_2": "tokenizer_2",
@@ -90,6 +105,47 @@ class StableDiffusion3Family(StableDiffusionFamily):
         }
 
     @classmethod
+    def _check_step_cache(
+        cls, root: Path, denoiser_config: Mapping[str, Any], profile: Profile
+    ) -> None:
+        super()._check_step_cache(root, denoiser_config, profile)
+        if profile.model.first_block_cache:
+            check_block_cache(root, denoiser_config)
+
+    @classmethod
+    def _step_cache_components(cls, profile: Profile) -> list[tuple[str, str]]:
+        """First Block Cache's head, from the transformer's folder."""
+        return [(TRANSFORMER_HEAD, cls.denoiser)] if profile.model.first_block_cache else []
+
+    @classmethod
+    def _step_cache_signature(
+        cls,
+        name: str,
+        config: Mapping[str, Any],
+        inputs: dict[str, TensorSpec],
+        outputs: dict[str, TensorSpec],
+        profile: Profile,
+    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        """First Block Cache (models/first_block_cache.py): the transformer also outputs both
+        residuals; its head takes the tail residual and outputs the first block's."""
+        if not profile.model.first_block_cache or name not in (cls.denoiser, TRANSFORMER_HEAD):
+            return inputs, outputs
+        residual = cls._residual_spec(config)
+        first = {FIRST_BLOCK_RESIDUAL: residual}
+        if name == cls.denoiser:
+            return inputs, {**outputs, **first, TAIL_BLOCKS_RESIDUAL: residual}
+        return {**inputs, TAIL_BLOCKS_RESIDUAL: residual}, {**outputs, **first}
+
+    @classmethod
+    def _residual_spec(cls, config: Mapping[str, Any]) -> TensorSpec:
+        """The image tokens' residuals in the latents' layout: each patch's features spread
+        over its latent pixels (models/first_block_cache.to_latent_layout)."""
+        width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        patch = int(config.get("patch_size", 2))
+        latent = ("latent_height", "latent_width")
+        return TensorSpec("float32", ("batch", width // (patch * patch), *latent))
+
+    @classmethod
     def _signature(
         cls,
         name: str,
@@ -97,7 +153,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
         sequences: Mapping[str, int],
         dims: Mapping[str, int],
     ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-        if name != "transformer":
+        if name not in (cls.denoiser, TRANSFORMER_HEAD):
             return super()._signature(name, config, sequences, dims)
         latent = ("latent_height", "latent_width")
         tokens = sequences["text_encoder"] + sequences[cls.t5_encoder]  # CLIP's, then T5's
@@ -137,7 +193,8 @@ class FluxFamily(StableDiffusion3Family):
     t5_sequence_length: ClassVar[int] = 512  # FluxPipeline's max_sequence_length
     # Flux runs without classifier-free guidance: one transformer call per image.
     denoiser_batch_factor: ClassVar[int] = 1
-    tuning_knobs: ClassVar[tuple[str, ...]] = ()  # guidance-distilled: no guidance batch to drop
+    # Guidance-distilled: no guidance batch to drop; the later blocks skipped as for SD3.
+    tuning_knobs: ClassVar[tuple[str, ...]] = ("model.first_block_cache=0.1",)
     inpainting_channels: ClassVar[int] = 0  # Flux Fill (384 channels) is not supported
     bundle_configs: ClassVar[tuple[str, ...]] = (
         "model_index.json",
@@ -166,6 +223,12 @@ class FluxFamily(StableDiffusion3Family):
         return dims
 
     @classmethod
+    def _residual_spec(cls, config: Mapping[str, Any]) -> TensorSpec:
+        """The image tokens' residuals as the tokens travel: packed, one per 2×2 latents."""
+        width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        return TensorSpec("float32", ("batch", "image_tokens", width))
+
+    @classmethod
     def _model_info(
         cls,
         root: Path,
@@ -184,7 +247,7 @@ class FluxFamily(StableDiffusion3Family):
         sequences: Mapping[str, int],
         dims: Mapping[str, int],
     ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-        if name != "transformer":
+        if name not in (cls.denoiser, TRANSFORMER_HEAD):
             return super()._signature(name, config, sequences, dims)
         text = sequences[cls.t5_encoder]
         channels = config["in_channels"]

@@ -13,6 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from modelkiln.diffusion.block_cache import TRANSFORMER_HEAD
 from modelkiln.diffusion.control import CONTROLNET, controlnet_names, is_controlnet
 from modelkiln.diffusion.denoise import DEEP_FEATURES, SHALLOW_UNET
 from modelkiln.diffusion.schedulers import SCHEDULERS
@@ -29,19 +30,18 @@ from modelkiln.models.diffusers_files import (
     with_scheduler,
 )
 from modelkiln.models.diffusion_signatures import (
-    EXAMPLE_RANK,
-    LORA_RANK,
     TEXT_ENCODERS,
     TIMESTEPS,
     component_config,
     controlnet_residuals,
     controlnet_signature,
     deep_features_spec,
-    lora_slot_inputs,
     text_encoder_signature,
     unet_signature,
     vae_signature,
 )
+from modelkiln.models.runtime_lora_slots import check_runtime_lora, with_lora_slots
+from modelkiln.models.step_caches import check_deep_cache
 from modelkiln.sources import ResolvedSource, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
 
@@ -147,7 +147,7 @@ class StableDiffusionFamily(ModelFamily):
     def check_profile(cls, profile: Profile, origin: str) -> None:
         super().check_profile(profile, origin)
         if profile.runtime_lora.enabled:
-            _check_runtime_lora(profile, cls.denoiser, origin)
+            check_runtime_lora(profile, cls.denoiser, origin)
             if profile.model.deep_cache:
                 raise UnsupportedError(
                     f"{origin}: model.deep_cache and [runtime_lora] do not combine (the shallow "
@@ -175,13 +175,12 @@ class StableDiffusionFamily(ModelFamily):
                 f"{root}: a ControlNet pipeline is built at a fixed resolution (its residuals' "
                 "sizes are the UNet's inputs); set shapes.dynamic_resolution = false"
             )
-        if profile.model.deep_cache:
-            _check_deep_cache(root, denoiser_config)
+        cls._check_step_cache(root, denoiser_config, profile)
         sequences = cls._sequences(root)
         slots = profile.runtime_lora.targets if profile.runtime_lora.enabled else ()
         weights: dict[str, str] = {}
         components = []
-        for name, folder in cls._component_folders(root, profile.model.deep_cache > 0):
+        for name, folder in cls._component_folders(root, cls._step_cache_components(profile)):
             files = weight_files(root / folder, source.allow_pickle)
             weights.update({f"{folder}/{k}": v for k, v in weights_digest(files).items()})
             component = cls._component(
@@ -260,10 +259,42 @@ class StableDiffusionFamily(ModelFamily):
         }
 
     @classmethod
-    def _component_folders(cls, root: Path, deep_cache: bool = False) -> list[tuple[str, str]]:
+    def _check_step_cache(
+        cls, root: Path, denoiser_config: Mapping[str, Any], profile: Profile
+    ) -> None:
+        """A denoiser the profile's step cache can split (DeepCache's for UNets)."""
+        if profile.model.deep_cache:
+            check_deep_cache(root, denoiser_config)
+
+    @classmethod
+    def _step_cache_components(cls, profile: Profile) -> list[tuple[str, str]]:
+        """(name, folder) of what the profile's step cache adds after the denoiser: the
+        shallow UNet (DeepCache), from the UNet's folder."""
+        return [(SHALLOW_UNET, cls.denoiser)] if profile.model.deep_cache else []
+
+    @classmethod
+    def _step_cache_signature(
+        cls,
+        name: str,
+        config: Mapping[str, Any],
+        inputs: dict[str, TensorSpec],
+        outputs: dict[str, TensorSpec],
+        profile: Profile,
+    ) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+        """A component's inputs and outputs with what its step cache passes between them:
+        DeepCache's UNet also outputs its deep features (the shallow UNet's are in
+        _signature)."""
+        if profile.model.deep_cache and name == "unet":
+            return inputs, {**outputs, DEEP_FEATURES: deep_features_spec(config)}
+        return inputs, outputs
+
+    @classmethod
+    def _component_folders(
+        cls, root: Path, cache: Sequence[tuple[str, str]] = ()
+    ) -> list[tuple[str, str]]:
         """The text encoders the pipeline has (SD3 may lack T5, and runs with zeros in its
-        place; the required ones were checked), each with its tokenizer, then the rest (with
-        `deep_cache`, the shallow UNet after the UNet, from the same folder)."""
+        place; the required ones were checked), each with its tokenizer, then the rest (the
+        step cache's `cache` components after the denoiser, from their folders)."""
         present = [encoder for encoder in cls.tokenizer_folders if (root / encoder).is_dir()]
         for encoder in present:
             tokenizer = cls.tokenizer_folders[encoder]
@@ -277,9 +308,7 @@ class StableDiffusionFamily(ModelFamily):
         # controlnet_1, ...) run before the denoiser, on the same inputs.
         folders = {path.name for path in root.iterdir() if path.is_dir()}
         control = [(name, name) for name in controlnet_names(folders)]
-        denoisers = [(cls.denoiser, cls.denoiser)]
-        if deep_cache:
-            denoisers.append((SHALLOW_UNET, cls.denoiser))
+        denoisers = [(cls.denoiser, cls.denoiser), *cache]
         return [*text, *control, *denoisers, ("vae_encoder", "vae"), ("vae_decoder", "vae")]
 
     @classmethod
@@ -297,9 +326,9 @@ class StableDiffusionFamily(ModelFamily):
 
         config = read_config(folder)
         inputs, outputs = cls._signature(name, config, sequences, dims)
+        inputs, outputs = cls._step_cache_signature(name, config, inputs, outputs, profile)
         deep_cache = profile.model.deep_cache > 0
-        if deep_cache and name == "unet":
-            outputs = {**outputs, DEEP_FEATURES: deep_features_spec(config)}
+        block_cache = profile.model.first_block_cache > 0
         # A ControlNet pipeline's UNet also takes the ControlNet's residuals.
         controlled = name == "unet" and (folder.parent / CONTROLNET).is_dir()
         if controlled:
@@ -316,6 +345,7 @@ class StableDiffusionFamily(ModelFamily):
                 kind,
                 controlled=controlled,
                 deep_cache=deep_cache,
+                block_cache=block_cache,
             ),
             meta_module=lambda: modules.wrap(
                 name,
@@ -324,6 +354,7 @@ class StableDiffusionFamily(ModelFamily):
                 kind,
                 controlled=controlled,
                 deep_cache=deep_cache,
+                block_cache=block_cache,
             ),
             checkpoint=safetensors,
             inputs=inputs,
@@ -334,7 +365,7 @@ class StableDiffusionFamily(ModelFamily):
             atol=ATOL.get(CONTROLNET if is_controlnet(name) else name, VAE_ATOL),
             batch_factor=(
                 cls.denoiser_batch_factor
-                if name in (cls.denoiser, SHALLOW_UNET) or is_controlnet(name)
+                if name in (cls.denoiser, SHALLOW_UNET, TRANSFORMER_HEAD) or is_controlnet(name)
                 else 1
             ),
             default_dims=dict(dims),
@@ -371,9 +402,14 @@ class StableDiffusionFamily(ModelFamily):
         # A ControlNet artifact's UNet takes the residuals (its ControlNet lies beside it).
         controlled = component == "unet" and (model_dir.parent / CONTROLNET).is_dir()
         kind = TEXT_ENCODERS[cls.name].get(component)
-        deep_cache = bool(settings.get("deep_cache"))
         return modules.wrap(
-            component, model, cls.name, kind, controlled=controlled, deep_cache=deep_cache
+            component,
+            model,
+            cls.name,
+            kind,
+            controlled=controlled,
+            deep_cache=bool(settings.get("deep_cache")),
+            block_cache=bool(settings.get("first_block_cache")),
         )
 
     @classmethod
@@ -398,82 +434,12 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         "tokenizer_2",
     )
     pipelines: ClassVar[Mapping[str, str]] = {
-        "stable-diffusion-xl": "modelkiln.pipelines.diffusion:SDXLPipeline"
+        "stable-diffusion-xl": "modelkiln.pipelines.sdxl:SDXLPipeline"
     }
     bundle_configs: ClassVar[tuple[str, ...]] = (
         *StableDiffusionFamily.bundle_configs,
         "tokenizer_2/",
     )
-
-
-def with_lora_slots(spec: ComponentSpec, folder: Path, targets: Sequence[str]) -> ComponentSpec:
-    """The denoiser with a LoRA slot in every target layer: A and B as optional inputs."""
-    from modelkiln.models import stable_diffusion_modules as modules
-
-    layers = modules.lora_slot_layers(modules.meta_component(folder), targets)
-    if not layers:
-        raise ProfileError(
-            f"runtime_lora.targets {list(targets)} name no Linear layer of {folder}; name its "
-            "layers or their last parts (to_q, to_k, to_v, to_out.0, ff.net.2, ...)"
-        )
-    module, meta_module = spec.module, spec.meta_module
-    return replace(
-        spec,
-        module=lambda: modules.LoraSlots(module(), list(layers)),
-        meta_module=(lambda: modules.LoraSlots(meta_module(), list(layers)))
-        if meta_module is not None
-        else None,
-        inputs={**spec.inputs, **lora_slot_inputs(layers)},
-        default_dims={**spec.default_dims, LORA_RANK: EXAMPLE_RANK},
-        dynamic_dims=spec.dynamic_dims | {LORA_RANK},
-    )
-
-
-def _check_runtime_lora(profile: Profile, denoiser: str, origin: str) -> None:
-    """Slots are optional inputs with defaults, which the ONNX export writes and ONNX
-    Runtime runs (as LoRA adapters); the LoRA adds to fp32 weights that no scheme changed."""
-    view = profile.for_component(denoiser)
-    if profile.export.format != "onnx" or profile.runtime.name not in ("auto", "onnxruntime"):
-        raise UnsupportedError(
-            f"{origin}: [runtime_lora] is built for the onnx format run by ONNX Runtime, not "
-            f"{profile.export.format} on {profile.runtime.name}; fuse LoRAs at build ([[lora]] "
-            "or kiln build --lora) for other backends"
-        )
-    if view.precision.weights != "fp32" or view.quantization.scheme != "none":
-        raise UnsupportedError(
-            f"{origin}: [runtime_lora] needs the {denoiser} in fp32 without a quantization "
-            f"scheme (it has {view.precision.weights}, scheme {view.quantization.scheme}); "
-            "fuse LoRAs at build ([[lora]]) for a quantized or fp16 build"
-        )
-    if not profile.runtime_lora.targets:
-        raise ProfileError(f"{origin}: runtime_lora.targets is empty; name the layers to adapt")
-
-
-def _check_deep_cache(root: Path, unet_config: Mapping[str, Any]) -> None:
-    """A UNet DeepCache can split: SD's or SDXL's conditioning, more than one block, no
-    ControlNet (whose residuals the shallow UNet would also need)."""
-    where = f"{root}: model.deep_cache"
-    if (root / CONTROLNET).is_dir():
-        raise UnsupportedError(
-            f"{where} is not built for ControlNet pipelines (the shallow UNet takes no "
-            "residuals); build without it"
-        )
-    if len(unet_config.get("block_out_channels", ())) < 2:
-        raise UnsupportedError(f"{where}: a UNet of one block has no deep features to reuse")
-    if not isinstance(unet_config.get("layers_per_block", 2), int):
-        raise UnsupportedError(
-            f"{where}: the shallow UNet is built for one layers_per_block for every block, not "
-            f"{unet_config['layers_per_block']}; build without model.deep_cache"
-        )
-    keys = ("class_embed_type", "encoder_hid_dim_type", "time_cond_proj_dim")
-    named = [f"{key} = {unet_config[key]}" for key in keys if unet_config.get(key) is not None]
-    if unet_config.get("addition_embed_type") not in (None, "text_time"):
-        named.append(f"addition_embed_type = {unet_config['addition_embed_type']}")
-    if named:
-        raise UnsupportedError(
-            f"{where}: the shallow UNet is built for SD's and SDXL's conditioning, not "
-            f"{', '.join(named)}; build without model.deep_cache"
-        )
 
 
 def _resolution(

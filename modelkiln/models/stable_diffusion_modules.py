@@ -326,12 +326,16 @@ def wrap(
     *,
     controlled: bool = False,
     deep_cache: bool = False,
+    block_cache: bool = False,
 ) -> nn.Module:
     """The export wrapper of one component of a `family` (sd, sdxl, sd3, flux) pipeline;
     `text_kind`: how a text encoder exports (diffusion_signatures.TEXT_ENCODERS), else None;
     `controlled`: the UNet also takes a ControlNet's residuals; `deep_cache`: the UNet also
-    outputs its deep features (models/deep_cache.py), which unet_shallow takes."""
+    outputs its deep features (models/deep_cache.py), which unet_shallow takes;
+    `block_cache`: the transformer also outputs the residuals transformer_head takes
+    (models/first_block_cache.py)."""
     from modelkiln.models import deep_cache as caching
+    from modelkiln.models import first_block_cache as blocks
 
     if text_kind == "t5":
         return T5Encoder(model).eval()
@@ -347,8 +351,12 @@ def wrap(
         return caching.shallow_unet(model, xl=family == "sdxl").eval()
     if component == "unet":
         return (UNetXL if family == "sdxl" else UNet)(model, deep_features=deep_cache).eval()
-    if component == "transformer":
-        return (FluxTransformer(model) if family == "flux" else SD3Transformer(model)).eval()
+    if component in ("transformer", blocks.TRANSFORMER_HEAD):
+        wrapper = FluxTransformer(model) if family == "flux" else SD3Transformer(model)
+        patch = None if family == "flux" else int(cast(Any, model).config.patch_size)
+        if component == blocks.TRANSFORMER_HEAD:
+            return blocks.transformer_head(wrapper, patch).eval()
+        return (blocks.CachingTransformer(wrapper, patch) if block_cache else wrapper).eval()
     if component == "vae_encoder":
         return VaeEncoder(model).eval()
     if component == "vae_decoder":

@@ -15,6 +15,12 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from modelkiln.diffusion.block_cache import (
+    TRANSFORMER_HEAD,
+    TRANSFORMER_OUTPUT,
+    FirstBlockCacheDenoiser,
+    TransformerFeeds,
+)
 from modelkiln.diffusion.denoise import Conditioning, Denoiser, run_conformed, start_timesteps
 from modelkiln.diffusion.noise import TorchGenerator
 from modelkiln.diffusion.request import Request
@@ -23,7 +29,8 @@ from modelkiln.diffusion.schedulers.flow_match import FlowMatchEulerDiscrete
 from modelkiln.diffusion.tokenizer import T5Tokenizer
 from modelkiln.errors import InputError, UnsupportedError
 from modelkiln.pipelines.base import run_padded
-from modelkiln.pipelines.diffusion import SDPipeline, penultimate_hidden_state
+from modelkiln.pipelines.diffusion import SDPipeline
+from modelkiln.pipelines.sdxl import penultimate_hidden_state
 from modelkiln.runtimes.base import Session
 
 # Flux's token positions: one row per token, shared by every image of a batch.
@@ -39,9 +46,12 @@ class FlowPipeline(SDPipeline):
     t5_tokenizer: ClassVar[str]
     stages: ClassVar[Mapping[str, str]] = {
         "transformer": "transformer_step",
+        TRANSFORMER_HEAD: "transformer_head_step",
         "vae_encoder": "vae_encode",
         "vae_decoder": "vae_decode",
     }
+    # First Block Cache's head alternates with the transformer: low_memory keeps it open apart.
+    resident_apart: ClassVar[frozenset[str]] = frozenset({TRANSFORMER_HEAD})
     default_steps: ClassVar[Mapping[str, int]] = {"text": 28, "image": 50, "inpaint": 50}
     default_image_strength: ClassVar[float] = 0.6
     default_inpaint_strength: ClassVar[float] = 0.6
@@ -61,14 +71,42 @@ class FlowPipeline(SDPipeline):
             else None
         )
 
-    def _request(self, mode: str, prompt: Any, settings: Mapping[str, Any]) -> Request:
-        request = super()._request(mode, prompt, settings)
+    def _check_caching(self, request: Request) -> None:
+        """A transformer has First Block Cache's step cache, not DeepCache's."""
         if request.cache_interval > 1:
             raise UnsupportedError(
                 "cache_interval reuses a UNet's deep features (SD 1.x/2.x, SDXL); this "
-                "pipeline's denoiser is a transformer: leave cache_interval at 1"
+                "pipeline's denoiser is a transformer: leave cache_interval at 1 and skip its "
+                "later blocks with cache_threshold (model.first_block_cache)"
             )
-        return request
+
+    def _denoiser(self, request: Request) -> Denoiser:
+        """The transformer on every step, or First Block Cache's pair where the call's
+        cache_threshold is above 0."""
+        transformer = self.sessions["transformer"]
+        feeds, unbatched = self._transformer_feeds(request, transformer)
+        threshold = request.cache_threshold
+        if threshold > 0:
+            head = self.sessions.get(TRANSFORMER_HEAD)
+            if head is None:
+                raise UnsupportedError(
+                    f"cache_threshold {threshold} skips the transformer's later blocks, and "
+                    f"this artifact has no {TRANSFORMER_HEAD}: rebuild it with --set "
+                    f"model.first_block_cache={threshold}, or run with cache_threshold 0"
+                )
+            return FirstBlockCacheDenoiser(transformer, head, threshold, feeds, unbatched)
+
+        def predict(sample: np.ndarray, timestep: float, conditioning: Conditioning) -> np.ndarray:
+            outputs = run_conformed(transformer, feeds(sample, timestep, conditioning), unbatched)
+            return outputs[TRANSFORMER_OUTPUT]
+
+        return predict
+
+    def _transformer_feeds(
+        self, request: Request, transformer: Session
+    ) -> tuple[TransformerFeeds, frozenset[str]]:
+        """The transformer's feeds for one call, and those not batched (Flux's positions)."""
+        raise NotImplementedError
 
     def _check_denoiser(self, configs: Mapping[str, Mapping[str, Any]]) -> None:
         """Nothing to refuse up front (SD's check is of a UNet's config); the scheduler is
@@ -142,19 +180,20 @@ class SD3Pipeline(FlowPipeline):
     def inpainting_only(self) -> bool:
         return int(self.model_info.get("transformer_in_channels", 16)) == 33
 
-    def _denoiser(self, request: Request) -> Denoiser:
-        transformer = self.sessions["transformer"]
-
-        def predict(sample: np.ndarray, timestep: float, conditioning: Conditioning) -> np.ndarray:
-            feeds = {
+    def _transformer_feeds(
+        self, request: Request, transformer: Session
+    ) -> tuple[TransformerFeeds, frozenset[str]]:
+        def feeds(
+            sample: np.ndarray, timestep: float, conditioning: Conditioning
+        ) -> dict[str, np.ndarray]:
+            return {
                 "hidden_states": sample,
                 "timestep": np.full(sample.shape[0], timestep, dtype=np.float32),
                 "encoder_hidden_states": conditioning.encoder_hidden_states,
                 **conditioning.extra,
             }
-            return run_conformed(transformer, feeds)["out_hidden_states"]
 
-        return predict
+        return feeds, frozenset()
 
     def _conditioning(self, request: Request) -> Conditioning:
         hidden, pooled = self._encode_all(request.prompts, request.num_images)
@@ -255,17 +294,20 @@ class FluxPipeline(FlowPipeline):
         step = self._vae.pixels_per_latent
         return _unpack(latents, request.height // step, request.width // step)
 
-    def _denoiser(self, request: Request) -> Denoiser:
-        transformer = self.sessions["transformer"]
+    def _transformer_feeds(
+        self, request: Request, transformer: Session
+    ) -> tuple[TransformerFeeds, frozenset[str]]:
         step = self._vae.pixels_per_latent
         img_ids = _image_ids(request.height // step // 2, request.width // step // 2)
         length = int(self.model_info["t5_sequence_length"])
         txt_ids = np.zeros((length, 3), dtype=np.float32)
         guided = "guidance" in transformer.input_specs
 
-        def predict(sample: np.ndarray, timestep: float, conditioning: Conditioning) -> np.ndarray:
+        def feeds(
+            sample: np.ndarray, timestep: float, conditioning: Conditioning
+        ) -> dict[str, np.ndarray]:
             batch = sample.shape[0]
-            feeds = {
+            values = {
                 "hidden_states": sample,
                 "encoder_hidden_states": conditioning.encoder_hidden_states,
                 **conditioning.extra,
@@ -275,10 +317,10 @@ class FluxPipeline(FlowPipeline):
                 "txt_ids": txt_ids,
             }
             if guided:
-                feeds["guidance"] = np.full(batch, request.guidance, dtype=np.float32)
-            return run_conformed(transformer, feeds, POSITIONS)["out_hidden_states"]
+                values["guidance"] = np.full(batch, request.guidance, dtype=np.float32)
+            return values
 
-        return predict
+        return feeds, POSITIONS
 
     def _conditioning(self, request: Request) -> Conditioning:
         pooled = self._clip(0, request.prompts)["pooler_output"]

@@ -314,6 +314,7 @@ class Profile:
             ("runtime.threads", self.runtime.threads, 1, 4096),
             ("model.token_merging", self.model.token_merging, 0, 4096),
             ("model.deep_cache", self.model.deep_cache, 0, MAX_STEPS),
+            ("model.first_block_cache", self.model.first_block_cache, 0.0, 1.0),
             ("build.max_memory_gb", self.build.max_memory_gb, 0.001, 1e6),
         ):
             if value is not None and not low <= value <= high:

@@ -22,6 +22,11 @@ class ModelSettings:
     # features through a second, shallow UNet (0: off); gated end to end like token merging
     # (models/deep_cache.py).
     deep_cache: int = 0
+    # First Block Cache: on a step where the transformer's first block changed the image
+    # tokens less than this fraction since the last computed step, its later blocks are
+    # skipped and their last residual reused (0: off; SD3, Flux); gated end to end like
+    # DeepCache (models/first_block_cache.py).
+    first_block_cache: float = 0.0
 
     def check(self, origin: str) -> None:
         """What the range checks of Profile do not say (they bound every number)."""
