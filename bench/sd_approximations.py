@@ -2,7 +2,7 @@
 
     python bench/sd_approximations.py --work /tmp/kiln-bench [--profiles sd-openvino-int8,...]
         [--deep-cache 3] [--variants "exact;guidance_end=0.5;cache_interval=3"] [--torch]
-        [--steps 20] [--runs 2] [--threads 2]
+        [--steps 20] [--runs 2] [--threads 2] [--peers]
 
 An SD-1.5-sized pipeline with random weights (WORK/sd15, shared with bench/sd_speed.py),
 built once per profile with `model.deep_cache = --deep-cache` (so that it can run DeepCache;
@@ -15,6 +15,11 @@ more label. Each pipeline runs in a child process of its own (modelkiln/bench/ch
 runtimes in one process slow each other down); all labels are timed interleaved in rounds
 (bench/interleaved.py), after one untimed 1-step call each. Quality: PSNR and SSIM of each
 image against its profile's exact variant's, same seed. Writes WORK/sd_approximations.json and .md.
+
+--peers adds optimum-intel's exports of the same source (bench/sd_peer_child.py, run by
+`make compat`'s .venv-optimum: int8 weights, and hybrid int8 on the calibration prompts,
+each reshaped static to the image size as optimum-intel advises) and OpenVINO GenAI's C++
+pipeline on the hybrid export, each in a process of its own, timed in the same rounds.
 """
 
 from __future__ import annotations
@@ -33,6 +38,14 @@ PROMPT = "a photograph of an astronaut riding a horse"
 EXACT = "exact"
 TORCH = "torch fp32 (diffusers)"
 GUIDANCE = 7.5
+PEER_CHILD = Path(__file__).with_name("sd_peer_child.py")
+OPTIMUM_PYTHON = Path(".venv-optimum/bin/python")
+# label -> (Python, sd_peer_child.py kind, the optimum-intel export it runs)
+PEERS = {
+    "optimum-intel int8 weights": (OPTIMUM_PYTHON, "optimum-intel", "int8"),
+    "optimum-intel hybrid int8": (OPTIMUM_PYTHON, "optimum-intel", "hybrid"),
+    "OpenVINO GenAI (optimum-intel hybrid int8 IR)": (Path(sys.executable), "genai", "hybrid"),
+}
 
 
 def main() -> None:
@@ -46,6 +59,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a tiny SD: checks the script")
+    parser.add_argument("--peers", action="store_true", help="optimum-intel and OpenVINO GenAI")
     args = parser.parse_args()
     variants = {label: settings_of(label) for label in args.variants.split(";")}
     variants.setdefault(EXACT, {})  # the reference of the quality columns
@@ -56,7 +70,8 @@ def main() -> None:
         code = f"from modelkiln.testing import {maker}; {maker}({str(source)!r})"
         subprocess.run([sys.executable, "-c", code], check=True)
     artifacts = {profile: built(source, profile, args) for profile in args.profiles.split(",")}
-    report = measure(artifacts, source, variants, args)
+    peers = peer_exports(source, args) if args.peers else {}
+    report = measure(artifacts, source, variants, args, peers)
     (args.work / "sd_approximations.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
     (args.work / "sd_approximations.md").write_text(table)
@@ -75,6 +90,74 @@ def built(source: Path, profile: str, args: argparse.Namespace) -> Path:
     return artifact
 
 
+def peer_exports(source: Path, args: argparse.Namespace) -> dict[str, Path]:
+    """optimum-intel's exports of `source` (WORK/peers/optimum-intel-WEIGHTS), made unless
+    they are there, by label. The hybrid one calibrates on sd-openvino-int8-hybrid's prompts
+    and as many UNet calls as that profile's calibration makes (prompts × (steps + 1))."""
+    from modelkiln.plan import load_profile
+
+    if not OPTIMUM_PYTHON.is_file():
+        raise SystemExit(f"{OPTIMUM_PYTHON} is missing: `make compat` creates it")
+    calibration = load_profile("sd-openvino-int8-hybrid").calibration
+    prompts = list(calibration.prompts)
+    samples = calibration.size * (calibration.steps + 1)
+    folders = {}
+    for label, (_, _, weights) in PEERS.items():
+        folder = args.work / "peers" / f"optimum-intel-{weights}"
+        if not (folder / "model_index.json").is_file():
+            print(f"exporting {folder.name} with optimum-intel ...", flush=True)
+            command = [str(OPTIMUM_PYTHON), str(PEER_CHILD), "export", str(source), str(folder)]
+            command += ["--weights", weights, "--prompts", ";".join(prompts)]
+            command += ["--samples", str(samples)]
+            subprocess.run(command, check=True)
+            # OpenVINO GenAI reads tokenizer IRs, which optimum-intel writes only beside
+            # openvino-tokenizers: ours (what our OpenVINO artifacts get).
+            from modelkiln.exporters.openvino import OpenVINOExporter
+
+            OpenVINOExporter().complete(folder)
+        folders[label] = folder
+    return folders
+
+
+@contextmanager
+def peer_process(
+    label: str, folder: Path, size: int, threads: int, scratch: Path
+) -> Iterator[Callable[..., Any]]:
+    """A peer pipeline loaded in its own process (sd_peer_child.py serve) and a call that
+    generates one image there: (settings, steps) -> the image (settings: none apply)."""
+    from PIL import Image
+
+    python, kind, _ = PEERS[label]
+    command = [str(python), str(PEER_CHILD), "serve", kind, str(folder)]
+    command += ["--size", str(size), "--threads", str(threads)]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdin is not None and process.stdout is not None
+
+    def wait_for(marker: str) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.strip() == marker:
+                return
+        raise RuntimeError(f"{label}: the peer process exited ({process.wait()}) first")
+
+    try:
+        wait_for("@@ready")
+        out = scratch / f"{kind}-{folder.name}.png"
+
+        def generate(chosen: dict[str, Any], steps: int) -> Any:
+            assert process.stdin is not None
+            request = {"steps": steps, "out": str(out), "prompt": PROMPT, "guidance": GUIDANCE}
+            process.stdin.write(json.dumps(request) + "\n")
+            process.stdin.flush()
+            wait_for("@@done")
+            return Image.open(out).convert("RGB")
+
+        yield generate
+    finally:
+        process.stdin.close()
+        process.wait(timeout=120)
+
+
 def settings_of(label: str) -> dict[str, float | int]:
     """`guidance_end=0.5,cache_interval=3` -> the generation settings (`exact`: none)."""
     if label == EXACT:
@@ -91,6 +174,7 @@ def measure(
     source: Path,
     variants: dict[str, dict[str, Any]],
     args: argparse.Namespace,
+    peers: dict[str, Path],
 ) -> dict[str, Any]:
     from modelkiln.bench.child_call import call_in_child
     from modelkiln.bench.interleaved import time_interleaved
@@ -116,6 +200,15 @@ def measure(
             )
             calls[TORCH] = partial(diffusers, {})
             runs[TORCH] = ("diffusers", "exact")
+        # The model's native size, as ours and diffusers generate: latents × the VAE's scale.
+        unet = json.loads((source / "unet" / "config.json").read_text())
+        vae = json.loads((source / "vae" / "config.json").read_text())
+        pixels = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        for label, folder in peers.items():
+            scratch = args.work / "peers"
+            peer = stack.enter_context(peer_process(label, folder, pixels, args.threads, scratch))
+            calls[label] = partial(peer, {})
+            runs[label] = (label, EXACT)
 
         @contextmanager
         def opener(label: str) -> Iterator[Callable[[], object]]:
@@ -134,16 +227,20 @@ def measure(
         profile, variant = runs[label]
         exact = f"{profile}: {EXACT}"
         compared = label != TORCH and variant != EXACT
+        own = label != TORCH and label not in peers  # ours: an exact variant to compare with
         rows.append(
             {
                 "profile": profile,
                 "variant": variant,
                 "seconds": timing.median,
                 "rounds_s": list(timing.rounds),
-                "vs_exact": timings[exact].median / timing.median if label != TORCH else None,
+                "vs_exact": timings[exact].median / timing.median if own else None,
                 "vs_torch": timings[TORCH].median / timing.median if TORCH in timings else None,
                 "psnr_db": psnr(images[label], images[exact]) if compared else None,
                 "ssim": ssim(images[label], images[exact]) if compared else None,
+                "psnr_vs_torch_db": psnr(images[label], images[TORCH])
+                if TORCH in images and label != TORCH
+                else None,
             }
         )
     return {
@@ -204,16 +301,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"guidance {GUIDANCE}, one image; {report['machine']}; medians of {report['runs']} "
         "interleaved runs.",
         "",
-        "| profile | variant | end to end | vs exact | vs torch fp32 | PSNR / SSIM vs exact |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| profile | variant | end to end | vs exact | vs torch fp32 | PSNR / SSIM vs exact "
+        "| PSNR vs torch |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in report["rows"]:
         quality = "—" if row["psnr_db"] is None else f"{row['psnr_db']:.1f} dB / {row['ssim']:.3f}"
         versus_torch = "—" if row["vs_torch"] is None else f"{row['vs_torch']:.2f}×"
         versus_exact = "—" if row["vs_exact"] is None else f"{row['vs_exact']:.2f}×"
+        to_torch = row.get("psnr_vs_torch_db")
+        from_torch = "—" if to_torch is None else f"{to_torch:.1f} dB"
         lines.append(
             f"| {row['profile']} | {row['variant']} | {row['seconds']:.1f} s | {versus_exact} "
-            f"| {versus_torch} | {quality} |"
+            f"| {versus_torch} | {quality} | {from_torch} |"
         )
     return "\n".join(lines) + "\n"
 

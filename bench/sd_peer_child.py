@@ -1,0 +1,143 @@
+"""One SD peer for bench/sd_approximations.py --peers, in the Python environment it needs
+(optimum-intel's lives in .venv-optimum, `make compat`; OpenVINO GenAI's in ours). No
+modelkiln import: this file runs in either.
+
+    PYTHON bench/sd_peer_child.py export SOURCE OUT --weights int8|hybrid [--prompts a;b]
+                                  [--samples 40]
+    PYTHON bench/sd_peer_child.py serve optimum-intel|genai FOLDER --size 512 --threads 2
+
+`export` writes optimum-intel's OpenVINO export of a diffusers SD folder, as its docs make
+one: `--weights int8` compresses every weight to int8 (nncf, what `optimum-cli export
+openvino --weight-format int8` does); `hybrid` also quantizes the UNet's activations on the
+prompts (optimum-intel's hybrid quantization for diffusion, what `--dataset` adds), on the
+first SAMPLES UNet calls its fp32 pipeline makes for them (its num_samples).
+
+`serve` loads FOLDER once (optimum-intel: reshaped static to one SIZE×SIZE image, as its docs
+advise for speed; GenAI: as it is) and prints `@@ready`; then each stdin line
+`{"steps": N, "out": PATH, "prompt": TEXT, "guidance": G}` generates one image from seed 0,
+writes it to PATH and prints `@@done`. EOF ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def export(source: Path, out: Path, weights: str, prompts: list[str], samples: int) -> None:
+    import tempfile
+
+    from optimum.intel import OVStableDiffusionPipeline, OVWeightQuantizationConfig
+
+    if weights == "int8":
+        config = OVWeightQuantizationConfig(bits=8)
+    else:  # int8 weights, and the UNet's activations quantized on the prompts' activations
+        config = OVWeightQuantizationConfig(
+            bits=8, dataset=prompts, num_samples=samples, quant_method="hybrid"
+        )
+    with tempfile.TemporaryDirectory() as scratch:
+        pipeline = OVStableDiffusionPipeline.from_pretrained(
+            fast_tokenizer_view(source, Path(scratch)),
+            export=True,
+            compile=False,
+            quantization_config=config,
+        )
+        pipeline.save_pretrained(out)
+
+
+def fast_tokenizer_view(source: Path, scratch: Path) -> Path:
+    """`source` with its CLIP tokenizer read as the fast one: transformers 5 (ours) saves a
+    CLIPTokenizer as tokenizer.json alone, which optimum's transformers 4 reads only as
+    CLIPTokenizerFast. The folders are links; model_index.json says so."""
+    index = json.loads((source / "model_index.json").read_text())
+    for name, entry in index.items():
+        if isinstance(entry, list) and entry[1] == "CLIPTokenizer":
+            index[name] = [entry[0], "CLIPTokenizerFast"]
+    for path in source.iterdir():
+        if path.name != "model_index.json":
+            (scratch / path.name).symlink_to(path)
+    (scratch / "model_index.json").write_text(json.dumps(index))
+    return scratch
+
+
+def open_pipeline(kind: str, folder: Path, size: int, threads: int) -> Any:
+    """(prompt, steps, guidance) -> a PIL image, seeded 0."""
+    if kind == "genai":
+        import numpy as np
+        import openvino_genai as genai
+        from PIL import Image
+
+        pipeline = genai.Text2ImagePipeline(str(folder), "CPU", INFERENCE_NUM_THREADS=threads)
+
+        def generate_genai(prompt: str, steps: int, guidance: float) -> Any:
+            tensor = pipeline.generate(
+                prompt,
+                width=size,
+                height=size,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=genai.TorchGenerator(0),
+            )
+            return Image.fromarray(np.asarray(tensor.data[0]))
+
+        return generate_genai
+    import torch
+    from optimum.intel import OVStableDiffusionPipeline
+
+    torch.set_num_threads(threads)
+    config = {"INFERENCE_NUM_THREADS": str(threads)}
+    optimum = OVStableDiffusionPipeline.from_pretrained(folder, compile=False, ov_config=config)
+    optimum.reshape(batch_size=1, height=size, width=size, num_images_per_prompt=1)
+    optimum.compile()
+    optimum.set_progress_bar_config(disable=True)
+
+    def generate_optimum(prompt: str, steps: int, guidance: float) -> Any:
+        generator = torch.Generator().manual_seed(0)
+        return optimum(
+            prompt,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=size,
+            width=size,
+            generator=generator,
+        ).images[0]
+
+    return generate_optimum
+
+
+def serve(kind: str, folder: Path, size: int, threads: int) -> None:
+    generate = open_pipeline(kind, folder, size, threads)
+    print("@@ready", flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        image = generate(request["prompt"], request["steps"], request["guidance"])
+        image.save(request["out"])
+        print("@@done", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    exporting = commands.add_parser("export")
+    exporting.add_argument("source", type=Path)
+    exporting.add_argument("out", type=Path)
+    exporting.add_argument("--weights", choices=["int8", "hybrid"], required=True)
+    exporting.add_argument("--prompts", default="a photograph of an astronaut riding a horse")
+    exporting.add_argument("--samples", type=int, default=40)
+    serving = commands.add_parser("serve")
+    serving.add_argument("kind", choices=["optimum-intel", "genai"])
+    serving.add_argument("folder", type=Path)
+    serving.add_argument("--size", type=int, default=512)
+    serving.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if args.command == "export":
+        export(args.source, args.out, args.weights, args.prompts.split(";"), args.samples)
+    else:
+        serve(args.kind, args.folder, args.size, args.threads)
+
+
+if __name__ == "__main__":
+    main()
