@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from modelkiln import memory_budget
+from modelkiln.diffusion.block_cache import FIRST_BLOCK_RESIDUAL
 from modelkiln.errors import ProfileError
 from modelkiln.exporters import by_block_openvino
 from modelkiln.exporters.base import write_config
@@ -58,6 +59,13 @@ BLOCK_COPIES = 3
 def refusal(spec: ComponentSpec, component: ComponentPlan) -> str | None:
     """Why the component cannot be built block by block, or None if it can."""
     profile = component.profile
+    if FIRST_BLOCK_RESIDUAL in spec.outputs:
+        # The blocks' segments (models/blocks.py) do not output First Block Cache's residuals.
+        return (
+            "built for model.first_block_cache, the transformer and its head are built whole "
+            "(their residuals are not cut into blocks); raise build.max_memory_gb or build "
+            "without model.first_block_cache"
+        )
     if profile.export.format == "onnx":
         if not isinstance(component.scheme, Int4Weights):
             scheme = component.scheme.name if component.scheme is not None else "fp32"

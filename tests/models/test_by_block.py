@@ -139,6 +139,20 @@ def test_onnx_builds_by_block_only_int4_weights(source_dir: Callable[[str], Path
     assert by_block.refusal(transformer, plan.component("transformer")) is None  # type: ignore[attr-defined]
 
 
+def test_first_block_cache_builds_its_transformer_whole(
+    source_dir: Callable[[str], Path],
+) -> None:
+    specs, plan = _specs(source_dir("sd3"), "sd3-openvino-int8", "model.first_block_cache=0.1")
+    found = memory_budget.estimate(specs, whole_pipeline=False)
+    chosen, planned = by_block.choose(specs, plan, found, 1.0)  # type: ignore[arg-type]
+    assert chosen == {"text_encoder_3"}  # T5 still cuts
+    assert planned is not None
+    for name in ("transformer", "transformer_head"):
+        assert planned.not_by_block[name].startswith(
+            "built for model.first_block_cache, the transformer and its head are built whole"
+        )
+
+
 @pytest.mark.openvino
 @pytest.mark.parametrize(
     ("source", "component"), [("sd3", "transformer"), ("flux-schnell", "text_encoder_2")]
