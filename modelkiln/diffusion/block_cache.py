@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelkiln.diffusion.denoise import Conditioning, run_conformed
+from modelkiln.diffusion.denoise import Conditioning, StepCalls, run_conformed
 from modelkiln.runtimes.base import Session
 
 TRANSFORMER_HEAD = "transformer_head"
@@ -63,19 +63,16 @@ class FirstBlockCacheDenoiser:
         self.feeds = feeds
         self.unbatched = unbatched
         self._kept: dict[int, _Kept] = {}
-        self._guided: bool | None = None
-        self._call = 0
+        self._calls = StepCalls()
 
     def start_step(self, index: int, guided: bool) -> None:
-        if guided != self._guided:
+        if self._calls.start(guided):
             self._kept.clear()  # the kept residuals belong to the other batch
-        self._guided = guided
-        self._call = 0
 
     def __call__(
         self, sample: np.ndarray, timestep: float, conditioning: Conditioning
     ) -> np.ndarray:
-        call, self._call = self._call, self._call + 1
+        call = self._calls.next()
         feeds = self.feeds(sample, timestep, conditioning)
         kept = self._kept.get(call)
         if kept is not None and len(kept.first) == len(sample):

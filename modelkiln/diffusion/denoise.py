@@ -210,6 +210,26 @@ def unet_denoiser(unet: Session) -> Denoiser:
     return predict
 
 
+class StepCalls:
+    """For a denoiser that keeps work between steps: which call of its step a call is (split
+    guidance makes two per step, each keeping its own), and whether a step's batch differs
+    from the last one's (guidance ended: what was kept belongs to the other batch)."""
+
+    def __init__(self) -> None:
+        self._guided: bool | None = None
+        self._next = 0
+
+    def start(self, guided: bool) -> bool:
+        """A new step begins; True where its batch differs from the last step's."""
+        changed = guided != self._guided
+        self._guided, self._next = guided, 0
+        return changed
+
+    def next(self) -> int:
+        call, self._next = self._next, self._next + 1
+        return call
+
+
 # The UNet's output that DeepCache keeps, and the component that takes it back: the shallow
 # UNet (models/deep_cache.py builds both).
 DEEP_FEATURES = "deep_features"
@@ -230,18 +250,16 @@ class DeepCacheDenoiser:
         self.interval = interval
         self._features: dict[int, np.ndarray] = {}
         self._whole = True
-        self._guided: bool | None = None
-        self._call = 0
+        self._calls = StepCalls()
 
     def start_step(self, index: int, guided: bool) -> None:
-        self._whole = index % self.interval == 0 or guided != self._guided
-        self._guided = guided
-        self._call = 0
+        batch_changed = self._calls.start(guided)
+        self._whole = index % self.interval == 0 or batch_changed
 
     def __call__(
         self, sample: np.ndarray, timestep: float, conditioning: Conditioning
     ) -> np.ndarray:
-        call, self._call = self._call, self._call + 1
+        call = self._calls.next()
         feeds = unet_feeds(sample, timestep, conditioning)
         kept = self._features.get(call)
         if self._whole or kept is None or len(kept) != len(sample):
@@ -297,6 +315,7 @@ __all__ = [
     "Inpainting",
     "StepAware",
     "StepCallback",
+    "StepCalls",
     "Vae",
     "denoise",
     "guided_count",
