@@ -7,7 +7,10 @@
 An SD-1.5-sized pipeline with random weights (WORK/sd15, shared with bench/sd_speed.py),
 built once per profile with `model.deep_cache = --deep-cache` (so that it can run DeepCache;
 `cache_interval=1` runs its whole UNet every step: the exact pipeline) under
-WORK/artifacts/PROFILE-deep-cache-N, each loaded once. Each variant is a set of generation
+WORK/artifacts/PROFILE-deep-cache-N, each loaded once; a --profiles entry
+`PROFILE+KEY=VALUE+...` builds the profile with those overrides too (an approximation made at
+build, `sd-openvino-int8-hybrid+model.token_merging_ratio=0.5`), and its images are compared
+with PROFILE's exact one where PROFILE is measured as well. Each variant is a set of generation
 settings (`exact`: none; `guidance_end=0.5,cache_interval=3`: both) run on every profile's
 artifact; each runs a 512x512 text-to-image generation (--steps steps, guidance 7.5, seed 0).
 With --torch, diffusers' own pipeline in fp32 (the baseline of the `vs torch` column) is one
@@ -78,14 +81,18 @@ def main() -> None:
     print(table)
 
 
-def built(source: Path, profile: str, args: argparse.Namespace) -> Path:
-    """The profile's artifact of `source` with deep_cache, built unless it is there."""
-    artifact = args.work / "artifacts" / f"{profile}-deep-cache-{args.deep_cache}"
+def built(source: Path, entry: str, args: argparse.Namespace) -> Path:
+    """The artifact of `source` for a --profiles entry (`PROFILE` or
+    `PROFILE+KEY=VALUE+...`, build overrides) with deep_cache, built unless it is there."""
+    profile, *overrides = entry.split("+")
+    slug = "".join(f"-{item.rpartition('.')[2].replace('=', '-')}" for item in overrides)
+    artifact = args.work / "artifacts" / f"{profile}-deep-cache-{args.deep_cache}{slug}"
     if not (artifact / "kiln.json").is_file():
         print(f"building {artifact.name} ...", flush=True)
         command = [sys.executable, "-m", "modelkiln", "build", str(source)]
         command += ["--profile", profile, "-o", str(artifact)]
-        command += ["--set", f"model.deep_cache={args.deep_cache}"]
+        for item in [f"model.deep_cache={args.deep_cache}", *overrides]:
+            command += ["--set", item]
         subprocess.run(command, check=True)
     return artifact
 
@@ -225,8 +232,10 @@ def measure(
     rows = []
     for label, timing in timings.items():
         profile, variant = runs[label]
-        exact = f"{profile}: {EXACT}"
-        compared = label != TORCH and variant != EXACT
+        # An entry with build overrides is compared with its profile's exact run, if measured.
+        base = profile.split("+")[0]
+        exact = f"{base if base in artifacts else profile}: {EXACT}"
+        compared = label != TORCH and label != exact
         own = label != TORCH and label not in peers  # ours: an exact variant to compare with
         rows.append(
             {

@@ -118,6 +118,10 @@ def check(
                     "skip the transformer's blocks less (lower model.first_block_cache)",
                     profile.model.first_block_cache > 0,
                 ),
+                (
+                    "merge fewer of the UNet's tokens (lower model.token_merging_ratio)",
+                    profile.model.token_merging_ratio > 0,
+                ),
             )
             if applies
         ]

@@ -76,9 +76,11 @@ def test_candidates_turn_one_knob_the_plan_accepts() -> None:
     sd = {c.label for c in candidate_space("sd", ["openvino"], cpu_features=bf16_cpu)}
     assert "sd-openvino-int8 [generation.guidance_end=0.5]" in sd
     assert "sd-openvino-int8 [model.deep_cache=3]" in sd  # and reuses the UNet's features
+    assert "sd-openvino-int8 [model.token_merging_ratio=0.5]" in sd  # and merges its tokens
     sd3 = {c.label for c in candidate_space("sd3", ["openvino"], cpu_features=bf16_cpu)}
     assert "sd3-openvino-int8 [generation.guidance_end=0.5]" in sd3
     assert not any("deep_cache" in label for label in sd3)  # a transformer: no UNet to split
+    assert not any("token_merging" in label for label in sd3)
     assert "sd3-openvino-int8 [model.first_block_cache=0.1]" in sd3  # but blocks to skip
     assert not any(label.startswith("sd-lcm") for label in sd)
     bundled = candidate_space("sd", ["openvino"], bases=["sd-openvino-int8"], wide=False)
@@ -197,6 +199,9 @@ def test_tune_on_a_tiny_sd_gates_its_approximations_and_reports_what_missed(
     cached = by_label["sd-torch-fp32 [model.deep_cache=3]"]
     assert cached.status == OUTSIDE and cached.reason is not None
     assert "lower model.deep_cache" in cached.reason
+    merged = by_label["sd-torch-fp32 [model.token_merging_ratio=0.5]"]
+    assert merged.status == OUTSIDE and merged.reason is not None
+    assert "lower model.token_merging_ratio" in merged.reason
     assert result.winner is exact
     recorded = json.loads((tmp_path / "tune.json").read_text())
     assert recorded["candidates"][0]["quality"]["min_psnr_db"] is None  # identical: no number

@@ -57,6 +57,8 @@ class ModelFamily(ABC):
     tuning_knobs: ClassVar[tuple[str, ...]] = ()
     # Whether its exports can merge tokens between transformer blocks ([model] token_merging).
     merges_tokens: ClassVar[bool] = False
+    # Whether its UNet can merge its self-attention's tokens ([model] token_merging_ratio).
+    merges_unet_tokens: ClassVar[bool] = False
     # Whether its denoiser can reuse deep features between steps ([model] deep_cache).
     caches_steps: ClassVar[bool] = False
     # Whether its transformer can skip its later blocks between steps ([model]
@@ -140,6 +142,13 @@ class ModelFamily(ABC):
             raise UnsupportedError(
                 f"{origin}: model.token_merging does not apply to {cls.name} models; it merges "
                 "the tokens of vision transformers (vit)"
+                + ("; use model.token_merging_ratio" if cls.merges_unet_tokens else "")
+            )
+        if profile.model.token_merging_ratio and not cls.merges_unet_tokens:
+            raise UnsupportedError(
+                f"{origin}: model.token_merging_ratio does not apply to {cls.name} models; it "
+                "merges the tokens of SD 1.x/2.x and SDXL UNets' self-attention"
+                + ("; use model.token_merging" if cls.merges_tokens else "")
             )
         if profile.model.deep_cache and not cls.caches_steps:
             raise UnsupportedError(

@@ -50,8 +50,8 @@ def require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) -
 
 def generation_defaults(profile: Profile) -> dict[str, Any]:
     """[generation]'s steps and guidance, which the pipeline takes where a call leaves them,
-    and its approximations (guidance_end, [model] deep_cache and first_block_cache), which
-    the torch reference never makes."""
+    and its approximations (guidance_end, [model] deep_cache, first_block_cache and
+    token_merging_ratio), which the torch reference never makes."""
     settings = profile.generation
     chosen = {
         key: value
@@ -66,6 +66,8 @@ def generation_defaults(profile: Profile) -> dict[str, Any]:
         approximations["deep_cache"] = profile.model.deep_cache
     if profile.model.first_block_cache:
         approximations["first_block_cache"] = profile.model.first_block_cache
+    if profile.model.token_merging_ratio:
+        approximations["token_merging_ratio"] = profile.model.token_merging_ratio
     if approximations:
         info[APPROXIMATIONS] = approximations
     return info

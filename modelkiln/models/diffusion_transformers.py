@@ -53,6 +53,7 @@ class StableDiffusion3Family(StableDiffusionFamily):
     runtime_lora: ClassVar[bool] = False  # LoRA slots are built into UNets only
     caches_steps: ClassVar[bool] = False  # DeepCache splits UNets only
     caches_blocks: ClassVar[bool] = True  # First Block Cache splits transformers
+    merges_unet_tokens: ClassVar[bool] = False  # ToMe for SD hooks UNet blocks
     # Guidance on the first half of the steps only; the later blocks skipped on the steps
     # whose first block moved less than 10 % (ParaAttention's range for Flux: 0.08-0.12).
     tuning_knobs: ClassVar[tuple[str, ...]] = (

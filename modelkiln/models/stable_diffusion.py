@@ -41,7 +41,7 @@ from modelkiln.models.diffusion_signatures import (
     vae_signature,
 )
 from modelkiln.models.runtime_lora_slots import check_runtime_lora, with_lora_slots
-from modelkiln.models.step_caches import check_deep_cache
+from modelkiln.models.step_caches import check_deep_cache, check_token_merging
 from modelkiln.sources import ResolvedSource, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
 
@@ -109,9 +109,15 @@ class StableDiffusionFamily(ModelFamily):
     }
     real_inputs: ClassVar[str] = PROMPTS
     # Guidance on the first half of the steps only (half the denoiser's batch on the rest);
-    # the whole UNet on one step in 3, its shallow half on the others (DeepCache).
-    tuning_knobs: ClassVar[tuple[str, ...]] = ("generation.guidance_end=0.5", "model.deep_cache=3")
+    # the whole UNet on one step in 3, its shallow half on the others (DeepCache); half the
+    # tokens of its highest-resolution self-attention (ToMe for SD, tomesd's default ratio).
+    tuning_knobs: ClassVar[tuple[str, ...]] = (
+        "generation.guidance_end=0.5",
+        "model.deep_cache=3",
+        "model.token_merging_ratio=0.5",
+    )
     caches_steps: ClassVar[bool] = True
+    merges_unet_tokens: ClassVar[bool] = True
     fuses_lora: ClassVar[bool] = True
     runtime_lora: ClassVar[bool] = True
     schedulers: ClassVar[tuple[str, ...]] = tuple(n for n in SCHEDULERS if n != FLOW_MATCH)
@@ -153,6 +159,11 @@ class StableDiffusionFamily(ModelFamily):
                     f"{origin}: model.deep_cache and [runtime_lora] do not combine (the shallow "
                     "UNet has no LoRA slots); fuse LoRAs at build ([[lora]]) to cache steps"
                 )
+        if profile.model.token_merging_ratio and profile.shapes.dynamic_resolution:
+            raise UnsupportedError(
+                f"{origin}: model.token_merging_ratio needs shapes.dynamic_resolution = false: "
+                "the grid of tokens it merges in is fixed when the UNet is exported"
+            )
 
     @classmethod
     def matches(cls, source: ResolvedSource) -> bool:
@@ -176,6 +187,9 @@ class StableDiffusionFamily(ModelFamily):
                 "sizes are the UNet's inputs); set shapes.dynamic_resolution = false"
             )
         cls._check_step_cache(root, denoiser_config, profile)
+        if profile.model.token_merging_ratio:
+            latent = (dims["latent_height"], dims["latent_width"])
+            check_token_merging(root, denoiser_config, latent, profile.export.format)
         sequences = cls._sequences(root)
         slots = profile.runtime_lora.targets if profile.runtime_lora.enabled else ()
         weights: dict[str, str] = {}
@@ -336,25 +350,29 @@ class StableDiffusionFamily(ModelFamily):
             inputs = {**inputs, **controlnet_residuals(config, lh, lw)}
         safetensors = tuple(f for f in files if f.suffix == ".safetensors")
         family, kind = cls.name, TEXT_ENCODERS[cls.name].get(name)
+        merging = profile.model.token_merging_ratio if name in (cls.denoiser, SHALLOW_UNET) else 0
+
+        def wrapped(model: torch.nn.Module, merge: float = merging) -> torch.nn.Module:
+            return modules.wrap(
+                name,
+                model,
+                family,
+                kind,
+                controlled=controlled,
+                deep_cache=deep_cache,
+                block_cache=block_cache,
+                token_merging=merge,
+            )
+
         return ComponentSpec(
             name=name,
-            module=lambda: modules.wrap(
-                name,
-                modules.load_component(folder, pickle=pickle),
-                family,
-                kind,
-                controlled=controlled,
-                deep_cache=deep_cache,
-                block_cache=block_cache,
-            ),
-            meta_module=lambda: modules.wrap(
-                name,
-                modules.meta_component(folder),
-                family,
-                kind,
-                controlled=controlled,
-                deep_cache=deep_cache,
-                block_cache=block_cache,
+            module=lambda: wrapped(modules.load_component(folder, pickle=pickle)),
+            meta_module=lambda: wrapped(modules.meta_component(folder)),
+            # The end-to-end gate's reference runs the UNet with every token.
+            exact_module=(
+                (lambda: wrapped(modules.load_component(folder, pickle=pickle), 0.0))
+                if merging
+                else None
             ),
             checkpoint=safetensors,
             inputs=inputs,
@@ -410,6 +428,7 @@ class StableDiffusionFamily(ModelFamily):
             controlled=controlled,
             deep_cache=bool(settings.get("deep_cache")),
             block_cache=bool(settings.get("first_block_cache")),
+            token_merging=float(settings.get("token_merging_ratio") or 0.0),
         )
 
     @classmethod

@@ -327,15 +327,21 @@ def wrap(
     controlled: bool = False,
     deep_cache: bool = False,
     block_cache: bool = False,
+    token_merging: float = 0.0,
 ) -> nn.Module:
     """The export wrapper of one component of a `family` (sd, sdxl, sd3, flux) pipeline;
     `text_kind`: how a text encoder exports (diffusion_signatures.TEXT_ENCODERS), else None;
     `controlled`: the UNet also takes a ControlNet's residuals; `deep_cache`: the UNet also
     outputs its deep features (models/deep_cache.py), which unet_shallow takes;
     `block_cache`: the transformer also outputs the residuals transformer_head takes
-    (models/first_block_cache.py)."""
+    (models/first_block_cache.py); `token_merging`: the UNet's (and shallow UNet's) ratio of
+    merged self-attention tokens (models/unet_token_merging.py)."""
     from modelkiln.models import deep_cache as caching
     from modelkiln.models import first_block_cache as blocks
+    from modelkiln.models.unet_token_merging import merge_unet_tokens
+
+    if component in ("unet", caching.SHALLOW_UNET):
+        model = merge_unet_tokens(model, token_merging)
 
     if text_kind == "t5":
         return T5Encoder(model).eval()

@@ -1,8 +1,10 @@
 """Which denoisers the step caches can split: DeepCache's UNets ([model] deep_cache) and
-First Block Cache's transformers ([model] first_block_cache). Torch-free."""
+First Block Cache's transformers ([model] first_block_cache); and which UNets ToMe for SD
+merges the tokens of ([model] token_merging_ratio). Torch-free."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,4 +52,31 @@ def check_block_cache(root: Path, transformer_config: Mapping[str, Any]) -> None
         )
 
 
-__all__ = ["check_block_cache", "check_deep_cache"]
+# TensorRT's TopK layer takes k <= 3840; the matching ranks every source token with one.
+TENSORRT_MAX_TOPK = 3840
+
+
+def check_token_merging(
+    root: Path, unet_config: Mapping[str, Any], latent_size: tuple[int, int], format: str
+) -> None:
+    """A UNet ToMe for SD can merge in (models/unet_token_merging.py): one with attention in
+    a down block, whose source tokens there (3 of every 2x2 window) TensorRT can rank."""
+    kinds = list(unet_config.get("down_block_types", ()))
+    attending = [index for index, kind in enumerate(kinds) if "CrossAttn" in kind]
+    if not attending:
+        raise UnsupportedError(
+            f"{root}: model.token_merging_ratio merges self-attention tokens and this UNet's "
+            "down blocks have no attention; build without it"
+        )
+    downsample = 2 ** attending[0]
+    height, width = (math.ceil(side / downsample) for side in latent_size)
+    sources = height * width - (height // 2) * (width // 2)
+    if format == "tensorrt" and sources > TENSORRT_MAX_TOPK:
+        raise UnsupportedError(
+            f"{root}: model.token_merging_ratio ranks the {sources} source tokens of a "
+            f"{height}x{width} grid, and TensorRT's TopK takes at most {TENSORRT_MAX_TOPK}; "
+            "build a smaller shapes.height/width or without it"
+        )
+
+
+__all__ = ["check_block_cache", "check_deep_cache", "check_token_merging"]

@@ -315,6 +315,8 @@ class Profile:
             ("model.token_merging", self.model.token_merging, 0, 4096),
             ("model.deep_cache", self.model.deep_cache, 0, MAX_STEPS),
             ("model.first_block_cache", self.model.first_block_cache, 0.0, 1.0),
+            # at most every source token: 3 of each 2x2 window (models/unet_token_merging.py)
+            ("model.token_merging_ratio", self.model.token_merging_ratio, 0.0, 0.75),
             ("build.max_memory_gb", self.build.max_memory_gb, 0.001, 1e6),
         ):
             if value is not None and not low <= value <= high:

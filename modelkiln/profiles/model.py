@@ -27,6 +27,10 @@ class ModelSettings:
     # skipped and their last residual reused (0: off; SD3, Flux); gated end to end like
     # DeepCache (models/first_block_cache.py).
     first_block_cache: float = 0.0
+    # ToMe for SD: this fraction of the tokens of the UNet's highest-resolution
+    # self-attention is merged before it and copied back after (0: off; SD 1.x/2.x, SDXL;
+    # tomesd's ratio); gated end to end like DeepCache (models/unet_token_merging.py).
+    token_merging_ratio: float = 0.0
 
     def check(self, origin: str) -> None:
         """What the range checks of Profile do not say (they bound every number)."""
