@@ -85,7 +85,8 @@ def built(source: Path, entry: str, args: argparse.Namespace) -> Path:
     """The artifact of `source` for a --profiles entry (`PROFILE` or
     `PROFILE+KEY=VALUE+...`, build overrides) with deep_cache, built unless it is there."""
     profile, *overrides = entry.split("+")
-    slug = "".join(f"-{item.rpartition('.')[2].replace('=', '-')}" for item in overrides)
+    pairs = [item.partition("=") for item in overrides]
+    slug = "".join(f"-{key.rpartition('.')[2]}-{value}" for key, _, value in pairs)
     artifact = args.work / "artifacts" / f"{profile}-deep-cache-{args.deep_cache}{slug}"
     if not (artifact / "kiln.json").is_file():
         print(f"building {artifact.name} ...", flush=True)
@@ -227,6 +228,9 @@ def measure(
         for call in calls.values():  # compile and first-call costs, untimed
             call(1)
         timings = time_interleaved(list(calls), opener, rounds=args.runs, block=1, warmup=0)
+        # The raw rounds first: a long run's timings survive whatever the table does next.
+        raw = {label: list(timing.rounds) for label, timing in timings.items()}
+        (args.work / "sd_approximations_rounds.json").write_text(json.dumps(raw, indent=2))
         size = images[next(iter(calls))].size[::-1]
     cpu = cpu_info()
     rows = []
@@ -235,8 +239,8 @@ def measure(
         # An entry with build overrides is compared with its profile's exact run, if measured.
         base = profile.split("+")[0]
         exact = f"{base if base in artifacts else profile}: {EXACT}"
-        compared = label != TORCH and label != exact
         own = label != TORCH and label not in peers  # ours: an exact variant to compare with
+        compared = own and label != exact
         rows.append(
             {
                 "profile": profile,
