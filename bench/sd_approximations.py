@@ -17,7 +17,9 @@ With --torch, diffusers' own pipeline in fp32 (the baseline of the `vs torch` co
 more label. Each pipeline runs in a child process of its own (modelkiln/bench/child_call.py;
 runtimes in one process slow each other down); all labels are timed interleaved in rounds
 (bench/interleaved.py), after one untimed 1-step call each. Quality: PSNR and SSIM of each
-image against its profile's exact variant's, same seed. Writes WORK/sd_approximations.json and .md.
+image against its profile's exact variant's, same seed. Writes WORK/sd_approximations.json and
+.md, and each label's timed rounds as soon as they are measured to
+WORK/sd_approximations_rounds.json.
 
 --peers adds optimum-intel's exports of the same source (bench/sd_peer_child.py, run by
 `make compat`'s .venv-optimum: int8 weights, and hybrid int8 on the calibration prompts,

@@ -138,30 +138,44 @@ class ModelFamily(ABC):
                 f"{origin}: [runtime_lora] does not apply to {cls.name} models; run-time LoRA "
                 "slots are built into SD 1.x/2.x and SDXL UNets (fuse LoRAs with [[lora]])"
             )
-        if profile.model.token_merging and not cls.merges_tokens:
-            raise UnsupportedError(
-                f"{origin}: model.token_merging does not apply to {cls.name} models; it merges "
-                "the tokens of vision transformers (vit)"
-                + ("; use model.token_merging_ratio" if cls.merges_unet_tokens else "")
-            )
-        if profile.model.token_merging_ratio and not cls.merges_unet_tokens:
-            raise UnsupportedError(
-                f"{origin}: model.token_merging_ratio does not apply to {cls.name} models; it "
-                "merges the tokens of SD 1.x/2.x and SDXL UNets' self-attention"
-                + ("; use model.token_merging" if cls.merges_tokens else "")
-            )
-        if profile.model.deep_cache and not cls.caches_steps:
-            raise UnsupportedError(
-                f"{origin}: model.deep_cache does not apply to {cls.name} models; it reuses "
-                "the deep features of SD 1.x/2.x and SDXL UNets between denoising steps"
-                + ("; use model.first_block_cache" if cls.caches_blocks else "")
-            )
-        if profile.model.first_block_cache and not cls.caches_blocks:
-            raise UnsupportedError(
-                f"{origin}: model.first_block_cache does not apply to {cls.name} models; it "
-                "skips the later blocks of SD3's and Flux's transformers between denoising steps"
-                + ("; use model.deep_cache" if cls.caches_steps else "")
-            )
+        model = profile.model
+        # (key, its value, whether this family makes it, what it does, the family's own kind)
+        approximations = (
+            (
+                "model.token_merging",
+                model.token_merging,
+                cls.merges_tokens,
+                "merges the tokens of vision transformers (vit)",
+                "model.token_merging_ratio" if cls.merges_unet_tokens else None,
+            ),
+            (
+                "model.token_merging_ratio",
+                model.token_merging_ratio,
+                cls.merges_unet_tokens,
+                "merges the tokens of SD 1.x/2.x and SDXL UNets' self-attention",
+                "model.token_merging" if cls.merges_tokens else None,
+            ),
+            (
+                "model.deep_cache",
+                model.deep_cache,
+                cls.caches_steps,
+                "reuses the deep features of SD 1.x/2.x and SDXL UNets between denoising steps",
+                "model.first_block_cache" if cls.caches_blocks else None,
+            ),
+            (
+                "model.first_block_cache",
+                model.first_block_cache,
+                cls.caches_blocks,
+                "skips the later blocks of SD3's and Flux's transformers between denoising steps",
+                "model.deep_cache" if cls.caches_steps else None,
+            ),
+        )
+        for key, value, made, what, instead in approximations:
+            if value and not made:
+                raise UnsupportedError(
+                    f"{origin}: {key} does not apply to {cls.name} models; it {what}"
+                    + (f"; use {instead}" if instead else "")
+                )
         generation = profile.generation
         if not cls.schedulers and any(v is not None for v in asdict(generation).values()):
             raise UnsupportedError(

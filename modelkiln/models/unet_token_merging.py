@@ -124,9 +124,10 @@ class UNetTokenMerging:
         cast_unet: Any = unet
         cast_unet.conv_in.register_forward_pre_hook(self._record_size)
         for block in transformer_blocks(unet):
+            attention: Any = block.attn1  # diffusers' Attention
             block.register_forward_pre_hook(self._match, with_kwargs=True)
-            block.attn1.register_forward_pre_hook(self._merge_tokens, with_kwargs=True)
-            block.attn1.register_forward_hook(self._unmerge_tokens)
+            attention.register_forward_pre_hook(self._merge_tokens, with_kwargs=True)
+            attention.register_forward_hook(self._unmerge_tokens)
 
     def _record_size(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         height, width = args[0].shape[-2:]

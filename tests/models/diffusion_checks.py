@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 
 # The project's own PSNR (8-bit images, inf when identical), re-exported for the tests.
@@ -126,3 +127,14 @@ def optimum_layout(artifact: Path, model_file: str, xl: bool) -> set[str]:
             f"{folder}/{name}" for name in ("tokenizer_config.json", "vocab.json", "merges.txt")
         }
     return expected
+
+
+def assert_build_refused(
+    source: Path, profile: str, out: Path, overrides: list[str], error: type, message: str
+) -> None:
+    """The build raises `error` matching `message` and leaves nothing at `out` (atomic)."""
+    from modelkiln import build
+
+    with pytest.raises(error, match=message):
+        build(source, profile, out, overrides=overrides)
+    assert not out.exists()

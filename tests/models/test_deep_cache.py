@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cli_support import invoke
-from diffusion_checks import PROMPT, generate, psnr
+from diffusion_checks import PROMPT, assert_build_refused, generate, psnr
 from PIL import Image
 
 from modelkiln import load, open_artifact
@@ -212,11 +212,7 @@ def test_deep_cache_refuses_what_it_cannot_split(
     source_dir: Callable[[str], Path],
     tmp_path: Path,
 ) -> None:
-    from modelkiln import build
-
-    with pytest.raises(error, match=message):
-        build(source_dir(source), profile, tmp_path / "out", overrides=overrides)
-    assert not (tmp_path / "out").exists()
+    assert_build_refused(source_dir(source), profile, tmp_path / "out", overrides, error, message)
 
 
 def test_cache_interval_needs_a_shallow_unet_and_a_whole_number(
