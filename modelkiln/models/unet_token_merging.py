@@ -3,9 +3,10 @@ Fast Stable Diffusion", 2023; tomesd's defaults): the torch side of `[model]
 token_merging_ratio`.
 
 In every transformer block at the UNet's highest resolution that has attention (SD 1.x/2.x:
-the latent's own, 4096 tokens at 512x512; SDXL: half of it), the self-attention runs on fewer
-tokens: before it, `ratio` of the block's tokens are averaged into their most similar
-neighbours; after it, each merged token's output is copied back to every position it holds.
+the latent's own, 4096 tokens at 512x512; SDXL: half the latent's, 4096 tokens at 1024x1024),
+the self-attention runs on fewer tokens: before it, `ratio` of the block's tokens are
+averaged into their most similar neighbours; after it, each merged token's output is copied
+back to every position it holds.
 Cross-attention and the feed-forward stay whole (tomesd's merge_attn only).
 
 The matching is tomesd's bipartite soft matching with use_rand off: the top-left token of
