@@ -253,12 +253,13 @@ def floor_precision(name: str, backend: str) -> str:
     """The fastest precision a row's matmuls may run in, so that its floor is a lower bound:
     int8 for every quantized profile (int8 activations, or weights of 8 bits or fewer that a
     runtime may multiply in int8: ONNX Runtime's int4 MatMulNBits does), else the runtime's
-    compute precision."""
+    compute precision. A peer's is that of our profile of the same precision (optimum-intel's
+    int8 weights: int8, as ours)."""
     scheme = "none"
-    if name != BASELINE and name not in PEERS:
+    if name != BASELINE:
         from modelkiln.plan import load_profile
 
-        scheme = load_profile(name).quantization.scheme
+        scheme = load_profile(PEERS.get(name, name)).quantization.scheme
     if scheme != "none" or "int8" in backend:
         return "int8"
     return "bf16" if "bf16" in backend else "fp32"
