@@ -96,6 +96,28 @@ def _tiny_vae(**overrides: Any) -> Any:
     return AutoencoderKL(**(config | overrides))
 
 
+def tiny_unet(*, in_channels: int = 4, xl_layout: bool = False) -> Any:
+    """tiny_sd's UNet: 2 blocks on 16x16 latents, attention in the first down block (SD's
+    layout) or, with `xl_layout`, only in the second (SDXL's: none at the latent's own
+    resolution)."""
+    from diffusers import UNet2DConditionModel
+
+    down = ("CrossAttnDownBlock2D", "DownBlock2D")
+    up = ("UpBlock2D", "CrossAttnUpBlock2D")
+    return UNet2DConditionModel(
+        sample_size=16,  # latents; the VAE halves twice -> 32x32 images
+        in_channels=in_channels,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=down[::-1] if xl_layout else down,
+        up_block_types=up[::-1] if xl_layout else up,
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
 def _sd_scheduler(prediction_type: str = "epsilon") -> Any:
     """SD 1.x's PNDM scheduler config (v_prediction: SD 2.x style)."""
     from diffusers import PNDMScheduler
@@ -130,24 +152,12 @@ def tiny_sd(
     from diffusers import (
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
-        UNet2DConditionModel,
     )
     from transformers import CLIPTextModel, CLIPTokenizer
 
     directory = Path(directory)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=16,  # latents; the VAE halves twice -> 32x32 images
-        in_channels=9 if inpaint else 4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
+    unet = tiny_unet(in_channels=9 if inpaint else 4)
     scheduler = _sd_scheduler(prediction_type)
     tokenizer_dir = write_tiny_clip_tokenizer(directory / "_tokenizer")
     pipeline_class: Any = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline

@@ -51,25 +51,14 @@ def test_merge_and_unmerge_are_tomesds(height: int, width: int, r: int) -> None:
 
 
 def _tiny_unet(xl: bool) -> Any:
-    """SD's layout (attention in the first down block) or SDXL's (none there)."""
+    """tiny_sd's UNet in SD's layout (attention in the first down block) or SDXL's (none
+    there), seeded."""
     import torch
-    from diffusers import UNet2DConditionModel
+
+    from modelkiln.testing.diffusion import tiny_unet
 
     torch.manual_seed(0)
-    down = (
-        ("DownBlock2D", "CrossAttnDownBlock2D") if xl else ("CrossAttnDownBlock2D", "DownBlock2D")
-    )
-    up = ("CrossAttnUpBlock2D", "UpBlock2D") if xl else ("UpBlock2D", "CrossAttnUpBlock2D")
-    return UNet2DConditionModel(
-        sample_size=16,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
-        down_block_types=down,
-        up_block_types=up,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ).eval()
+    return tiny_unet(xl_layout=xl).eval()
 
 
 @pytest.mark.parametrize(("xl", "ratio"), [(False, 0.5), (False, 0.75), (True, 0.5)])
