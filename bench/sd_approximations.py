@@ -24,7 +24,9 @@ WORK/sd_approximations_rounds.json.
 --peers adds optimum-intel's exports of the same source (bench/sd_peer_child.py, run by
 `make compat`'s .venv-optimum: int8 weights, and hybrid int8 on the calibration prompts,
 each reshaped static to the image size as optimum-intel advises) and OpenVINO GenAI's C++
-pipeline on the hybrid export, each in a process of its own, timed in the same rounds.
+pipeline on the hybrid export (reshaped to the size and guidance), each in a process of its
+own, timed in the same rounds. Our OpenVINO artifacts load with static_shapes (a static
+compilation per batch the pipeline calls, `[openvino] static_shapes`), the same footing.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ def peer_process(
 
     python, kind, _ = PEERS[label]
     command = [str(python), str(PEER_CHILD), "serve", kind, str(folder)]
-    command += ["--size", str(size), "--threads", str(threads)]
+    command += ["--size", str(size), "--threads", str(threads), "--guidance", str(GUIDANCE)]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert process.stdin is not None and process.stdout is not None
 
@@ -273,10 +275,13 @@ def measure(
 @contextmanager
 def open_generator(artifact: Path, threads: int) -> Iterator[Callable[..., Any]]:
     """In a child: the artifact loaded; (settings, steps) -> one seeded image, with
-    cache_interval 1 unless the settings say (the artifact's default is its build's)."""
+    cache_interval 1 unless the settings say (the artifact's default is its build's). An
+    OpenVINO artifact compiles static shapes as it is called (as the peers are reshaped)."""
     from modelkiln import load
+    from modelkiln.artifact import read_manifest
 
-    with load(artifact, threads=threads) as pipeline:
+    static = {"static_shapes": True} if read_manifest(artifact).runtime == "openvino" else {}
+    with load(artifact, threads=threads, **static) as pipeline:
 
         def generate(chosen: dict[str, Any], steps: int) -> Any:
             settings = {"cache_interval": 1, **chosen}

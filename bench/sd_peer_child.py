@@ -5,6 +5,7 @@ modelkiln import: this file runs in either.
     PYTHON bench/sd_peer_child.py export SOURCE OUT --weights int8|hybrid [--prompts a;b]
                                   [--samples 40]
     PYTHON bench/sd_peer_child.py serve optimum-intel|genai FOLDER --size 512 --threads 2
+                                  [--guidance 7.5]
 
 `export` writes optimum-intel's OpenVINO export of a diffusers SD folder, as its docs make
 one: `--weights int8` compresses every weight to int8 (nncf, what `optimum-cli export
@@ -12,8 +13,8 @@ openvino --weight-format int8` does); `hybrid` also quantizes the UNet's activat
 prompts (optimum-intel's hybrid quantization for diffusion, what `--dataset` adds), on the
 first SAMPLES UNet calls its fp32 pipeline makes for them (its num_samples).
 
-`serve` loads FOLDER once (optimum-intel: reshaped static to one SIZE×SIZE image, as its docs
-advise for speed; GenAI: as it is) and prints `@@ready`; then each stdin line
+`serve` loads FOLDER once, reshaped static to one SIZE×SIZE image (and GenAI to the guidance)
+as both peers' docs advise for speed, and prints `@@ready`; then each stdin line
 `{"steps": N, "out": PATH, "prompt": TEXT, "guidance": G}` generates one image from seed 0,
 writes it to PATH and prints `@@done`. EOF ends it.
 """
@@ -63,14 +64,17 @@ def fast_tokenizer_view(source: Path, scratch: Path) -> Path:
     return scratch
 
 
-def open_pipeline(kind: str, folder: Path, size: int, threads: int) -> Any:
-    """(prompt, steps, guidance) -> a PIL image, seeded 0."""
+def open_pipeline(kind: str, folder: Path, size: int, threads: int, guidance: float) -> Any:
+    """(prompt, steps, guidance) -> a PIL image, seeded 0. GenAI's reshape fixes the
+    guidance (its UNet's batch): a request must ask for the same."""
     if kind == "genai":
         import numpy as np
         import openvino_genai as genai
         from PIL import Image
 
-        pipeline = genai.Text2ImagePipeline(str(folder), "CPU", INFERENCE_NUM_THREADS=threads)
+        pipeline = genai.Text2ImagePipeline(str(folder))
+        pipeline.reshape(1, size, size, guidance)
+        pipeline.compile("CPU", INFERENCE_NUM_THREADS=threads)
 
         def generate_genai(prompt: str, steps: int, guidance: float) -> Any:
             tensor = pipeline.generate(
@@ -108,8 +112,8 @@ def open_pipeline(kind: str, folder: Path, size: int, threads: int) -> Any:
     return generate_optimum
 
 
-def serve(kind: str, folder: Path, size: int, threads: int) -> None:
-    generate = open_pipeline(kind, folder, size, threads)
+def serve(kind: str, folder: Path, size: int, threads: int, guidance: float) -> None:
+    generate = open_pipeline(kind, folder, size, threads, guidance)
     print("@@ready", flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -132,11 +136,12 @@ def main() -> None:
     serving.add_argument("folder", type=Path)
     serving.add_argument("--size", type=int, default=512)
     serving.add_argument("--threads", type=int, default=2)
+    serving.add_argument("--guidance", type=float, default=7.5)
     args = parser.parse_args()
     if args.command == "export":
         export(args.source, args.out, args.weights, args.prompts.split(";"), args.samples)
     else:
-        serve(args.kind, args.folder, args.size, args.threads)
+        serve(args.kind, args.folder, args.size, args.threads, args.guidance)
 
 
 if __name__ == "__main__":

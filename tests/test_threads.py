@@ -33,6 +33,13 @@ CALLS = 1000
             marks=pytest.mark.openvino,
             id="openvino-throughput",
         ),
+        # One static compilation (batch 1), its infer requests shared by the threads.
+        pytest.param(
+            "vit-openvino-fp32",
+            ("openvino.static_shapes=true",),
+            marks=pytest.mark.openvino,
+            id="openvino-static-shapes",
+        ),
         pytest.param("vit-torch-fp32", (), marks=pytest.mark.torch, id="torch"),
     ],
 )

@@ -168,3 +168,22 @@ def test_load_overrides_reach_the_runtime(built: Callable[..., Path]) -> None:
         load(artifact, performance_hint="fast")
     with pytest.raises(TypeError, match=r"unknown runtime option\(s\): graph_optimization; known:"):
         load(artifact, graph_optimization="all")
+
+
+@pytest.mark.openvino
+def test_openvino_static_shapes_compile_each_shape_called_and_keep_the_last_two(
+    built: Callable[..., Path],
+) -> None:
+    artifact = built("hf-classifier", "vit-openvino-fp32")
+    rng = np.random.default_rng(0)
+    pixels = {n: rng.standard_normal((n, 3, 32, 32)).astype(np.float32) for n in (1, 2, 3)}
+    with load(artifact) as dynamic, load(artifact, static_shapes=True) as static:
+        assert static.session.info["static_shapes"] == []
+        for batch in (2, 1, 2, 3):
+            expected = dynamic.session.run({"pixel_values": pixels[batch]})["logits"]
+            got = static.session.run({"pixel_values": pixels[batch]})["logits"]
+            np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+        kept = static.session.info["static_shapes"]
+        assert "static_shapes" not in dynamic.session.info
+    # Batch 1 was the least recently used of three: dropped.
+    assert kept == [{"pixel_values": (2, 3, 32, 32)}, {"pixel_values": (3, 3, 32, 32)}]
