@@ -335,13 +335,17 @@ def wrap(
     outputs its deep features (models/deep_cache.py), which unet_shallow takes;
     `block_cache`: the transformer also outputs the residuals transformer_head takes
     (models/first_block_cache.py); `token_merging`: the UNet's (and shallow UNet's) ratio of
-    merged self-attention tokens (models/unet_token_merging.py)."""
+    merged self-attention tokens (models/unet_token_merging.py). Denoisers' GEGLUs export
+    as two matmuls (models/geglu_split.py)."""
     from modelkiln.models import deep_cache as caching
     from modelkiln.models import first_block_cache as blocks
+    from modelkiln.models.geglu_split import split_geglu_projections
     from modelkiln.models.unet_token_merging import merge_unet_tokens
 
     if component in ("unet", caching.SHALLOW_UNET):
         model = merge_unet_tokens(model, token_merging)
+    if component in ("unet", caching.SHALLOW_UNET) or is_controlnet(component):
+        model = split_geglu_projections(model)
 
     if text_kind == "t5":
         return T5Encoder(model).eval()
