@@ -125,7 +125,8 @@ def int8_static(entry: Path, settings: Int8Static, calibration: Calibration = ()
 def int8_hybrid(entry: Path, settings: Int8Hybrid, calibration: Calibration = ()) -> dict[str, Any]:
     """optimum-intel's hybrid mode for diffusion UNets: the weights of MatMuls and embeddings
     compressed to int8 (their activations stay floating point), then every other op,
-    convolutions included, quantized in full (int8 weights and activations) by nncf.quantize."""
+    convolutions included, quantized in full (int8 weights and activations) by nncf.quantize.
+    With `matmul_weights = "float"` the MatMuls and embeddings are left as they are."""
     import nncf
     import openvino as ov
     from nncf.quantization.advanced_parameters import (
@@ -143,10 +144,16 @@ def int8_hybrid(entry: Path, settings: Int8Hybrid, calibration: Calibration = ()
     convolutions = any(op.get_type_name() == "Convolution" for op in model.get_ops())
     try:
         with _quiet_nncf():
-            compressed = nncf.compress_weights(
-                model,
-                mode=getattr(nncf.CompressWeightsMode, mode),
-                ignored_scope=nncf.IgnoredScope(types=["Convolution"]) if convolutions else None,
+            compressed = (
+                nncf.compress_weights(
+                    model,
+                    mode=getattr(nncf.CompressWeightsMode, mode),
+                    ignored_scope=nncf.IgnoredScope(types=["Convolution"])
+                    if convolutions
+                    else None,
+                )
+                if settings.matmul_weights == "int8"
+                else model
             )
             quantized = nncf.quantize(
                 compressed,
@@ -169,7 +176,10 @@ def int8_hybrid(entry: Path, settings: Int8Hybrid, calibration: Calibration = ()
     return {
         **record,
         "nncf_mode": mode.lower(),
-        "weight_only_ops": len(weighted),
+        "matmul_weights": settings.matmul_weights,
+        # MatMuls and embeddings: int8 weights on float activations, or float altogether.
+        "weight_only_ops": len(weighted) if settings.matmul_weights == "int8" else 0,
+        "float_ops": 0 if settings.matmul_weights == "int8" else len(weighted),
         "bytes_before": before_bytes,
         "bytes_after": _size(entry),
     }

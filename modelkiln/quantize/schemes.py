@@ -89,6 +89,10 @@ class Int8Hybrid(SchemeConfig):
     weight_bits: ClassVar[int] = 8
     symmetric: bool = False
     model_type: Literal["transformer", "default"] = "transformer"
+    # The MatMuls' weights: int8 (optimum-intel's, half the bytes of fp16) or kept floating
+    # point, bf16 at run time where the CPU has it: a bf16 matmul on AMX runs faster than one
+    # that first decompresses int8 weights (an SD-1.5-sized UNet step 5.7 %, docs/performance.md).
+    matmul_weights: Literal["int8", "float"] = "int8"
 
 
 @dataclass(frozen=True)

@@ -156,6 +156,11 @@ def _knobs(plan: BuildPlan, features: frozenset[str]) -> list[tuple[str, ...]]:
             ]
         if options.get("ratio") == 1.0:
             knobs.append((f"quantization.ratio={MIXED_RATIO}",))
+    # A hybrid component's MatMuls on float weights (bf16 at run time) rather than int8 ones
+    # they decompress first: faster where the CPU computes bf16 natively (AMX).
+    hybrid = any(getattr(c, "matmul_weights", None) == "int8" for c in plan.schemes.values())
+    if hybrid and features & NATIVE_BF16:
+        knobs.append(("quantization.matmul_weights=float",))
     knobs += [(knob,) for knob in plan.family.tuning_knobs]
     return knobs
 

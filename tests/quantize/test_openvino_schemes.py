@@ -29,8 +29,9 @@ Feeds = list[dict[str, np.ndarray]]
 Quantized = tuple[Path, dict[str, Any]]
 # The tiny ViT: 2 blocks x 6 linears + the classifier, and the patch-embedding convolution.
 VIT_MATMULS, VIT_CONVS = 13, 1
-# The tiny UNet: every linear and every convolution (13 of its 33 are 1x1).
-UNET_MATMULS, UNET_CONVS = 50, 33
+# The tiny UNet: every linear (its 4 GEGLU projections as two each: models/geglu_split.py)
+# and every convolution (13 of its 33 are 1x1).
+UNET_MATMULS, UNET_CONVS = 54, 33
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +101,23 @@ def test_int8_hybrid_keeps_matmul_activations_in_floating_point(
     assert (
         entry.with_suffix(".bin").stat().st_size < 0.4 * vit_ir.with_suffix(".bin").stat().st_size
     )
+
+
+def test_int8_hybrid_with_float_matmul_weights_quantizes_only_the_rest(
+    vit_ir: Path, tmp_path: Path
+) -> None:
+    entry = _copy(vit_ir, tmp_path)
+    feeds = _feeds(vit_ir, 8, batch=4)
+    record = int8_hybrid(entry, Int8Hybrid(matmul_weights="float"), feeds)
+    # The convolution quantized in full; the MatMuls keep their fp32 weights and activations.
+    assert _weight_types(entry) == record["weight_types"] == {"i8": VIT_CONVS}
+    assert record["matmul_weights"] == "float" and record["float_ops"] == VIT_MATMULS
+    assert record["weight_only_ops"] == 0 and record["quantized_weights"] == VIT_CONVS
+    assert _on_quantized_activations(entry, "MatMul") == 0
+    assert record["ops"]["FakeQuantize"] >= VIT_CONVS
+    assert record["bytes_after"] > 0.9 * record["bytes_before"]  # only the conv shrank
+    cosine, sqnr = _closeness(vit_ir, entry, _feeds(vit_ir, 2, batch=3, seed=1))
+    assert cosine >= 0.9999 and 30 <= sqnr < 80, (cosine, sqnr)
 
 
 def test_symmetric_hybrid_stores_signed_weights_and_prints_nothing(
