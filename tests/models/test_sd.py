@@ -402,6 +402,26 @@ def test_profile_errors_name_components_and_sizes(
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.openvino
+def test_openvino_static_shapes_draw_the_image_of_the_dynamic_model(
+    built: Callable[..., Path],
+) -> None:
+    """load(static_shapes=True): a compilation per batch the pipeline calls (guided and,
+    after guidance_end, unguided UNet calls), each component's within its shapes."""
+    artifact = built("sd", "sd-openvino-fp32")
+    settings = {"guidance_end": 0.5, "steps": 4}
+    with load(artifact) as pipeline:
+        expected = {mode: generate(pipeline, mode, **settings) for mode in MODES}
+    with load(artifact, static_shapes=True) as pipeline:
+        for mode in MODES:
+            assert psnr(generate(pipeline, mode, **settings), expected[mode]) >= 45, mode
+        unet_shapes = [
+            shapes["sample"][0] for shapes in pipeline.sessions["unet"].info["static_shapes"]
+        ]
+    # The unguided batch was called last; both kept.
+    assert unet_shapes == [2, 1]
+
+
 @pytest.mark.onnxruntime
 def test_low_memory_holds_one_component_at_a_time_and_draws_the_same_image(
     built: Callable[..., Path], tmp_path: Path, kiln_main: Callable[..., Any]
