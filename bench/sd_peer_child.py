@@ -41,7 +41,7 @@ def export(source: Path, out: Path, weights: str, prompts: list[str], samples: i
         )
     with tempfile.TemporaryDirectory() as scratch:
         pipeline = OVStableDiffusionPipeline.from_pretrained(
-            fast_tokenizer_view(source, Path(scratch)),
+            transformers4_view(source, Path(scratch)),
             export=True,
             compile=False,
             quantization_config=config,
@@ -49,19 +49,47 @@ def export(source: Path, out: Path, weights: str, prompts: list[str], samples: i
         pipeline.save_pretrained(out)
 
 
-def fast_tokenizer_view(source: Path, scratch: Path) -> Path:
-    """`source` with its CLIP tokenizer read as the fast one: transformers 5 (ours) saves a
-    CLIPTokenizer as tokenizer.json alone, which optimum's transformers 4 reads only as
-    CLIPTokenizerFast. The folders are links; model_index.json says so."""
+def transformers4_view(source: Path, scratch: Path) -> Path:
+    """`source` as optimum's transformers 4 reads it the way ours (transformers 5) wrote it:
+    the CLIP tokenizer, saved as tokenizer.json alone, read as the fast one (model_index.json
+    says so), and each CLIP text encoder's weights under `text_model.`, where transformers 4
+    looks for them (without it, it initializes the encoder at random and only warns). The
+    other folders are links."""
     index = json.loads((source / "model_index.json").read_text())
     for name, entry in index.items():
         if isinstance(entry, list) and entry[1] == "CLIPTokenizer":
             index[name] = [entry[0], "CLIPTokenizerFast"]
+    encoders = {
+        name
+        for name, entry in index.items()
+        if isinstance(entry, list) and entry[1] in ("CLIPTextModel", "CLIPTextModelWithProjection")
+    }
     for path in source.iterdir():
-        if path.name != "model_index.json":
+        if path.name in encoders:
+            _prefixed_text_encoder(path, scratch / path.name)
+        elif path.name != "model_index.json":
             (scratch / path.name).symlink_to(path)
     (scratch / "model_index.json").write_text(json.dumps(index))
     return scratch
+
+
+def _prefixed_text_encoder(folder: Path, out: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    def prefixed(key: str) -> str:
+        return key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}"
+
+    out.mkdir()
+    for path in folder.iterdir():
+        if path.suffix == ".safetensors":
+            weights = {prefixed(key): value for key, value in load_file(path).items()}
+            save_file(weights, out / path.name, metadata={"format": "pt"})
+        elif path.name.endswith(".safetensors.index.json"):  # a sharded checkpoint's map
+            index = json.loads(path.read_text())
+            index["weight_map"] = {prefixed(k): v for k, v in index["weight_map"].items()}
+            (out / path.name).write_text(json.dumps(index))
+        else:
+            (out / path.name).symlink_to(path)
 
 
 def open_pipeline(kind: str, folder: Path, size: int, threads: int, guidance: float) -> Any:
