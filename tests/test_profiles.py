@@ -97,7 +97,11 @@ method = "minmax"
 def test_a_schema_1_profile_is_upgraded_its_keys_moved_to_their_backend(tmp_path: Path) -> None:
     profile = load_profile(_write(tmp_path, V1))
     assert profile.schema_version == 2
-    assert profile.section("openvino") == {"via": "onnx", "performance_hint": "throughput"}
+    assert profile.section("openvino") == {
+        "via": "onnx",
+        "performance_hint": "throughput",
+        "static_shapes": False,
+    }
     assert "onnxruntime" not in profile.sections  # its value was schema 1's default
     assert dict(profile.quantization.options) == {
         "group_size": 64,

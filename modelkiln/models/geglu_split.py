@@ -6,7 +6,8 @@ chunk as a reference-kernel split, a copy of the widest activation of the block:
 SD-1.5-sized UNet step (1.35 s, batch 2, bf16 on an Intel Xeon with AMX). Projecting with each
 half of the same weights computes the same two tensors (each output is the same dot product;
 float rounding may differ) with no split; the UNet step ran 2 % faster. Weight-only
-quantization and LoRA fusing see the two halves as the one Linear they are.
+quantization and LoRA fusing see the two halves as the one Linear they are; a projection
+whose weights torchao quantized (ExecuTorch's int8) keeps diffusers' forward.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ def split_geglu_projections(model: nn.Module) -> nn.Module:
 
 
 def _two_projections(self: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    if self.proj._forward_hooks or self.proj._forward_pre_hooks:
-        # A hook on the projection (a run-time LoRA slot's) must see it called.
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    hooked = self.proj._forward_hooks or self.proj._forward_pre_hooks
+    # A hook on the projection (a run-time LoRA slot's) must see it called, and quantized
+    # weights (torchao's tensor subclasses) do not slice into halves that export can lift.
+    if hooked or is_traceable_wrapper_subclass(self.proj.weight):
         value, gate = self.proj(hidden_states).chunk(2, dim=-1)
         return value * self.gelu(gate)
     weight, bias = self.proj.weight, self.proj.bias

@@ -85,3 +85,22 @@ def test_a_hook_on_the_projection_still_runs() -> None:
     split = _output(split_geglu_projections(unet), inputs)
     assert (hooked - plain).abs().max() > 1e-3  # the hook changes the output ...
     torch.testing.assert_close(split, hooked, rtol=0, atol=0)  # ... split or not
+
+
+@pytest.mark.executorch
+def test_projections_torchao_quantized_keep_diffusers_forward() -> None:
+    """ExecuTorch's int8: torchao's weight subclass would be sliced into constants that
+    torch.export cannot lift; such a GEGLU projects and chunks as diffusers does."""
+    import torch
+
+    from modelkiln.models.geglu_split import split_geglu_projections
+    from modelkiln.quantize.executorch import torchao_int8_dynamic
+    from modelkiln.quantize.schemes import Int8Dynamic
+
+    unet, inputs = _unet_and_inputs()
+    quantized, _ = torchao_int8_dynamic(unet, Int8Dynamic())
+    expected = _output(quantized, inputs)
+    split = split_geglu_projections(quantized)
+    torch.testing.assert_close(_output(split, inputs), expected, rtol=0, atol=0)
+    program = torch.export.export(split, inputs, kwargs={"return_dict": False}, strict=False)
+    assert not program.constants, "a sliced quantized weight was lifted as a constant"
