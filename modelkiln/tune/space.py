@@ -157,7 +157,8 @@ def _knobs(plan: BuildPlan, features: frozenset[str]) -> list[tuple[str, ...]]:
         if options.get("ratio") == 1.0:
             knobs.append((f"quantization.ratio={MIXED_RATIO}",))
     # A hybrid component's MatMuls on float weights (bf16 at run time) rather than int8 ones
-    # they decompress first: faster where the CPU computes bf16 natively (AMX).
+    # they decompress first: worth measuring where the CPU computes bf16 natively (faster on
+    # AMX; AVX512-BF16 alone not measured yet).
     hybrid = any(getattr(c, "matmul_weights", None) == "int8" for c in plan.schemes.values())
     if hybrid and features & NATIVE_BF16:
         knobs.append(("quantization.matmul_weights=float",))
