@@ -3,6 +3,7 @@ cannot skew.
 
     python bench/interleaved_artifacts.py NAME=ARTIFACT [NAME=ARTIFACT ...] [--batch 8]
                                           [--rounds 5] [--block 3] [--threads 2] [--in-process]
+                                          [--load NAME:KEY=VALUE ...]
 
 Each artifact is loaded once (modelkiln.load), in a process of its own
 (modelkiln/bench/child_call.py; --in-process: all in this one), and the call `kiln bench`
@@ -10,12 +11,15 @@ times on it made at --batch (its exported model on one preprocessed image, repea
 modelkiln.bench.interleaved times them in --rounds
 rounds of --block calls each, the order reversed every other round, after 2 untimed calls
 each. Prints each one's median of its rounds' block medians, every round's, and the ratio to
-the first.
+the first. `--load NAME:KEY=VALUE` loads NAME with a runtime option (load(..., KEY=VALUE),
+VALUE read as JSON where it parses, else as a string): the same artifact twice, say, once
+with `decompress_weights=none`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import partial
@@ -31,10 +35,22 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--in-process", action="store_true", help="all runtimes in one process")
+    parser.add_argument("--load", action="append", default=[], metavar="NAME:KEY=VALUE")
     args = parser.parse_args()
     paths = dict(item.split("=", 1) for item in args.artifacts)
+    options: dict[str, dict[str, Any]] = {name: {} for name in paths}
+    for item in args.load:
+        name, _, setting = item.partition(":")
+        key, _, value = setting.partition("=")
+        options[name][key] = _value(value)
     timings = interleaved(
-        paths, args.batch, args.threads, args.rounds, args.block, isolate=not args.in_process
+        paths,
+        args.batch,
+        args.threads,
+        args.rounds,
+        args.block,
+        isolate=not args.in_process,
+        options=options,
     )
     first = timings[next(iter(paths))].median
     print(f"batch {args.batch}, {args.threads} threads, {args.rounds} rounds of {args.block}")
@@ -54,6 +70,7 @@ def interleaved(
     block: int,
     *,
     isolate: bool = True,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """name -> its Timing (modelkiln.bench.interleaved): each artifact's `kiln bench` call at
     `batch` (its exported model on a preprocessed image repeated), all loaded at once, each in
@@ -63,10 +80,18 @@ def interleaved(
 
     def opener(name: str) -> AbstractContextManager[Callable[[], object]]:
         # steps: only generators take them; these are image models
-        factory = partial(open_bench_call, Path(paths[name]), batch, 1, threads)
+        loaded = (options or {}).get(name)
+        factory = partial(open_bench_call, Path(paths[name]), batch, 1, threads, None, loaded)
         return call_in_child(factory) if isolate else factory()
 
     return time_interleaved(list(paths), opener, rounds=rounds, block=block, warmup=2)
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 if __name__ == "__main__":

@@ -101,6 +101,7 @@ def test_a_schema_1_profile_is_upgraded_its_keys_moved_to_their_backend(tmp_path
         "via": "onnx",
         "performance_hint": "throughput",
         "static_shapes": False,
+        "decompress_weights": "auto",
     }
     assert "onnxruntime" not in profile.sections  # its value was schema 1's default
     assert dict(profile.quantization.options) == {

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, suppress
 from functools import partial
 from multiprocessing.connection import Connection
@@ -67,12 +67,18 @@ def call_in_child(factory: CallFactory) -> Iterator[Callable[..., Any]]:
 
 @contextmanager
 def open_bench_call(
-    artifact: Path, batch: int, steps: int, threads: int | None, runtime: str | None = None
+    artifact: Path,
+    batch: int,
+    steps: int,
+    threads: int | None,
+    runtime: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> Iterator[Callable[[], None]]:
-    """The artifact loaded, and the call `kiln bench` times on it (what a child opens)."""
+    """The artifact loaded (`options`: the runtime's own, as load() takes them), and the call
+    `kiln bench` times on it (what a child opens)."""
     from modelkiln.loading import load
 
-    with load(artifact, runtime=runtime, threads=threads) as pipeline:
+    with load(artifact, runtime=runtime, threads=threads, **(options or {})) as pipeline:
         timed = pipeline.bench_call(batch, steps)
 
         def call() -> None:  # its result stays in the child: only the time matters

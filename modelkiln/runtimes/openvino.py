@@ -20,6 +20,7 @@ import numpy as np
 from modelkiln.backends import Backend, BackendSettings
 from modelkiln.errors import ArtifactError, UnsupportedError
 from modelkiln.runtimes.base import Runtime, RuntimeOptions, Session, resolve_compute
+from modelkiln.runtimes.openvino_weights import decompress_at_load
 from modelkiln.runtimes.pool import Pool
 from modelkiln.specs import TensorSpec
 
@@ -47,6 +48,10 @@ class OpenVINOSettings(BackendSettings):
     # faster (an SD-1.5-sized UNet step 4.5 % on AMX), for one compile per new shape (4 s for
     # that UNet). For a process that serves many calls; a one-shot run loses by it.
     static_shapes: bool = False
+    # Weight-only MatMuls' compressed weights decompressed once at load
+    # (runtimes/openvino_weights.py): "int8", "all" (int4/nf4 as well), "none", or "auto"
+    # (int8 on a CPU with AMX computing in bf16, where it is faster, when memory allows).
+    decompress_weights: Literal["auto", "int8", "all", "none"] = "auto"
 
 
 def compile_config(options: RuntimeOptions) -> dict[str, str]:
@@ -82,6 +87,12 @@ class OpenVINOSession(Session):
         self._core, self._device, self._config = core, device, compile_config(options)
         try:
             model = core.read_model(str(entry))
+            self._decompressed = decompress_at_load(
+                model,
+                options.backend(OpenVINOSettings).decompress_weights,
+                device,
+                resolve_compute(options.compute_precision, OpenVINORuntime),
+            )
             self._compiled = Compiled(core.compile_model(model, device, self._config))
         except RuntimeError as error:
             raise ArtifactError(
@@ -104,6 +115,8 @@ class OpenVINOSession(Session):
     @property
     def info(self) -> dict[str, Any]:
         info = compiled_info(self._compiled.model, self._device)
+        if self._decompressed:
+            info["decompressed_matmul_weights"] = self._decompressed
         if self._model is not None:
             # Most recently used last.
             info["static_shapes"] = [
