@@ -77,8 +77,14 @@ def test_candidates_turn_one_knob_the_plan_accepts() -> None:
     assert "sd-openvino-int8 [generation.guidance_end=0.5]" in sd
     assert "sd-openvino-int8 [model.deep_cache=3]" in sd  # and reuses the UNet's features
     assert "sd-openvino-int8 [model.token_merging_ratio=0.5]" in sd  # and merges its tokens
-    # The hybrid UNet's MatMuls on float weights: only where bf16 is native
+    # The hybrid UNet's MatMuls on float weights: only where bf16 is native, and not with AMX
+    # (where the int8 weights are decompressed at load instead)
     assert "sd-openvino-int8-hybrid [quantization.matmul_weights=float]" in sd
+    amx = {
+        c.label for c in candidate_space("sd", ["openvino"], cpu_features=[*bf16_cpu, "amx_bf16"])
+    }
+    assert "sd-openvino-int8-hybrid" in amx
+    assert not any("matmul_weights" in label for label in amx)
     assert not any("matmul_weights" in label for label in plain | executorch)
     sd_plain = {c.label for c in candidate_space("sd", ["openvino"], cpu_features=["avx2"])}
     assert "sd-openvino-int8-hybrid" in sd_plain

@@ -157,10 +157,11 @@ def _knobs(plan: BuildPlan, features: frozenset[str]) -> list[tuple[str, ...]]:
         if options.get("ratio") == 1.0:
             knobs.append((f"quantization.ratio={MIXED_RATIO}",))
     # A hybrid component's MatMuls on float weights (bf16 at run time) rather than int8 ones
-    # they decompress first: worth measuring where the CPU computes bf16 natively (faster on
-    # AMX; AVX512-BF16 alone not measured yet).
+    # they decompress in every call: worth measuring where the CPU computes bf16 natively
+    # without AMX (not measured yet). With AMX, OpenVINO's decompress_weights = "auto" gets
+    # the same speed from the int8 file at load.
     hybrid = any(getattr(c, "matmul_weights", None) == "int8" for c in plan.schemes.values())
-    if hybrid and features & NATIVE_BF16:
+    if hybrid and features & NATIVE_BF16 and "amx_bf16" not in features:
         knobs.append(("quantization.matmul_weights=float",))
     knobs += [(knob,) for knob in plan.family.tuning_knobs]
     return knobs
