@@ -178,7 +178,10 @@ def test_compare_gates_two_real_runs(built: Callable[..., Path], tmp_path: Path)
     """Bench twice, compare: the same artifact on the same machine passes its gate."""
     artifact = built("hf-classifier", "vit-onnxruntime-fp32")
     for name in ("base", "head"):
-        run([artifact], BenchSettings(isolate=False, warmup=2, runs=10), output=tmp_path / name)
+        # Throughput is batch / mean latency: with 10 calls of 0.05 ms, one call preempted
+        # by another test's process (3 workers on 2 cores) read as a 94 % drop. 200 calls
+        # (10 ms) keep one such pause inside the bounds, as a real bench's run length does.
+        run([artifact], BenchSettings(isolate=False, warmup=2, runs=200), output=tmp_path / name)
     result = CliRunner(env=WIDE).invoke(
         cli,
         [
