@@ -1,5 +1,5 @@
-"""[openvino] decompress_weights: weight-only MatMuls get float weights at load, the same
-logits as the compressed kernels, and "auto" does it only where it was measured faster."""
+"""[openvino] decompress_weights: weight-only MatMuls get float weights at load, which give
+the dequantized weights' logits, and "auto" does it only where it was measured faster."""
 
 from __future__ import annotations
 

@@ -2,11 +2,12 @@
 
 nncf stores int8 (and int4/nf4) weights as an integer constant and a Convert -> (Subtract) ->
 Multiply chain that OpenVINO's CPU plugin fuses into the matmul: every call decompresses the
-weights again. With AMX a bf16 matmul on weights decompressed once outruns that (measured on
-an Intel Xeon with AMX, 2 threads: ViT-B/16 batch 8 with int8 weights 255 -> 173 ms, as fast
-as the bf16 IR; an SD-1.5-sized UNet's MatMuls 295 -> 199 ms a step), for twice the weights'
-memory at run time. The file stays as built: the numbers are the dequantized weights, those
-the fused kernel computes with.
+weights again, and by default quantizes the activations to int8 in groups of 32 as well.
+With AMX a bf16 matmul on weights decompressed once outruns that (measured on an Intel Xeon
+with AMX, 2 threads: ViT-B/16 batch 8 with int8 weights 255 -> 168 ms, as fast as the bf16
+IR; an SD-1.5-sized hybrid UNet step 1.09 -> 0.98 s), for twice the weights' memory at run
+time. The file stays as built; the numbers are those of its dequantized weights, which the
+compressed kernel computes too with its dynamic activation quantization off.
 
 Only weight-only matmuls are touched: one whose activations are FakeQuantized runs in int8,
 and its weights must stay in the pattern OpenVINO's int8 kernels read (the hybrid scheme's
