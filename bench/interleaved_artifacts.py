@@ -12,14 +12,13 @@ modelkiln.bench.interleaved times them in --rounds
 rounds of --block calls each, the order reversed every other round, after 2 untimed calls
 each. Prints each one's median of its rounds' block medians, every round's, and the ratio to
 the first. `--load NAME:KEY=VALUE` loads NAME with a runtime option (load(..., KEY=VALUE),
-VALUE read as JSON where it parses, else as a string): the same artifact twice, say, once
+VALUE read as `--set` reads it: TOML, else a string): the same artifact twice, say, once
 with `decompress_weights=none`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from functools import partial
@@ -37,12 +36,13 @@ def main() -> None:
     parser.add_argument("--in-process", action="store_true", help="all runtimes in one process")
     parser.add_argument("--load", action="append", default=[], metavar="NAME:KEY=VALUE")
     args = parser.parse_args()
+    from modelkiln.profiles.parsing import apply_override
+
     paths = dict(item.split("=", 1) for item in args.artifacts)
     options: dict[str, dict[str, Any]] = {name: {} for name in paths}
     for item in args.load:
         name, _, setting = item.partition(":")
-        key, _, value = setting.partition("=")
-        options[name][key] = _value(value)
+        apply_override(options[name], setting)
     timings = interleaved(
         paths,
         args.batch,
@@ -85,13 +85,6 @@ def interleaved(
         return call_in_child(factory) if isolate else factory()
 
     return time_interleaved(list(paths), opener, rounds=rounds, block=block, warmup=2)
-
-
-def _value(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
 
 
 if __name__ == "__main__":

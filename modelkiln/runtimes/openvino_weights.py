@@ -16,7 +16,7 @@ convolutions and attention keep theirs).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from typing import Any
 
 # What lies between a compressed constant and the MatMul that reads it.
@@ -31,16 +31,19 @@ def _producer(node: Any, port: int = 0) -> Any:
     return node.input(port).get_source_output().get_node()
 
 
-def _compressed_bits(weights: Any) -> str | None:
-    """The element type of the integer constant a decompression chain starts from, or None
-    if `weights` is not such a chain."""
+def _compressed_constant(weights: Any) -> Any | None:
+    """The 8- or 4-bit integer constant a decompression chain ending at `weights` starts
+    from, or None if `weights` is not such a chain."""
     node = weights
     while node.get_type_name() in DECOMPRESSION_OPS:
         node = _producer(node)
     if node.get_type_name() != "Constant" or node is weights:
         return None
-    element = node.get_output_element_type(0).get_type_name()
-    return element if element in EIGHT_BIT | FOUR_BIT else None
+    return node if _element(node) in EIGHT_BIT | FOUR_BIT else None
+
+
+def _element(node: Any) -> str:
+    return str(node.get_output_element_type(0).get_type_name())
 
 
 def _fake_quantized(activations: Any) -> bool:
@@ -50,44 +53,39 @@ def _fake_quantized(activations: Any) -> bool:
     return bool(node.get_type_name() == "FakeQuantize")
 
 
-def weight_only_matmuls(model: Any, bits: Collection[str]) -> list[Any]:
-    """The model's MatMuls with float activations and weights compressed to one of `bits`."""
+def weight_only_matmuls(model: Any, bits: Collection[str]) -> list[tuple[Any, Any]]:
+    """(MatMul, its compressed constant) for the model's MatMuls with float activations and
+    weights compressed to one of `bits`."""
     found = []
     for op in model.get_ordered_ops():
         if op.get_type_name() != "MatMul":
             continue
-        weights = _producer(op, 1)
-        if _compressed_bits(weights) in bits and not _fake_quantized(_producer(op, 0)):
-            found.append(op)
+        constant = _compressed_constant(_producer(op, 1))
+        if (
+            constant is not None
+            and _element(constant) in bits
+            and not _fake_quantized(_producer(op, 0))
+        ):
+            found.append((op, constant))
     return found
 
 
-def decompress_matmul_weights(model: Any, bits: Collection[str] = EIGHT_BIT) -> int:
-    """Fold the decompression of every weight-only MatMul's `bits` weights into a float
-    constant, in place; returns how many MatMuls now read float weights."""
+def _fold(matmuls: list[tuple[Any, Any]]) -> int:
+    """Fold each MatMul's weight chain into a float constant, in place; returns how many
+    MatMuls now read float weights."""
     import openvino as ov
     from openvino.passes import ConstantFolding, Manager
 
-    matmuls = weight_only_matmuls(model, bits)
     if not matmuls:
         return 0
     # A model of just the weight chains: OpenVINO's constant folding replaces each chain's
-    # output for all its consumers, the MatMuls of `model` among them, and folds nothing else.
-    chains = ov.Model([op.input(1).get_source_output() for op in matmuls], [], "weights")
+    # output for all its consumers, the MatMuls of the loaded model among them, and folds
+    # nothing else.
+    chains = ov.Model([op.input(1).get_source_output() for op, _ in matmuls], [], "weights")
     manager = Manager()
     manager.register_pass(ConstantFolding())
     manager.run_passes(chains)
-    return sum(_producer(op, 1).get_type_name() == "Constant" for op in matmuls)
-
-
-def _compressed_bytes(matmuls: Iterable[Any]) -> int:
-    total = 0
-    for op in matmuls:
-        node = _producer(op, 1)
-        while node.get_type_name() in DECOMPRESSION_OPS:
-            node = _producer(node)
-        total += int(node.get_byte_size())
-    return total
+    return sum(_producer(op, 1).get_type_name() == "Constant" for op, _ in matmuls)
 
 
 def decompress_at_load(
@@ -105,15 +103,15 @@ def decompress_at_load(
     at the edge of the memory keeps its compression), and "none" elsewhere. `features`:
     the CPU's, as `kiln env` lists them (this machine's by default)."""
     if setting == "auto":
-        from modelkiln.cpu import cpu_info
         from modelkiln.memory_budget import machine_memory_bytes
+        from modelkiln.runtimes.base import cpu_features
 
-        found = cpu_info()["features"] if features is None else features
+        found = cpu_features() if features is None else features
         if not ("amx_bf16" in found and device == "CPU" and precision == "bf16"):
             return 0
-        bf16_bytes = 2 * _compressed_bytes(weight_only_matmuls(model, EIGHT_BIT))
-        if bf16_bytes > machine_memory_bytes() / 4:
-            return 0
-        setting = "int8"
+        matmuls = weight_only_matmuls(model, EIGHT_BIT)
+        # int8: one byte a weight, two in bf16
+        bf16_bytes = 2 * sum(int(constant.get_byte_size()) for _, constant in matmuls)
+        return _fold(matmuls) if bf16_bytes <= machine_memory_bytes() / 4 else 0
     bits = {"int8": EIGHT_BIT, "all": EIGHT_BIT | FOUR_BIT}.get(setting, frozenset())
-    return decompress_matmul_weights(model, bits) if bits else 0
+    return _fold(weight_only_matmuls(model, bits)) if bits else 0
