@@ -48,7 +48,8 @@ def test_the_fp32_peak_is_measured_at_the_size_asked() -> None:
     assert peak is not None
     assert (peak.precision, peak.size) == ("fp32", 256)
     assert peak.ops_per_s > 1e8
-    assert peak.how.startswith("torch.mm fp32")
+    # whichever of the two fp32 kernel paths was faster on this host, named
+    assert peak.how.startswith(("torch.mm fp32", "OpenVINO MatMul fp32"))
 
 
 def test_the_threads_setting_is_restored() -> None:
