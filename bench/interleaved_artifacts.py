@@ -13,7 +13,7 @@ rounds of --block calls each, the order reversed every other round, after 2 unti
 each. Prints each one's median of its rounds' block medians, every round's, and the ratio to
 the first. `--load NAME:KEY=VALUE` loads NAME with a runtime option (load(..., KEY=VALUE),
 VALUE read as `--set` reads it: TOML, else a string): the same artifact twice, say, once
-with `decompress_weights=none`.
+with `decompress_weights=none`, or on another runtime (`runtime=openvino`).
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def interleaved(
 
     def opener(name: str) -> AbstractContextManager[Callable[[], object]]:
         # steps: only generators take them; these are image models
-        loaded = (options or {}).get(name)
-        factory = partial(open_bench_call, Path(paths[name]), batch, 1, threads, None, loaded)
+        loaded = dict((options or {}).get(name, {}))
+        runtime = loaded.pop("runtime", None)  # load()'s own argument, not a runtime option
+        factory = partial(open_bench_call, Path(paths[name]), batch, 1, threads, runtime, loaded)
         return call_in_child(factory) if isolate else factory()
 
     return time_interleaved(list(paths), opener, rounds=rounds, block=block, warmup=2)

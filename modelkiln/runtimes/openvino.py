@@ -8,6 +8,7 @@ what the manifest and `kiln info` show.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -34,6 +35,22 @@ STATIC_SHAPES_KEPT = 2
 # int8/int4/nf4-compressed weights.
 OPENVINO = "openvino>=2024.4"
 
+
+
+def _load_error(entry: Path, message: str) -> Exception:
+    """Why OpenVINO could not read or compile `entry`: an ONNX file with ops its frontend has
+    no conversion for (ONNX Runtime's com.microsoft fusions) is no corrupt file."""
+    unconverted = re.search(r"No conversion rule found for operations: ([^\n]+)", message)
+    if unconverted:
+        return UnsupportedError(
+            f"OpenVINO cannot run {entry}: it has no conversion for {unconverted[1].strip()} "
+            "(ONNX Runtime's own fused ops); run it on onnxruntime, or build with "
+            "[onnxruntime] fusions = 'none'"
+        )
+    return ArtifactError(
+        f"OpenVINO cannot load {entry}: {message.strip().splitlines()[0]}; "
+        "the file may be corrupted: run `kiln verify` or rebuild"
+    )
 
 @dataclass(frozen=True)
 class OpenVINOSettings(BackendSettings):
@@ -95,10 +112,7 @@ class OpenVINOSession(Session):
             )
             self._compiled = Compiled(core.compile_model(model, device, self._config))
         except RuntimeError as error:
-            raise ArtifactError(
-                f"OpenVINO cannot load {entry}: {str(error).strip().splitlines()[0]}; "
-                "the file may be corrupted: run `kiln verify` or rebuild"
-            ) from error
+            raise _load_error(entry, str(error)) from error
         self._port_names = [_port_name(port, inputs) for port in model.inputs]
         self._check_backend_names(
             [_port_name(port, inputs) for port in self._compiled.model.inputs],
