@@ -36,7 +36,6 @@ STATIC_SHAPES_KEPT = 2
 OPENVINO = "openvino>=2024.4"
 
 
-
 def _load_error(entry: Path, message: str) -> Exception:
     """Why OpenVINO could not read or compile `entry`: an ONNX file with ops its frontend has
     no conversion for (ONNX Runtime's com.microsoft fusions) is no corrupt file."""
@@ -51,6 +50,7 @@ def _load_error(entry: Path, message: str) -> Exception:
         f"OpenVINO cannot load {entry}: {message.strip().splitlines()[0]}; "
         "the file may be corrupted: run `kiln verify` or rebuild"
     )
+
 
 @dataclass(frozen=True)
 class OpenVINOSettings(BackendSettings):
