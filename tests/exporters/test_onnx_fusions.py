@@ -133,3 +133,24 @@ def test_a_failing_fusion_fails_the_build_and_names_the_way_out(
     )
     (record,) = open_artifact(plain).manifest.components.values()
     assert record.runtime["fused_ops"] == {}
+
+
+@pytest.mark.openvino
+def test_openvino_refuses_onnxruntimes_qattention_and_runs_the_unfused_int8_graph(
+    built: Callable[..., Path], rgb_images: list[np.ndarray]
+) -> None:
+    from modelkiln.errors import UnsupportedError
+
+    fused = built("hf-classifier", "vit-onnxruntime-int8")
+    with pytest.raises(
+        UnsupportedError,
+        match=r"no conversion for com\.microsoft\.QAttention .*run it on onnxruntime, or build "
+        r"with \[onnxruntime\] fusions = 'none'$",
+    ):
+        load(fused, runtime="openvino")
+    plain = built("hf-classifier", "vit-onnxruntime-int8", "onnxruntime.fusions=none")
+    with load(plain, runtime="openvino") as openvino, load(plain) as onnxruntime:
+        # Both run the same int8 graph (DynamicQuantizeLinear, MatMulInteger): same classes.
+        assert [p[0].index for p in openvino(rgb_images)] == [
+            p[0].index for p in onnxruntime(rgb_images)
+        ]
