@@ -212,15 +212,21 @@ def _build_into(
 
 
 def _before_export(
-    component: ComponentPlan, load_module: CachedLoader, calibration: Sequence[Any]
+    component: ComponentPlan,
+    exporter: Exporter,
+    load_module: CachedLoader,
+    calibration: Sequence[Any],
 ) -> tuple[CachedLoader, QuantizationRecord | None]:
-    """The module the exporter gets: a before-export scheme quantizes it first (and the
-    record says what it did); otherwise the source module itself."""
+    """The module the exporter gets: a before-export scheme quantizes it first, the module
+    as the exporter traces it (and the record says what it did); otherwise the source module
+    itself."""
     handler, scheme = component.handler, component.scheme
     if handler is None or scheme is None or handler.stage is not Stage.BEFORE_EXPORT:
         return load_module, None
-    module, record = quantize_module(handler, load_module(), scheme, component.name, calibration)
-    return _Prepared(module), record
+    module = load_module()
+    with exporter.traced_as(module, component.profile):
+        quantized, record = quantize_module(handler, module, scheme, component.name, calibration)
+    return _Prepared(quantized), record
 
 
 class _Prepared:
@@ -255,7 +261,7 @@ def _build_component(
     # loaded only when needed: a streamed ONNX export never loads it.
     load_module = functools.cache(spec.module)
     recorded = feeds.pop(spec.name, ())
-    export_module, quantization = _before_export(component, load_module, recorded)
+    export_module, quantization = _before_export(component, exporter, load_module, recorded)
     # What the exported files take: the torch pipeline's feeds in the export's dtypes.
     real_feeds = [
         {name: conform(value, spec.inputs[name]) for name, value in feed.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -46,6 +47,11 @@ class Exporter(ABC):
     ) -> Path:
         """Write the component under the artifact root; return the entry (file or directory) a
         runtime opens. `load_module()` gives its torch wrapper, loaded once on first call."""
+
+    def traced_as(self, module: Any, profile: Profile) -> AbstractContextManager[Any]:
+        """While a before-export scheme captures `module` (PT2E traces it): the module as this
+        format's export traces it. Most formats trace the module as it is."""
+        return nullcontext(module)
 
     def complete(self, root: Path) -> None:
         """After every component and the family's configs are in `root`: what the format's

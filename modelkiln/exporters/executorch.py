@@ -19,6 +19,7 @@ import io
 import json
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -50,7 +51,8 @@ INT4_RANGE = (-8, 7)
 
 def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
     """torch.export of the component's wrapper; the batch symbolic (1..max_batch_size) when
-    the profile's batch is dynamic."""
+    the profile's batch is dynamic; its norms and attention in ops XNNPACK takes when the
+    profile rewrites for it."""
     import torch
 
     dims, dynamic = export_dims(spec, profile)
@@ -67,8 +69,19 @@ def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
         if name in dynamic
     }
     shapes = per_input_shapes(spec, symbols) if symbols else None
-    with torch.no_grad():
+    with torch.no_grad(), _rewritten(module, profile):
         return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+
+
+def rewrites_for_xnnpack(profile: Profile) -> bool:
+    settings = ExecuTorchSettings.of(profile)
+    return settings.partitioner == "xnnpack" and settings.rewrite_for_xnnpack
+
+
+def _rewritten(module: Any, profile: Profile) -> AbstractContextManager[Any]:
+    from modelkiln.exporters.xnnpack_rewrites import delegable
+
+    return delegable(module) if rewrites_for_xnnpack(profile) else nullcontext(module)
 
 
 def partitioners(name: str) -> list[Any]:
@@ -117,10 +130,13 @@ def inference_precision(program: Any) -> str:
     return "int8, int4 weights" if int4 else "int8"
 
 
-def lower(program: Any, partitioner: str) -> tuple[bytes, dict[str, Any]]:
-    """The .pte bytes of an ExportedProgram lowered to `partitioner`, and what it delegated."""
+def lower(program: Any, partitioner: str, rewrite: bool = False) -> tuple[bytes, dict[str, Any]]:
+    """The .pte bytes of an ExportedProgram lowered to `partitioner`, and what it delegated;
+    `rewrite`: views of a symbolic size made ones XNNPACK takes, before it partitions."""
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    from modelkiln.exporters.xnnpack_rewrites import infer_symbolic_views
 
     precision = inference_precision(program)
     # exir's IR verifier re-runs the graph and takes len() of the first tensor an op returns
@@ -129,7 +145,10 @@ def lower(program: Any, partitioner: str) -> tuple[bytes, dict[str, Any]]:
     config = EdgeCompileConfig(_check_ir_validity=not program.range_constraints)
     dynamic = symbolic_axes(program)
     edge = to_edge_transform_and_lower(
-        program, partitioner=partitioners(partitioner), compile_config=config
+        program,
+        transform_passes=[infer_symbolic_views] if rewrite else None,
+        partitioner=partitioners(partitioner),
+        compile_config=config,
     )
     pinned = sorted(dynamic - symbolic_axes(edge.exported_program()))
     if pinned:
@@ -162,6 +181,11 @@ class ExecuTorchExporter(Exporter):
     weight_precisions: ClassVar[frozenset[str]] = frozenset({"fp32"})
     packages = ("torch", "executorch")
 
+    def traced_as(self, module: Any, profile: Profile) -> AbstractContextManager[Any]:
+        """PT2E's capture (int8-static) sees the rewritten norms and attention, as the
+        export does: its quantize/dequantize pairs then sit around the ops XNNPACK lowers."""
+        return _rewritten(module, profile)
+
     def export(
         self, spec: ComponentSpec, load_module: Callable[[], Any], profile: Profile, root: Path
     ) -> Path:
@@ -174,7 +198,7 @@ class ExecuTorchExporter(Exporter):
             # coremltools draws progress bars on stderr; the library never prints.
             with printing_into(captured, stderr=True):
                 program = exported_program(spec, load_module(), profile)
-                buffer, delegation = lower(program, partitioner)
+                buffer, delegation = lower(program, partitioner, rewrites_for_xnnpack(profile))
         except Exception as error:  # torch.export and exir raise many unrelated types
             logger.debug("executorch output:\n%s", captured.getvalue())
             raise ExportError(
