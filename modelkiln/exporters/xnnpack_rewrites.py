@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from functools import partial
+from functools import wraps
 from typing import Any
 
 import torch
@@ -152,7 +152,13 @@ def delegable(module: Any) -> Iterator[Any]:
                 if replacement is not None:
                     setattr(parent, name, replacement)
                     swapped.append((parent, name, child))
-    F.scaled_dot_product_attention = partial(delegable_attention, additive_masks={})
+    masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @wraps(delegable_attention)  # a function with a name: PT2E's capture reads it
+    def attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return delegable_attention(*args, **kwargs, additive_masks=masks)
+
+    F.scaled_dot_product_attention = attention
     try:
         yield module
     finally:
