@@ -2,8 +2,9 @@
 `executorch.exir.to_edge_transform_and_lower` with the partitioner of `[executorch]
 partitioner`, then `to_executorch()`.
 
-- xnnpack (default): XnnpackPartitioner; what XNNPACK does not take (LayerNorm, the attention
-  mask's ops on this ViT) stays on the portable kernels.
+- xnnpack (default): XnnpackPartitioner; what XNNPACK does not take stays on the portable
+  kernels, so with `rewrite_for_xnnpack` the norms, attention and a dynamic batch's views are
+  exported as ops it takes (exporters/xnnpack_rewrites.py).
 - coreml: executorch.backends.apple's CoreMLPartitioner (coremltools converts the partitions
   here; running needs a runtime built with the Core ML delegate).
 - vulkan: VulkanPartitioner (running needs a Vulkan build of the runtime).

@@ -44,8 +44,11 @@ class DelegableLayerNorm(nn.Module):
         self.eps = norm.eps
         self.weight, self.bias = norm.weight, norm.bias
         # Not persistent: a constant of the program, not a weight of the checkpoint.
+        dtype = torch.float32 if norm.weight is None else norm.weight.dtype
         self.averaging: torch.Tensor
-        self.register_buffer("averaging", torch.full((1, channels), 1.0 / channels), False)
+        self.register_buffer(
+            "averaging", torch.full((1, channels), 1 / channels, dtype=dtype), False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         centred = x - F.linear(x, self.averaging)
@@ -97,7 +100,7 @@ def delegable_attention(
     additive_masks: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """F.scaled_dot_product_attention as bmm, softmax, bmm. A row that masks every key gets
-    a uniform mix here where torch's safe softmax gives zeros: no model we export has one.
+    NaN here where torch's safe softmax gives zeros: no model we export has one.
     `additive_masks`: a boolean mask's additive form by the mask's id, so that the layers
     sharing one mask convert it once."""
     if enable_gqa or dropout_p:
@@ -143,7 +146,8 @@ def _replacement(child: nn.Module) -> nn.Module | None:
 @contextlib.contextmanager
 def delegable(module: Any) -> Iterator[Any]:
     """`module` with its norms swapped and torch's SDPA replaced, while the block runs (the
-    exporter's trace); everything as it was afterwards."""
+    exporter's trace, in this thread: a build exports one component at a time); everything
+    as it was afterwards."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     if isinstance(module, nn.Module):
         for parent in list(module.modules()):
@@ -153,6 +157,7 @@ def delegable(module: Any) -> Iterator[Any]:
                     setattr(parent, name, replacement)
                     swapped.append((parent, name, child))
     masks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    previous = F.scaled_dot_product_attention
 
     @wraps(delegable_attention)  # a function with a name: PT2E's capture reads it
     def attention(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -162,7 +167,7 @@ def delegable(module: Any) -> Iterator[Any]:
     try:
         yield module
     finally:
-        F.scaled_dot_product_attention = _SDPA
+        F.scaled_dot_product_attention = previous
         for parent, name, child in reversed(swapped):
             setattr(parent, name, child)
 

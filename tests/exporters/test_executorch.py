@@ -101,6 +101,10 @@ def test_int8_static_build_passes_its_gate_and_records_pt2e(built: Callable[...,
     assert record.validation.passed and record.validation.inputs is not None
     assert record.runtime["inference_precision"] == "int8"
     assert record.validation.outputs["logits"].min_cosine >= 0.99
+    # PT2E captured the module as the export traces it (exporters/xnnpack_rewrites.py):
+    # the norms and the attention are XNNPACK's, around the int8 Linear layers.
+    portable = json.loads((artifact / "delegation.json").read_text())["portable_ops"]
+    assert not {"aten_native_layer_norm_default", "aten_any_dim"} & set(portable), portable
 
 
 @pytest.mark.parametrize(
