@@ -3,8 +3,8 @@
 partitioner`, then `to_executorch()`.
 
 - xnnpack (default): XnnpackPartitioner; what XNNPACK does not take stays on the portable
-  kernels, so with `rewrite_for_xnnpack` the norms, attention and a dynamic batch's views are
-  exported as ops it takes (exporters/xnnpack_rewrites.py).
+  kernels, so with `rewrite_for_xnnpack` the norms and attention are exported as ops it takes
+  (exporters/xnnpack_rewrites.py).
 - coreml: executorch.backends.apple's CoreMLPartitioner (coremltools converts the partitions
   here; running needs a runtime built with the Core ML delegate).
 - vulkan: VulkanPartitioner (running needs a Vulkan build of the runtime).
@@ -131,13 +131,10 @@ def inference_precision(program: Any) -> str:
     return "int8, int4 weights" if int4 else "int8"
 
 
-def lower(program: Any, partitioner: str, rewrite: bool = False) -> tuple[bytes, dict[str, Any]]:
-    """The .pte bytes of an ExportedProgram lowered to `partitioner`, and what it delegated;
-    `rewrite`: views of a symbolic size made ones XNNPACK takes, before it partitions."""
+def lower(program: Any, partitioner: str) -> tuple[bytes, dict[str, Any]]:
+    """The .pte bytes of an ExportedProgram lowered to `partitioner`, and what it delegated."""
     from executorch.devtools.backend_debug import get_delegation_info
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
-
-    from modelkiln.exporters.xnnpack_rewrites import infer_symbolic_views
 
     precision = inference_precision(program)
     # exir's IR verifier re-runs the graph and takes len() of the first tensor an op returns
@@ -146,10 +143,7 @@ def lower(program: Any, partitioner: str, rewrite: bool = False) -> tuple[bytes,
     config = EdgeCompileConfig(_check_ir_validity=not program.range_constraints)
     dynamic = symbolic_axes(program)
     edge = to_edge_transform_and_lower(
-        program,
-        transform_passes=[infer_symbolic_views] if rewrite else None,
-        partitioner=partitioners(partitioner),
-        compile_config=config,
+        program, partitioner=partitioners(partitioner), compile_config=config
     )
     pinned = sorted(dynamic - symbolic_axes(edge.exported_program()))
     if pinned:
@@ -199,7 +193,7 @@ class ExecuTorchExporter(Exporter):
             # coremltools draws progress bars on stderr; the library never prints.
             with printing_into(captured, stderr=True):
                 program = exported_program(spec, load_module(), profile)
-                buffer, delegation = lower(program, partitioner, rewrites_for_xnnpack(profile))
+                buffer, delegation = lower(program, partitioner)
         except Exception as error:  # torch.export and exir raise many unrelated types
             logger.debug("executorch output:\n%s", captured.getvalue())
             raise ExportError(

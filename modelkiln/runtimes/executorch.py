@@ -72,9 +72,9 @@ class ExecuTorchSettings(BackendSettings):
     # Which delegate the graph is lowered to (to_edge_transform_and_lower's partitioner);
     # "portable": none, every op on ExecuTorch's portable kernels.
     partitioner: Literal["xnnpack", "coreml", "vulkan", "portable"] = "xnnpack"
-    # With xnnpack: LayerNorm, GroupNorm and attention exported as ops XNNPACK takes, views of
-    # a dynamic batch with the batch inferred (exporters/xnnpack_rewrites.py); false: as the
-    # model wrote them, those ops on the portable kernels between delegated pieces.
+    # With xnnpack: LayerNorm, GroupNorm and attention exported as ops XNNPACK takes
+    # (exporters/xnnpack_rewrites.py); false: as the model wrote them, those ops on the
+    # portable kernels between delegated pieces.
     rewrite_for_xnnpack: bool = True
 
 
