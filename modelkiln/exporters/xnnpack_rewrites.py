@@ -1,5 +1,5 @@
-"""Graphs XNNPACK takes whole: what `[executorch] rewrite_for_xnnpack` changes before and
-during the lowering.
+"""Larger graphs for XNNPACK: what `[executorch] rewrite_for_xnnpack` changes while the
+exporter traces.
 
 XnnpackPartitioner delegates only the ops it has kernels for; every op it leaves runs on
 ExecuTorch's portable kernels and cuts the delegated graph in two. As exported, a ViT's
