@@ -74,15 +74,13 @@ def exported_program(spec: ComponentSpec, module: Any, profile: Profile) -> Any:
         return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
 
 
-def rewrites_for_xnnpack(profile: Profile) -> bool:
-    settings = ExecuTorchSettings.of(profile)
-    return settings.partitioner == "xnnpack" and settings.rewrite_for_xnnpack
-
-
 def _rewritten(module: Any, profile: Profile) -> AbstractContextManager[Any]:
+    """The module as the export traces it: rewritten for XNNPACK when the profile asks."""
     from modelkiln.exporters.xnnpack_rewrites import delegable
 
-    return delegable(module) if rewrites_for_xnnpack(profile) else nullcontext(module)
+    settings = ExecuTorchSettings.of(profile)
+    rewrite = settings.partitioner == "xnnpack" and settings.rewrite_for_xnnpack
+    return delegable(module) if rewrite else nullcontext(module)
 
 
 def partitioners(name: str) -> list[Any]:
