@@ -109,6 +109,10 @@ def check(
                     "guide more steps (raise generation.guidance_end)",
                     profile.generation.guidance_end is not None,
                 ),
+                (
+                    "forecast fewer steps (lower generation.taylorseer_interval)",
+                    (profile.generation.taylorseer_interval or 1) > 1,
+                ),
                 ("merge fewer tokens (lower model.token_merging)", profile.model.token_merging > 0),
                 (
                     "reuse the UNet's features less (lower model.deep_cache)",

@@ -4,10 +4,10 @@ Every error is one red line on stderr (a traceback only with -v; -v and -q, resu
 errors only, go anywhere on the line). Exit codes are in exit_codes.py: 1 a check said no,
 2 the command could not run (the user can fix it), 70 a bug of ours. The commands live by
 verb group:
-build.py (build, cache, convert), profiles.py (profiles), run.py (classify, embed, generate,
-lora-adapter), artifacts.py (info, verify, validate, package, clean), measure.py (env, doctor,
-demo, bench), gate.py (compare, ci), tune.py (tune). --json prints any command's result as one
-JSON document (jsonout.py; the fields: docs/cli.md).
+build.py (build, cache, convert), profiles.py (profiles), run.py (classify, embed),
+generate.py (generate, lora-adapter), artifacts.py (info, verify, validate, package, clean),
+measure.py (env, doctor, demo, bench), gate.py (compare, ci), tune.py (tune). --json prints
+any command's result as one JSON document (jsonout.py; the fields: docs/cli.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 
 from modelkiln import __version__
-from modelkiln.cli import artifacts, build, gate, measure, profiles, run, tune
+from modelkiln.cli import artifacts, build, gate, generate, measure, profiles, run, tune
 from modelkiln.cli.console import err
 from modelkiln.cli.exit_codes import INTERNAL_ERROR, INTERRUPTED, USER_ERROR
 from modelkiln.errors import KilnError, storage_error
@@ -58,8 +58,8 @@ for command in (
     build.cache,
     run.classify,
     run.embed,
-    run.generate,
-    run.lora_adapter,
+    generate.generate,
+    generate.lora_adapter,
     artifacts.info,
     artifacts.verify,
     artifacts.validate,

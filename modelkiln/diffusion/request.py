@@ -51,6 +51,12 @@ class Request:
     # First Block Cache: a transformer's later blocks are skipped on the steps whose first
     # block changed less than this fraction (0: never).
     cache_threshold: float = 0.0
+    # TaylorSeer Lite (diffusion/forecast.py): after `taylorseer_warmup` steps the denoiser
+    # runs on one step in `taylorseer_interval` (1: every step) and its output is forecast on
+    # the others; the last `taylorseer_cooldown` steps run it again.
+    taylorseer_interval: int = 1
+    taylorseer_warmup: int = 6
+    taylorseer_cooldown: int = 2
     # One conditioning image per ControlNet, and the scales of their residuals (diffusers'
     # default 1); () without a control image.
     control_images: tuple[Image.Image, ...] = ()
@@ -70,6 +76,10 @@ class Defaults:
     guidance_end: float = 1.0  # the build's [generation] guidance_end
     cache_interval: int = 1  # the build's [model] deep_cache (1: off)
     cache_threshold: float = 0.0  # the build's [model] first_block_cache (0: off)
+    # the build's [generation] taylorseer_* (OpenVINO GenAI's TaylorSeerCacheConfig defaults)
+    taylorseer_interval: int = 1
+    taylorseer_warmup: int = 6
+    taylorseer_cooldown: int = 2
 
 
 def parse_request(
@@ -112,15 +122,9 @@ def parse_request(
             f"guidance_end must be the fraction of the steps that are guided, in (0, 1]; got "
             f"{guidance_end}"
         )
-    interval_value = options.pop("cache_interval", None)
-    cache_interval = defaults.cache_interval if interval_value is None else interval_value
-    if isinstance(cache_interval, bool) or not isinstance(cache_interval, int | np.integer):
-        raise InputError(f"cache_interval must be a whole number of steps, got {cache_interval!r}")
-    if not 1 <= cache_interval <= MAX_STEPS:
-        raise InputError(
-            f"cache_interval must be in 1..{MAX_STEPS} (1: the whole UNet every step), got "
-            f"{cache_interval}"
-        )
+    cache_interval = _steps_setting(
+        options, "cache_interval", defaults.cache_interval, 1, "1: the whole UNet every step"
+    )
     threshold_value = options.pop("cache_threshold", None)
     cache_threshold = float(
         defaults.cache_threshold if threshold_value is None else threshold_value
@@ -129,6 +133,27 @@ def parse_request(
         raise InputError(
             f"cache_threshold must be the relative change of the first block's output under "
             f"which a step reuses the later blocks, in 0..1 (0: never); got {cache_threshold}"
+        )
+    taylorseer = (
+        _steps_setting(
+            options,
+            "taylorseer_interval",
+            defaults.taylorseer_interval,
+            1,
+            "1: the denoiser every step",
+        ),
+        _steps_setting(
+            options, "taylorseer_warmup", defaults.taylorseer_warmup, 0, "the first steps run"
+        ),
+        _steps_setting(
+            options, "taylorseer_cooldown", defaults.taylorseer_cooldown, 0, "the last steps run"
+        ),
+    )
+    if taylorseer[0] > 1 and (cache_interval > 1 or cache_threshold > 0):
+        raise InputError(
+            "taylorseer_interval forecasts the whole denoiser's output, and cache_interval "
+            "or cache_threshold reuse part of it: use one step cache, with cache_interval 1 "
+            "and cache_threshold 0 beside taylorseer_interval"
         )
     strength = float(options.pop("strength", 1.0))
     if not 0.0 < strength <= 1.0:  # NaN fails this too
@@ -157,14 +182,28 @@ def parse_request(
         progress=options.pop("progress", None) or NullProgress(),
         split_guidance=bool(options.pop("split_guidance", False)),
         guidance_end=guidance_end,
-        cache_interval=int(cache_interval),
+        cache_interval=cache_interval,
         cache_threshold=cache_threshold,
+        taylorseer_interval=taylorseer[0],
+        taylorseer_warmup=taylorseer[1],
+        taylorseer_cooldown=taylorseer[2],
         control_images=control_images,
         control_scales=control_scales,
     )
     if options:
         raise TypeError(f"unknown generation setting(s): {', '.join(sorted(options))}")
     return request
+
+
+def _steps_setting(options: dict[str, Any], name: str, default: int, low: int, meaning: str) -> int:
+    """A whole number of steps in low..MAX_STEPS, popped from `options` (else `default`)."""
+    value = options.pop(name, None)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InputError(f"{name} must be a whole number of steps, got {value!r}")
+    if not low <= value <= MAX_STEPS:
+        raise InputError(f"{name} must be in {low}..{MAX_STEPS} ({meaning}), got {value}")
+    return int(value)
 
 
 def _control(images: Any, scales: Any) -> tuple[tuple[Any, ...], tuple[float, ...]]:

@@ -150,6 +150,16 @@ def diffusion_notes(manifest: Manifest, files: Collection[str]) -> str:
             "(run `unet` again when the batch changes). Running `unet` every step is the exact "
             "pipeline."
         )
+    forecast = info.get("approximations") or {}
+    if forecast.get("taylorseer_interval"):
+        notes.append(
+            "TaylorSeer (validated so): after the first "
+            f"{max(forecast['taylorseer_warmup'], 2)} steps run `unet` on the last of "
+            f"each {forecast['taylorseer_interval']} steps and on the last "
+            f"{forecast['taylorseer_cooldown']}; on the others use the last output plus "
+            "(last output - the one before) / (their step distance) × (steps since the last). "
+            "Running `unet` every step is the exact pipeline."
+        )
     others = sorted(
         set(components) - {"unet", "unet_shallow", "vae_decoder", "vae_encoder", *encoders}
     )

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelkiln.diffusion.request import Defaults
 from modelkiln.diffusion.schedulers import SCHEDULERS
 from modelkiln.errors import SourceError, first_line
 from modelkiln.pipelines.base import APPROXIMATIONS
@@ -50,8 +51,8 @@ def require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) -
 
 def generation_defaults(profile: Profile) -> dict[str, Any]:
     """[generation]'s steps and guidance, which the pipeline takes where a call leaves them,
-    and its approximations (guidance_end, [model] deep_cache, first_block_cache and
-    token_merging_ratio), which the torch reference never makes."""
+    and its approximations (guidance_end, taylorseer_*, [model] deep_cache, first_block_cache
+    and token_merging_ratio), which the torch reference never makes."""
     settings = profile.generation
     chosen = {
         key: value
@@ -62,6 +63,11 @@ def generation_defaults(profile: Profile) -> dict[str, Any]:
     approximations: dict[str, Any] = {}
     if settings.guidance_end is not None:
         approximations["guidance_end"] = settings.guidance_end
+    if settings.taylorseer_interval is not None and settings.taylorseer_interval > 1:
+        # All three, resolved: what an app reading the artifact must reproduce.
+        for key in ("taylorseer_interval", "taylorseer_warmup", "taylorseer_cooldown"):
+            chosen = getattr(settings, key)
+            approximations[key] = getattr(Defaults, key) if chosen is None else chosen
     if profile.model.deep_cache:
         approximations["deep_cache"] = profile.model.deep_cache
     if profile.model.first_block_cache:

@@ -29,6 +29,7 @@ from modelkiln.diffusion.denoise import (
     start_timesteps,
     unet_denoiser,
 )
+from modelkiln.diffusion.forecast import ForecastSchedule, TaylorSeerDenoiser
 from modelkiln.diffusion.images import image_to_pixels, mask_to_pixels, pixels_to_images
 from modelkiln.diffusion.lora import slot_feeds, slot_layers
 from modelkiln.diffusion.noise import TorchGenerator
@@ -190,7 +191,7 @@ class SDPipeline(ImageGenerator):
                     request.callback(index, timestep, current)
 
             latents = denoise(
-                self._denoiser(request),
+                self._forecasting(self._denoiser(request), request, len(timesteps)),
                 scheduler,
                 latents,
                 timesteps,
@@ -289,6 +290,19 @@ class SDPipeline(ImageGenerator):
         nets = [self.sessions[name] for name in names] if controls else []
         return controlled_denoiser(nets, unet, controls, request.control_scales)
 
+    @staticmethod
+    def _forecasting(denoiser: Denoiser, request: Request, steps: int) -> Denoiser:
+        """The denoiser, or TaylorSeer's forecast of it where the call asks (any family)."""
+        if request.taylorseer_interval <= 1:
+            return denoiser
+        schedule = ForecastSchedule(
+            request.taylorseer_interval,
+            request.taylorseer_warmup,
+            request.taylorseer_cooldown,
+            steps,
+        )
+        return TaylorSeerDenoiser(denoiser, schedule)
+
     def _caching_denoiser(self, unet: Session, interval: int) -> Denoiser:
         shallow = self.sessions.get(SHALLOW_UNET)
         if shallow is None:
@@ -353,6 +367,9 @@ class SDPipeline(ImageGenerator):
             float(approximations.get("guidance_end", 1.0)),
             int(approximations.get("deep_cache", 1)),
             float(approximations.get("first_block_cache", 0.0)),
+            int(approximations.get("taylorseer_interval", 1)),
+            int(approximations.get("taylorseer_warmup", Defaults.taylorseer_warmup)),
+            int(approximations.get("taylorseer_cooldown", Defaults.taylorseer_cooldown)),
         )
         request = parse_request(mode, prompt, settings, defaults, self._check_size)
         self._check_caching(request)

@@ -309,6 +309,9 @@ class Profile:
             ("calibration.steps", self.calibration.steps, 1, MAX_STEPS),
             ("generation.steps", self.generation.steps, 1, MAX_STEPS),
             ("generation.guidance", self.generation.guidance, 0.0, MAX_GUIDANCE),
+            ("generation.taylorseer_interval", self.generation.taylorseer_interval, 1, MAX_STEPS),
+            ("generation.taylorseer_warmup", self.generation.taylorseer_warmup, 0, MAX_STEPS),
+            ("generation.taylorseer_cooldown", self.generation.taylorseer_cooldown, 0, MAX_STEPS),
             ("calibration.size", self.calibration.size, 1, MAX_CALIBRATION),
             ("calibration.batch_size", self.calibration.batch_size, 1, MAX_BATCH),
             ("runtime.threads", self.runtime.threads, 1, 4096),
@@ -322,12 +325,7 @@ class Profile:
             if value is not None and not low <= value <= high:
                 raise ProfileError(f"{origin}: {key} must be in {low}..{high}, got {value}")
         self.model.check(origin)
-        end = self.generation.guidance_end
-        if end is not None and not 0.0 < end <= 1.0:  # NaN fails this too
-            raise ProfileError(
-                f"{origin}: generation.guidance_end must be a fraction of the steps in (0, 1], "
-                f"got {end}"
-            )
+        self.generation.check(origin, self.model)
         sizes = validation.batch_sizes
         if not sizes or min(sizes) < 1 or max(sizes) > MAX_BATCH:
             raise ProfileError(

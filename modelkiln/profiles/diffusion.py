@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modelkiln.errors import ProfileError
+from modelkiln.profiles.model import ModelSettings
+
 
 @dataclass(frozen=True)
 class GenerationSettings:
@@ -19,12 +22,36 @@ class GenerationSettings:
     are guided, the rest run the denoiser on the prompt's half alone (half the batch; the
     "dynamic classifier-free guidance" of diffusers' docs). It is an approximation the torch
     reference never makes, so the build's end-to-end gate ([validation] min_psnr_db /
-    min_ssim) measures its cost against the fully guided pipeline."""
+    min_ssim) measures its cost against the fully guided pipeline.
+
+    `taylorseer_interval` (TaylorSeer Lite, as OpenVINO GenAI's TaylorSeerCacheConfig; any
+    denoiser, no rebuild needed): after `taylorseer_warmup` steps the denoiser runs on one
+    step in the interval and its output is forecast on the others from the last two computed
+    ones; the last `taylorseer_cooldown` steps run it again. Gated end to end like
+    guidance_end."""
 
     scheduler: str | None = None
     steps: int | None = None
     guidance: float | None = None
     guidance_end: float | None = None
+    taylorseer_interval: int | None = None
+    taylorseer_warmup: int | None = None
+    taylorseer_cooldown: int | None = None
+
+    def check(self, origin: str, model: ModelSettings) -> None:
+        """What the range checks of Profile do not say (they bound every whole number)."""
+        end = self.guidance_end
+        if end is not None and not 0.0 < end <= 1.0:  # NaN fails this too
+            raise ProfileError(
+                f"{origin}: generation.guidance_end must be a fraction of the steps in (0, 1], "
+                f"got {end}"
+            )
+        if (self.taylorseer_interval or 1) > 1 and (model.deep_cache or model.first_block_cache):
+            raise ProfileError(
+                f"{origin}: generation.taylorseer_interval forecasts the whole denoiser's "
+                "output, and model.deep_cache / model.first_block_cache reuse part of it: "
+                "keep one step cache"
+            )
 
 
 @dataclass(frozen=True)
