@@ -77,6 +77,8 @@ def test_candidates_turn_one_knob_the_plan_accepts() -> None:
     assert "sd-openvino-int8 [generation.guidance_end=0.5]" in sd
     assert "sd-openvino-int8 [model.deep_cache=3]" in sd  # and reuses the UNet's features
     assert "sd-openvino-int8 [model.token_merging_ratio=0.5]" in sd  # and merges its tokens
+    forecast = "generation.taylorseer_interval=3, generation.taylorseer_warmup=2"
+    assert f"sd-openvino-int8 [{forecast}, generation.taylorseer_cooldown=1]" in sd  # TaylorSeer
     # The hybrid UNet's MatMuls on float weights: only where bf16 is native, and not with AMX
     # (where the int8 weights are decompressed at load instead)
     assert "sd-openvino-int8-hybrid [quantization.matmul_weights=float]" in sd
@@ -214,6 +216,9 @@ def test_tune_on_a_tiny_sd_gates_its_approximations_and_reports_what_missed(
     merged = by_label["sd-torch-fp32 [model.token_merging_ratio=0.5]"]
     assert merged.status == OUTSIDE and merged.reason is not None
     assert "lower model.token_merging_ratio" in merged.reason
+    (forecast,) = [t for t in result.tried if "taylorseer_interval=3" in t.candidate.label]
+    assert forecast.status == OUTSIDE and forecast.reason is not None
+    assert "lower generation.taylorseer_interval" in forecast.reason
     assert result.winner is exact
     recorded = json.loads((tmp_path / "tune.json").read_text())
     assert recorded["candidates"][0]["quality"]["min_psnr_db"] is None  # identical: no number

@@ -52,9 +52,9 @@ class ModelFamily(ABC):
     # What calibration and end-to-end validation feed it: image files, or text prompts.
     real_inputs: ClassVar[str] = IMAGES
     # Overrides `kiln tune` tries on its models beside the schemes' and precisions' knobs,
-    # each a variant of its own: the pipeline's approximations, which its build gates end to
-    # end against the exact torch pipeline.
-    tuning_knobs: ClassVar[tuple[str, ...]] = ()
+    # each a variant of its own (an override, or several that go together): the pipeline's
+    # approximations, which its build gates end to end against the exact torch pipeline.
+    tuning_knobs: ClassVar[tuple[str | tuple[str, ...], ...]] = ()
     # Whether its exports can merge tokens between transformer blocks ([model] token_merging).
     merges_tokens: ClassVar[bool] = False
     # Whether its UNet can merge its self-attention's tokens ([model] token_merging_ratio).

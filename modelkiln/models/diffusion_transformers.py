@@ -25,7 +25,7 @@ from modelkiln.models.stable_diffusion import (
     TEXT_TO_IMAGE,
     StableDiffusionFamily,
 )
-from modelkiln.models.step_caches import check_block_cache
+from modelkiln.models.step_caches import FORECAST_KNOB, check_block_cache
 from modelkiln.specs import TensorSpec
 
 if TYPE_CHECKING:
@@ -55,10 +55,12 @@ class StableDiffusion3Family(StableDiffusionFamily):
     caches_blocks: ClassVar[bool] = True  # First Block Cache splits transformers
     merges_unet_tokens: ClassVar[bool] = False  # ToMe for SD hooks UNet blocks
     # Guidance on the first half of the steps only; the later blocks skipped on the steps
-    # whose first block moved less than 10 % (ParaAttention's range for Flux: 0.08-0.12).
-    tuning_knobs: ClassVar[tuple[str, ...]] = (
+    # whose first block moved less than 10 % (ParaAttention's range for Flux: 0.08-0.12);
+    # the transformer on one step in 3, its output forecast between (TaylorSeer).
+    tuning_knobs: ClassVar[tuple[str | tuple[str, ...], ...]] = (
         "generation.guidance_end=0.5",
         "model.first_block_cache=0.1",
+        FORECAST_KNOB,
     )
     tokenizer_folders: ClassVar[Mapping[str, str]] = {
         "text_encoder": "tokenizer",
@@ -194,8 +196,12 @@ class FluxFamily(StableDiffusion3Family):
     t5_sequence_length: ClassVar[int] = 512  # FluxPipeline's max_sequence_length
     # Flux runs without classifier-free guidance: one transformer call per image.
     denoiser_batch_factor: ClassVar[int] = 1
-    # Guidance-distilled: no guidance batch to drop; the later blocks skipped as for SD3.
-    tuning_knobs: ClassVar[tuple[str, ...]] = ("model.first_block_cache=0.1",)
+    # Guidance-distilled: no guidance batch to drop; the later blocks skipped and the output
+    # forecast as for SD3.
+    tuning_knobs: ClassVar[tuple[str | tuple[str, ...], ...]] = (
+        "model.first_block_cache=0.1",
+        FORECAST_KNOB,
+    )
     inpainting_channels: ClassVar[int] = 0  # Flux Fill (384 channels) is not supported
     bundle_configs: ClassVar[tuple[str, ...]] = (
         "model_index.json",

@@ -41,7 +41,7 @@ from modelkiln.models.diffusion_signatures import (
     vae_signature,
 )
 from modelkiln.models.runtime_lora_slots import check_runtime_lora, with_lora_slots
-from modelkiln.models.step_caches import check_deep_cache, check_token_merging
+from modelkiln.models.step_caches import FORECAST_KNOB, check_deep_cache, check_token_merging
 from modelkiln.sources import ResolvedSource, weights_digest
 from modelkiln.specs import ComponentSpec, TensorSpec
 
@@ -110,11 +110,13 @@ class StableDiffusionFamily(ModelFamily):
     real_inputs: ClassVar[str] = PROMPTS
     # Guidance on the first half of the steps only (half the denoiser's batch on the rest);
     # the whole UNet on one step in 3, its shallow half on the others (DeepCache); half the
-    # tokens of its highest-resolution self-attention (ToMe for SD, tomesd's default ratio).
-    tuning_knobs: ClassVar[tuple[str, ...]] = (
+    # tokens of its highest-resolution self-attention (ToMe for SD, tomesd's default ratio);
+    # the UNet on one step in 3 and its output forecast between (TaylorSeer).
+    tuning_knobs: ClassVar[tuple[str | tuple[str, ...], ...]] = (
         "generation.guidance_end=0.5",
         "model.deep_cache=3",
         "model.token_merging_ratio=0.5",
+        FORECAST_KNOB,
     )
     caches_steps: ClassVar[bool] = True
     merges_unet_tokens: ClassVar[bool] = True

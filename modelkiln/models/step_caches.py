@@ -1,6 +1,7 @@
 """Which denoisers the step caches can split: DeepCache's UNets ([model] deep_cache) and
 First Block Cache's transformers ([model] first_block_cache); and which UNets ToMe for SD
-merges the tokens of ([model] token_merging_ratio). Torch-free."""
+merges the tokens of ([model] token_merging_ratio); the TaylorSeer knob `kiln tune` tries on
+every denoiser. Torch-free."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from typing import Any
 
 from modelkiln.diffusion.control import CONTROLNET
 from modelkiln.errors import UnsupportedError
+
+# `kiln tune`'s TaylorSeer candidate (any denoiser): the denoiser on one step in 3 after two
+# warm-up steps, and on the last; its output forecast on the others.
+FORECAST_KNOB = (
+    "generation.taylorseer_interval=3",
+    "generation.taylorseer_warmup=2",
+    "generation.taylorseer_cooldown=1",
+)
 
 
 def check_deep_cache(root: Path, unet_config: Mapping[str, Any]) -> None:

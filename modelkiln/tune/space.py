@@ -163,7 +163,7 @@ def _knobs(plan: BuildPlan, features: frozenset[str]) -> list[tuple[str, ...]]:
     hybrid = any(getattr(c, "matmul_weights", None) == "int8" for c in plan.schemes.values())
     if hybrid and features & NATIVE_BF16 and "amx_bf16" not in features:
         knobs.append(("quantization.matmul_weights=float",))
-    knobs += [(knob,) for knob in plan.family.tuning_knobs]
+    knobs += [(knob,) if isinstance(knob, str) else knob for knob in plan.family.tuning_knobs]
     return knobs
 
 
