@@ -11,7 +11,8 @@ WORK/artifacts/PROFILE-deep-cache-N, each loaded once; a --profiles entry
 `PROFILE+KEY=VALUE+...` builds the profile with those overrides too (an approximation made at
 build, `sd-openvino-int8-hybrid+model.token_merging_ratio=0.5`), and its images are compared
 with PROFILE's exact one where PROFILE is measured as well. Each variant is a set of generation
-settings (`exact`: none; `guidance_end=0.5,cache_interval=3`: both) run on every profile's
+settings (`exact`: none; `guidance_end=0.5,cache_interval=3`: both;
+`taylorseer_interval=3,taylorseer_warmup=2`: TaylorSeer's forecast) run on every profile's
 artifact; each runs a 512x512 text-to-image generation (--steps steps, guidance 7.5, seed 0).
 With --torch, diffusers' own pipeline in fp32 (the baseline of the `vs torch` column) is one
 more label. Each pipeline runs in a child process of its own (modelkiln/bench/child_call.py;
@@ -177,7 +178,9 @@ def settings_of(label: str) -> dict[str, float | int]:
     settings: dict[str, float | int] = {}
     for part in label.split(","):
         key, _, value = part.partition("=")
-        settings[key.strip()] = int(value) if key.strip() == "cache_interval" else float(value)
+        name = key.strip()
+        whole = name == "cache_interval" or name.startswith("taylorseer_")
+        settings[name] = int(value) if whole else float(value)
     return settings
 
 
