@@ -5,10 +5,11 @@ The denoiser's output moves smoothly from step to step, so on most steps it can 
 instead of computed: after `warmup` computed steps, one step in `interval` runs the denoiser
 and the steps between take the last computed output plus its first derivative (the change
 between the last two computed outputs, per step) times the steps since. The last `cooldown`
-steps compute again, where the image's detail is decided. The steps computed are GenAI's,
-so an artifact gives GenAI's image with the same settings. What is kept is the output alone
-(two arrays per call), so this works the same on a UNet, SD3's or Flux's transformer, with
-ControlNets, and on every backend, without a rebuild.
+steps compute again, where the image's detail is decided. Which steps compute follows
+GenAI's TaylorSeerState (its taylorseer_lite.hpp), so the settings mean what they mean
+there. What is kept is the output alone (two arrays per call), so this works the same on a
+UNet, SD3's or Flux's transformer, with ControlNets, and on every backend, without a
+rebuild.
 """
 
 from __future__ import annotations
