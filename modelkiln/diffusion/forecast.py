@@ -20,6 +20,9 @@ import numpy as np
 
 from modelkiln.diffusion.denoise import Conditioning, Denoiser, StepCalls
 
+# Steps computed before any forecast, whatever the warm-up asked: a derivative needs two.
+MIN_WARMUP = 2
+
 
 @dataclass(frozen=True)
 class ForecastSchedule:
@@ -34,7 +37,7 @@ class ForecastSchedule:
     steps: int
 
     def computes(self, index: int) -> bool:
-        warmup = max(self.warmup, 2)
+        warmup = max(self.warmup, MIN_WARMUP)
         if index < warmup or index >= self.steps - self.cooldown:
             return True
         return (index - warmup + 1) % self.interval == 0
@@ -85,4 +88,4 @@ class TaylorSeerDenoiser:
         return output
 
 
-__all__ = ["ForecastSchedule", "TaylorSeerDenoiser"]
+__all__ = ["MIN_WARMUP", "ForecastSchedule", "TaylorSeerDenoiser"]

@@ -9,6 +9,7 @@ import math
 from collections.abc import Collection, Mapping
 from typing import Any
 
+from modelkiln.diffusion.forecast import MIN_WARMUP
 from modelkiln.records import Manifest
 
 REFERENCE = (
@@ -154,7 +155,7 @@ def diffusion_notes(manifest: Manifest, files: Collection[str]) -> str:
     if forecast.get("taylorseer_interval"):
         notes.append(
             "TaylorSeer (validated so): after the first "
-            f"{max(forecast['taylorseer_warmup'], 2)} steps run `unet` on the last of "
+            f"{max(forecast['taylorseer_warmup'], MIN_WARMUP)} steps run `unet` on the last of "
             f"each {forecast['taylorseer_interval']} steps and on the last "
             f"{forecast['taylorseer_cooldown']}; on the others use the last output plus "
             "(last output - the one before) / (their step distance) × (steps since the last). "
