@@ -20,7 +20,7 @@ from modelkiln.cli.jsonout import JSON_OPTION, emit_json
 from modelkiln.cli.run import COMMANDS
 from modelkiln.errors import InputError
 from modelkiln.outputs import atomic_file, check_writable
-from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
+from modelkiln.profiles import MAX_IMAGES, MAX_STEPS, MAX_TAYLORSEER_ORDER
 
 
 @click.command()
@@ -76,7 +76,7 @@ from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
     "--taylorseer-interval",
     type=click.IntRange(1, 1000),
     help="Run the denoiser on one step in N after the warm-up and forecast its output on "
-    "the others from the last two computed ones (TaylorSeer Lite, as OpenVINO GenAI's; any "
+    "the others from the last computed ones (TaylorSeer Lite, as OpenVINO GenAI's; any "
     "artifact, no rebuild): faster, a slightly different image; 1 computes every step.  "
     "[default: the build's [generation] taylorseer_interval, else 1]",
 )
@@ -89,6 +89,12 @@ from modelkiln.profiles import MAX_IMAGES, MAX_STEPS
     "--taylorseer-cooldown",
     type=click.IntRange(0, 1000),
     help="Last steps TaylorSeer computes again.  [default: the build's, else 2]",
+)
+@click.option(
+    "--taylorseer-order",
+    type=click.IntRange(1, MAX_TAYLORSEER_ORDER),
+    help="The highest derivative TaylorSeer's forecast uses (1: GenAI's Lite; 2 or 3: "
+    "diffusers' max_order).  [default: the build's, else 1]",
 )
 @click.option(
     "--low-memory",
@@ -172,6 +178,7 @@ def generate(
     taylorseer_interval: int | None,
     taylorseer_warmup: int | None,
     taylorseer_cooldown: int | None,
+    taylorseer_order: int | None,
     low_memory: bool,
     seed: int,
     width: int | None,
@@ -217,6 +224,7 @@ def generate(
         "taylorseer_interval": taylorseer_interval,
         "taylorseer_warmup": taylorseer_warmup,
         "taylorseer_cooldown": taylorseer_cooldown,
+        "taylorseer_order": taylorseer_order,
         "seed": seed,
         "width": width,
         "height": height,

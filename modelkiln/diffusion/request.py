@@ -12,7 +12,7 @@ import numpy as np
 from modelkiln.diffusion.denoise import StepCallback
 from modelkiln.errors import InputError
 from modelkiln.images import load_image
-from modelkiln.profiles import MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS
+from modelkiln.profiles import MAX_GUIDANCE, MAX_IMAGES, MAX_STEPS, MAX_TAYLORSEER_ORDER
 from modelkiln.progress import NullProgress, Progress
 
 if TYPE_CHECKING:
@@ -53,10 +53,12 @@ class Request:
     cache_threshold: float = 0.0
     # TaylorSeer Lite (diffusion/forecast.py): after `taylorseer_warmup` steps the denoiser
     # runs on one step in `taylorseer_interval` (1: every step) and its output is forecast on
-    # the others; the last `taylorseer_cooldown` steps run it again.
+    # the others, to the `taylorseer_order`-th derivative; the last `taylorseer_cooldown`
+    # steps run it again.
     taylorseer_interval: int = 1
     taylorseer_warmup: int = 6
     taylorseer_cooldown: int = 2
+    taylorseer_order: int = 1
     # One conditioning image per ControlNet, and the scales of their residuals (diffusers'
     # default 1); () without a control image.
     control_images: tuple[Image.Image, ...] = ()
@@ -80,6 +82,7 @@ class Defaults:
     taylorseer_interval: int = 1
     taylorseer_warmup: int = 6
     taylorseer_cooldown: int = 2
+    taylorseer_order: int = 1  # GenAI's Lite: the first derivative
 
 
 def parse_request(
@@ -149,6 +152,14 @@ def parse_request(
             options, "taylorseer_cooldown", defaults.taylorseer_cooldown, 0, "the last steps run"
         ),
     )
+    order = _steps_setting(
+        options,
+        "taylorseer_order",
+        defaults.taylorseer_order,
+        1,
+        "the forecast's highest derivative",
+        high=MAX_TAYLORSEER_ORDER,
+    )
     if taylorseer[0] > 1 and (cache_interval > 1 or cache_threshold > 0):
         raise InputError(
             "taylorseer_interval forecasts the whole denoiser's output, and cache_interval "
@@ -187,6 +198,7 @@ def parse_request(
         taylorseer_interval=taylorseer[0],
         taylorseer_warmup=taylorseer[1],
         taylorseer_cooldown=taylorseer[2],
+        taylorseer_order=order,
         control_images=control_images,
         control_scales=control_scales,
     )
@@ -195,14 +207,22 @@ def parse_request(
     return request
 
 
-def _steps_setting(options: dict[str, Any], name: str, default: int, low: int, meaning: str) -> int:
-    """A whole number of steps in low..MAX_STEPS, popped from `options` (else `default`)."""
+def _steps_setting(
+    options: dict[str, Any],
+    name: str,
+    default: int,
+    low: int,
+    meaning: str,
+    high: int = MAX_STEPS,
+) -> int:
+    """A whole number (of steps, unless `high` says otherwise) in low..high, popped from
+    `options` (else `default`)."""
     value = options.pop(name, None)
     value = default if value is None else value
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InputError(f"{name} must be a whole number of steps, got {value!r}")
-    if not low <= value <= MAX_STEPS:
-        raise InputError(f"{name} must be in {low}..{MAX_STEPS} ({meaning}), got {value}")
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(f"{name} must be in {low}..{high} ({meaning}), got {value}")
     return int(value)
 
 

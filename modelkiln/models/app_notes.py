@@ -158,8 +158,8 @@ def diffusion_notes(manifest: Manifest, files: Collection[str]) -> str:
             f"{max(forecast['taylorseer_warmup'], MIN_WARMUP)} steps run `unet` on the last of "
             f"each {forecast['taylorseer_interval']} steps and on the last "
             f"{forecast['taylorseer_cooldown']}; on the others use the last output plus "
-            "(last output - the one before) / (their step distance) × (steps since the last). "
-            "Running `unet` every step is the exact pipeline."
+            f"{_forecast_terms(int(forecast.get('taylorseer_order', 1)))}, s being the steps "
+            "since the last computed one. Running `unet` every step is the exact pipeline."
         )
     others = sorted(
         set(components) - {"unet", "unet_shallow", "vae_decoder", "vae_encoder", *encoders}
@@ -177,3 +177,19 @@ def diffusion_notes(manifest: Manifest, files: Collection[str]) -> str:
         *([" ".join(notes), ""] if notes else []),
     ]
     return "\n".join(lines)
+
+
+def _forecast_terms(order: int) -> str:
+    """TaylorSeer's forecast in words: its derivatives and their Taylor terms."""
+    if order == 1:
+        return (
+            "d1 × s, d1 = (last output - the one before) / (their step distance) (kept per "
+            "computed step)"
+        )
+    terms = " + ".join(
+        f"d{k} × s^{k} / {math.factorial(k)}" if k > 1 else "d1 × s" for k in range(1, order + 1)
+    )
+    return (
+        f"{terms}, where each computed step keeps its output d0 and d(k+1) = (dk - the dk "
+        "kept the computed step before) / (their step distance)"
+    )

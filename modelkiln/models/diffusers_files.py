@@ -49,6 +49,14 @@ def require_dir(root: Path, folder: str, spec: str, required: tuple[str, ...]) -
         )
 
 
+TAYLORSEER_SETTINGS = (
+    "taylorseer_interval",
+    "taylorseer_warmup",
+    "taylorseer_cooldown",
+    "taylorseer_order",
+)
+
+
 def generation_defaults(profile: Profile) -> dict[str, Any]:
     """[generation]'s steps and guidance, which the pipeline takes where a call leaves them,
     and its approximations (guidance_end, taylorseer_*, [model] deep_cache, first_block_cache
@@ -64,8 +72,8 @@ def generation_defaults(profile: Profile) -> dict[str, Any]:
     if settings.guidance_end is not None:
         approximations["guidance_end"] = settings.guidance_end
     if settings.taylorseer_interval is not None and settings.taylorseer_interval > 1:
-        # All three, resolved: what an app reading the artifact must reproduce.
-        for key in ("taylorseer_interval", "taylorseer_warmup", "taylorseer_cooldown"):
+        # All of them, resolved: what an app reading the artifact must reproduce.
+        for key in TAYLORSEER_SETTINGS:
             chosen = getattr(settings, key)
             approximations[key] = getattr(Defaults, key) if chosen is None else chosen
     if profile.model.deep_cache:

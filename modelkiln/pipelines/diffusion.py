@@ -300,6 +300,7 @@ class SDPipeline(ImageGenerator):
             request.taylorseer_warmup,
             request.taylorseer_cooldown,
             steps,
+            request.taylorseer_order,
         )
         return TaylorSeerDenoiser(denoiser, schedule)
 
@@ -370,6 +371,7 @@ class SDPipeline(ImageGenerator):
             int(approximations.get("taylorseer_interval", 1)),
             int(approximations.get("taylorseer_warmup", Defaults.taylorseer_warmup)),
             int(approximations.get("taylorseer_cooldown", Defaults.taylorseer_cooldown)),
+            int(approximations.get("taylorseer_order", Defaults.taylorseer_order)),
         )
         request = parse_request(mode, prompt, settings, defaults, self._check_size)
         self._check_caching(request)

@@ -44,6 +44,9 @@ MAX_BATCH = 4096
 MAX_PIXELS_PER_SIDE = 16384
 MAX_CALIBRATION = 100_000
 MAX_IMAGES = 64  # generated per prompt in one call
+# TaylorSeer's highest derivative (diffusers' max_order has no bound): order k is whole only
+# after k + 1 computed steps, which a 20-50 step schedule has few of past the third.
+MAX_TAYLORSEER_ORDER = 3
 
 Precision = Literal["fp32", "bf16", "fp16"]
 # What a runtime computes in; "auto": bf16 where the CPU it runs on computes bf16 natively
@@ -312,6 +315,12 @@ class Profile:
             ("generation.taylorseer_interval", self.generation.taylorseer_interval, 1, MAX_STEPS),
             ("generation.taylorseer_warmup", self.generation.taylorseer_warmup, 0, MAX_STEPS),
             ("generation.taylorseer_cooldown", self.generation.taylorseer_cooldown, 0, MAX_STEPS),
+            (
+                "generation.taylorseer_order",
+                self.generation.taylorseer_order,
+                1,
+                MAX_TAYLORSEER_ORDER,
+            ),
             ("calibration.size", self.calibration.size, 1, MAX_CALIBRATION),
             ("calibration.batch_size", self.calibration.batch_size, 1, MAX_BATCH),
             ("runtime.threads", self.runtime.threads, 1, 4096),

@@ -26,9 +26,10 @@ class GenerationSettings:
 
     `taylorseer_interval` (TaylorSeer Lite, as OpenVINO GenAI's TaylorSeerCacheConfig; any
     denoiser, no rebuild needed): after `taylorseer_warmup` steps the denoiser runs on one
-    step in the interval and its output is forecast on the others from the last two computed
-    ones; the last `taylorseer_cooldown` steps run it again. Gated end to end like
-    guidance_end."""
+    step in the interval and its output is forecast on the others from the last computed
+    ones (a Taylor series to the `taylorseer_order`-th derivative: 1 is GenAI's Lite, more
+    is diffusers' max_order); the last `taylorseer_cooldown` steps run it again. Gated end
+    to end like guidance_end."""
 
     scheduler: str | None = None
     steps: int | None = None
@@ -37,6 +38,7 @@ class GenerationSettings:
     taylorseer_interval: int | None = None
     taylorseer_warmup: int | None = None
     taylorseer_cooldown: int | None = None
+    taylorseer_order: int | None = None
 
     def check(self, origin: str, model: ModelSettings) -> None:
         """What the range checks of Profile do not say (they bound every whole number)."""

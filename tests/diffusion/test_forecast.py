@@ -1,6 +1,7 @@
-"""TaylorSeer Lite's forecast (diffusion/forecast.py) on denoisers whose output is known: the
-steps it computes, the first-order extrapolation it makes between them, and what it keeps
-per guided call and per batch."""
+"""TaylorSeer's forecast (diffusion/forecast.py) on denoisers whose output is known: the steps
+it computes, the extrapolation it makes between them (first order as GenAI's Lite, higher as
+diffusers' TaylorSeerState, against which it is pinned), and what it keeps per guided call
+and per batch."""
 
 from __future__ import annotations
 
@@ -79,6 +80,44 @@ def test_the_forecast_is_first_order_from_the_last_two_computed_steps() -> None:
         assert outputs[step] == pytest.approx(value)
     for step in (0, 1, 4, 7, 9):
         assert outputs[step] == denoiser.value(step)
+
+
+def test_a_second_order_forecast_misses_a_quadratic_by_less() -> None:
+    """The paper's (and diffusers') Taylor series of divided differences: on 1 + i², with
+    computed steps h = 3 apart, the second derivative is exact (2) and the first is the last
+    interval's slope, so a forecast s steps on misses by h·s, where first order misses by
+    h·s + s²."""
+    schedule = ForecastSchedule(interval=3, warmup=2, cooldown=1, steps=14, order=2)
+    denoiser = Polynomial(1.0, 0.0, 1.0)
+    outputs = run(denoiser, schedule)
+    first = run(Polynomial(1.0, 0.0, 1.0), ForecastSchedule(3, 2, 1, 14))
+    # Computed: 0, 1, 4, 7, 10, 13. Steps 8, 9 from 7 (after 4 and 1), 11, 12 from 10.
+    for step, since in ((8, 1), (9, 2), (11, 1), (12, 2)):
+        true = denoiser.value(step)
+        assert true - outputs[step] == pytest.approx(3 * since)
+        assert true - first[step] == pytest.approx(3 * since + since**2)
+    # Steps 2, 3 follow two computed steps: one derivative, the first-order forecast.
+    assert outputs[2:4] == first[2:4]
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_forecasts_equal_diffusers_taylorseer_state(order: int) -> None:
+    """diffusers' TaylorSeerState (its max_order), fed the outputs our schedule computed,
+    predicts what we forecast on every other step."""
+    torch = pytest.importorskip("torch")
+    taylorseer = pytest.importorskip("diffusers.hooks.taylorseer_cache")
+    schedule = ForecastSchedule(interval=3, warmup=2, cooldown=1, steps=14, order=order)
+    denoiser = Polynomial(0.5, -1.0, 0.25, -0.01)
+    outputs = run(denoiser, schedule)
+    state = taylorseer.TaylorSeerState(taylor_factors_dtype=torch.float64, max_order=order)
+    for step, output in enumerate(outputs):
+        state.current_step = step
+        if schedule.computes(step):
+            state.update((torch.tensor([output], dtype=torch.float64),))
+        else:
+            (predicted,) = state.predict()
+            assert output == pytest.approx(float(predicted[0]), rel=1e-5), step
 
 
 def test_a_changed_batch_computes_until_it_has_a_derivative() -> None:

@@ -106,17 +106,20 @@ def test_build_gates_the_forecast_against_the_exact_reference(
     from modelkiln import build
     from modelkiln.errors import ValidationError
 
-    chosen = [f"generation.{key}={value}" for key, value in FORECAST.items()]
+    # A second-order forecast: the order travels with the rest.
+    forecast = FORECAST | {"taylorseer_order": 2}
+    chosen = [f"generation.{key}={value}" for key, value in forecast.items()]
     gate = ['validation.prompts=["a red fox in a forest"]', f"validation.steps={STEPS}"]
     artifact = built("sd", "sd-torch-fp32", *chosen, *gate, "validation.min_psnr_db=20")
     manifest = open_artifact(artifact).manifest
-    assert manifest.model_info["approximations"] == FORECAST
+    assert manifest.model_info["approximations"] == forecast
     # A bundle's README tells an app which steps to compute and how to forecast the others.
     notes = FAMILIES.get("sd").app_notes(manifest, [])
     assert (
         "TaylorSeer (validated so): after the first 2 steps run `unet` on the last of each 3"
         in notes
     )
+    assert "the last output plus d1 × s + d2 × s^2 / 2, where" in notes
     assert manifest.end_to_end is not None
     (measured,) = manifest.end_to_end.psnr_db
     assert measured is not None and 20 <= measured < 80
@@ -139,6 +142,7 @@ def test_build_gates_the_forecast_against_the_exact_reference(
     [
         (["generation.taylorseer_interval=0"], r"taylorseer_interval must be in 1\.\.1000"),
         (["generation.taylorseer_warmup=-1"], r"taylorseer_warmup must be in 0\.\.1000"),
+        (["generation.taylorseer_order=4"], r"taylorseer_order must be in 1\.\.3"),
         (
             ["generation.taylorseer_interval=3", "model.deep_cache=3"],
             "keep one step cache",
@@ -162,6 +166,7 @@ def test_profiles_refuse_what_cannot_run(
         ({"taylorseer_interval": 2.5}, "taylorseer_interval must be a whole number"),
         ({"taylorseer_warmup": True}, "taylorseer_warmup must be a whole number"),
         ({"taylorseer_cooldown": -1}, r"taylorseer_cooldown must be in 0\.\.1000"),
+        ({"taylorseer_order": 0}, r"taylorseer_order must be in 1\.\.3 \(the forecast's"),
         ({"taylorseer_interval": 3, "cache_threshold": 0.2}, "use one step cache"),
     ],
 )
@@ -182,6 +187,7 @@ def test_kiln_generate_taylorseer(built: Callable[..., Path], tmp_path: Path) ->
         out = tmp_path / f"every-{interval}.png"
         args = ["generate", str(artifact), "--prompt", PROMPT, "--steps", str(STEPS)]
         forecast = ["--taylorseer-interval", interval, "--taylorseer-warmup", "2"]
+        forecast += ["--taylorseer-order", "2"]
         result = invoke(*args, *forecast, "--taylorseer-cooldown", "1", "-o", out)
         assert result.exit_code == 0, result.output
         images[interval] = Image.open(out).convert("RGB")
