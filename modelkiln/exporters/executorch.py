@@ -129,6 +129,23 @@ def inference_precision(program: Any) -> str:
     return "int8, int4 weights" if int4 else "int8"
 
 
+def constant_folding() -> Any:
+    """An edge-program pass: every op whose inputs are all weights (a GEGLU projection's
+    halves, models/geglu_split.py; a norm's reshaped scale) computed once, at export, into a
+    weight of its own. XNNPACK delegates a matmul only when its weight is one: the SD UNet's
+    GEGLU halves ran as portable addmm, between partitions, without it. exir's
+    constant_prop_pass leaves quantize / dequantize ops alone (XNNPACK matches those), and in
+    the edge dialect a slice is a copy, so each folded half owns its values."""
+    from executorch.exir.pass_base import ExportedProgramPassBase, ExportedProgramPassResult
+    from executorch.exir.passes.constant_prop_pass import constant_prop_pass
+
+    class FoldConstants(ExportedProgramPassBase):
+        def call(self, exported_program: Any) -> Any:
+            return ExportedProgramPassResult(constant_prop_pass(exported_program), True)
+
+    return FoldConstants()
+
+
 def lower(program: Any, partitioner: str) -> tuple[bytes, dict[str, Any]]:
     """The .pte bytes of an ExportedProgram lowered to `partitioner`, and what it delegated."""
     from executorch.devtools.backend_debug import get_delegation_info
@@ -141,7 +158,10 @@ def lower(program: Any, partitioner: str) -> tuple[bytes, dict[str, Any]]:
     config = EdgeCompileConfig(_check_ir_validity=not program.range_constraints)
     dynamic = symbolic_axes(program)
     edge = to_edge_transform_and_lower(
-        program, partitioner=partitioners(partitioner), compile_config=config
+        program,
+        transform_passes=[constant_folding()],
+        partitioner=partitioners(partitioner),
+        compile_config=config,
     )
     pinned = sorted(dynamic - symbolic_axes(edge.exported_program()))
     if pinned:

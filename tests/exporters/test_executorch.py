@@ -170,6 +170,43 @@ def test_a_list_returning_op_keeps_the_batch_dynamic(monkeypatch: pytest.MonkeyP
         lower(geglu()[1], "xnnpack")
 
 
+def test_matmuls_on_slices_of_one_weight_are_delegated_with_their_own_weights() -> None:
+    """models/geglu_split.py's projection halves: F.linear on weight[:half] and weight[half:].
+    XNNPACK delegates a matmul only when its weight is a weight of the program, so the
+    lowering folds each slice into one, and each half keeps its own values."""
+    import torch
+    from executorch.runtime import Runtime as ETRuntime
+
+    from modelkiln.exporters.executorch import lower
+
+    class Halves(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            weight, bias = self.proj.weight, self.proj.bias
+            value = torch.nn.functional.linear(x, weight[:6], bias[:6])
+            gate = torch.nn.functional.linear(x, weight[6:], bias[6:])
+            return value * torch.nn.functional.gelu(gate)
+
+    torch.manual_seed(0)
+    module = Halves().eval()
+    batch = torch.export.Dim("batch", min=1, max=16)
+    with torch.no_grad():
+        program = torch.export.export(
+            module, (torch.randn(2, 8),), dynamic_shapes=({0: batch},), strict=False
+        )
+    buffer, delegation = lower(program, "xnnpack")
+    assert not any("mm" in op or "linear" in op for op in delegation["portable_ops"])
+    method = ETRuntime.get().load_program(buffer).load_method("forward")
+    for rows in (1, 7):
+        x = torch.randn(rows, 8)
+        (out,) = method.execute([x])
+        with torch.no_grad():
+            torch.testing.assert_close(out, module(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.slow
 def test_sd_programs_run_any_number_of_images_in_chunks_of_their_bound(
     built: Callable[..., Path],
@@ -180,6 +217,9 @@ def test_sd_programs_run_any_number_of_images_in_chunks_of_their_bound(
     for record in manifest.components.values():
         assert record.entry.endswith("/model.pte") and record.validation.passed
         assert record.runtime["delegate"] == "xnnpack" and record.runtime["delegated_nodes"] > 0
+    # Every matmul on XNNPACK, the GEGLU halves' too (lower()'s constant folding).
+    delegation = json.loads((artifact / "unet" / "delegation.json").read_text())
+    assert not any("mm" in op or "linear" in op for op in delegation["portable_ops"])
     with load(artifact) as pipeline, load(built("sd", "sd-torch-fp32")) as reference:
         unet = pipeline.sessions["unet"]
         # shapes.max_batch_size = 2 images; the UNet takes the CFG pair of each.
