@@ -304,23 +304,18 @@ class Profile:
                 raise ProfileError(f"{origin}: lora[{index}].path is empty; name a LoRA file")
 
     def _check_shapes(self, origin: str) -> None:
-        shapes, validation = self.shapes, self.validation
+        shapes, validation, generation = self.shapes, self.validation, self.generation
         for key, value, low, high in (
             ("shapes.batch_size", shapes.batch_size, 1, MAX_BATCH),
             ("shapes.max_batch_size", shapes.max_batch_size, 1, MAX_BATCH),
             ("validation.steps", validation.steps, 1, MAX_STEPS),
             ("calibration.steps", self.calibration.steps, 1, MAX_STEPS),
-            ("generation.steps", self.generation.steps, 1, MAX_STEPS),
-            ("generation.guidance", self.generation.guidance, 0.0, MAX_GUIDANCE),
-            ("generation.taylorseer_interval", self.generation.taylorseer_interval, 1, MAX_STEPS),
-            ("generation.taylorseer_warmup", self.generation.taylorseer_warmup, 0, MAX_STEPS),
-            ("generation.taylorseer_cooldown", self.generation.taylorseer_cooldown, 0, MAX_STEPS),
-            (
-                "generation.taylorseer_order",
-                self.generation.taylorseer_order,
-                1,
-                MAX_TAYLORSEER_ORDER,
-            ),
+            ("generation.steps", generation.steps, 1, MAX_STEPS),
+            ("generation.guidance", generation.guidance, 0.0, MAX_GUIDANCE),
+            ("generation.taylorseer_interval", generation.taylorseer_interval, 1, MAX_STEPS),
+            ("generation.taylorseer_warmup", generation.taylorseer_warmup, 0, MAX_STEPS),
+            ("generation.taylorseer_cooldown", generation.taylorseer_cooldown, 0, MAX_STEPS),
+            ("generation.taylorseer_order", generation.taylorseer_order, 1, MAX_TAYLORSEER_ORDER),
             ("calibration.size", self.calibration.size, 1, MAX_CALIBRATION),
             ("calibration.batch_size", self.calibration.batch_size, 1, MAX_BATCH),
             ("runtime.threads", self.runtime.threads, 1, 4096),
