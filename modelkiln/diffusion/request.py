@@ -125,7 +125,7 @@ def parse_request(
             f"guidance_end must be the fraction of the steps that are guided, in (0, 1]; got "
             f"{guidance_end}"
         )
-    cache_interval = _steps_setting(
+    cache_interval = _whole_setting(
         options, "cache_interval", defaults.cache_interval, 1, "1: the whole UNet every step"
     )
     threshold_value = options.pop("cache_threshold", None)
@@ -138,21 +138,21 @@ def parse_request(
             f"which a step reuses the later blocks, in 0..1 (0: never); got {cache_threshold}"
         )
     taylorseer = (
-        _steps_setting(
+        _whole_setting(
             options,
             "taylorseer_interval",
             defaults.taylorseer_interval,
             1,
             "1: the denoiser every step",
         ),
-        _steps_setting(
+        _whole_setting(
             options, "taylorseer_warmup", defaults.taylorseer_warmup, 0, "the first steps run"
         ),
-        _steps_setting(
+        _whole_setting(
             options, "taylorseer_cooldown", defaults.taylorseer_cooldown, 0, "the last steps run"
         ),
     )
-    order = _steps_setting(
+    order = _whole_setting(
         options,
         "taylorseer_order",
         defaults.taylorseer_order,
@@ -207,7 +207,7 @@ def parse_request(
     return request
 
 
-def _steps_setting(
+def _whole_setting(
     options: dict[str, Any],
     name: str,
     default: int,
